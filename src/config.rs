@@ -1,0 +1,436 @@
+//! `config.toml`: one checked [`Config`], loaded once and passed explicitly.
+//!
+//! Everything is validated here, at load, with an error that names the key
+//! (and the collection) at fault; code that holds a `Config` never checks it
+//! again. This module reads no secrets: a passphrase or raw key is resolved
+//! by the command line from the source the config names.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use crate::token::TokenPrefix;
+
+/// Name of the configuration file inside a data directory.
+pub const CONFIG_FILE: &str = "config.toml";
+/// Default name of the sealed root key inside a data directory.
+pub const SEALED_ROOT_FILE: &str = "root.sealed";
+/// Default name of the database inside a data directory.
+pub const DATABASE_FILE: &str = "vault.db";
+
+/// Errors loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown or mistyped key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation (line and key).
+        message: String,
+    },
+    /// A key has a value outside what piivault accepts.
+    #[error("{key}: {problem}")]
+    Invalid {
+        /// The dotted key, e.g. `collections.card.prefix`.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), problem: problem.into() }
+}
+
+/// A collection name: 1 to 64 characters of `a-z`, `0-9` and `_`, starting
+/// with a letter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CollectionName(String);
+
+impl CollectionName {
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CollectionName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A string that is not a valid collection name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a collection name is 1 to 64 characters of a-z, 0-9 and _, starting with a letter")]
+pub struct BadCollectionName;
+
+impl FromStr for CollectionName {
+    type Err = BadCollectionName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut bytes = s.bytes();
+        let ok = (1..=64).contains(&s.len())
+            && bytes.next().is_some_and(|b| b.is_ascii_lowercase())
+            && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if ok { Ok(Self(s.to_owned())) } else { Err(BadCollectionName) }
+    }
+}
+
+/// Where the secret that unseals the root key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootKeySource {
+    /// A passphrase (`PIIVAULT_PASSPHRASE`, `--passphrase-file`, or a prompt).
+    Passphrase,
+    /// A raw 32-byte key in a file (32 bytes, or 64 hex digits).
+    RawKeyFile(PathBuf),
+    /// A raw key as 64 hex digits in an environment variable.
+    RawKeyEnv(String),
+}
+
+/// Per-request limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most items (values or tokens) in one call.
+    pub max_items_per_call: usize,
+    /// Largest value in bytes (UTF-8).
+    pub max_value_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_items_per_call: 1000, max_value_bytes: 4096 }
+    }
+}
+
+/// Store tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// Read connections in the pool.
+    pub read_connections: usize,
+    /// Most write requests committed in one transaction.
+    pub max_group_commit: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self { read_connections: 4, max_group_commit: 256 }
+    }
+}
+
+/// One collection's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectionConfig {
+    /// Prefix of this collection's tokens.
+    pub prefix: TokenPrefix,
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory the relative paths below are resolved against (the config
+    /// file's directory).
+    pub data_dir: PathBuf,
+    /// The SQLite database.
+    pub database: PathBuf,
+    /// The sealed root key.
+    pub sealed_root: PathBuf,
+    /// How the root key is unsealed.
+    pub root_key: RootKeySource,
+    /// Request limits.
+    pub limits: Limits,
+    /// Store tuning.
+    pub store: StoreSettings,
+    /// Declared collections.
+    pub collections: BTreeMap<CollectionName, CollectionConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    vault: RawVault,
+    #[serde(default)]
+    root_key: RawRootKey,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    collections: BTreeMap<String, RawCollection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawVault {
+    database: Option<PathBuf>,
+    sealed_root: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRootKey {
+    provider: Option<String>,
+    key_file: Option<PathBuf>,
+    key_env: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_items_per_call: Option<i64>,
+    max_value_bytes: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    read_connections: Option<i64>,
+    max_group_commit: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCollection {
+    prefix: Option<String>,
+}
+
+fn bounded(key: &str, value: Option<i64>, default: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+    let Some(value) = value else { return Ok(default) };
+    usize::try_from(value)
+        .ok()
+        .filter(|v| (min..=max).contains(v))
+        .ok_or_else(|| invalid(key, format!("must be between {min} and {max}, got {value}")))
+}
+
+impl Config {
+    /// Reads and checks `path`; relative paths inside resolve against its
+    /// directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        Self::parse(&text, &dir).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_owned(), message },
+            other => other,
+        })
+    }
+
+    /// Checks configuration text; relative paths resolve against `data_dir`.
+    pub fn parse(text: &str, data_dir: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: PathBuf::from(CONFIG_FILE), message: one_line(&e.to_string()) })?;
+        let resolve = |p: Option<PathBuf>, default: &str| data_dir.join(p.unwrap_or_else(|| PathBuf::from(default)));
+
+        let root_key = match (raw.root_key.provider.as_deref(), raw.root_key.key_file, raw.root_key.key_env) {
+            (None | Some("passphrase"), None, None) => RootKeySource::Passphrase,
+            (Some("passphrase"), _, _) => {
+                return Err(invalid("root_key", "key_file and key_env only apply to provider = \"raw\""));
+            }
+            (Some("raw"), Some(file), None) => RootKeySource::RawKeyFile(data_dir.join(file)),
+            (Some("raw"), None, Some(var)) if !var.is_empty() => RootKeySource::RawKeyEnv(var),
+            (Some("raw"), _, _) => {
+                return Err(invalid("root_key", "provider = \"raw\" needs exactly one of key_file or key_env"));
+            }
+            (None, _, _) => return Err(invalid("root_key.provider", "required with key_file or key_env")),
+            (Some(other), _, _) => {
+                return Err(invalid(
+                    "root_key.provider",
+                    format!("unknown provider {other:?}; expected \"passphrase\" or \"raw\""),
+                ));
+            }
+        };
+
+        let limits = Limits {
+            max_items_per_call: bounded("limits.max_items_per_call", raw.limits.max_items_per_call, 1000, 1, 100_000)?,
+            max_value_bytes: bounded("limits.max_value_bytes", raw.limits.max_value_bytes, 4096, 1, 1 << 20)?,
+        };
+        let store = StoreSettings {
+            read_connections: bounded("store.read_connections", raw.store.read_connections, 4, 1, 64)?,
+            max_group_commit: bounded("store.max_group_commit", raw.store.max_group_commit, 256, 1, 10_000)?,
+        };
+
+        let mut collections = BTreeMap::new();
+        let mut prefixes = BTreeMap::new();
+        for (name, settings) in raw.collections {
+            let key = format!("collections.{name}");
+            let parsed: CollectionName = name.parse().map_err(|e: BadCollectionName| invalid(&key, e.to_string()))?;
+            let prefix_text = settings.prefix.unwrap_or_else(|| name.clone());
+            let prefix: TokenPrefix = prefix_text.parse().map_err(|_| {
+                invalid(
+                    format!("{key}.prefix"),
+                    "a token prefix is 1 to 8 characters of a-z and 0-9 (set one explicitly when the collection name is not)",
+                )
+            })?;
+            if let Some(other) = prefixes.insert(prefix.as_str().to_owned(), name.clone()) {
+                return Err(invalid(
+                    format!("{key}.prefix"),
+                    format!("prefix {:?} is already used by collection {other:?}", prefix.as_str()),
+                ));
+            }
+            collections.insert(parsed, CollectionConfig { prefix });
+        }
+        if collections.is_empty() {
+            return Err(invalid("collections", "declare at least one collection"));
+        }
+
+        Ok(Self {
+            data_dir: data_dir.to_owned(),
+            database: resolve(raw.vault.database, DATABASE_FILE),
+            sealed_root: resolve(raw.vault.sealed_root, SEALED_ROOT_FILE),
+            root_key,
+            limits,
+            store,
+            collections,
+        })
+    }
+
+    /// The `config.toml` that `piivault init` writes: the sample collections
+    /// and every default spelled out.
+    pub fn sample(root_key: &RootKeySource) -> String {
+        let root = match root_key {
+            RootKeySource::Passphrase => "provider = \"passphrase\"   # from PIIVAULT_PASSPHRASE or --passphrase-file".to_owned(),
+            RootKeySource::RawKeyFile(path) => {
+                format!("provider = \"raw\"\nkey_file = {}", toml_string(&path.to_string_lossy()))
+            }
+            RootKeySource::RawKeyEnv(var) => format!("provider = \"raw\"\nkey_env = {}", toml_string(var)),
+        };
+        format!(
+            "# piivault configuration. Relative paths resolve against this file's directory.\n\
+             \n\
+             [vault]\n\
+             database = \"{DATABASE_FILE}\"\n\
+             sealed_root = \"{SEALED_ROOT_FILE}\"\n\
+             \n\
+             [root_key]\n\
+             {root}\n\
+             \n\
+             [limits]\n\
+             max_items_per_call = 1000\n\
+             max_value_bytes = 4096\n\
+             \n\
+             [store]\n\
+             read_connections = 4\n\
+             max_group_commit = 256\n\
+             \n\
+             # Tokens look like <prefix>_<22 random characters>.\n\
+             [collections.card]\n\
+             prefix = \"card\"\n\
+             \n\
+             [collections.ssn]\n\
+             prefix = \"ssn\"\n\
+             \n\
+             [collections.email]\n\
+             prefix = \"email\"\n\
+             \n\
+             [collections.phone]\n\
+             prefix = \"phone\"\n\
+             \n\
+             [collections.name]\n\
+             prefix = \"name\"\n"
+        )
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// TOML errors span several lines (a source excerpt with a caret); the
+/// exit-code contract wants one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/data"))
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn sample_config_parses_with_defaults() {
+        let config = parse(&Config::sample(&RootKeySource::Passphrase)).unwrap();
+        let names: Vec<_> = config.collections.keys().map(CollectionName::as_str).collect();
+        assert_eq!(names, ["card", "email", "name", "phone", "ssn"]);
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.store, StoreSettings::default());
+        assert_eq!(config.database, Path::new("/data/vault.db"));
+        assert_eq!(config.sealed_root, Path::new("/data/root.sealed"));
+        assert_eq!(config.root_key, RootKeySource::Passphrase);
+
+        let raw = parse(&Config::sample(&RootKeySource::RawKeyEnv("KEY".into()))).unwrap();
+        assert_eq!(raw.root_key, RootKeySource::RawKeyEnv("KEY".into()));
+        let raw = parse(&Config::sample(&RootKeySource::RawKeyFile("k.bin".into()))).unwrap();
+        assert_eq!(raw.root_key, RootKeySource::RawKeyFile("/data/k.bin".into()));
+    }
+
+    #[test]
+    fn default_prefix_is_the_collection_name() {
+        let config = parse("[collections.iban]\n").unwrap();
+        let (name, settings) = config.collections.iter().next().unwrap();
+        assert_eq!(name.as_str(), "iban");
+        assert_eq!(settings.prefix.as_str(), "iban");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert_eq!(err(""), "collections: declare at least one collection");
+        assert_eq!(
+            err("[collections.Card]\n"),
+            "collections.Card: a collection name is 1 to 64 characters of a-z, 0-9 and _, starting with a letter"
+        );
+        assert!(err("[collections.national_id]\n").starts_with("collections.national_id.prefix: "));
+        assert_eq!(
+            err("[collections.a]\nprefix=\"x\"\n[collections.b]\nprefix=\"x\"\n"),
+            "collections.b.prefix: prefix \"x\" is already used by collection \"a\""
+        );
+        assert_eq!(
+            err("[limits]\nmax_items_per_call = 0\n[collections.a]\n"),
+            "limits.max_items_per_call: must be between 1 and 100000, got 0"
+        );
+        assert_eq!(
+            err("[store]\nread_connections = -1\n[collections.a]\n"),
+            "store.read_connections: must be between 1 and 64, got -1"
+        );
+        assert_eq!(
+            err("[root_key]\nprovider = \"hsm\"\n[collections.a]\n"),
+            "root_key.provider: unknown provider \"hsm\"; expected \"passphrase\" or \"raw\""
+        );
+        assert_eq!(
+            err("[root_key]\nprovider = \"raw\"\n[collections.a]\n"),
+            "root_key: provider = \"raw\" needs exactly one of key_file or key_env"
+        );
+        let unknown = err("[collections.a]\ncolour = 1\n");
+        assert!(unknown.contains("unknown field `colour`"), "{unknown}");
+        assert!(!unknown.contains('\n'));
+    }
+
+    #[test]
+    fn collection_names() {
+        for ok in ["a", "card", "national_id", "a1"] {
+            assert!(ok.parse::<CollectionName>().is_ok());
+        }
+        for bad in ["", "1a", "_a", "Card", "a-b", "a b", &"a".repeat(65)] {
+            assert!(bad.parse::<CollectionName>().is_err(), "{bad:?}");
+        }
+    }
+}

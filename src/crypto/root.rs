@@ -1,0 +1,359 @@
+//! The root key and the sealed root file (`root.sealed`).
+//!
+//! The root key is 256 random bits that exist in clear only in memory. On
+//! disk it is sealed (AES-256-GCM) under a key-encryption key that comes from
+//! a root-key provider:
+//!
+//! - **passphrase**: Argon2id over the passphrase, with parameters and salt
+//!   stored beside the sealed key in PHC form;
+//! - **raw key**: 32 bytes injected by a secret manager, used directly.
+//!
+//! Sealed file layout, format version 1 (all integers big-endian):
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     magic "PVRK"
+//! 4       1     format version = 0x01
+//! 5       1     provider: 0x01 passphrase (Argon2id), 0x02 raw key
+//! 6       2     L = length of the KDF string (0 for a raw key)
+//! 8       L     KDF string in PHC form: $argon2id$v=19$m=…,t=…,p=…$<salt>
+//! 8+L     12    nonce
+//! 20+L    48    AES-256-GCM(root key) ‖ tag, AAD = bytes 0 .. 8+L
+//! ```
+//!
+//! Because the header is the AAD, altering any byte of it (parameters, salt,
+//! provider, version) makes the file fail to open, exactly like a wrong
+//! passphrase: one opaque error.
+
+use argon2::password_hash::{PasswordHash, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use zeroize::Zeroizing;
+
+use super::{CryptoError, KEY_LEN, NONCE_LEN, SecretKey, TAG_LEN, aead_open, aead_seal};
+
+const MAGIC: &[u8; 4] = b"PVRK";
+const FORMAT_V1: u8 = 1;
+const PROVIDER_PASSPHRASE: u8 = 1;
+const PROVIDER_RAW: u8 = 2;
+const FIXED_HEADER_LEN: usize = 8;
+const SEALED_KEY_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
+const SALT_LEN: usize = 16;
+/// The longest KDF string a well-formed file can hold; anything longer is
+/// malformed (and is not parsed).
+const MAX_KDF_STRING_LEN: usize = 256;
+
+/// Argon2id cost parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KdfParams {
+    /// Memory in KiB.
+    pub m_kib: u32,
+    /// Iterations.
+    pub t: u32,
+    /// Parallelism (lanes).
+    pub p: u32,
+}
+
+/// OWASP's current minimum for Argon2id (m = 19 MiB, t = 2, p = 1). A sealed
+/// file below it is refused on load.
+pub const MIN_KDF: KdfParams = KdfParams { m_kib: 19 * 1024, t: 2, p: 1 };
+
+/// The ceiling a sealed file may ask for: 1 GiB, 16 passes, 8 lanes. A file
+/// above it is refused rather than allowed to stall or exhaust the host.
+pub const MAX_KDF: KdfParams = KdfParams { m_kib: 1024 * 1024, t: 16, p: 8 };
+
+/// What `piivault init` uses: 64 MiB, 3 passes, 1 lane; well above the
+/// minimum while unsealing in a fraction of a second.
+pub const DEFAULT_KDF: KdfParams = KdfParams { m_kib: 64 * 1024, t: 3, p: 1 };
+
+impl KdfParams {
+    fn check(self) -> Result<Self, CryptoError> {
+        if self.m_kib < MIN_KDF.m_kib || self.t < MIN_KDF.t || self.p < MIN_KDF.p {
+            return Err(CryptoError::WeakKdfParams);
+        }
+        if self.m_kib > MAX_KDF.m_kib || self.t > MAX_KDF.t || self.p > MAX_KDF.p {
+            return Err(CryptoError::ExcessiveKdfParams);
+        }
+        Ok(self)
+    }
+}
+
+/// The vault's root key. Wraps every data key; never written in clear.
+pub struct RootKey(SecretKey);
+
+impl RootKey {
+    /// The key bytes, for wrapping and unwrapping data keys.
+    pub(crate) fn expose_secret(&self) -> &[u8; KEY_LEN] {
+        self.0.expose_secret()
+    }
+}
+
+/// An operator's passphrase. Zeroized on drop; no `Debug`.
+pub struct Passphrase(Zeroizing<String>);
+
+impl Passphrase {
+    /// Wraps a passphrase; a trailing newline (as left by `echo` into a
+    /// file) is removed, and an empty passphrase is refused.
+    pub fn new(mut text: String) -> Result<Self, CryptoError> {
+        while text.ends_with('\n') || text.ends_with('\r') {
+            text.pop();
+        }
+        let text = Zeroizing::new(text);
+        if text.is_empty() {
+            return Err(CryptoError::EmptyPassphrase);
+        }
+        Ok(Self(text))
+    }
+}
+
+/// A raw 256-bit key-encryption key from a secret manager.
+pub struct RawKey(SecretKey);
+
+impl RawKey {
+    /// Accepts exactly 32 raw bytes, or 64 hexadecimal digits (surrounding
+    /// whitespace ignored). Anything else is [`CryptoError::RawKeyFormat`].
+    pub fn parse(bytes: &[u8]) -> Result<Self, CryptoError> {
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        if bytes.len() == KEY_LEN {
+            key.copy_from_slice(bytes);
+        } else {
+            let text = bytes.trim_ascii();
+            hex::decode_to_slice(text, key.as_mut_slice()).map_err(|_| CryptoError::RawKeyFormat)?;
+        }
+        Ok(Self(SecretKey::from_bytes(*key)))
+    }
+}
+
+/// The secret that opens a sealed root file.
+pub enum Unlock {
+    /// Argon2id-derived key from a passphrase.
+    Passphrase(Passphrase),
+    /// A raw key from a file or environment variable.
+    RawKey(RawKey),
+}
+
+impl Unlock {
+    fn provider(&self) -> u8 {
+        match self {
+            Self::Passphrase(_) => PROVIDER_PASSPHRASE,
+            Self::RawKey(_) => PROVIDER_RAW,
+        }
+    }
+}
+
+fn provider_name(provider: u8) -> &'static str {
+    if provider == PROVIDER_PASSPHRASE { "passphrase" } else { "raw key" }
+}
+
+/// Creates a new random root key and seals it under `unlock`.
+///
+/// `params` is only used for a passphrase; it must lie within
+/// [`MIN_KDF`]..=[`MAX_KDF`].
+pub fn create(unlock: &Unlock, params: KdfParams) -> Result<(RootKey, Vec<u8>), CryptoError> {
+    let root = RootKey(SecretKey::generate()?);
+    let sealed = seal(&root, unlock, params)?;
+    Ok((root, sealed))
+}
+
+/// Seals an existing root key under `unlock` with a fresh salt and nonce
+/// (used to change the passphrase without touching any data key).
+pub fn seal(root: &RootKey, unlock: &Unlock, params: KdfParams) -> Result<Vec<u8>, CryptoError> {
+    let mut salt = [0u8; SALT_LEN];
+    super::fill_random(&mut salt)?;
+    let nonce = super::random_nonce()?;
+    seal_with(root, unlock, params, &salt, &nonce)
+}
+
+fn seal_with(
+    root: &RootKey,
+    unlock: &Unlock,
+    params: KdfParams,
+    salt: &[u8; SALT_LEN],
+    nonce: &[u8; NONCE_LEN],
+) -> Result<Vec<u8>, CryptoError> {
+    let kdf_string = match unlock {
+        Unlock::Passphrase(_) => {
+            let params = params.check()?;
+            let salt = SaltString::encode_b64(salt).map_err(|_| CryptoError::Kdf)?;
+            format!(
+                "$argon2id$v=19$m={},t={},p={}${}",
+                params.m_kib,
+                params.t,
+                params.p,
+                salt.as_str()
+            )
+        }
+        Unlock::RawKey(_) => String::new(),
+    };
+    let kdf_len = u16::try_from(kdf_string.len()).map_err(|_| CryptoError::Kdf)?;
+    let mut out = Vec::with_capacity(FIXED_HEADER_LEN + kdf_string.len() + SEALED_KEY_LEN);
+    out.extend_from_slice(MAGIC);
+    out.push(FORMAT_V1);
+    out.push(unlock.provider());
+    out.extend_from_slice(&kdf_len.to_be_bytes());
+    out.extend_from_slice(kdf_string.as_bytes());
+    let kek = key_encryption_key(unlock, &kdf_string)?;
+    let sealed = aead_seal(kek.expose_secret(), nonce, &out, root.expose_secret())?;
+    out.extend_from_slice(nonce);
+    out.extend_from_slice(&sealed);
+    Ok(out)
+}
+
+/// Opens a sealed root file. A wrong secret and an altered file give the same
+/// [`CryptoError::Unseal`]; a file that is not in the layout at all gives
+/// [`CryptoError::MalformedSealed`].
+pub fn unseal(file: &[u8], unlock: &Unlock) -> Result<RootKey, CryptoError> {
+    let fixed = file.get(..FIXED_HEADER_LEN).ok_or(CryptoError::MalformedSealed)?;
+    if &fixed[..4] != MAGIC {
+        return Err(CryptoError::MalformedSealed);
+    }
+    if fixed[4] != FORMAT_V1 {
+        return Err(CryptoError::UnsupportedSealedVersion(fixed[4]));
+    }
+    let provider = fixed[5];
+    if provider != PROVIDER_PASSPHRASE && provider != PROVIDER_RAW {
+        return Err(CryptoError::MalformedSealed);
+    }
+    let kdf_len = usize::from(u16::from_be_bytes([fixed[6], fixed[7]]));
+    if kdf_len > MAX_KDF_STRING_LEN
+        || file.len() != FIXED_HEADER_LEN + kdf_len + SEALED_KEY_LEN
+        || (provider == PROVIDER_RAW) != (kdf_len == 0)
+    {
+        return Err(CryptoError::MalformedSealed);
+    }
+    if provider != unlock.provider() {
+        return Err(CryptoError::WrongUnlockKind {
+            expected: provider_name(provider),
+            given: provider_name(unlock.provider()),
+        });
+    }
+    let (header, rest) = file.split_at(FIXED_HEADER_LEN + kdf_len);
+    let kdf_string =
+        std::str::from_utf8(&header[FIXED_HEADER_LEN..]).map_err(|_| CryptoError::MalformedSealed)?;
+    let (nonce, sealed) = rest.split_at(NONCE_LEN);
+    let nonce: &[u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::MalformedSealed)?;
+    let kek = key_encryption_key(unlock, kdf_string)?;
+    let plain = aead_open(kek.expose_secret(), nonce, header, sealed).map_err(|_| CryptoError::Unseal)?;
+    let bytes: [u8; KEY_LEN] = plain.as_slice().try_into().map_err(|_| CryptoError::Unseal)?;
+    Ok(RootKey(SecretKey::from_bytes(bytes)))
+}
+
+/// The key that seals the root key: Argon2id(passphrase) or the raw key.
+fn key_encryption_key(unlock: &Unlock, kdf_string: &str) -> Result<SecretKey, CryptoError> {
+    match unlock {
+        Unlock::RawKey(raw) => Ok(SecretKey::from_bytes(*raw.0.expose_secret())),
+        Unlock::Passphrase(passphrase) => {
+            let (params, salt) = parse_kdf_string(kdf_string)?;
+            let argon = Argon2::new(
+                Algorithm::Argon2id,
+                Version::V0x13,
+                Params::new(params.m_kib, params.t, params.p, Some(KEY_LEN)).map_err(|_| CryptoError::Kdf)?,
+            );
+            let mut kek = Zeroizing::new([0u8; KEY_LEN]);
+            argon
+                .hash_password_into(passphrase.0.as_bytes(), &salt, kek.as_mut_slice())
+                .map_err(|_| CryptoError::Kdf)?;
+            Ok(SecretKey::from_bytes(*kek))
+        }
+    }
+}
+
+/// Parses `$argon2id$v=19$m=…,t=…,p=…$<salt>` and checks the parameters
+/// against the floor and the ceiling before any work is done.
+fn parse_kdf_string(kdf_string: &str) -> Result<(KdfParams, Vec<u8>), CryptoError> {
+    let phc = PasswordHash::new(kdf_string).map_err(|_| CryptoError::MalformedSealed)?;
+    if phc.algorithm.as_str() != "argon2id" || phc.version != Some(19) || phc.hash.is_some() {
+        return Err(CryptoError::MalformedSealed);
+    }
+    let get = |name: &str| {
+        phc.params
+            .get_decimal(name)
+            .ok_or(CryptoError::MalformedSealed)
+    };
+    if phc.params.iter().count() != 3 {
+        return Err(CryptoError::MalformedSealed);
+    }
+    let params = KdfParams { m_kib: get("m")?, t: get("t")?, p: get("p")? }.check()?;
+    let salt = phc.salt.ok_or(CryptoError::MalformedSealed)?;
+    let mut buf = [0u8; 64];
+    let salt = salt.decode_b64(&mut buf).map_err(|_| CryptoError::MalformedSealed)?;
+    if salt.len() < SALT_LEN {
+        return Err(CryptoError::MalformedSealed);
+    }
+    Ok((params, salt.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passphrase(text: &str) -> Unlock {
+        Unlock::Passphrase(Passphrase::new(text.to_owned()).unwrap())
+    }
+
+    #[test]
+    fn round_trip_passphrase_and_raw() {
+        let unlock = passphrase("correct horse battery staple");
+        let (root, file) = create(&unlock, MIN_KDF).unwrap();
+        let opened = unseal(&file, &unlock).unwrap();
+        assert_eq!(root.expose_secret(), opened.expose_secret());
+
+        let raw = Unlock::RawKey(RawKey::parse(&[7u8; 32]).unwrap());
+        let (root, file) = create(&raw, MIN_KDF).unwrap();
+        assert_eq!(file.len(), FIXED_HEADER_LEN + SEALED_KEY_LEN);
+        assert_eq!(unseal(&file, &raw).unwrap().expose_secret(), root.expose_secret());
+    }
+
+    #[test]
+    fn wrong_secret_is_one_opaque_error() {
+        let (_, file) = create(&passphrase("one"), MIN_KDF).unwrap();
+        assert!(matches!(unseal(&file, &passphrase("two")), Err(CryptoError::Unseal)));
+        let raw = |b| Unlock::RawKey(RawKey::parse(&[b; 32]).unwrap());
+        let (_, file) = create(&raw(1), MIN_KDF).unwrap();
+        assert!(matches!(unseal(&file, &raw(2)), Err(CryptoError::Unseal)));
+        assert!(matches!(
+            unseal(&file, &passphrase("one")),
+            Err(CryptoError::WrongUnlockKind { expected: "raw key", given: "passphrase" })
+        ));
+    }
+
+    #[test]
+    fn weak_and_excessive_parameters_are_refused_when_sealing() {
+        let unlock = passphrase("p");
+        let weak = KdfParams { m_kib: MIN_KDF.m_kib - 1, ..MIN_KDF };
+        assert!(matches!(create(&unlock, weak), Err(CryptoError::WeakKdfParams)));
+        let huge = KdfParams { t: MAX_KDF.t + 1, ..MIN_KDF };
+        assert!(matches!(create(&unlock, huge), Err(CryptoError::ExcessiveKdfParams)));
+    }
+
+    #[test]
+    fn raw_key_formats() {
+        assert!(RawKey::parse(&[0u8; 32]).is_ok());
+        let hex64 = "ab".repeat(32);
+        let parsed = RawKey::parse(format!("  {hex64}\n").as_bytes()).unwrap();
+        assert_eq!(parsed.0.expose_secret(), &[0xab; 32]);
+        assert!(matches!(RawKey::parse(&[0u8; 31]), Err(CryptoError::RawKeyFormat)));
+        assert!(matches!(RawKey::parse("zz".repeat(32).as_bytes()), Err(CryptoError::RawKeyFormat)));
+        assert!(matches!(RawKey::parse(b""), Err(CryptoError::RawKeyFormat)));
+    }
+
+    #[test]
+    fn passphrase_trims_newline_and_refuses_empty() {
+        assert!(matches!(Passphrase::new("\n".into()), Err(CryptoError::EmptyPassphrase)));
+        assert_eq!(Passphrase::new("abc\r\n".into()).unwrap().0.as_str(), "abc");
+    }
+
+    /// The known-answer vector in `tests/vectors/root_sealed_v1.toml` is
+    /// exactly what this code produces for fixed inputs: a change to the
+    /// format breaks this test.
+    #[test]
+    fn known_answer_vector_is_reproduced() {
+        let file: toml::Table = toml::from_str(include_str!("../../tests/vectors/root_sealed_v1.toml")).unwrap();
+        let fields = |name: &str| file["passphrase"][name].as_str().unwrap().to_owned();
+        let root = RootKey(SecretKey::from_bytes(hex::decode(&fields("root_key")).unwrap().try_into().unwrap()));
+        let unlock = passphrase(&fields("passphrase"));
+        let salt: [u8; SALT_LEN] = hex::decode(&fields("salt")).unwrap().try_into().unwrap();
+        let nonce: [u8; NONCE_LEN] = hex::decode(&fields("nonce")).unwrap().try_into().unwrap();
+        let sealed = seal_with(&root, &unlock, MIN_KDF, &salt, &nonce).unwrap();
+        assert_eq!(hex::encode(sealed), fields("sealed"));
+    }
+}

@@ -1,0 +1,96 @@
+//! The vault's errors: whole-request failures ([`VaultError`]) and per-item
+//! failures ([`ItemError`]).
+//!
+//! Both carry fixed text only. A value never appears in either; a token may
+//! appear in server logs (tokens are not PII) but not in these messages.
+
+use crate::crypto::CryptoError;
+use crate::store::StoreError;
+
+/// A whole request failed; no item was processed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VaultError {
+    /// The collection is not declared in the configuration.
+    #[error("unknown collection")]
+    UnknownCollection,
+    /// The request carried no items.
+    #[error("the request has no items")]
+    EmptyRequest,
+    /// The request carried more items than `limits.max_items_per_call`.
+    #[error("the request has {got} items; the limit is {max}")]
+    TooManyItems {
+        /// Items in the request.
+        got: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// The store failed (disk full, read-only, locked, shut down, corrupt).
+    #[error("store unavailable: {0}")]
+    Store(#[from] StoreError),
+    /// A cryptographic operation failed outside any single item (the
+    /// CSPRNG, or a key that does not unwrap at startup).
+    #[error("cryptographic failure: {0}")]
+    Crypto(#[from] CryptoError),
+    /// A collection's keys could not be loaded at startup.
+    #[error("the keyring of collection {collection} cannot be loaded: {reason}")]
+    Keyring {
+        /// The collection.
+        collection: String,
+        /// Why (fixed text).
+        reason: &'static str,
+    },
+}
+
+/// Machine-readable code of a per-item error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ItemErrorCode {
+    /// Unknown, deleted, foreign-collection or malformed token: one answer
+    /// for all, so a caller learns nothing about other collections.
+    NotFound,
+    /// The value is empty or longer than the limit.
+    InvalidValue,
+    /// The stored record exists but does not decrypt (corruption or a lost
+    /// key); logged as an alert on the server.
+    Unreadable,
+    /// No free token could be drawn (the collection's token space is
+    /// crowded).
+    TokenSpaceExhausted,
+}
+
+/// Why one item of a batch failed. The rest of the batch is unaffected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ItemError {
+    /// See [`ItemErrorCode::NotFound`].
+    #[error("token not found")]
+    NotFound,
+    /// The value is the empty string.
+    #[error("the value is empty")]
+    EmptyValue,
+    /// The value exceeds `limits.max_value_bytes`.
+    #[error("the value is longer than {max} bytes")]
+    ValueTooLong {
+        /// The limit.
+        max: usize,
+    },
+    /// See [`ItemErrorCode::Unreadable`].
+    #[error("the stored record cannot be read")]
+    Unreadable,
+    /// See [`ItemErrorCode::TokenSpaceExhausted`].
+    #[error("no unused token could be drawn")]
+    TokenSpaceExhausted,
+}
+
+impl ItemError {
+    /// The machine-readable code.
+    pub fn code(&self) -> ItemErrorCode {
+        match self {
+            Self::NotFound => ItemErrorCode::NotFound,
+            Self::EmptyValue | Self::ValueTooLong { .. } => ItemErrorCode::InvalidValue,
+            Self::Unreadable => ItemErrorCode::Unreadable,
+            Self::TokenSpaceExhausted => ItemErrorCode::TokenSpaceExhausted,
+        }
+    }
+}

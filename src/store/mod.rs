@@ -1,0 +1,557 @@
+//! The store: ciphertext, wrapped keys and collection metadata on disk.
+//!
+//! This is the one narrow interface between the vault and its database;
+//! nothing above it sees SQL, connections or pragmas. The embedded backend is
+//! SQLite in WAL mode with `synchronous=FULL`:
+//!
+//! - **one writer** thread owns the write connection. Requests queue up on a
+//!   channel; the writer takes everything waiting (up to
+//!   `max_group_commit`), runs each request inside its own savepoint of one
+//!   transaction, commits once, and only then answers them all. One fsync
+//!   covers many requests, and a request is acknowledged only once durable.
+//!   A request that fails rolls back to its savepoint and fails alone.
+//! - **readers**: a small pool of threads, each with a read-only connection,
+//!   serve lookups concurrently with the writer (WAL snapshots).
+//!
+//! The store never sees a value or a key in clear: only tokens, ciphertext
+//! and wrapped keys.
+
+mod schema;
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender};
+use rusqlite::{Connection, ErrorCode, OptionalExtension as _, params};
+use tokio::sync::oneshot;
+
+pub use schema::{APPLICATION_ID, OpenMode, schema_version};
+
+/// Errors of the store. Messages name the condition, never data.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// `init` found an existing database.
+    #[error("the database file already exists")]
+    AlreadyExists,
+    /// No database at the configured path.
+    #[error("the database file does not exist (run `piivault init` first)")]
+    Missing,
+    /// The file is not SQLite, or an SQLite database of something else.
+    #[error("the database file is not a piivault store")]
+    NotAVault,
+    /// Written by a newer piivault.
+    #[error("the database was written by a newer piivault (schema newer than version {})", schema_version())]
+    TooNew,
+    /// The disk or filesystem is full.
+    #[error("the database disk is full")]
+    Full,
+    /// The database or its directory is read-only.
+    #[error("the database is read-only")]
+    ReadOnly,
+    /// Another process holds the lock too long.
+    #[error("the database is locked by another process")]
+    Busy,
+    /// SQLite reports corruption.
+    #[error("the database file is corrupt")]
+    Corrupt,
+    /// The database could not be opened (permissions, missing directory).
+    #[error("the database file cannot be opened: {0}")]
+    CannotOpen(String),
+    /// Another SQLite failure, with SQLite's own message (never data).
+    #[error("database error: {0}")]
+    Sqlite(String),
+    /// The store's threads have stopped.
+    #[error("the store is shut down")]
+    Closed,
+}
+
+impl StoreError {
+    fn from_io(error: &std::io::Error) -> Self {
+        match error.kind() {
+            std::io::ErrorKind::PermissionDenied => Self::CannotOpen("permission denied".into()),
+            std::io::ErrorKind::ReadOnlyFilesystem => Self::ReadOnly,
+            std::io::ErrorKind::StorageFull => Self::Full,
+            _ => Self::CannotOpen(error.to_string()),
+        }
+    }
+
+    /// Whether the condition is in the storage environment (disk, locks,
+    /// shutdown) rather than in the request: the service is unavailable.
+    pub fn is_unavailable(&self) -> bool {
+        !matches!(self, Self::AlreadyExists | Self::Missing | Self::NotAVault | Self::TooNew)
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        match error.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => Self::Full,
+            Some(ErrorCode::ReadOnly) => Self::ReadOnly,
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Self::Busy,
+            Some(ErrorCode::DatabaseCorrupt) => Self::Corrupt,
+            Some(ErrorCode::NotADatabase) => Self::NotAVault,
+            Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => Self::CannotOpen(error.to_string()),
+            _ => Self::Sqlite(error.to_string()),
+        }
+    }
+}
+
+/// A collection's row id in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CollectionId(pub i64);
+
+/// The lifecycle state of a stored key version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// Encrypts new records; decrypts.
+    Primary,
+    /// Decrypts only.
+    Active,
+    /// Destroyed; kept as a row so the version is never reused.
+    Retired,
+}
+
+impl KeyState {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Active => "active",
+            Self::Retired => "retired",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "primary" => Some(Self::Primary),
+            "active" => Some(Self::Active),
+            "retired" => Some(Self::Retired),
+            _ => None,
+        }
+    }
+}
+
+/// A wrapped key as stored.
+#[derive(Debug, Clone)]
+pub struct StoredKey {
+    /// Owning collection.
+    pub collection: CollectionId,
+    /// The collection's name (bound into the wrap AAD).
+    pub collection_name: String,
+    /// What the key is for (`data`, ...).
+    pub purpose: String,
+    /// Version, from 1.
+    pub version: u32,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// The key, wrapped by the root key.
+    pub wrapped: Vec<u8>,
+}
+
+/// A record to insert.
+pub struct NewRecord {
+    /// The token (primary key within the collection).
+    pub token: String,
+    /// Data-key version used.
+    pub key_version: u32,
+    /// The sealed value.
+    pub ciphertext: Vec<u8>,
+}
+
+/// What happened to one inserted record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// Stored.
+    Inserted,
+    /// The token already exists (live or deleted) in the collection; nothing
+    /// was written. The caller draws a new token.
+    Collision,
+}
+
+/// A live record as read back.
+pub struct StoredRecord {
+    /// The sealed value.
+    pub ciphertext: Vec<u8>,
+}
+
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// A request for the writer: `apply` runs inside the batch transaction,
+/// `finish` answers once the batch committed (or failed).
+trait WriteJob: Send {
+    fn apply(&mut self, conn: &Connection) -> Result<(), StoreError>;
+    fn finish(self: Box<Self>, outcome: Result<(), StoreError>);
+}
+
+struct Job<T, F> {
+    work: Option<F>,
+    output: Option<T>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> WriteJob for Job<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
+{
+    fn apply(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        let work = self.work.take().ok_or(StoreError::Closed)?;
+        self.output = Some(work(conn)?);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, outcome: Result<(), StoreError>) {
+        let Self { output, reply, .. } = *self;
+        let result = outcome.and_then(|()| output.ok_or(StoreError::Closed));
+        // The requester may have gone away (deadline, cancellation): its
+        // data is committed all the same, and nobody is left to tell.
+        let _ = reply.send(result);
+    }
+}
+
+/// Tuning for [`Store::open`].
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// Read connections (threads) in the pool.
+    pub read_connections: usize,
+    /// Most write requests per transaction.
+    pub max_group_commit: usize,
+}
+
+/// Handle to the store's writer and reader threads.
+pub struct Store {
+    writer: Option<Sender<Box<dyn WriteJob>>>,
+    readers: Option<Sender<ReadJob>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+impl Store {
+    /// Opens (or, with [`OpenMode::Create`], creates) the store at `path` and
+    /// starts its threads.
+    pub fn open(path: &Path, mode: OpenMode, options: StoreOptions) -> Result<Self, StoreError> {
+        let writer_conn = schema::open_writer(path, mode)?;
+        let mut readers = Vec::with_capacity(options.read_connections);
+        for _ in 0..options.read_connections.max(1) {
+            readers.push(schema::open_reader(path)?);
+        }
+
+        let (write_tx, write_rx) = crossbeam_channel::unbounded::<Box<dyn WriteJob>>();
+        let (read_tx, read_rx) = crossbeam_channel::unbounded::<ReadJob>();
+        let mut threads = Vec::new();
+        let max_batch = options.max_group_commit.max(1);
+        threads.push(spawn("piivault-writer", move || writer_loop(&writer_conn, &write_rx, max_batch))?);
+        for (i, conn) in readers.into_iter().enumerate() {
+            let rx = read_rx.clone();
+            threads.push(spawn(&format!("piivault-reader-{i}"), move || reader_loop(&conn, &rx))?);
+        }
+        Ok(Self { writer: Some(write_tx), readers: Some(read_tx), threads: Mutex::new(threads) })
+    }
+
+    /// Runs `work` on the writer inside the next group-commit transaction and
+    /// answers once that transaction is durable.
+    async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Box::new(Job { work: Some(work), output: None, reply });
+        self.writer.as_ref().ok_or(StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `work` on a reader connection inside one read transaction.
+    async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn| {
+            let result = conn.unchecked_transaction().map_err(StoreError::from).and_then(|tx| {
+                let out = work(&tx)?;
+                tx.commit()?;
+                Ok(out)
+            });
+            let _ = reply.send(result);
+        });
+        self.readers.as_ref().ok_or(StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Every stored key with its collection.
+    pub async fn load_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT k.collection_id, c.name, k.purpose, k.version, k.state, k.wrapped
+                 FROM keys k JOIN collections c ON c.id = k.collection_id
+                 ORDER BY k.collection_id, k.purpose, k.version",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, i64>(3)?,
+                    row.get::<_, String>(4)?,
+                    row.get::<_, Vec<u8>>(5)?,
+                ))
+            })?;
+            let mut keys = Vec::new();
+            for row in rows {
+                let (id, name, purpose, version, state, wrapped) = row?;
+                keys.push(StoredKey {
+                    collection: CollectionId(id),
+                    collection_name: name,
+                    purpose,
+                    version: u32::try_from(version).map_err(|_| StoreError::Corrupt)?,
+                    state: KeyState::parse(&state).ok_or(StoreError::Corrupt)?,
+                    wrapped,
+                });
+            }
+            Ok(keys)
+        })
+        .await
+    }
+
+    /// The id of collection `name`, if it exists.
+    pub async fn collection_id(&self, name: &str) -> Result<Option<CollectionId>, StoreError> {
+        let name = name.to_owned();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT id FROM collections WHERE name = ?1")?
+                .query_row([&name], |row| row.get(0))
+                .optional()?
+                .map(CollectionId))
+        })
+        .await
+    }
+
+    /// Creates collection `name` with its first key (version 1, primary) in
+    /// one transaction. If another process created it meanwhile, nothing is
+    /// written and its existing id is returned.
+    pub async fn create_collection(
+        &self,
+        name: &str,
+        purpose: &'static str,
+        wrapped_v1: Vec<u8>,
+    ) -> Result<CollectionId, StoreError> {
+        let name = name.to_owned();
+        self.write(move |conn| {
+            let existing: Option<i64> = conn
+                .prepare_cached("SELECT id FROM collections WHERE name = ?1")?
+                .query_row([&name], |row| row.get(0))
+                .optional()?;
+            if let Some(id) = existing {
+                return Ok(CollectionId(id));
+            }
+            let now = now_micros();
+            conn.prepare_cached("INSERT INTO collections (name, created_at) VALUES (?1, ?2)")?
+                .execute(params![name, now])?;
+            let id = conn.last_insert_rowid();
+            conn.prepare_cached(
+                "INSERT INTO keys (collection_id, purpose, version, state, wrapped, created_at)
+                 VALUES (?1, ?2, 1, ?3, ?4, ?5)",
+            )?
+            .execute(params![id, purpose, KeyState::Primary.as_str(), wrapped_v1, now])?;
+            Ok(CollectionId(id))
+        })
+        .await
+    }
+
+    /// Inserts records; a token that already exists in the collection (live
+    /// or deleted) is reported as a collision and not written.
+    pub async fn insert_records(
+        &self,
+        collection: CollectionId,
+        records: Vec<NewRecord>,
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        self.write(move |conn| {
+            let now = now_micros();
+            let mut stmt = conn.prepare_cached(
+                "INSERT INTO records (collection_id, token, key_version, ciphertext, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (collection_id, token) DO NOTHING",
+            )?;
+            records
+                .iter()
+                .map(|r| {
+                    let changed = stmt.execute(params![collection.0, r.token, r.key_version, r.ciphertext, now])?;
+                    Ok(if changed == 1 { InsertOutcome::Inserted } else { InsertOutcome::Collision })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Looks up live records by token, answering in the order asked.
+    pub async fn get_records(
+        &self,
+        collection: CollectionId,
+        tokens: Vec<String>,
+    ) -> Result<Vec<Option<StoredRecord>>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT ciphertext FROM records
+                 WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL",
+            )?;
+            tokens
+                .iter()
+                .map(|token| {
+                    let found = stmt
+                        .query_row(params![collection.0, token], |row| row.get::<_, Vec<u8>>(0))
+                        .optional()?;
+                    Ok(found.map(|ciphertext| StoredRecord { ciphertext }))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Deletes live records: the ciphertext is cleared (and overwritten on
+    /// disk by `secure_delete`), the token row stays so the token is never
+    /// issued again. Answers, in order, whether each token was live.
+    pub async fn delete_records(&self, collection: CollectionId, tokens: Vec<String>) -> Result<Vec<bool>, StoreError> {
+        self.write(move |conn| {
+            let now = now_micros();
+            let mut stmt = conn.prepare_cached(
+                "UPDATE records SET ciphertext = NULL, key_version = NULL, deleted_at = ?3
+                 WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL",
+            )?;
+            tokens
+                .iter()
+                .map(|token| Ok(stmt.execute(params![collection.0, token, now])? == 1))
+                .collect()
+        })
+        .await
+    }
+
+    /// Number of live records per collection id.
+    pub async fn record_counts(&self) -> Result<Vec<(CollectionId, u64)>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT collection_id, count(*) FROM records WHERE ciphertext IS NOT NULL GROUP BY collection_id",
+            )?;
+            let rows = stmt.query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))?;
+            rows.map(|row| {
+                let (id, n) = row?;
+                Ok((CollectionId(id), u64::try_from(n).unwrap_or(0)))
+            })
+            .collect()
+        })
+        .await
+    }
+
+    /// Stops accepting work, lets queued requests finish, and waits for the
+    /// threads to close their connections (the writer's close checkpoints
+    /// the WAL).
+    pub fn shutdown(&mut self) {
+        self.writer = None;
+        self.readers = None;
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for thread in threads {
+            if thread.join().is_err() {
+                tracing::error!("a store thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(body)
+        .map_err(|e| StoreError::Sqlite(format!("cannot start store thread: {e}")))
+}
+
+fn reader_loop(conn: &Connection, jobs: &Receiver<ReadJob>) {
+    while let Ok(job) = jobs.recv() {
+        job(conn);
+    }
+}
+
+fn writer_loop(conn: &Connection, jobs: &Receiver<Box<dyn WriteJob>>, max_batch: usize) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_batch(conn, batch);
+    }
+}
+
+/// One group commit: every job in its own savepoint, one durable COMMIT,
+/// then every answer. A job's own failure rolls back only that job. If the
+/// transaction as a whole fails (COMMIT refused, or SQLite rolled everything
+/// back, as it may on a full disk), every job fails and nothing is written.
+fn commit_batch(conn: &Connection, batch: Vec<Box<dyn WriteJob>>) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let error = StoreError::from(e);
+        tracing::error!(error = %error, "store: cannot begin a write transaction");
+        for job in batch {
+            job.finish(Err(error.clone()));
+        }
+        return;
+    }
+    let mut outcomes: Vec<(Box<dyn WriteJob>, Result<(), StoreError>)> = Vec::with_capacity(batch.len());
+    let mut aborted: Option<StoreError> = None;
+    for mut job in batch {
+        if aborted.is_some() {
+            outcomes.push((job, Err(StoreError::Closed)));
+            continue;
+        }
+        let result = conn.execute_batch("SAVEPOINT job").map_err(StoreError::from).and_then(|()| job.apply(conn));
+        match result {
+            Ok(()) => {
+                if let Err(e) = conn.execute_batch("RELEASE job") {
+                    aborted = Some(e.into());
+                }
+                outcomes.push((job, Ok(())));
+            }
+            Err(error) => {
+                if conn.is_autocommit() {
+                    // SQLite rolled back the whole transaction.
+                    aborted = Some(error.clone());
+                } else if let Err(e) = conn.execute_batch("ROLLBACK TO job; RELEASE job") {
+                    aborted = Some(e.into());
+                }
+                outcomes.push((job, Err(error)));
+            }
+        }
+    }
+    let committed = match aborted {
+        Some(error) => Err(error),
+        None => conn.execute_batch("COMMIT").map_err(StoreError::from),
+    };
+    if let Err(error) = &committed {
+        tracing::error!(error = %error, jobs = outcomes.len(), "store: write transaction failed; nothing written");
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+    }
+    for (job, own) in outcomes {
+        let outcome = match (&committed, own) {
+            (Ok(()), own) => own,
+            (Err(_), Err(own)) if !matches!(own, StoreError::Closed) => Err(own),
+            (Err(error), _) => Err(error.clone()),
+        };
+        job.finish(outcome);
+    }
+}

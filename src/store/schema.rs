@@ -1,0 +1,149 @@
+//! Opening a database file: identity checks, pragmas and migrations.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use rusqlite_migration::{M, MigrationDefinitionError, Migrations};
+
+use super::StoreError;
+
+/// `PRAGMA application_id` of a piivault store: "PIVV".
+pub const APPLICATION_ID: i64 = 0x5049_5656;
+
+/// How long a connection waits on a lock held by another process.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema, one entry per file in `migrations/`, in order. The position
+/// of the last one is the schema version recorded in `user_version`.
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(include_str!("../../migrations/0001_init.sql"))])
+}
+
+/// The schema version this build writes.
+pub fn schema_version() -> usize {
+    1
+}
+
+/// Whether to create a new store or open an existing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create the file (0600); refuse if it exists.
+    Create,
+    /// Open an existing store; refuse if missing or not a piivault store.
+    Existing,
+}
+
+/// Opens the write connection: creates the file if asked, checks that it is
+/// a piivault store of a version this build reads, migrates it, and sets
+/// the durability pragmas.
+pub fn open_writer(path: &Path, mode: OpenMode) -> Result<Connection, StoreError> {
+    match mode {
+        OpenMode::Create => {
+            // Created here, 0600, so SQLite's -wal and -shm files (which copy
+            // the database file's mode) are private too.
+            OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    StoreError::AlreadyExists
+                } else {
+                    StoreError::from_io(&e)
+                }
+            })?;
+        }
+        OpenMode::Existing => {
+            if !path.exists() {
+                return Err(StoreError::Missing);
+            }
+        }
+    }
+    let mut conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(StoreError::from)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    check_identity(&conn, mode)?;
+    // journal_mode answers with a row, and only takes effect outside a
+    // transaction; it must be WAL before anything else is written.
+    let journal: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    if !journal.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Sqlite(format!("could not switch to WAL mode (got {journal})")));
+    }
+    apply_pragmas(&conn)?;
+    migrations().to_latest(&mut conn).map_err(|e| match e {
+        rusqlite_migration::Error::MigrationDefinition(MigrationDefinitionError::DatabaseTooFarAhead) => {
+            StoreError::TooNew
+        }
+        rusqlite_migration::Error::RusqliteError { err, .. } => StoreError::from(err),
+        other => StoreError::Sqlite(other.to_string()),
+    })?;
+    Ok(conn)
+}
+
+/// Opens a read-only connection to a store the writer has already opened.
+pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    apply_pragmas(&conn)?;
+    conn.pragma_update(None, "query_only", true)?;
+    Ok(conn)
+}
+
+fn apply_pragmas(conn: &Connection) -> Result<(), StoreError> {
+    // Acknowledged means durable: every commit reaches the disk.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    // Deleted ciphertext is overwritten with zeros, not left in free pages.
+    conn.pragma_update(None, "secure_delete", true)?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+/// Refuses a file that is not SQLite, an SQLite database of another
+/// application, or a store written by a newer piivault.
+fn check_identity(conn: &Connection, mode: OpenMode) -> Result<(), StoreError> {
+    let application_id: i64 = conn.query_row("PRAGMA application_id", [], |row| row.get(0))?;
+    let user_version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
+    if user_version == 0 {
+        // Never migrated: acceptable only as the empty file `init` just made.
+        return if mode == OpenMode::Create && tables == 0 && application_id == 0 {
+            Ok(())
+        } else {
+            Err(StoreError::NotAVault)
+        };
+    }
+    if application_id != APPLICATION_ID {
+        return Err(StoreError::NotAVault);
+    }
+    if usize::try_from(user_version).map_or(true, |v| v > schema_version()) {
+        return Err(StoreError::TooNew);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_valid() {
+        migrations().validate().unwrap();
+    }
+
+    #[test]
+    fn schema_version_matches_migrations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.db");
+        let conn = open_writer(&path, OpenMode::Create).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(usize::try_from(version).unwrap(), schema_version());
+        let id: i64 = conn.query_row("PRAGMA application_id", [], |r| r.get(0)).unwrap();
+        assert_eq!(id, APPLICATION_ID);
+        let journal: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(journal, "wal");
+        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!(sync, 2, "synchronous must be FULL");
+        let secure: i64 = conn.query_row("PRAGMA secure_delete", [], |r| r.get(0)).unwrap();
+        assert_eq!(secure, 1);
+    }
+}

@@ -1,0 +1,210 @@
+//! Tokens: what callers hold instead of a value.
+//!
+//! The default format is `<prefix>_<body>`: a short collection prefix of
+//! lowercase letters and digits, then 128 bits from the OS CSPRNG as 22
+//! characters of unpadded URL-safe base64. A token is never derived from the
+//! value it stands for; it carries no information about it.
+//!
+//! This module parses and generates tokens. It never sees a value.
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::crypto::{CryptoError, fill_random};
+
+/// Random bytes in a default token (128 bits).
+pub const TOKEN_RANDOM_BYTES: usize = 16;
+/// Characters of the random body: 16 bytes in unpadded base64.
+const BODY_LEN: usize = 22;
+/// Longest prefix a collection may use.
+pub const MAX_PREFIX_LEN: usize = 8;
+/// Longest token string any format produces; longer input is refused before
+/// it is parsed.
+pub const MAX_TOKEN_LEN: usize = MAX_PREFIX_LEN + 1 + BODY_LEN;
+
+/// Why a string is not a token or a prefix. Carries no part of the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenParseError {
+    /// Not `<prefix>_<22 base64url characters>`.
+    #[error("not a token")]
+    Malformed,
+    /// A prefix must be 1 to 8 characters of `a-z` and `0-9`.
+    #[error("a token prefix must be 1 to 8 characters of a-z and 0-9")]
+    BadPrefix,
+}
+
+/// A collection's token prefix: 1 to 8 characters of `a-z` and `0-9`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenPrefix(String);
+
+impl TokenPrefix {
+    /// The prefix text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for TokenPrefix {
+    type Err = TokenParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = (1..=MAX_PREFIX_LEN).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if ok { Ok(Self(s.to_owned())) } else { Err(TokenParseError::BadPrefix) }
+    }
+}
+
+/// A syntactically valid token. Tokens are not secret and not PII: they may
+/// be logged and audited.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Token {
+    text: String,
+    prefix_len: usize,
+}
+
+impl Token {
+    /// The token as text.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The collection prefix part.
+    pub fn prefix(&self) -> &str {
+        &self.text[..self.prefix_len]
+    }
+
+    /// Consumes the token into its text.
+    pub fn into_string(self) -> String {
+        self.text
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl FromStr for Token {
+    type Err = TokenParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() > MAX_TOKEN_LEN || s.len() < BODY_LEN + 2 || !s.is_ascii() {
+            return Err(TokenParseError::Malformed);
+        }
+        let split = s.len() - BODY_LEN - 1;
+        let (prefix, rest) = s.split_at(split);
+        let body = rest.strip_prefix('_').ok_or(TokenParseError::Malformed)?;
+        prefix.parse::<TokenPrefix>().map_err(|_| TokenParseError::Malformed)?;
+        // Strict decoding: non-canonical trailing bits are refused, so one
+        // token has exactly one spelling.
+        let mut raw = [0u8; TOKEN_RANDOM_BYTES + 2];
+        match URL_SAFE_NO_PAD.decode_slice(body, &mut raw) {
+            Ok(TOKEN_RANDOM_BYTES) => Ok(Self { text: s.to_owned(), prefix_len: split }),
+            _ => Err(TokenParseError::Malformed),
+        }
+    }
+}
+
+/// Where new tokens come from. Production uses [`RandomTokens`]; tests can
+/// supply a generator that repeats itself to exercise collision handling.
+pub trait TokenGenerator: Send + Sync {
+    /// A new token for a collection with `prefix`.
+    fn generate(&self, prefix: &TokenPrefix) -> Result<Token, CryptoError>;
+}
+
+/// 128 bits from the OS CSPRNG per token.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RandomTokens;
+
+impl TokenGenerator for RandomTokens {
+    fn generate(&self, prefix: &TokenPrefix) -> Result<Token, CryptoError> {
+        let mut raw = [0u8; TOKEN_RANDOM_BYTES];
+        fill_random(&mut raw)?;
+        Ok(token_from_bytes(prefix, &raw))
+    }
+}
+
+/// The token with `prefix` whose random body is `raw`.
+pub fn token_from_bytes(prefix: &TokenPrefix, raw: &[u8; TOKEN_RANDOM_BYTES]) -> Token {
+    let mut text = String::with_capacity(prefix.0.len() + 1 + BODY_LEN);
+    text.push_str(&prefix.0);
+    text.push('_');
+    URL_SAFE_NO_PAD.encode_string(raw, &mut text);
+    Token { text, prefix_len: prefix.0.len() }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn prefix(s: &str) -> TokenPrefix {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn generated_tokens_parse_and_differ() {
+        let p = prefix("card");
+        let mut seen = HashSet::new();
+        for _ in 0..1000 {
+            let token = RandomTokens.generate(&p).unwrap();
+            assert_eq!(token.as_str().len(), 4 + 1 + BODY_LEN);
+            assert_eq!(token.prefix(), "card");
+            assert_eq!(token.as_str().parse::<Token>().unwrap(), token);
+            assert!(seen.insert(token));
+        }
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused() {
+        let good = token_from_bytes(&prefix("ssn"), &[0xff; 16]).into_string();
+        assert_eq!(good, "ssn______________________w");
+        for bad in [
+            "",
+            "ssn",
+            "ssn_",
+            "SSN_____________________w",
+            "ssn-_____________________w",
+            "ssn______________________x", // non-canonical trailing bits
+            "toolongprefix_____________________w",
+            "ssn_____________________w=",
+            "ssn_____________________é",
+            "_____________________w",
+        ] {
+            assert_eq!(bad.parse::<Token>(), Err(TokenParseError::Malformed), "{bad:?} accepted");
+        }
+        // The prefix may itself be followed by a body starting with '_'.
+        assert!(good.parse::<Token>().is_ok());
+    }
+
+    #[test]
+    fn prefixes() {
+        for ok in ["a", "card", "abcdefg8", "0"] {
+            assert!(ok.parse::<TokenPrefix>().is_ok());
+        }
+        for bad in ["", "Card", "card_x", "abcdefghi", "né"] {
+            assert_eq!(bad.parse::<TokenPrefix>(), Err(TokenParseError::BadPrefix));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_body_round_trips(raw in any::<[u8; 16]>(), p in "[a-z0-9]{1,8}") {
+            let token = token_from_bytes(&prefix(&p), &raw);
+            prop_assert_eq!(token.as_str().parse::<Token>().unwrap(), token.clone());
+            prop_assert_eq!(token.prefix(), p.as_str());
+        }
+
+        #[test]
+        fn parsing_never_panics(s in "\\PC{0,40}") {
+            let _ = s.parse::<Token>();
+        }
+    }
+}
