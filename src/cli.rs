@@ -63,7 +63,7 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct SecretArgs {
-    /// Read the passphrase from this file instead of $PIIVAULT_PASSPHRASE.
+    /// Read the passphrase from this file instead of `PIIVAULT_PASSPHRASE`.
     #[arg(long, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
 }
@@ -161,7 +161,9 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Init { data_dir, secret, raw_key_file, raw_key_env } => {
             let source = match (raw_key_file, raw_key_env) {
                 (Some(file), _) => RootKeySource::RawKeyFile(
-                    std::path::absolute(&file).with_context(|| format!("{}", file.display())).or_fail(Failure::Usage)?,
+                    std::path::absolute(&file)
+                        .with_context(|| format!("{}", file.display()))
+                        .or_fail(Failure::Usage)?,
                 ),
                 (None, Some(var)) => RootKeySource::RawKeyEnv(var),
                 (None, None) => RootKeySource::Passphrase,
@@ -247,11 +249,8 @@ async fn init(data_dir: &Path, source: &RootKeySource, secret: &SecretArgs, conf
     let vault = result?;
     let names = vault.collection_names().join(", ");
     drop(vault);
-    let _ = writeln!(
-        std::io::stdout().lock(),
-        "initialised a new vault in {} (collections: {names})",
-        data_dir.display()
-    );
+    let _ =
+        writeln!(std::io::stdout().lock(), "initialised a new vault in {} (collections: {names})", data_dir.display());
     Ok(())
 }
 
@@ -262,7 +261,9 @@ async fn write_new_vault(data_dir: &Path, source: &RootKeySource, unlock: &Unloc
         .context("cannot write config.toml")
         .or_fail(Failure::Other)?;
     let (root_key, sealed) = root::create(unlock, root::DEFAULT_KDF).or_fail(Failure::Other)?;
-    datadir::write_private_file(&config.sealed_root, &sealed).context("cannot write root.sealed").or_fail(Failure::Other)?;
+    datadir::write_private_file(&config.sealed_root, &sealed)
+        .context("cannot write root.sealed")
+        .or_fail(Failure::Other)?;
     Vault::create(&config, &root_key).await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })
 }
 
@@ -284,13 +285,11 @@ fn load_and_unseal(config_path: &Path, secret: &SecretArgs) -> Result<(Config, R
 /// every data key are in order, without serving.
 async fn check(config_path: &Path, secret: &SecretArgs) -> Result<(), CliError> {
     let (config, root) = load_and_unseal(config_path, secret)?;
-    let vault = Vault::open(&config, &root)
-        .await
-        .map_err(|e| CliError { failure: vault_failure(&e), error: anyhow::Error::new(e).context(config.database.display().to_string()) })?;
-    let counts = vault
-        .record_counts()
-        .await
-        .map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
+    let vault = Vault::open(&config, &root).await.map_err(|e| CliError {
+        failure: vault_failure(&e),
+        error: anyhow::Error::new(e).context(config.database.display().to_string()),
+    })?;
+    let counts = vault.record_counts().await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
     let summary: Vec<String> = counts.iter().map(|(name, n)| format!("{name}={n}")).collect();
     let _ = writeln!(std::io::stdout().lock(), "ok: root key unsealed, store open, records: {}", summary.join(" "));
     Ok(())

@@ -220,7 +220,8 @@ impl Config {
     /// Reads and checks `path`; relative paths inside resolve against its
     /// directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
         Self::parse(&text, &dir).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_owned(), message },
@@ -301,7 +302,9 @@ impl Config {
     /// and every default spelled out.
     pub fn sample(root_key: &RootKeySource) -> String {
         let root = match root_key {
-            RootKeySource::Passphrase => "provider = \"passphrase\"   # from PIIVAULT_PASSPHRASE or --passphrase-file".to_owned(),
+            RootKeySource::Passphrase => {
+                "provider = \"passphrase\"   # from PIIVAULT_PASSPHRASE or --passphrase-file".to_owned()
+            }
             RootKeySource::RawKeyFile(path) => {
                 format!("provider = \"raw\"\nkey_file = {}", toml_string(&path.to_string_lossy()))
             }

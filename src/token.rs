@@ -51,8 +51,8 @@ impl FromStr for TokenPrefix {
     type Err = TokenParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let ok = (1..=MAX_PREFIX_LEN).contains(&s.len())
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let ok =
+            (1..=MAX_PREFIX_LEN).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         if ok { Ok(Self(s.to_owned())) } else { Err(TokenParseError::BadPrefix) }
     }
 }

@@ -77,18 +77,19 @@ impl Vault {
 
         let mut collections = HashMap::new();
         for (name, settings) in &config.collections {
-            let id = match store.collection_id(name.as_str()).await? {
-                Some(id) => id,
-                None => {
-                    let key = DataKey::generate()?;
-                    let wrapped = keyring::wrap(root, KeyPurpose::Data, name.as_str(), 1, &key)?;
-                    let id = store.create_collection(name.as_str(), KeyPurpose::Data.as_str(), wrapped).await?;
-                    tracing::info!(collection = %name, "created collection with data key version 1");
-                    id
-                }
+            let id = if let Some(id) = store.collection_id(name.as_str()).await? {
+                id
+            } else {
+                let key = DataKey::generate()?;
+                let wrapped = keyring::wrap(root, KeyPurpose::Data, name.as_str(), 1, &key)?;
+                let id = store.create_collection(name.as_str(), KeyPurpose::Data.as_str(), wrapped).await?;
+                tracing::info!(collection = %name, "created collection with data key version 1");
+                id
             };
-            collections
-                .insert(name.as_str().to_owned(), Collection { id, name: name.clone(), prefix: settings.prefix.clone() });
+            collections.insert(
+                name.as_str().to_owned(),
+                Collection { id, name: name.clone(), prefix: settings.prefix.clone() },
+            );
         }
 
         let keyring = Keyring::new();
@@ -146,7 +147,11 @@ impl Vault {
 
     /// Swaps each value for a new random token. Answers item by item, in
     /// order; an answer is given only once its record is durable.
-    pub async fn tokenize(&self, collection: &str, values: Vec<PiiValue>) -> Result<Vec<ItemResult<Token>>, VaultError> {
+    pub async fn tokenize(
+        &self,
+        collection: &str,
+        values: Vec<PiiValue>,
+    ) -> Result<Vec<ItemResult<Token>>, VaultError> {
         let coll = self.collection(collection)?;
         self.check_count(values.len())?;
         let max = self.inner.limits.max_value_bytes;
@@ -172,8 +177,14 @@ impl Vault {
                     .inner
                     .keyring
                     .with_primary(coll.id.0, |version, key| {
-                        envelope::seal(key, version, coll.name.as_str(), token.as_str(), values[i].expose_secret().as_bytes())
-                            .map(|ct| (version, ct))
+                        envelope::seal(
+                            key,
+                            version,
+                            coll.name.as_str(),
+                            token.as_str(),
+                            values[i].expose_secret().as_bytes(),
+                        )
+                        .map(|ct| (version, ct))
                     })
                     .ok_or(VaultError::Keyring {
                         collection: coll.name.to_string(),
@@ -227,7 +238,9 @@ impl Vault {
         let opened = envelope::key_version(ciphertext).and_then(|version| {
             self.inner
                 .keyring
-                .with_version(coll.id.0, version, |key| envelope::open(key, coll.name.as_str(), token.as_str(), ciphertext))
+                .with_version(coll.id.0, version, |key| {
+                    envelope::open(key, coll.name.as_str(), token.as_str(), ciphertext)
+                })
                 .unwrap_or(Err(CryptoError::Decrypt))
         });
         let unreadable = || {
@@ -285,10 +298,8 @@ impl Vault {
 /// `None` when malformed or of another collection's prefix) and the list of
 /// token strings worth looking up, in the same order as the `Some`s.
 fn parse_tokens(coll: &Collection, tokens: &[String]) -> (Vec<Option<Token>>, Vec<String>) {
-    let parsed: Vec<Option<Token>> = tokens
-        .iter()
-        .map(|t| t.parse::<Token>().ok().filter(|t| t.prefix() == coll.prefix.as_str()))
-        .collect();
+    let parsed: Vec<Option<Token>> =
+        tokens.iter().map(|t| t.parse::<Token>().ok().filter(|t| t.prefix() == coll.prefix.as_str())).collect();
     let lookups = parsed.iter().flatten().map(|t| t.as_str().to_owned()).collect();
     (parsed, lookups)
 }

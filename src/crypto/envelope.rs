@@ -124,15 +124,9 @@ mod tests {
         let key = DataKey::from_bytes(hex::decode(&vector["data_key"]).unwrap().try_into().unwrap());
         let nonce: [u8; NONCE_LEN] = hex::decode(&vector["nonce"]).unwrap().try_into().unwrap();
         let version: u32 = vector["key_version"].parse().unwrap();
-        let sealed = seal_with_nonce(
-            &key,
-            version,
-            &vector["collection"],
-            &vector["token"],
-            vector["value"].as_bytes(),
-            &nonce,
-        )
-        .unwrap();
+        let sealed =
+            seal_with_nonce(&key, version, &vector["collection"], &vector["token"], vector["value"].as_bytes(), &nonce)
+                .unwrap();
         assert_eq!(hex::encode(sealed), vector["sealed"]);
     }
 

@@ -72,11 +72,8 @@ impl DataKey {
 fn wrap_aad(purpose: KeyPurpose, collection: &str, version: u32) -> Result<Vec<u8>, CryptoError> {
     let mut aad = Vec::with_capacity(64);
     aad.push(WRAP_FORMAT_V1);
-    bind(
-        &mut aad,
-        &[WRAP_AAD_LABEL, purpose.as_str().as_bytes(), collection.as_bytes(), &version.to_be_bytes()],
-    )
-    .ok_or(CryptoError::Encrypt)?;
+    bind(&mut aad, &[WRAP_AAD_LABEL, purpose.as_str().as_bytes(), collection.as_bytes(), &version.to_be_bytes()])
+        .ok_or(CryptoError::Encrypt)?;
     Ok(aad)
 }
 
@@ -140,9 +137,8 @@ impl Keyring {
     /// records are encrypted with.
     pub fn insert(&self, collection: i64, version: u32, key: DataKey, primary: bool) {
         let mut map = self.collections.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = map
-            .entry(collection)
-            .or_insert_with(|| CollectionKeys { primary: version, versions: BTreeMap::new() });
+        let entry =
+            map.entry(collection).or_insert_with(|| CollectionKeys { primary: version, versions: BTreeMap::new() });
         entry.versions.insert(version, key);
         if primary {
             entry.primary = version;

@@ -174,13 +174,7 @@ fn seal_with(
         Unlock::Passphrase(_) => {
             let params = params.check()?;
             let salt = SaltString::encode_b64(salt).map_err(|_| CryptoError::Kdf)?;
-            format!(
-                "$argon2id$v=19$m={},t={},p={}${}",
-                params.m_kib,
-                params.t,
-                params.p,
-                salt.as_str()
-            )
+            format!("$argon2id$v=19$m={},t={},p={}${}", params.m_kib, params.t, params.p, salt.as_str())
         }
         Unlock::RawKey(_) => String::new(),
     };
@@ -227,8 +221,7 @@ pub fn unseal(file: &[u8], unlock: &Unlock) -> Result<RootKey, CryptoError> {
         });
     }
     let (header, rest) = file.split_at(FIXED_HEADER_LEN + kdf_len);
-    let kdf_string =
-        std::str::from_utf8(&header[FIXED_HEADER_LEN..]).map_err(|_| CryptoError::MalformedSealed)?;
+    let kdf_string = std::str::from_utf8(&header[FIXED_HEADER_LEN..]).map_err(|_| CryptoError::MalformedSealed)?;
     let (nonce, sealed) = rest.split_at(NONCE_LEN);
     let nonce: &[u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::MalformedSealed)?;
     let kek = key_encryption_key(unlock, kdf_string)?;
@@ -264,11 +257,7 @@ fn parse_kdf_string(kdf_string: &str) -> Result<(KdfParams, Vec<u8>), CryptoErro
     if phc.algorithm.as_str() != "argon2id" || phc.version != Some(19) || phc.hash.is_some() {
         return Err(CryptoError::MalformedSealed);
     }
-    let get = |name: &str| {
-        phc.params
-            .get_decimal(name)
-            .ok_or(CryptoError::MalformedSealed)
-    };
+    let get = |name: &str| phc.params.get_decimal(name).ok_or(CryptoError::MalformedSealed);
     if phc.params.iter().count() != 3 {
         return Err(CryptoError::MalformedSealed);
     }
@@ -349,11 +338,18 @@ mod tests {
     fn known_answer_vector_is_reproduced() {
         let file: toml::Table = toml::from_str(include_str!("../../tests/vectors/root_sealed_v1.toml")).unwrap();
         let fields = |name: &str| file["passphrase"][name].as_str().unwrap().to_owned();
-        let root = RootKey(SecretKey::from_bytes(hex::decode(&fields("root_key")).unwrap().try_into().unwrap()));
+        let root = RootKey(SecretKey::from_bytes(hex::decode(fields("root_key")).unwrap().try_into().unwrap()));
         let unlock = passphrase(&fields("passphrase"));
-        let salt: [u8; SALT_LEN] = hex::decode(&fields("salt")).unwrap().try_into().unwrap();
-        let nonce: [u8; NONCE_LEN] = hex::decode(&fields("nonce")).unwrap().try_into().unwrap();
+        let salt: [u8; SALT_LEN] = hex::decode(fields("salt")).unwrap().try_into().unwrap();
+        let nonce: [u8; NONCE_LEN] = hex::decode(fields("nonce")).unwrap().try_into().unwrap();
         let sealed = seal_with(&root, &unlock, MIN_KDF, &salt, &nonce).unwrap();
-        assert_eq!(hex::encode(sealed), fields("sealed"));
+        assert_eq!(hex::encode(&sealed), fields("sealed"));
+        assert_eq!(unseal(&sealed, &unlock).unwrap().expose_secret(), root.expose_secret());
+
+        let raw = |name: &str| file["raw"][name].as_str().unwrap().to_owned();
+        let raw_unlock = Unlock::RawKey(RawKey::parse(raw("raw_key").as_bytes()).unwrap());
+        let sealed = seal_with(&root, &raw_unlock, MIN_KDF, &salt, &nonce).unwrap();
+        assert_eq!(hex::encode(&sealed), raw("sealed"));
+        assert_eq!(hex::encode(unseal(&sealed, &raw_unlock).unwrap().expose_secret()), raw("root_key"));
     }
 }

@@ -19,7 +19,6 @@
 mod schema;
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -224,13 +223,12 @@ pub struct StoreOptions {
 pub struct Store {
     writer: Option<Sender<Box<dyn WriteJob>>>,
     readers: Option<Sender<ReadJob>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    writer_thread: Option<JoinHandle<()>>,
+    reader_threads: Vec<JoinHandle<()>>,
 }
 
 fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 impl Store {
@@ -245,14 +243,15 @@ impl Store {
 
         let (write_tx, write_rx) = crossbeam_channel::unbounded::<Box<dyn WriteJob>>();
         let (read_tx, read_rx) = crossbeam_channel::unbounded::<ReadJob>();
-        let mut threads = Vec::new();
+        let mut store =
+            Self { writer: Some(write_tx), readers: Some(read_tx), writer_thread: None, reader_threads: Vec::new() };
         let max_batch = options.max_group_commit.max(1);
-        threads.push(spawn("piivault-writer", move || writer_loop(&writer_conn, &write_rx, max_batch))?);
+        store.writer_thread = Some(spawn("piivault-writer", move || writer_loop(&writer_conn, &write_rx, max_batch))?);
         for (i, conn) in readers.into_iter().enumerate() {
             let rx = read_rx.clone();
-            threads.push(spawn(&format!("piivault-reader-{i}"), move || reader_loop(&conn, &rx))?);
+            store.reader_threads.push(spawn(&format!("piivault-reader-{i}"), move || reader_loop(&conn, &rx))?);
         }
-        Ok(Self { writer: Some(write_tx), readers: Some(read_tx), threads: Mutex::new(threads) })
+        Ok(store)
     }
 
     /// Runs `work` on the writer inside the next group-commit transaction and
@@ -406,9 +405,8 @@ impl Store {
             tokens
                 .iter()
                 .map(|token| {
-                    let found = stmt
-                        .query_row(params![collection.0, token], |row| row.get::<_, Vec<u8>>(0))
-                        .optional()?;
+                    let found =
+                        stmt.query_row(params![collection.0, token], |row| row.get::<_, Vec<u8>>(0)).optional()?;
                     Ok(found.map(|ciphertext| StoredRecord { ciphertext }))
                 })
                 .collect()
@@ -426,10 +424,7 @@ impl Store {
                 "UPDATE records SET ciphertext = NULL, key_version = NULL, deleted_at = ?3
                  WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL",
             )?;
-            tokens
-                .iter()
-                .map(|token| Ok(stmt.execute(params![collection.0, token, now])? == 1))
-                .collect()
+            tokens.iter().map(|token| Ok(stmt.execute(params![collection.0, token, now])? == 1)).collect()
         })
         .await
     }
@@ -451,16 +446,17 @@ impl Store {
     }
 
     /// Stops accepting work, lets queued requests finish, and waits for the
-    /// threads to close their connections (the writer's close checkpoints
-    /// the WAL).
+    /// threads to close their connections. Readers close first, so that the
+    /// writer's connection is the last one and its close checkpoints the WAL
+    /// into the database file.
     pub fn shutdown(&mut self) {
-        self.writer = None;
         self.readers = None;
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        for thread in threads {
-            if thread.join().is_err() {
-                tracing::error!("a store thread panicked");
-            }
+        for thread in std::mem::take(&mut self.reader_threads) {
+            join(thread);
+        }
+        self.writer = None;
+        if let Some(thread) = self.writer_thread.take() {
+            join(thread);
         }
     }
 }
@@ -476,6 +472,12 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<
         .name(name.to_owned())
         .spawn(body)
         .map_err(|e| StoreError::Sqlite(format!("cannot start store thread: {e}")))
+}
+
+fn join(thread: JoinHandle<()>) {
+    if thread.join().is_err() {
+        tracing::error!("a store thread panicked");
+    }
 }
 
 fn reader_loop(conn: &Connection, jobs: &Receiver<ReadJob>) {

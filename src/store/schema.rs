@@ -58,9 +58,15 @@ pub fn open_writer(path: &Path, mode: OpenMode) -> Result<Connection, StoreError
             }
         }
     }
-    let mut conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(StoreError::from)?;
+    let mut conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(StoreError::from)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // SQLite quietly falls back to read-only when the file or its directory
+    // is not writable; a vault that cannot write must not start.
+    if conn.is_readonly(rusqlite::MAIN_DB)? {
+        return Err(StoreError::ReadOnly);
+    }
     check_identity(&conn, mode)?;
     // journal_mode answers with a row, and only takes effect outside a
     // transaction; it must be WAL before anything else is written.

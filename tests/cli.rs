@@ -1,0 +1,290 @@
+//! The `piivault` binary, run as a process: init, check, exit codes, and a
+//! vault written by one process and read by another.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use piivault::crypto::root::{self, Passphrase, Unlock};
+use piivault::{Config, PiiValue, Vault};
+
+const PASSPHRASE: &str = "test passphrase: long enough, never printed";
+
+fn piivault(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_piivault"));
+    cmd.args(args).stdin(Stdio::null()).env_remove("PIIVAULT_PASSPHRASE").env_remove("PIIVAULT_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Exit code and the single stderr line of a failed run.
+fn failure(out: &Output) -> (i32, String) {
+    let err = stderr(out);
+    assert_eq!(err.lines().count(), 1, "expected one line on stderr, got {err:?}");
+    assert!(err.starts_with("piivault: "), "{err}");
+    assert!(!err.contains(PASSPHRASE));
+    (out.status.code().unwrap(), err)
+}
+
+fn init(dir: &Path) -> Output {
+    piivault(&["init", "--data-dir", dir.to_str().unwrap()], &[("PIIVAULT_PASSPHRASE", PASSPHRASE)])
+}
+
+fn check(dir: &Path, passphrase: &str) -> Output {
+    let config = dir.join("config.toml");
+    piivault(&["check", "--config", config.to_str().unwrap()], &[("PIIVAULT_PASSPHRASE", passphrase)])
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn init_creates_a_private_data_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("vault");
+    let out = init(&dir);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("initialised a new vault in {} (collections: card, email, name, phone, ssn)", dir.display())
+    );
+    assert_eq!(mode(&dir), 0o700);
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["config.toml", "root.sealed", "vault.db"]);
+    for name in &names {
+        assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+    }
+    let sealed = std::fs::read(dir.join("root.sealed")).unwrap();
+    assert_eq!(&sealed[..6], b"PVRK\x01\x01");
+    assert!(common::contains(&sealed, b"$argon2id$v=19$m=65536,t=3,p=1$"));
+    assert!(!common::contains(&sealed, PASSPHRASE.as_bytes()));
+
+    let ok = check(&dir, PASSPHRASE);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert_eq!(stdout(&ok).trim(), "ok: root key unsealed, store open, records: card=0 email=0 name=0 phone=0 ssn=0");
+}
+
+#[test]
+fn init_refuses_an_existing_vault_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(init(tmp.path()).status.success());
+    let before: Vec<_> = common::all_files(tmp.path());
+    let out = init(tmp.path());
+    let (code, err) = failure(&out);
+    assert_eq!(code, 78);
+    assert!(err.contains("already holds a vault"), "{err}");
+    assert_eq!(common::all_files(tmp.path()), before);
+}
+
+#[test]
+fn init_without_a_passphrase_is_bad_usage_and_creates_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("v");
+    let out = piivault(&["init", "--data-dir", dir.to_str().unwrap()], &[]);
+    assert_eq!(
+        failure(&out),
+        (64, "piivault: no passphrase: set PIIVAULT_PASSPHRASE or pass --passphrase-file\n".into())
+    );
+    assert!(!dir.exists());
+    let empty = piivault(&["init", "--data-dir", dir.to_str().unwrap()], &[("PIIVAULT_PASSPHRASE", "\n")]);
+    assert_eq!(failure(&empty), (64, "piivault: the passphrase is empty\n".into()));
+    assert!(!dir.exists());
+}
+
+#[test]
+fn bad_usage_exits_64_with_one_line() {
+    for args in [&["frobnicate"][..], &["init"], &["check", "--config"], &["init", "--data-dir", "x", "--bogus"], &[]] {
+        let out = piivault(args, &[]);
+        let (code, err) = failure(&out);
+        assert_eq!(code, 64, "{args:?}: {err}");
+    }
+    let help = piivault(&["--help"], &[]);
+    assert!(help.status.success());
+    assert!(stdout(&help).contains("init"));
+}
+
+#[test]
+fn a_wrong_passphrase_or_a_damaged_sealed_file_exits_78() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(init(tmp.path()).status.success());
+    let sealed_path = tmp.path().join("root.sealed");
+    let good = std::fs::read(&sealed_path).unwrap();
+
+    let (code, err) = failure(&check(tmp.path(), "not the passphrase"));
+    assert_eq!(code, 78);
+    assert!(err.contains("cannot unseal the root key: wrong passphrase or key"), "{err}");
+
+    let mut altered = good.clone();
+    let last = altered.len() - 1;
+    altered[last] ^= 1;
+    std::fs::write(&sealed_path, &altered).unwrap();
+    let (code, err) = failure(&check(tmp.path(), PASSPHRASE));
+    assert_eq!(code, 78);
+    assert!(err.contains("cannot unseal the root key"), "{err}");
+
+    std::fs::write(&sealed_path, &good[..good.len() - 10]).unwrap();
+    let (code, err) = failure(&check(tmp.path(), PASSPHRASE));
+    assert_eq!(code, 78);
+    assert!(err.ends_with("the sealed root file is malformed or truncated\n"), "{err}");
+
+    std::fs::remove_file(&sealed_path).unwrap();
+    let (code, err) = failure(&check(tmp.path(), PASSPHRASE));
+    assert_eq!(code, 78);
+    assert!(err.contains("cannot read the sealed root key"), "{err}");
+
+    // Restored, it works again: nothing else was touched.
+    std::fs::write(&sealed_path, &good).unwrap();
+    assert!(check(tmp.path(), PASSPHRASE).status.success());
+
+    // A passphrase file works the same as the variable.
+    let pass_file = tmp.path().join("pass");
+    std::fs::write(&pass_file, format!("{PASSPHRASE}\n")).unwrap();
+    let config = tmp.path().join("config.toml");
+    let out = piivault(
+        &["check", "--config", config.to_str().unwrap(), "--passphrase-file", pass_file.to_str().unwrap()],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_bad_config_or_store_exits_78() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(init(tmp.path()).status.success());
+    let config = tmp.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+
+    std::fs::write(&config, text.replace("prefix = \"ssn\"", "prefix = \"SSN!\"")).unwrap();
+    let (code, err) = failure(&check(tmp.path(), PASSPHRASE));
+    assert_eq!(code, 78);
+    assert!(err.contains("collections.ssn.prefix:"), "{err}");
+
+    std::fs::write(&config, text.replace("[limits]", "[limits]\nmax_widgets = 3")).unwrap();
+    let (code, err) = failure(&check(tmp.path(), PASSPHRASE));
+    assert_eq!(code, 78);
+    assert!(err.contains("unknown field `max_widgets`"), "{err}");
+    std::fs::write(&config, &text).unwrap();
+
+    let db = tmp.path().join("vault.db");
+    let real = std::fs::read(&db).unwrap();
+    std::fs::write(&db, vec![0x5a; 8192]).unwrap();
+    let (code, err) = failure(&check(tmp.path(), PASSPHRASE));
+    assert_eq!(code, 78);
+    assert!(err.ends_with("the database file is not a piivault store\n"), "{err}");
+    std::fs::write(&db, real).unwrap();
+    assert!(check(tmp.path(), PASSPHRASE).status.success());
+
+    let (code, _) = failure(&check(&tmp.path().join("missing"), PASSPHRASE));
+    assert_eq!(code, 78);
+}
+
+#[test]
+fn a_raw_key_from_the_environment_or_a_file_seals_the_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = "3f".repeat(32);
+    let dir = tmp.path().join("env");
+    let out = piivault(
+        &["init", "--data-dir", dir.to_str().unwrap(), "--raw-key-env", "MY_ROOT_KEY"],
+        &[("MY_ROOT_KEY", &key)],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config = dir.join("config.toml");
+    let check_env = |value: &str| piivault(&["check", "--config", config.to_str().unwrap()], &[("MY_ROOT_KEY", value)]);
+    assert!(check_env(&key).status.success());
+    let (code, err) = failure(&check_env(&"3e".repeat(32)));
+    assert_eq!((code, err.contains("cannot unseal the root key")), (78, true), "{err}");
+    let (code, err) = failure(&check_env("abcd"));
+    assert_eq!(code, 78);
+    assert!(err.contains("a raw root key must be exactly 32 bytes"), "{err}");
+    let (code, err) = failure(&piivault(&["check", "--config", config.to_str().unwrap()], &[]));
+    assert_eq!(code, 78);
+    assert!(err.contains("$MY_ROOT_KEY is not set"), "{err}");
+
+    let key_file = tmp.path().join("root.key");
+    std::fs::write(&key_file, [0x42u8; 32]).unwrap();
+    let dir = tmp.path().join("file");
+    let out =
+        piivault(&["init", "--data-dir", dir.to_str().unwrap(), "--raw-key-file", key_file.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(check(&dir, "ignored").status.success());
+    std::fs::write(&key_file, [0x42u8; 31]).unwrap();
+    let (code, err) = failure(&check(&dir, "ignored"));
+    assert_eq!(code, 78);
+    assert!(err.contains("exactly 32 bytes"), "{err}");
+}
+
+/// A vault made by `piivault init` (process 1), tokenized into by this test
+/// (process 2), read back by a fresh process of this test binary (3).
+#[test]
+fn a_second_process_detokenizes_what_the_first_tokenized() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(init(tmp.path()).status.success());
+    let values = ["4111 1111 1111 1111", "jane@example.org", "Zoë"];
+    let collections = ["card", "email", "name"];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let tokens: Vec<String> = runtime.block_on(async {
+        let (config, root) = open_config(tmp.path());
+        let vault = Vault::open(&config, &root).await.unwrap();
+        let mut tokens = Vec::new();
+        for (collection, value) in collections.iter().zip(values) {
+            let result = vault.tokenize(collection, vec![PiiValue::from(value)]).await.unwrap();
+            tokens.push(result.into_iter().next().unwrap().unwrap().into_string());
+        }
+        tokens
+    });
+    let handoff = tmp.path().join("tokens.txt");
+    std::fs::write(&handoff, tokens.join("\n")).unwrap();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_detokenizes_from_another_process", "--ignored", "--nocapture"])
+        .env("PIIVAULT_TEST_DIR", tmp.path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&child.stdout);
+    assert!(child.status.success(), "child failed: {out}");
+    assert!(out.contains("1 passed"), "the child test did not run: {out}");
+}
+
+fn open_config(dir: &Path) -> (Config, root::RootKey) {
+    let config = Config::load(&dir.join("config.toml")).unwrap();
+    let sealed = std::fs::read(&config.sealed_root).unwrap();
+    let unlock = Unlock::Passphrase(Passphrase::new(PASSPHRASE.to_owned()).unwrap());
+    let root = root::unseal(&sealed, &unlock).unwrap();
+    (config, root)
+}
+
+/// Run only by `a_second_process_detokenizes_what_the_first_tokenized`.
+#[test]
+#[ignore = "run as a child process by a_second_process_detokenizes_what_the_first_tokenized"]
+fn child_detokenizes_from_another_process() {
+    let dir = PathBuf::from(std::env::var_os("PIIVAULT_TEST_DIR").expect("run by the parent test"));
+    let tokens: Vec<String> =
+        std::fs::read_to_string(dir.join("tokens.txt")).unwrap().lines().map(String::from).collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (config, root) = open_config(&dir);
+        let vault = Vault::open(&config, &root).await.unwrap();
+        let expected = [("card", "4111 1111 1111 1111"), ("email", "jane@example.org"), ("name", "Zoë")];
+        for (token, (collection, value)) in tokens.iter().zip(expected) {
+            let back = vault.detokenize(collection, vec![token.clone()]).await.unwrap();
+            let back = back.into_iter().next().unwrap().unwrap();
+            assert!(back.expose_secret() == value, "{collection} did not round-trip across processes");
+        }
+    });
+}

@@ -1,0 +1,139 @@
+//! Shared helpers for the integration tests: a vault in a temporary data
+//! directory, built from a config map, opened with a real sealed root key.
+
+#![allow(dead_code)] // each test crate uses a different subset
+
+use std::path::{Path, PathBuf};
+
+use piivault::Config;
+use piivault::crypto::root::{self, RawKey, RootKey, Unlock};
+use piivault::store::OpenMode;
+use piivault::token::{RandomTokens, TokenGenerator};
+use piivault::vault::Vault;
+use tempfile::TempDir;
+
+/// The sample collections plus the defaults, with room for overrides.
+pub fn config_text(extra: &str) -> String {
+    format!(
+        "{extra}\n\
+         [collections.card]\nprefix = \"card\"\n\
+         [collections.ssn]\nprefix = \"ssn\"\n\
+         [collections.email]\nprefix = \"email\"\n\
+         [collections.phone]\nprefix = \"phone\"\n\
+         [collections.name]\nprefix = \"name\"\n"
+    )
+}
+
+/// The raw key tests seal their root key with (a real provider, no KDF).
+pub fn unlock() -> Unlock {
+    Unlock::RawKey(RawKey::parse(&[0x11; 32]).unwrap())
+}
+
+/// A data directory with a config and a sealed root key.
+pub struct Fixture {
+    pub dir: PathBuf,
+    pub config: Config,
+    sealed: Vec<u8>,
+    owned_tmp: Option<TempDir>,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        Self::with_config("")
+    }
+
+    pub fn with_config(extra: &str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut fixture = Self::in_dir(tmp.path(), extra);
+        fixture.owned_tmp = Some(tmp);
+        fixture
+    }
+
+    /// A fixture in a directory the caller owns (a mounted filesystem).
+    pub fn in_dir(dir: &Path, extra: &str) -> Self {
+        let config = Config::parse(&config_text(extra), dir).unwrap();
+        let (_, sealed) = root::create(&unlock(), root::MIN_KDF).unwrap();
+        Self { dir: dir.to_path_buf(), config, sealed, owned_tmp: None }
+    }
+
+    pub fn root(&self) -> RootKey {
+        root::unseal(&self.sealed, &unlock()).unwrap()
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.config.database.clone()
+    }
+
+    pub async fn create(&self) -> Vault {
+        Vault::create(&self.config, &self.root()).await.unwrap()
+    }
+
+    pub async fn create_with(&self, tokens: Box<dyn TokenGenerator>) -> Vault {
+        Vault::open_with(&self.config, &self.root(), OpenMode::Create, tokens).await.unwrap()
+    }
+
+    pub async fn open(&self) -> Vault {
+        Vault::open(&self.config, &self.root()).await.unwrap()
+    }
+
+    pub async fn try_open(&self) -> Result<Vault, piivault::VaultError> {
+        Vault::open_with(&self.config, &self.root(), OpenMode::Existing, Box::new(RandomTokens)).await
+    }
+}
+
+/// Every regular file below `dir`, with its bytes.
+pub fn all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs anywhere in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A tmpfs of a fixed size mounted on a fresh temporary directory, unmounted
+/// on drop: a real filesystem that really fills up or turns read-only.
+/// Needs root (CI and the development machines run as root).
+pub struct Tmpfs {
+    pub dir: TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs needs root (CAP_SYS_ADMIN)");
+        Self { dir }
+    }
+
+    pub fn remount(&self, options: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
