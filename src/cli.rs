@@ -13,13 +13,18 @@ use std::process::ExitCode;
 use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand};
 
-use crate::config::{CONFIG_FILE, Config, DATABASE_FILE, RootKeySource, SEALED_ROOT_FILE};
+use crate::config::{CONFIG_FILE, Config, DATABASE_FILE, LogFormat, RootKeySource, SEALED_ROOT_FILE};
 use crate::crypto::CryptoError;
 use crate::crypto::root::{self, Passphrase, RawKey, RootKey, Unlock};
 use crate::datadir;
 use crate::error::VaultError;
+use crate::grpc::server::{self as grpc_server, Live};
+use crate::pki::{self, Ca};
+use crate::policy::{CallerId, EMPTY_POLICY};
 use crate::store::StoreError;
 use crate::vault::Vault;
+
+mod client;
 
 /// Environment variable holding the passphrase that seals the root key.
 pub const PASSPHRASE_ENV: &str = "PIIVAULT_PASSPHRASE";
@@ -58,6 +63,86 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         secret: SecretArgs,
+    },
+    /// Serve the vault over gRPC with mutual TLS. SIGHUP reloads the policy
+    /// and the CRL; SIGTERM or SIGINT stop it gracefully.
+    Serve {
+        /// The vault's config.toml.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// One command to a working development vault on 127.0.0.1: creates the
+    /// data directory if needed (sample collections, callers writer, reader,
+    /// support, admin and auditor with certificates), then serves.
+    /// DEVELOPMENT ONLY: the passphrase is kept in clear in the directory.
+    Dev {
+        /// The data directory, created if missing, reused otherwise.
+        #[arg(long, value_name = "DIR", default_value = "./piivault-dev")]
+        data_dir: PathBuf,
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Manage caller certificates issued by the vault CA.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Swap values for tokens (values as arguments, or one per line on stdin).
+    Tokenize(client::ItemsArgs),
+    /// Swap tokens back for values (tokens as arguments, or one per line on stdin).
+    Detokenize(client::ItemsArgs),
+    /// Delete the values behind tokens.
+    Delete(client::ItemsArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create the vault CA if missing and (re)issue the server certificate.
+    Init {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// DNS names or IP addresses for the server certificate (repeat the
+        /// flag); default: `server.server_names` from config.toml.
+        #[arg(long = "server-name", value_name = "NAME")]
+        server_names: Vec<String>,
+    },
+    /// Issue a certificate for caller NAME: spiffe://<trust-domain>/NAME.
+    Issue {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The caller's name.
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// Days of validity.
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+        /// Where to write cert.pem and key.pem (default DIR/clients/NAME).
+        #[arg(long, value_name = "OUT")]
+        out: Option<PathBuf>,
+    },
+    /// Revoke certificates by caller name or serial; writes pki/crl.pem.
+    /// Send SIGHUP to a running server to apply it.
+    Revoke {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// A caller name (revokes all its certificates) or a serial number.
+        #[arg(value_name = "NAME_OR_SERIAL")]
+        selector: String,
+    },
+    /// List issued certificates.
+    List {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -129,7 +214,6 @@ pub fn main() -> ExitCode {
             return ExitCode::from(Failure::Usage.code());
         }
     };
-    init_logging();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -150,13 +234,31 @@ fn report(message: &str) {
     let _ = writeln!(std::io::stderr().lock(), "piivault: {line}");
 }
 
-fn init_logging() {
+fn init_logging(default_level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PIIVAULT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Prints one line on stdout (the command's result).
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }
 
 async fn run(command: Command) -> Result<(), CliError> {
+    let serving = matches!(command, Command::Serve { .. } | Command::Dev { .. });
+    if !serving {
+        init_logging("warn", LogFormat::Text);
+    }
     match command {
         Command::Init { data_dir, secret, raw_key_file, raw_key_env } => {
             let source = match (raw_key_file, raw_key_env) {
@@ -171,6 +273,12 @@ async fn run(command: Command) -> Result<(), CliError> {
             init(&data_dir, &source, &secret, true).await
         }
         Command::Check { config, secret } => check(&config, &secret).await,
+        Command::Serve { config, secret } => serve(&config, &secret).await,
+        Command::Dev { data_dir, listen } => dev(&data_dir, listen).await,
+        Command::Certs { command } => certs(command),
+        Command::Tokenize(args) => client::run(client::Op::Tokenize, args).await,
+        Command::Detokenize(args) => client::run(client::Op::Detokenize, args).await,
+        Command::Delete(args) => client::run(client::Op::Delete, args).await,
     }
 }
 
@@ -264,6 +372,10 @@ async fn write_new_vault(data_dir: &Path, source: &RootKeySource, unlock: &Unloc
     datadir::write_private_file(&config.sealed_root, &sealed)
         .context("cannot write root.sealed")
         .or_fail(Failure::Other)?;
+    datadir::write_private_file(&config.server.policy, EMPTY_POLICY.as_bytes())
+        .context("cannot write policy.toml")
+        .or_fail(Failure::Other)?;
+    Ca::init(data_dir, &config.server.trust_domain, &config.server.server_names).or_fail(Failure::Other)?;
     Vault::create(&config, &root_key).await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })
 }
 
@@ -291,6 +403,228 @@ async fn check(config_path: &Path, secret: &SecretArgs) -> Result<(), CliError> 
     })?;
     let counts = vault.record_counts().await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
     let summary: Vec<String> = counts.iter().map(|(name, n)| format!("{name}={n}")).collect();
-    let _ = writeln!(std::io::stdout().lock(), "ok: root key unsealed, store open, records: {}", summary.join(" "));
+    say(&format!("ok: root key unsealed, store open, records: {}", summary.join(" ")));
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn termination() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let term = async {
+        match term.as_mut() {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutting down: no new connections; finishing requests in flight");
+}
+
+/// Opens the vault, binds, and serves until SIGTERM/SIGINT; SIGHUP reloads
+/// policy and CRL. `on_ready` is told the bound address.
+async fn run_server(
+    config: &Config,
+    root: &RootKey,
+    listen: Option<std::net::SocketAddr>,
+    on_ready: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), CliError> {
+    let vault = Vault::open(config, root).await.map_err(|e| CliError {
+        failure: vault_failure(&e),
+        error: anyhow::Error::new(e).context(config.database.display().to_string()),
+    })?;
+    let live = std::sync::Arc::new(Live::load(config).or_fail(Failure::Config)?);
+    let listener = grpc_server::bind(listen.unwrap_or(config.server.listen)).await.or_fail(Failure::Other)?;
+    let addr = listener.local_addr().or_fail(Failure::Other)?;
+    let reloader = live.clone();
+    let hangups = tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading policy and TLS material");
+            let _ = reloader.reload();
+        }
+    });
+    tracing::info!(%addr, collections = %vault.collection_names().join(","), "serving");
+    on_ready(addr);
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        termination().await;
+        let _ = stop.send(true);
+    });
+    let signalled = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let serving = grpc_server::serve(config, vault, live, listener, signalled(stopping.clone()));
+    let drain_deadline = async {
+        signalled(stopping).await;
+        tokio::time::sleep(SHUTDOWN_DRAIN).await;
+    };
+    let served = tokio::select! {
+        served = serving => served,
+        () = drain_deadline => {
+            tracing::warn!("connections still open {} s after the stop signal; closing them", SHUTDOWN_DRAIN.as_secs());
+            Ok(())
+        }
+    };
+    hangups.abort();
+    served.or_fail(Failure::Other)?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// How long requests in flight get to finish after SIGTERM/SIGINT.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `piivault serve`.
+async fn serve(config_path: &Path, secret: &SecretArgs) -> Result<(), CliError> {
+    let (config, root) = load_and_unseal(config_path, secret)?;
+    init_logging("info", config.server.log_format);
+    run_server(&config, &root, None, |addr| say(&format!("piivault: listening on {addr}"))).await
+}
+
+/// Dev mode's passphrase file: the one place a passphrase is ever stored.
+const DEV_PASSPHRASE_FILE: &str = "dev-passphrase";
+
+/// The callers dev mode creates, with their grants.
+const DEV_POLICY: &str = "\
+# Development policy written by `piivault dev`. Anything not granted is denied.
+[callers.writer]
+tokenize = [\"*\"]
+delete = [\"*\"]
+
+[callers.reader]
+detokenize = [\"*\"]
+
+[callers.support]
+detokenize_masked = [\"*\"]
+
+[callers.admin]
+admin = true
+
+[callers.auditor]
+audit = true
+";
+
+/// `piivault dev`.
+async fn dev(data_dir: &Path, listen: Option<std::net::SocketAddr>) -> Result<(), CliError> {
+    init_logging("info", LogFormat::Text);
+    let passphrase_path = data_dir.join(DEV_PASSPHRASE_FILE);
+    let config_path = data_dir.join(CONFIG_FILE);
+    if !config_path.exists() {
+        let mut bytes = zeroize::Zeroizing::new([0u8; 24]);
+        crate::crypto::fill_random(bytes.as_mut_slice()).or_fail(Failure::Other)?;
+        let passphrase = zeroize::Zeroizing::new(hex::encode(bytes.as_slice()));
+        let secret = SecretArgs { passphrase_file: Some(passphrase_path.clone()) };
+        datadir::create_private_dir(data_dir)
+            .with_context(|| format!("cannot create {}", data_dir.display()))
+            .or_fail(Failure::Other)?;
+        datadir::write_private_file(&passphrase_path, passphrase.as_bytes())
+            .context("cannot write the dev passphrase")
+            .or_fail(Failure::Other)?;
+        init(data_dir, &RootKeySource::Passphrase, &secret, false).await?;
+        let config = Config::load(&config_path).or_fail(Failure::Config)?;
+        let ca = Ca::load(data_dir).or_fail(Failure::Other)?;
+        for name in ["writer", "reader", "support", "admin", "auditor"] {
+            let caller: CallerId = name.parse().or_fail(Failure::Other)?;
+            ca.issue(&caller, &config.server.trust_domain, 365, &data_dir.join("clients").join(name))
+                .or_fail(Failure::Other)?;
+        }
+        let policy = &config.server.policy;
+        std::fs::remove_file(policy).or_fail(Failure::Other)?;
+        datadir::write_private_file(policy, DEV_POLICY.as_bytes()).or_fail(Failure::Other)?;
+    } else if !passphrase_path.exists() {
+        return Err(anyhow!(
+            "{} holds a vault that `piivault dev` did not create (no {DEV_PASSPHRASE_FILE}); use `piivault serve`",
+            data_dir.display()
+        ))
+        .or_fail(Failure::Config);
+    }
+    tracing::warn!(
+        "DEVELOPMENT MODE: the passphrase is stored in clear in {}. Never put real personal data in this vault.",
+        passphrase_path.display()
+    );
+    let secret = SecretArgs { passphrase_file: Some(passphrase_path) };
+    let (config, root) = load_and_unseal(&config_path, &secret)?;
+    let exe = std::env::current_exe().map_or_else(|_| "piivault".to_owned(), |p| p.display().to_string());
+    let dir = data_dir.display().to_string();
+    run_server(&config, &root, listen, |addr| {
+        let addr_flag = if addr == config.server.listen { String::new() } else { format!(" --addr {addr}") };
+        say(&format!("piivault: listening on {addr}"));
+        say(&format!(
+            "\npiivault dev is serving {dir} on {addr} (DEVELOPMENT ONLY; Ctrl-C stops it).\n\
+             Try, from another shell:\n\
+             \n  {exe} tokenize --data-dir {dir} --as writer{addr_flag} --collection card 4111111111111111\n\
+             \n  {exe} detokenize --data-dir {dir} --as reader{addr_flag} --collection card <token from above>\n\
+             \n  {exe} detokenize --data-dir {dir} --as support{addr_flag} --collection card <token>   # masked\n\
+             \nCallers and their certificates: {dir}/clients/{{writer,reader,support,admin,auditor}}; vault CA: {dir}/pki/ca.pem\n"
+        ));
+    })
+    .await
+}
+
+/// `piivault certs …`.
+fn certs(command: CertsCommand) -> Result<(), CliError> {
+    let load_config = |dir: &Path| Config::load(&dir.join(CONFIG_FILE)).or_fail(Failure::Config);
+    match command {
+        CertsCommand::Init { data_dir, server_names } => {
+            let config = load_config(&data_dir)?;
+            let names = if server_names.is_empty() { config.server.server_names.clone() } else { server_names };
+            Ca::init(&data_dir, &config.server.trust_domain, &names).or_fail(Failure::Other)?;
+            say(&format!("vault CA ready; server certificate issued for {}", names.join(", ")));
+        }
+        CertsCommand::Issue { data_dir, name, days, out } => {
+            let config = load_config(&data_dir)?;
+            let caller: CallerId = name.parse().or_fail(Failure::Usage)?;
+            let ca = Ca::load(&data_dir).or_fail(Failure::Config)?;
+            let out = out.unwrap_or_else(|| data_dir.join("clients").join(caller.as_str()));
+            let issued = ca.issue(&caller, &config.server.trust_domain, days, &out).map_err(|e| CliError {
+                failure: if matches!(e, pki::PkiError::Invalid(_)) { Failure::Usage } else { Failure::Other },
+                error: e.into(),
+            })?;
+            say(&format!(
+                "issued {} for {} (serial {}, valid until {}) in {}",
+                out.join("cert.pem").display(),
+                caller.spiffe_id(&config.server.trust_domain),
+                issued.serial,
+                pki::format_time(issued.not_after),
+                out.display()
+            ));
+        }
+        CertsCommand::Revoke { data_dir, selector } => {
+            let ca = Ca::load(&data_dir).or_fail(Failure::Config)?;
+            let revoked = ca.revoke(&selector).map_err(|e| CliError {
+                failure: if matches!(e, pki::PkiError::NotFound(_)) { Failure::Usage } else { Failure::Other },
+                error: e.into(),
+            })?;
+            for cert in revoked {
+                say(&format!("revoked {} (serial {})", cert.name, cert.serial));
+            }
+            say("pki/crl.pem updated; send SIGHUP to a running server to apply it");
+        }
+        CertsCommand::List { data_dir, json } => {
+            let ca = Ca::load(&data_dir).or_fail(Failure::Config)?;
+            let list = ca.list().or_fail(Failure::Other)?;
+            if json {
+                say(&serde_json::to_string_pretty(&list).or_fail(Failure::Other)?);
+            } else {
+                say(&format!("{:<24} {:<32} {:<20} {}", "NAME", "SERIAL", "NOT AFTER", "STATUS"));
+                for cert in list {
+                    let status = cert
+                        .revoked_at
+                        .map_or_else(|| "valid".to_owned(), |t| format!("revoked {}", pki::format_time(t)));
+                    say(&format!(
+                        "{:<24} {:<32} {:<20} {status}",
+                        cert.name,
+                        cert.serial,
+                        pki::format_time(cert.not_after)
+                    ));
+                }
+            }
+        }
+    }
     Ok(())
 }

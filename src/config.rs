@@ -131,6 +131,37 @@ impl Default for StoreSettings {
     }
 }
 
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The network service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Address to listen on.
+    pub listen: std::net::SocketAddr,
+    /// SPIFFE trust domain of callers: identities are
+    /// `spiffe://<trust_domain>/<name>`.
+    pub trust_domain: String,
+    /// Names (DNS or IP) the server certificate is issued for.
+    pub server_names: Vec<String>,
+    /// The grants file.
+    pub policy: PathBuf,
+    /// The PKI directory (`ca.pem`, `server.pem`, `server.key`, `crl.pem`).
+    pub pki_dir: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Largest gRPC message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+    /// How long a TLS handshake may take.
+    pub handshake_timeout: std::time::Duration,
+}
+
 /// One collection's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CollectionConfig {
@@ -154,6 +185,8 @@ pub struct Config {
     pub limits: Limits,
     /// Store tuning.
     pub store: StoreSettings,
+    /// The network service.
+    pub server: ServerSettings,
     /// Declared collections.
     pub collections: BTreeMap<CollectionName, CollectionConfig>,
 }
@@ -170,7 +203,69 @@ struct RawConfig {
     #[serde(default)]
     store: RawStore,
     #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
     collections: BTreeMap<String, RawCollection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    trust_domain: Option<String>,
+    server_names: Option<Vec<String>>,
+    policy: Option<PathBuf>,
+    pki_dir: Option<PathBuf>,
+    log_format: Option<String>,
+    max_message_bytes: Option<i64>,
+    handshake_timeout_ms: Option<i64>,
+}
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+/// Default SPIFFE trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "piivault.local";
+
+fn check_trust_domain(domain: &str) -> Result<String, ConfigError> {
+    let ok = (1..=255).contains(&domain.len())
+        && domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(domain.to_owned())
+    } else {
+        Err(invalid("server.trust_domain", "must be 1 to 255 characters of a-z, 0-9, '.', '-' and '_'"))
+    }
+}
+
+fn parse_server(raw: RawServer, data_dir: &Path) -> Result<ServerSettings, ConfigError> {
+    let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let listen = listen_text.parse().map_err(|_| {
+        invalid("server.listen", format!("{listen_text:?} is not an address:port such as {DEFAULT_LISTEN}"))
+    })?;
+    let server_names = raw.server_names.unwrap_or_else(|| vec!["localhost".to_owned(), "127.0.0.1".to_owned()]);
+    if server_names.is_empty() || server_names.iter().any(String::is_empty) {
+        return Err(invalid("server.server_names", "list at least one non-empty DNS name or IP address"));
+    }
+    let log_format = match raw.log_format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            return Err(invalid(
+                "server.log_format",
+                format!("unknown format {other:?}; expected \"text\" or \"json\""),
+            ));
+        }
+    };
+    let handshake_ms = bounded("server.handshake_timeout_ms", raw.handshake_timeout_ms, 10_000, 100, 120_000)?;
+    Ok(ServerSettings {
+        listen,
+        trust_domain: check_trust_domain(raw.trust_domain.as_deref().unwrap_or(DEFAULT_TRUST_DOMAIN))?,
+        server_names,
+        policy: data_dir.join(raw.policy.unwrap_or_else(|| PathBuf::from("policy.toml"))),
+        pki_dir: data_dir.join(raw.pki_dir.unwrap_or_else(|| PathBuf::from("pki"))),
+        log_format,
+        max_message_bytes: bounded("server.max_message_bytes", raw.max_message_bytes, 8 << 20, 1024, 64 << 20)?,
+        handshake_timeout: std::time::Duration::from_millis(u64::try_from(handshake_ms).unwrap_or(10_000)),
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -263,6 +358,8 @@ impl Config {
             max_group_commit: bounded("store.max_group_commit", raw.store.max_group_commit, 256, 1, 10_000)?,
         };
 
+        let server = parse_server(raw.server, data_dir)?;
+
         let mut collections = BTreeMap::new();
         let mut prefixes = BTreeMap::new();
         for (name, settings) in raw.collections {
@@ -294,6 +391,7 @@ impl Config {
             root_key,
             limits,
             store,
+            server,
             collections,
         })
     }
@@ -327,6 +425,17 @@ impl Config {
              [store]\n\
              read_connections = 4\n\
              max_group_commit = 256\n\
+             \n\
+             [server]\n\
+             listen = \"{DEFAULT_LISTEN}\"\n\
+             # Callers are spiffe://<trust_domain>/<name>, from their client certificate.\n\
+             trust_domain = \"{DEFAULT_TRUST_DOMAIN}\"\n\
+             server_names = [\"localhost\", \"127.0.0.1\"]\n\
+             policy = \"policy.toml\"\n\
+             pki_dir = \"pki\"\n\
+             log_format = \"text\"          # or \"json\"\n\
+             max_message_bytes = 8388608\n\
+             handshake_timeout_ms = 10000\n\
              \n\
              # Tokens look like <prefix>_<22 random characters>.\n\
              [collections.card]\n\
@@ -379,6 +488,14 @@ mod tests {
         assert_eq!(config.database, Path::new("/data/vault.db"));
         assert_eq!(config.sealed_root, Path::new("/data/root.sealed"));
         assert_eq!(config.root_key, RootKeySource::Passphrase);
+        assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.server.trust_domain, DEFAULT_TRUST_DOMAIN);
+        assert_eq!(config.server.policy, Path::new("/data/policy.toml"));
+        assert_eq!(config.server.pki_dir, Path::new("/data/pki"));
+        assert_eq!(config.server.log_format, LogFormat::Text);
+        assert_eq!(config.server.max_message_bytes, 8 << 20);
+        assert_eq!(config.server.handshake_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(config.server.server_names, ["localhost", "127.0.0.1"]);
 
         let raw = parse(&Config::sample(&RootKeySource::RawKeyEnv("KEY".into()))).unwrap();
         assert_eq!(raw.root_key, RootKeySource::RawKeyEnv("KEY".into()));
@@ -422,6 +539,12 @@ mod tests {
             err("[root_key]\nprovider = \"raw\"\n[collections.a]\n"),
             "root_key: provider = \"raw\" needs exactly one of key_file or key_env"
         );
+        assert_eq!(
+            err("[server]\nlisten = \"localhost\"\n[collections.a]\n"),
+            "server.listen: \"localhost\" is not an address:port such as 127.0.0.1:7443"
+        );
+        assert!(err("[server]\ntrust_domain = \"Bad Domain\"\n[collections.a]\n").starts_with("server.trust_domain: "));
+        assert!(err("[server]\nlog_format = \"xml\"\n[collections.a]\n").starts_with("server.log_format: "));
         let unknown = err("[collections.a]\ncolour = 1\n");
         assert!(unknown.contains("unknown field `colour`"), "{unknown}");
         assert!(!unknown.contains('\n'));

@@ -138,6 +138,11 @@ impl Vault {
         }
     }
 
+    /// Whether `name` is a collection this vault serves.
+    pub fn has_collection(&self, name: &str) -> bool {
+        self.inner.collections.contains_key(name)
+    }
+
     /// Names of the collections this vault serves, sorted.
     pub fn collection_names(&self) -> Vec<String> {
         let mut names: Vec<_> = self.inner.collections.keys().cloned().collect();
@@ -262,6 +267,16 @@ impl Vault {
         }
     }
 
+    /// [`Vault::detokenize`], with each value masked by [`mask`].
+    pub async fn detokenize_masked(
+        &self,
+        collection: &str,
+        tokens: Vec<String>,
+    ) -> Result<Vec<ItemResult<PiiValue>>, VaultError> {
+        let values = self.detokenize(collection, tokens).await?;
+        Ok(values.into_iter().map(|r| r.map(|v| mask(&v))).collect())
+    }
+
     /// Deletes the records behind tokens: `Ok(())` for each live token
     /// deleted, [`ItemError::NotFound`] otherwise. A deleted token is never
     /// issued again.
@@ -292,6 +307,34 @@ impl Vault {
         out.sort();
         Ok(out)
     }
+}
+
+/// How many trailing letters and digits a masked value keeps.
+const MASK_KEEP_LAST: usize = 4;
+/// A value with fewer letters and digits than this is masked entirely.
+const MASK_MIN_ALNUM: usize = 8;
+
+/// The default mask: every letter and digit becomes `*` except the last
+/// four; separators stay where they are (`4111 1111 1111 1111` →
+/// `**** **** **** 1111`, `078-05-1120` → `***-**-1120`). A value with
+/// fewer than eight letters and digits is masked entirely.
+pub fn mask(value: &PiiValue) -> PiiValue {
+    let text = value.expose_secret();
+    let alnum = text.chars().filter(|c| c.is_alphanumeric()).count();
+    let keep_from = if alnum >= MASK_MIN_ALNUM { alnum - MASK_KEEP_LAST } else { alnum };
+    let mut seen = 0;
+    let masked: String = text
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() {
+                seen += 1;
+                if seen > keep_from { c } else { '*' }
+            } else {
+                c
+            }
+        })
+        .collect();
+    PiiValue::new(masked)
 }
 
 /// Parses each token for `coll`; returns, per input, the parsed token (or

@@ -67,9 +67,14 @@ fn init_creates_a_private_data_directory() {
     let mut names: Vec<String> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
-    assert_eq!(names, ["config.toml", "root.sealed", "vault.db"]);
-    for name in &names {
-        assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+    assert_eq!(names, ["config.toml", "pki", "policy.toml", "root.sealed", "vault.db"]);
+    assert_eq!(mode(&dir.join("pki")), 0o700);
+    let mut pki: Vec<String> =
+        std::fs::read_dir(dir.join("pki")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    pki.sort();
+    assert_eq!(pki, ["ca.key", "ca.pem", "crl.pem", "issued.toml", "server.key", "server.pem"]);
+    for (path, _) in common::all_files(&dir) {
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
     }
     let sealed = std::fs::read(dir.join("root.sealed")).unwrap();
     assert_eq!(&sealed[..6], b"PVRK\x01\x01");

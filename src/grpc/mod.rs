@@ -1,0 +1,138 @@
+//! The network edge: gRPC over mutual TLS.
+//!
+//! Thin by design: decode, authenticate (the caller is the URI SAN of the
+//! verified client certificate, nothing else), authorize through the policy,
+//! call the transport-free [`Vault`](crate::Vault), and map errors to gRPC
+//! statuses in exactly one place ([`status_of`]). It knows nothing about
+//! keys or SQL, and it never logs a value.
+
+pub mod proto;
+pub mod server;
+mod tokenizer;
+
+pub use tokenizer::TokenizerService;
+
+use tonic::{Code, Status};
+
+use crate::error::{ItemError, ItemErrorCode, VaultError};
+
+/// The answer to both an unknown collection and an ungranted one, so that a
+/// caller cannot tell which collections exist.
+pub const DENIED: &str = "permission denied for this collection";
+
+/// Why a request was refused before reaching the vault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EdgeError {
+    /// No usable identity (see the message).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Authenticated, but not granted this action on this collection (or the
+    /// collection does not exist).
+    #[error("{DENIED}")]
+    Denied,
+    /// A malformed request.
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+/// The single mapping from everything the edge and the core can fail with
+/// to a gRPC status. Messages are fixed text; causes go to the server log.
+pub fn status_of(error: &Failure) -> Status {
+    match error {
+        Failure::Edge(EdgeError::Unauthenticated(message)) => Status::unauthenticated(message.clone()),
+        Failure::Edge(EdgeError::Denied) | Failure::Vault(VaultError::UnknownCollection) => {
+            Status::permission_denied(DENIED)
+        }
+        Failure::Edge(EdgeError::InvalidArgument(message)) => Status::invalid_argument(message.clone()),
+        Failure::Vault(VaultError::EmptyRequest) => Status::invalid_argument("the request has no items"),
+        Failure::Vault(e @ VaultError::TooManyItems { .. }) => Status::resource_exhausted(e.to_string()),
+        Failure::Vault(VaultError::Store(e)) if e.is_unavailable() => {
+            Status::unavailable("the vault's store is unavailable; retry later")
+        }
+        Failure::Vault(_) => Status::internal("internal error; the cause is in the server log"),
+    }
+}
+
+/// Everything a request can fail with, before or inside the vault.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// Refused at the edge.
+    #[error(transparent)]
+    Edge(#[from] EdgeError),
+    /// Failed in the core.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+}
+
+impl From<Failure> for Status {
+    fn from(failure: Failure) -> Self {
+        status_of(&failure)
+    }
+}
+
+/// The gRPC code of a status, as a log-friendly string.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A per-item error as it goes on the wire.
+pub fn item_error(error: &ItemError) -> proto::ItemError {
+    let code = match error.code() {
+        ItemErrorCode::NotFound => proto::ItemErrorCode::NotFound,
+        ItemErrorCode::InvalidValue => proto::ItemErrorCode::InvalidValue,
+        ItemErrorCode::Unreadable => proto::ItemErrorCode::Unreadable,
+        ItemErrorCode::TokenSpaceExhausted => proto::ItemErrorCode::TokenSpaceExhausted,
+    };
+    proto::ItemError { code: code.into(), message: error.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn unknown_and_ungranted_collections_look_the_same() {
+        let unknown = status_of(&Failure::Vault(VaultError::UnknownCollection));
+        let denied = status_of(&Failure::Edge(EdgeError::Denied));
+        assert_eq!((unknown.code(), unknown.message()), (denied.code(), denied.message()));
+        assert_eq!(unknown.code(), Code::PermissionDenied);
+    }
+
+    #[test]
+    fn each_failure_has_its_code() {
+        let cases = [
+            (Failure::Vault(VaultError::EmptyRequest), Code::InvalidArgument),
+            (Failure::Vault(VaultError::TooManyItems { got: 2, max: 1 }), Code::ResourceExhausted),
+            (Failure::Vault(VaultError::Store(StoreError::Full)), Code::Unavailable),
+            (Failure::Vault(VaultError::Store(StoreError::Closed)), Code::Unavailable),
+            (Failure::Vault(VaultError::Store(StoreError::NotAVault)), Code::Internal),
+            (Failure::Edge(EdgeError::Unauthenticated("x".into())), Code::Unauthenticated),
+            (Failure::Edge(EdgeError::InvalidArgument("x".into())), Code::InvalidArgument),
+        ];
+        for (failure, code) in cases {
+            assert_eq!(status_of(&failure).code(), code, "{failure:?}");
+        }
+        let status = status_of(&Failure::Vault(VaultError::TooManyItems { got: 1001, max: 1000 }));
+        assert_eq!(status.message(), "the request has 1001 items; the limit is 1000");
+    }
+}

@@ -1,0 +1,286 @@
+//! Serving: the TCP listener, TLS handshakes, per-connection identity,
+//! live reload of policy and CRL, health, reflection and graceful shutdown.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use super::proto::tokenizer_server::TokenizerServer;
+use super::{EdgeError, TokenizerService};
+use crate::config::{CollectionName, Config};
+use crate::policy::{Action, CallerId, Policy, PolicyError};
+use crate::tls::{PeerCert, ServerTls, TlsError};
+use crate::vault::Vault;
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The policy file is invalid.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The TLS material is missing or invalid.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(String),
+}
+
+/// What the server knows about a connection: where it comes from and the
+/// client certificate it was verified with.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The verified client certificate.
+    pub cert: Arc<PeerCert>,
+}
+
+/// The state that a reload (SIGHUP) replaces: policy and TLS material.
+pub struct Live {
+    trust_domain: String,
+    policy_path: std::path::PathBuf,
+    pki_dir: std::path::PathBuf,
+    collections: std::collections::BTreeSet<CollectionName>,
+    policy: RwLock<Arc<Policy>>,
+    tls: RwLock<Arc<ServerTls>>,
+}
+
+impl Live {
+    /// Loads policy and TLS material named by `config`.
+    pub fn load(config: &Config) -> Result<Self, ServeError> {
+        let collections = config.collections.keys().cloned().collect();
+        let policy = Policy::load(&config.server.policy, &collections)?;
+        let tls = ServerTls::load(&config.server.pki_dir)?;
+        Ok(Self {
+            trust_domain: config.server.trust_domain.clone(),
+            policy_path: config.server.policy.clone(),
+            pki_dir: config.server.pki_dir.clone(),
+            collections,
+            policy: RwLock::new(Arc::new(policy)),
+            tls: RwLock::new(Arc::new(tls)),
+        })
+    }
+
+    /// Re-reads the policy and the TLS material (CRL, server certificate).
+    /// A part that fails to load keeps its previous version, and the error
+    /// is logged and returned; the other part is still replaced.
+    pub fn reload(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        match Policy::load(&self.policy_path, &self.collections) {
+            Ok(policy) => {
+                *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
+                tracing::info!(path = %self.policy_path.display(), "policy reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy reload failed; keeping the previous policy");
+                problems.push(e.to_string());
+            }
+        }
+        match ServerTls::load(&self.pki_dir) {
+            Ok(tls) => {
+                let revoked = tls.revoked.len();
+                *self.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(tls);
+                tracing::info!(revoked, "TLS material and CRL reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates and CRL");
+                problems.push(e.to_string());
+            }
+        }
+        if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
+    }
+
+    fn tls(&self) -> Arc<ServerTls> {
+        self.tls.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Who is calling: the caller named by the connection's verified client
+    /// certificate, provided that certificate has not been revoked since.
+    pub fn authenticate(&self, conn: Option<&ConnInfo>) -> Result<CallerId, EdgeError> {
+        let conn = conn.ok_or_else(|| EdgeError::Unauthenticated("no client certificate".into()))?;
+        let caller = conn.cert.identity.clone().map_err(|e| EdgeError::Unauthenticated(e.to_string()))?;
+        if self.tls().revoked.contains(&conn.cert.serial) {
+            return Err(EdgeError::Unauthenticated("the client certificate has been revoked".into()));
+        }
+        Ok(caller)
+    }
+
+    /// The one authorization decision: the first of `actions` the policy
+    /// grants `caller` on `collection`.
+    pub fn authorize(&self, caller: &CallerId, actions: &[Action], collection: &str) -> Result<Action, EdgeError> {
+        let policy = self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        actions.iter().copied().find(|action| policy.allows(caller, *action, Some(collection))).ok_or(EdgeError::Denied)
+    }
+}
+
+/// A TLS connection whose client certificate has been verified, carrying
+/// what was learned from it into every request's extensions.
+struct AuthenticatedStream {
+    inner: TlsStream<TcpStream>,
+    info: ConnInfo,
+}
+
+impl Connected for AuthenticatedStream {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for AuthenticatedStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AuthenticatedStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections, runs each TLS handshake (bounded in time) on
+/// its own task, and hands verified connections to the gRPC server.
+fn accept_loop(
+    listener: TcpListener,
+    live: Arc<Live>,
+    handshake_timeout: std::time::Duration,
+) -> ReceiverStream<Result<AuthenticatedStream, io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = TlsAcceptor::from(live.tls().config.clone());
+            let tx = tx.clone();
+            let trust_domain = live.trust_domain.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let Some(der) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+                            tracing::warn!(%peer, "TLS handshake completed without a client certificate; dropped");
+                            return;
+                        };
+                        let cert = PeerCert::inspect(der.as_ref(), &trust_domain);
+                        if let Err(problem) = &cert.identity {
+                            tracing::warn!(
+                                %peer, fingerprint = %cert.fingerprint, reason = %problem,
+                                "client certificate names no caller; its requests will be refused"
+                            );
+                        }
+                        let info = ConnInfo { peer, cert: Arc::new(cert) };
+                        let _ = tx.send(Ok(AuthenticatedStream { inner: stream, info })).await;
+                    }
+                    Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Rewrites tonic's answer to an oversized message (`OUT_OF_RANGE`, "decoded
+/// message length too large") into `RESOURCE_EXHAUSTED` with a clear message.
+fn oversized_message_status<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let oversized = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            // grpc-message is percent-encoded on the wire.
+            .is_some_and(|m| m.contains("length%20too%20large") || m.contains("length too large"));
+    if oversized {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("the message is larger than the server's max_message_bytes"),
+        );
+    }
+    response
+}
+
+/// Binds the listen address. Separate from [`serve`] so that a caller can
+/// learn the bound port (`127.0.0.1:0`) before serving.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Serves `vault` on `listener` until `shutdown` completes, then stops
+/// accepting, lets requests in flight finish, and returns.
+pub async fn serve(
+    config: &Config,
+    vault: Vault,
+    live: Arc<Live>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let max = config.server.max_message_bytes;
+    let tokenizer = TokenizerServer::new(TokenizerService::new(vault, live.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<TokenizerServer<TokenizerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(super::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Transport(e.to_string()))?;
+    let incoming = accept_loop(listener, live, config.server.handshake_timeout);
+    tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(oversized_message_status))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(tokenizer)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| ServeError::Transport(e.to_string()))
+}

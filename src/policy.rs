@@ -1,0 +1,415 @@
+//! Who may do what: callers, actions and the policy that grants them.
+//!
+//! The policy is the one place where access is decided. Anything it does not
+//! grant is denied: an unknown caller, an action not listed, a collection not
+//! listed or not configured. An unknown collection and an ungranted one get
+//! the same answer, so a caller cannot probe which collections exist.
+//!
+//! `policy.toml`:
+//!
+//! ```toml
+//! [callers.writer]                 # spiffe://<trust-domain>/writer
+//! tokenize = ["*"]                 # every configured collection
+//! delete = ["card", "ssn"]
+//!
+//! [callers.support]
+//! detokenize_masked = ["card"]
+//!
+//! [callers.ops]
+//! admin = true
+//! audit = true
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::CollectionName;
+
+/// What a caller asks to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    /// Swap values for tokens.
+    Tokenize,
+    /// Read values back in clear.
+    Detokenize,
+    /// Read values back masked.
+    DetokenizeMasked,
+    /// Delete stored values.
+    Delete,
+    /// Key management and policy reload (global).
+    Admin,
+    /// Read the audit trail (global).
+    Audit,
+}
+
+impl Action {
+    /// Every action, for exhaustive tests and listings.
+    pub const ALL: [Self; 6] =
+        [Self::Tokenize, Self::Detokenize, Self::DetokenizeMasked, Self::Delete, Self::Admin, Self::Audit];
+
+    /// The name used in `policy.toml` and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tokenize => "tokenize",
+            Self::Detokenize => "detokenize",
+            Self::DetokenizeMasked => "detokenize_masked",
+            Self::Delete => "delete",
+            Self::Admin => "admin",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a certificate does not name a caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// No URI SAN at all.
+    #[error("the client certificate has no URI SAN")]
+    NoUri,
+    /// More than one URI SAN: ambiguous.
+    #[error("the client certificate has more than one URI SAN")]
+    SeveralUris,
+    /// A URI that is not `spiffe://<trust-domain>/<name>` of this vault.
+    #[error("the client certificate's URI SAN is not in trust domain {0}")]
+    ForeignTrustDomain(String),
+    /// The certificate could not be parsed.
+    #[error("the client certificate cannot be parsed")]
+    Unparsable,
+}
+
+/// An authenticated caller: the name part of `spiffe://<trust-domain>/<name>`,
+/// taken from the verified client certificate and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallerId(String);
+
+impl CallerId {
+    /// Parses the URI SANs of a verified certificate for `trust_domain`.
+    /// Exactly one URI SAN is accepted, and it must be
+    /// `spiffe://<trust_domain>/<name>`.
+    pub fn from_uri_sans(uris: &[&str], trust_domain: &str) -> Result<Self, IdentityError> {
+        let uri = match uris {
+            [] => return Err(IdentityError::NoUri),
+            [uri] => *uri,
+            _ => return Err(IdentityError::SeveralUris),
+        };
+        let foreign = || IdentityError::ForeignTrustDomain(trust_domain.to_owned());
+        let rest = uri.strip_prefix("spiffe://").ok_or_else(foreign)?;
+        let (domain, name) = rest.split_once('/').ok_or_else(foreign)?;
+        if domain != trust_domain {
+            return Err(foreign());
+        }
+        name.parse().map_err(|_| foreign())
+    }
+
+    /// The caller's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The full SPIFFE ID in `trust_domain`.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!("spiffe://{trust_domain}/{}", self.0)
+    }
+}
+
+impl fmt::Display for CallerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A string that is not a caller name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a caller name is 1 to 128 characters of a-z, A-Z, 0-9, '.', '-', '_' and '/' (no empty segments)")]
+pub struct BadCallerName;
+
+impl FromStr for CallerId {
+    type Err = BadCallerName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = (1..=128).contains(&s.len())
+            && s.split('/').all(|segment| {
+                !segment.is_empty()
+                    && segment != "."
+                    && segment != ".."
+                    && segment.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            });
+        if ok { Ok(Self(s.to_owned())) } else { Err(BadCallerName) }
+    }
+}
+
+/// Which collections an action is granted on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scope {
+    /// Every configured collection.
+    All,
+    /// These collections.
+    Some(BTreeSet<CollectionName>),
+}
+
+/// One caller's grants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Grants {
+    collections: BTreeMap<Action, Scope>,
+    admin: bool,
+    audit: bool,
+}
+
+/// The checked policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    callers: BTreeMap<CallerId, Grants>,
+}
+
+/// Errors loading a policy. Each names the line at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, an unknown action, or a caller listed twice.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's explanation, with the line.
+        message: String,
+    },
+    /// A value outside what piivault accepts.
+    #[error("{path}: line {line}: {problem}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    callers: BTreeMap<Spanned<String>, RawGrants>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGrants {
+    tokenize: Option<Vec<Spanned<String>>>,
+    detokenize: Option<Vec<Spanned<String>>>,
+    detokenize_masked: Option<Vec<Spanned<String>>>,
+    delete: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    admin: bool,
+    #[serde(default)]
+    audit: bool,
+}
+
+impl Policy {
+    /// Reads and checks a policy file against the configured collections.
+    pub fn load(path: &Path, collections: &BTreeSet<CollectionName>) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| PolicyError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text, &path.display().to_string(), collections)
+    }
+
+    /// Checks policy text; `path` only labels errors.
+    pub fn parse(text: &str, path: &str, collections: &BTreeSet<CollectionName>) -> Result<Self, PolicyError> {
+        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+        let invalid = |offset: usize, problem: String| PolicyError::Invalid {
+            path: path.to_owned(),
+            line: line_of(offset),
+            problem,
+        };
+        let raw: RawPolicy = toml::from_str(text).map_err(|e| PolicyError::Parse {
+            path: path.to_owned(),
+            message: e.span().map_or_else(
+                || e.message().to_owned(),
+                |span| format!("line {}: {}", line_of(span.start), e.message()),
+            ),
+        })?;
+        let mut callers = BTreeMap::new();
+        for (name, raw_grants) in raw.callers {
+            let caller: CallerId =
+                name.get_ref().parse().map_err(|e: BadCallerName| invalid(name.span().start, e.to_string()))?;
+            let mut grants = Grants { admin: raw_grants.admin, audit: raw_grants.audit, ..Grants::default() };
+            for (action, list) in [
+                (Action::Tokenize, raw_grants.tokenize),
+                (Action::Detokenize, raw_grants.detokenize),
+                (Action::DetokenizeMasked, raw_grants.detokenize_masked),
+                (Action::Delete, raw_grants.delete),
+            ] {
+                let Some(list) = list else { continue };
+                let mut scope = BTreeSet::new();
+                let mut all = false;
+                for entry in list {
+                    if entry.get_ref() == "*" {
+                        all = true;
+                        continue;
+                    }
+                    let collection =
+                        entry.get_ref().parse::<CollectionName>().ok().filter(|c| collections.contains(c)).ok_or_else(
+                            || {
+                                invalid(
+                                    entry.span().start,
+                                    format!("caller {caller}: {action} names unknown collection {:?}", entry.get_ref()),
+                                )
+                            },
+                        )?;
+                    scope.insert(collection);
+                }
+                grants.collections.insert(action, if all { Scope::All } else { Scope::Some(scope) });
+            }
+            callers.insert(caller, grants);
+        }
+        Ok(Self { callers })
+    }
+
+    /// Whether `caller` may perform `action` on `collection` (ignored for the
+    /// global actions). Default deny.
+    pub fn allows(&self, caller: &CallerId, action: Action, collection: Option<&str>) -> bool {
+        let Some(grants) = self.callers.get(caller) else { return false };
+        match action {
+            Action::Admin => grants.admin,
+            Action::Audit => grants.audit,
+            _ => match (grants.collections.get(&action), collection) {
+                (Some(Scope::All), Some(_)) => true,
+                (Some(Scope::Some(set)), Some(name)) => set.iter().any(|c| c.as_str() == name),
+                _ => false,
+            },
+        }
+    }
+
+    /// The callers the policy names.
+    pub fn callers(&self) -> impl Iterator<Item = &CallerId> {
+        self.callers.keys()
+    }
+}
+
+/// The `policy.toml` written by `piivault init`: nobody is granted anything.
+pub const EMPTY_POLICY: &str = "\
+# piivault policy: which caller may do what. Anything not granted is denied.
+# A caller is the name in its certificate's URI SAN, spiffe://<trust-domain>/<name>.
+# Actions on collections: tokenize, detokenize, detokenize_masked, delete
+# (a list of collection names, or \"*\" for all). Global: admin, audit (true/false).
+# After an edit, reload with `kill -HUP <pid of piivault serve>`.
+#
+# [callers.payments-api]
+# tokenize = [\"card\"]
+#
+# [callers.shipping]
+# detokenize = [\"name\", \"phone\"]
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collections() -> BTreeSet<CollectionName> {
+        ["card", "ssn", "email"].iter().map(|c| c.parse().unwrap()).collect()
+    }
+
+    fn parse(text: &str) -> Result<Policy, PolicyError> {
+        Policy::parse(text, "policy.toml", &collections())
+    }
+
+    fn caller(name: &str) -> CallerId {
+        name.parse().unwrap()
+    }
+
+    #[test]
+    fn grants_are_exactly_what_is_written() {
+        let policy = parse(
+            "[callers.writer]\ntokenize = [\"*\"]\ndelete = [\"card\"]\n\
+             [callers.\"team/reader\"]\ndetokenize = [\"ssn\"]\n[callers.ops]\nadmin = true\n",
+        )
+        .unwrap();
+        let writer = caller("writer");
+        assert!(policy.allows(&writer, Action::Tokenize, Some("card")));
+        assert!(policy.allows(&writer, Action::Tokenize, Some("email")));
+        assert!(policy.allows(&writer, Action::Delete, Some("card")));
+        assert!(!policy.allows(&writer, Action::Delete, Some("ssn")));
+        assert!(!policy.allows(&writer, Action::Detokenize, Some("card")));
+        assert!(!policy.allows(&writer, Action::Admin, None));
+        let reader = caller("team/reader");
+        assert!(policy.allows(&reader, Action::Detokenize, Some("ssn")));
+        assert!(!policy.allows(&reader, Action::Detokenize, Some("card")));
+        assert!(!policy.allows(&reader, Action::DetokenizeMasked, Some("ssn")));
+        assert!(policy.allows(&caller("ops"), Action::Admin, None));
+        assert!(!policy.allows(&caller("ops"), Action::Audit, None));
+        assert!(!policy.allows(&caller("ops"), Action::Tokenize, Some("card")));
+        for action in Action::ALL {
+            assert!(!policy.allows(&caller("stranger"), action, Some("card")));
+        }
+        // A collection-scoped action without a collection is never granted.
+        assert!(!policy.allows(&writer, Action::Tokenize, None));
+    }
+
+    #[test]
+    fn the_empty_policy_denies_everything() {
+        let policy = parse(EMPTY_POLICY).unwrap();
+        assert_eq!(policy.callers().count(), 0);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let err = parse("[callers.a]\ntokenize = [\"card\"]\nread = [\"card\"]\n").unwrap_err().to_string();
+        assert!(err.starts_with("policy.toml: line 3: unknown field `read`"), "{err}");
+        let err = parse("[callers.a]\ntokenize = [\"card\"]\n\n[callers.a]\n").unwrap_err().to_string();
+        assert!(err.starts_with("policy.toml: line 4:"), "{err}");
+        assert!(err.contains("duplicate"), "{err}");
+        let err = parse("[callers.a]\ntokenize = [\n  \"card\",\n  \"iban\",\n]\n").unwrap_err().to_string();
+        assert_eq!(err, "policy.toml: line 4: caller a: tokenize names unknown collection \"iban\"");
+        let err = parse("[callers.\"a b\"]\n").unwrap_err().to_string();
+        assert!(err.starts_with("policy.toml: line 1: a caller name is"), "{err}");
+        let err = parse("[callers.a]\nadmin = \"yes\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("policy.toml: line 2:"), "{err}");
+    }
+
+    #[test]
+    fn identities_come_only_from_one_spiffe_uri_in_the_trust_domain() {
+        let td = "vault.test";
+        assert_eq!(CallerId::from_uri_sans(&["spiffe://vault.test/writer"], td), Ok(caller("writer")));
+        assert_eq!(CallerId::from_uri_sans(&["spiffe://vault.test/ns/a/sa/b"], td), Ok(caller("ns/a/sa/b")));
+        assert_eq!(CallerId::from_uri_sans(&[], td), Err(IdentityError::NoUri));
+        assert_eq!(
+            CallerId::from_uri_sans(&["spiffe://vault.test/a", "spiffe://vault.test/b"], td),
+            Err(IdentityError::SeveralUris)
+        );
+        for foreign in [
+            "spiffe://other.test/writer",
+            "spiffe://vault.test",
+            "spiffe://vault.test/",
+            "spiffe://vault.test/a//b",
+            "spiffe://vault.test/../admin",
+            "https://vault.test/writer",
+            "spiffe://vault.test.evil/writer",
+        ] {
+            assert_eq!(
+                CallerId::from_uri_sans(&[foreign], td),
+                Err(IdentityError::ForeignTrustDomain(td.into())),
+                "{foreign}"
+            );
+        }
+        assert_eq!(caller("writer").spiffe_id(td), "spiffe://vault.test/writer");
+    }
+}

@@ -1,0 +1,172 @@
+//! TLS for the network boundary: the server's rustls configuration, the
+//! inspection of a verified client certificate, and the client side used by
+//! the command-line client.
+//!
+//! The server speaks TLS 1.2 and 1.3 with AEAD suites and ephemeral key
+//! exchange only (the *ring* provider's suites are exactly those), and
+//! requires a client certificate that chains to the vault CA, is within its
+//! validity period, carries the clientAuth extended key usage and is not on
+//! the CRL. Anything else fails the handshake. This module holds private
+//! keys only in zeroizing buffers and never logs them.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use sha2::{Digest as _, Sha256};
+use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+use zeroize::Zeroizing;
+
+use crate::pki;
+use crate::policy::{CallerId, IdentityError};
+
+/// Errors building a TLS configuration. Never contains key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A PEM file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A PEM file holds nothing usable.
+    #[error("{0}: no usable PEM content")]
+    Pem(String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// The *ring* provider, restricted to AEAD suites with ephemeral key
+/// exchange (which, for *ring*, is all of its suites; listed explicitly so
+/// that a future default cannot widen them).
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(provider)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
+}
+
+/// Every PEM section of type `T` in `path`; none at all is an error.
+fn pem_all<T: PemObject>(path: &Path) -> Result<Vec<T>, TlsError> {
+    let bytes = read(path)?;
+    let items: Vec<T> = T::pem_slice_iter(&bytes).filter_map(Result::ok).collect();
+    if items.is_empty() {
+        return Err(TlsError::Pem(path.display().to_string()));
+    }
+    Ok(items)
+}
+
+/// The revoked serial numbers (lowercase hex) listed in a CRL file.
+pub fn revoked_serials(path: &Path) -> Result<HashSet<String>, TlsError> {
+    let mut serials = HashSet::new();
+    for crl in pem_all::<CertificateRevocationListDer<'static>>(path)? {
+        let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
+            .map_err(|_| TlsError::Pem(path.display().to_string()))?;
+        serials.extend(parsed.iter_revoked_certificates().map(|r| hex::encode(r.raw_serial())));
+    }
+    Ok(serials)
+}
+
+/// What the server needs to accept connections, loaded from the PKI
+/// directory; rebuilt on reload.
+pub struct ServerTls {
+    /// The rustls configuration.
+    pub config: Arc<ServerConfig>,
+    /// Serials on the CRL, checked again on every request so that a reload
+    /// also cuts off connections opened before the revocation.
+    pub revoked: HashSet<String>,
+}
+
+impl ServerTls {
+    /// Loads `ca.pem`, `server.pem`, `server.key` and `crl.pem` from
+    /// `pki_dir`.
+    pub fn load(pki_dir: &Path) -> Result<Self, TlsError> {
+        let provider = crypto_provider();
+        let mut roots = RootCertStore::empty();
+        for ca in pem_all::<CertificateDer<'static>>(&pki_dir.join(pki::CA_CERT))? {
+            roots.add(ca).map_err(|e| TlsError::Config(e.to_string()))?;
+        }
+        let crl_path = pki_dir.join(pki::CRL);
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .with_crls(pem_all(&crl_path)?)
+            .only_check_end_entity_revocation()
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let key_path = pki_dir.join(pki::SERVER_KEY);
+        let key_pem = Zeroizing::new(read(&key_path)?);
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::Pem(key_path.display().to_string()))?;
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(pem_all(&pki_dir.join(pki::SERVER_CERT))?, key)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.ignore_client_order = true;
+        Ok(Self { config: Arc::new(config), revoked: revoked_serials(&crl_path)? })
+    }
+}
+
+/// What the server learned from a verified client certificate.
+#[derive(Debug, Clone)]
+pub struct PeerCert {
+    /// The caller, or why the certificate names none.
+    pub identity: Result<CallerId, IdentityError>,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// SHA-256 of the certificate (DER), lowercase hex.
+    pub fingerprint: String,
+}
+
+impl PeerCert {
+    /// Inspects the end-entity certificate (DER) of a verified peer.
+    pub fn inspect(der: &[u8], trust_domain: &str) -> Self {
+        let fingerprint = hex::encode(Sha256::digest(der));
+        let Ok((_, cert)) = X509Certificate::from_der(der) else {
+            return Self { identity: Err(IdentityError::Unparsable), serial: String::new(), fingerprint };
+        };
+        let serial = hex::encode(cert.raw_serial());
+        let identity = match cert.subject_alternative_name() {
+            Ok(Some(sans)) => {
+                let uris: Vec<&str> = sans
+                    .value
+                    .general_names
+                    .iter()
+                    .filter_map(|name| if let GeneralName::URI(uri) = name { Some(*uri) } else { None })
+                    .collect();
+                CallerId::from_uri_sans(&uris, trust_domain)
+            }
+            Ok(None) => Err(IdentityError::NoUri),
+            Err(_) => Err(IdentityError::Unparsable),
+        };
+        Self { identity, serial, fingerprint }
+    }
+}
+
+/// Client-side TLS for talking to a vault: trusts only `ca_pem`, presents
+/// `cert_pem` with `key_pem`.
+pub fn client_tls(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> tonic::transport::ClientTlsConfig {
+    tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem))
+}

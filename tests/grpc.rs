@@ -1,0 +1,631 @@
+//! The gRPC service end to end: the real `piivault` binary, real mutual
+//! TLS with certificates from the project's own PKI, a real tonic client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use common::server::{DevServer, tls};
+use piivault::grpc::proto::{
+    self, DeleteRequest, DetokenizeRequest, ItemErrorCode, TokenizeRequest, delete_result, detokenize_result,
+    tokenize_result,
+};
+use piivault::pki::{Ca, CertSpec};
+use piivault::policy::CallerId;
+use time::{Duration, OffsetDateTime};
+use tonic::Code;
+use tonic::transport::Channel;
+
+type Client = proto::tokenizer_client::TokenizerClient<Channel>;
+
+async fn tokenize(
+    client: &mut Client,
+    collection: &str,
+    values: &[&str],
+) -> Result<Vec<tokenize_result::Outcome>, tonic::Status> {
+    let request =
+        TokenizeRequest { collection: collection.into(), values: values.iter().map(|v| (*v).to_owned()).collect() };
+    Ok(client.tokenize(request).await?.into_inner().results.into_iter().map(|r| r.outcome.unwrap()).collect())
+}
+
+async fn tokens(client: &mut Client, collection: &str, values: &[&str]) -> Vec<String> {
+    tokenize(client, collection, values)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| match o {
+            tokenize_result::Outcome::Token(t) => t,
+            tokenize_result::Outcome::Error(e) => panic!("tokenize item failed: {e:?}"),
+        })
+        .collect()
+}
+
+/// (value or error code, masked) per item.
+async fn detokenize(
+    client: &mut Client,
+    collection: &str,
+    tokens: &[String],
+) -> Result<Vec<(Result<String, i32>, bool)>, tonic::Status> {
+    let request = DetokenizeRequest { collection: collection.into(), tokens: tokens.to_vec() };
+    Ok(client
+        .detokenize(request)
+        .await?
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| match r.outcome.unwrap() {
+            detokenize_result::Outcome::Value(v) => (Ok(v), r.masked),
+            detokenize_result::Outcome::Error(e) => (Err(e.code), r.masked),
+        })
+        .collect())
+}
+
+async fn delete(
+    client: &mut Client,
+    collection: &str,
+    tokens: &[String],
+) -> Result<Vec<Result<bool, i32>>, tonic::Status> {
+    let request = DeleteRequest { collection: collection.into(), tokens: tokens.to_vec() };
+    Ok(client
+        .delete(request)
+        .await?
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| match r.outcome.unwrap() {
+            delete_result::Outcome::Deleted(d) => Ok(d),
+            delete_result::Outcome::Error(e) => Err(e.code),
+        })
+        .collect())
+}
+
+const NOT_FOUND: i32 = ItemErrorCode::NotFound as i32;
+
+#[tokio::test]
+async fn every_sample_collection_round_trips_over_mtls() {
+    let server = DevServer::start();
+    let mut writer = server.client("writer").await;
+    let mut reader = server.client("reader").await;
+    let samples: [(&str, &[&str]); 5] = [
+        ("card", &["4111 1111 1111 1111", "5500-0000-0000-0004"]),
+        ("ssn", &["078-05-1120"]),
+        ("email", &["zoë.ångström@exämple.org", "jane@example.org"]),
+        ("phone", &["+81 3-1234-5678"]),
+        ("name", &["李小龍", "محمد", "Zoë 🙂"]),
+    ];
+    let mut all_values = Vec::new();
+    for (collection, values) in samples {
+        let tokens = tokens(&mut writer, collection, values).await;
+        assert_eq!(tokens.len(), values.len());
+        assert!(tokens.iter().all(|t| t.starts_with(&format!("{collection}_"))));
+        let back = detokenize(&mut reader, collection, &tokens).await.unwrap();
+        let expected: Vec<_> = values.iter().map(|v| (Ok((*v).to_owned()), false)).collect();
+        assert_eq!(back, expected, "{collection}");
+        all_values.extend_from_slice(values);
+    }
+    let output = server.output();
+    assert!(output.contains("method=\"Tokenize\""), "{output}");
+    for value in all_values {
+        assert!(!output.contains(value), "the server printed a value");
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rpc {
+    Tokenize,
+    Detokenize,
+    Delete,
+}
+
+/// What one cell of the grant matrix answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Ok { masked: bool },
+    Denied,
+}
+
+const OK: Answer = Answer::Ok { masked: false };
+const MASKED: Answer = Answer::Ok { masked: true };
+const DENIED: Answer = Answer::Denied;
+
+async fn call(client: &mut Client, rpc: Rpc, collection: &str, token: &str) -> Answer {
+    let status = match rpc {
+        Rpc::Tokenize => tokenize(client, collection, &["matrix value"]).await.map(|r| {
+            assert!(matches!(r[0], tokenize_result::Outcome::Token(_)));
+            Answer::Ok { masked: false }
+        }),
+        Rpc::Detokenize => {
+            detokenize(client, collection, &[token.to_owned()]).await.map(|r| Answer::Ok { masked: r[0].1 })
+        }
+        Rpc::Delete => delete(client, collection, &["card_AAAAAAAAAAAAAAAAAAAAAA".to_owned()]).await.map(|r| {
+            assert_eq!(r, vec![Err(NOT_FOUND)]);
+            Answer::Ok { masked: false }
+        }),
+    };
+    match status {
+        Ok(answer) => answer,
+        Err(status) => {
+            assert_eq!(status.code(), Code::PermissionDenied, "{rpc:?} on {collection}: {status:?}");
+            assert_eq!(status.message(), piivault::grpc::DENIED);
+            Answer::Denied
+        }
+    }
+}
+
+/// Every dev caller (and one with a certificate but no grants) × every RPC
+/// × a granted, an ungranted and an unknown collection.
+#[tokio::test]
+async fn the_whole_grant_matrix() {
+    let server = DevServer::start();
+    // A narrower caller so that "known but not granted" is a real case.
+    let policy = server.dir.join("policy.toml");
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str("\n[callers.cardonly]\ntokenize = [\"card\"]\ndetokenize = [\"card\"]\ndelete = [\"card\"]\n");
+    std::fs::write(&policy, text).unwrap();
+    server.reload();
+    let ca = server.ca();
+    for name in ["cardonly", "stranger"] {
+        ca.issue(&name.parse().unwrap(), "piivault.local", 1, &server.dir.join("clients").join(name)).unwrap();
+    }
+    let mut writer = server.client("writer").await;
+    let card_token = tokens(&mut writer, "card", &["4111111111111111"]).await.remove(0);
+    let ssn_token = tokens(&mut writer, "ssn", &["078-05-1120"]).await.remove(0);
+
+    #[rustfmt::skip]
+    let expected: &[(&str, Rpc, Answer, Answer)] = &[
+        // caller,   rpc,             "card",  "ssn"
+        ("writer",   Rpc::Tokenize,   OK,      OK),
+        ("writer",   Rpc::Detokenize, DENIED,  DENIED),
+        ("writer",   Rpc::Delete,     OK,      OK),
+        ("reader",   Rpc::Tokenize,   DENIED,  DENIED),
+        ("reader",   Rpc::Detokenize, OK,      OK),
+        ("reader",   Rpc::Delete,     DENIED,  DENIED),
+        ("support",  Rpc::Tokenize,   DENIED,  DENIED),
+        ("support",  Rpc::Detokenize, MASKED,  MASKED),
+        ("support",  Rpc::Delete,     DENIED,  DENIED),
+        ("admin",    Rpc::Tokenize,   DENIED,  DENIED),
+        ("admin",    Rpc::Detokenize, DENIED,  DENIED),
+        ("admin",    Rpc::Delete,     DENIED,  DENIED),
+        ("auditor",  Rpc::Tokenize,   DENIED,  DENIED),
+        ("auditor",  Rpc::Detokenize, DENIED,  DENIED),
+        ("auditor",  Rpc::Delete,     DENIED,  DENIED),
+        ("cardonly", Rpc::Tokenize,   OK,      DENIED),
+        ("cardonly", Rpc::Detokenize, OK,      DENIED),
+        ("cardonly", Rpc::Delete,     OK,      DENIED),
+        ("stranger", Rpc::Tokenize,   DENIED,  DENIED),
+        ("stranger", Rpc::Detokenize, DENIED,  DENIED),
+        ("stranger", Rpc::Delete,     DENIED,  DENIED),
+    ];
+    let mut cells = 0;
+    for (caller, rpc, on_card, on_ssn) in expected {
+        let mut client = server.client(caller).await;
+        assert_eq!(call(&mut client, *rpc, "card", &card_token).await, *on_card, "{caller} {rpc:?} card");
+        assert_eq!(call(&mut client, *rpc, "ssn", &ssn_token).await, *on_ssn, "{caller} {rpc:?} ssn");
+        // An unknown collection answers exactly like an ungranted one.
+        assert_eq!(call(&mut client, *rpc, "no_such_collection", &card_token).await, DENIED, "{caller} {rpc:?}");
+        cells += 3;
+    }
+    assert_eq!(cells, 63);
+    // The values the reader and support saw were the real and masked ones.
+    let mut reader = server.client("reader").await;
+    assert_eq!(
+        detokenize(&mut reader, "card", std::slice::from_ref(&card_token)).await.unwrap()[0].0,
+        Ok("4111111111111111".into())
+    );
+    let mut support = server.client("support").await;
+    assert_eq!(detokenize(&mut support, "card", &[card_token]).await.unwrap()[0].0, Ok("************1111".into()));
+    // Denials are logged with the authenticated caller.
+    let output = server.output();
+    assert!(output.contains("caller=\"stranger\" method=\"Tokenize\""), "{output}");
+    assert!(output.contains("outcome=\"PERMISSION_DENIED\""));
+}
+
+fn spec(name: &str) -> CertSpec {
+    CertSpec::client(&name.parse::<CallerId>().unwrap(), "piivault.local", 1)
+}
+
+/// A refused handshake: the call fails at the transport level (never with
+/// an answer from the service), and the server logs the refusal with
+/// `reason`.
+async fn assert_handshake_refused(server: &DevServer, tls: tonic::transport::ClientTlsConfig, reason: &str) {
+    let before = server.output().matches(reason).count();
+    if let Ok(mut client) = server.connect(tls).await {
+        let status = tokenize(&mut client, "card", &["never stored"]).await.expect_err(reason);
+        assert!(
+            matches!(status.code(), Code::Unknown | Code::Unavailable | Code::Cancelled),
+            "{reason}: the service answered {status:?}"
+        );
+    }
+    for _ in 0..200 {
+        if server.output().matches(reason).count() > before {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the server did not log a refused handshake with {reason:?}:\n{}", server.output());
+}
+
+#[tokio::test]
+async fn handshakes_without_a_valid_client_certificate_are_refused() {
+    let server = DevServer::start();
+    let before = server.record_count();
+    let now = OffsetDateTime::now_utc();
+    let mut cases = 0;
+
+    // No client certificate at all.
+    let no_cert = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(server.ca_pem()));
+    assert_handshake_refused(&server, no_cert, "TLS handshake refused peer=127.0.0.1:").await;
+    assert_handshake_refused(
+        &server,
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(server.ca_pem())),
+        "peer sent no certificates",
+    )
+    .await;
+    cases += 1;
+
+    // A certificate from another CA, with a perfectly good identity.
+    let other = tempfile::tempdir().unwrap();
+    let foreign_ca = Ca::init(other.path(), "elsewhere.example", &["localhost".into()]).unwrap();
+    let foreign = foreign_ca.sign(&spec("writer")).unwrap();
+    assert_handshake_refused(&server, server.tls_signed(&foreign), "invalid peer certificate: UnknownIssuer").await;
+    cases += 1;
+
+    // Expired, and not yet valid.
+    let mut expired = spec("writer");
+    expired.not_before = now - Duration::days(10);
+    expired.not_after = now - Duration::days(1);
+    assert_handshake_refused(&server, server.tls_signed(&server.sign(&expired)), "certificate expired").await;
+    let mut future = spec("writer");
+    future.not_before = now + Duration::days(1);
+    future.not_after = now + Duration::days(10);
+    assert_handshake_refused(&server, server.tls_signed(&server.sign(&future)), "certificate not valid yet").await;
+    cases += 2;
+
+    // serverAuth only: not a client certificate.
+    let mut server_only = spec("writer");
+    server_only.client_auth = false;
+    server_only.server_auth = true;
+    assert_handshake_refused(
+        &server,
+        server.tls_signed(&server.sign(&server_only)),
+        "does not allow extended key usage for client authentication",
+    )
+    .await;
+    cases += 1;
+
+    // Revoked: works before `certs revoke` + reload, refused after, both on
+    // a new connection and on the connection opened before.
+    let ca = server.ca();
+    let out = server.dir.join("clients/revokee");
+    ca.issue(&"writer".parse().unwrap(), "piivault.local", 1, &out).unwrap();
+    let revokee_tls = tls(
+        &server.ca_pem(),
+        &std::fs::read(out.join("cert.pem")).unwrap(),
+        &std::fs::read(out.join("key.pem")).unwrap(),
+    );
+    let mut open_before = server.connect(revokee_tls.clone()).await.unwrap();
+    assert_eq!(tokens(&mut open_before, "card", &["before revocation"]).await.len(), 1);
+    let revoke = std::process::Command::new(common::server::BIN)
+        .args(["certs", "revoke", "--data-dir", server.dir.to_str().unwrap()])
+        .arg(
+            std::fs::read_to_string(server.dir.join("pki/issued.toml"))
+                .unwrap()
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("serial = \"").map(|s| s.trim_end_matches('"').to_owned()))
+                .unwrap(),
+        )
+        .output()
+        .unwrap();
+    assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
+    server.reload();
+    assert_handshake_refused(&server, revokee_tls, "invalid peer certificate: Revoked").await;
+    let status = tokenize(&mut open_before, "card", &["after revocation"]).await.unwrap_err();
+    assert_eq!((status.code(), status.message()), (Code::Unauthenticated, "the client certificate has been revoked"));
+    cases += 1;
+
+    assert_eq!(cases, 6);
+    assert_eq!(server.record_count(), before + 1, "only the pre-revocation value was stored");
+    // The dev writer is unaffected by all this.
+    let mut writer = server.client("writer").await;
+    assert_eq!(tokens(&mut writer, "card", &["still fine"]).await.len(), 1);
+}
+
+#[tokio::test]
+async fn certificates_without_exactly_one_identity_in_the_trust_domain_are_unauthenticated() {
+    let server = DevServer::start();
+    let before = server.record_count();
+    let mut no_uri = spec("writer");
+    no_uri.uris.clear();
+    let mut two = spec("writer");
+    two.uris.push("spiffe://piivault.local/reader".into());
+    let mut foreign_domain = spec("writer");
+    foreign_domain.uris = vec!["spiffe://other.domain/writer".into()];
+    let mut not_spiffe = spec("writer");
+    not_spiffe.uris = vec!["https://piivault.local/writer".into()];
+    let cases = [
+        (no_uri, "the client certificate has no URI SAN"),
+        (two, "the client certificate has more than one URI SAN"),
+        (foreign_domain, "the client certificate's URI SAN is not in trust domain piivault.local"),
+        (not_spiffe, "the client certificate's URI SAN is not in trust domain piivault.local"),
+    ];
+    for (spec, message) in &cases {
+        let mut client = server.connect(server.tls_signed(&server.sign(spec))).await.unwrap();
+        let status = tokenize(&mut client, "card", &["refused"]).await.unwrap_err();
+        assert_eq!((status.code(), status.message()), (Code::Unauthenticated, *message));
+        let status = detokenize(&mut client, "card", &["card_AAAAAAAAAAAAAAAAAAAAAA".into()]).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+    assert_eq!(server.record_count(), before);
+}
+
+#[tokio::test]
+async fn metadata_claiming_another_identity_changes_nothing() {
+    let server = DevServer::start();
+    let mut writer = server.client("writer").await;
+    let token = tokens(&mut writer, "card", &["4111111111111111"]).await.remove(0);
+    let mut request = tonic::Request::new(DetokenizeRequest { collection: "card".into(), tokens: vec![token.clone()] });
+    for (key, value) in [
+        ("x-spiffe-id", "spiffe://piivault.local/reader"),
+        ("x-forwarded-client-cert", "URI=spiffe://piivault.local/reader"),
+        ("authorization", "Bearer reader"),
+        ("x-piivault-caller", "reader"),
+    ] {
+        request.metadata_mut().insert(key, value.parse().unwrap());
+    }
+    let status = writer.detokenize(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let output = server.output();
+    assert!(output.contains("caller=\"writer\" method=\"Detokenize\""), "{output}");
+    assert!(!output.contains("caller=\"reader\""));
+}
+
+#[tokio::test]
+async fn bad_items_fail_alone_and_bad_requests_change_nothing() {
+    let server = DevServer::start();
+    let mut writer = server.client("writer").await;
+    let mut reader = server.client("reader").await;
+    let card = tokens(&mut writer, "card", &["4000056655665556"]).await.remove(0);
+    let ssn = tokens(&mut writer, "ssn", &["078-05-1120"]).await.remove(0);
+    let unknown = "card_AAAAAAAAAAAAAAAAAAAAAA".to_owned();
+    let back = detokenize(&mut reader, "card", &[card.clone(), unknown, ssn.clone(), "garbage".into()]).await.unwrap();
+    assert_eq!(
+        back,
+        vec![
+            (Ok("4000056655665556".into()), false),
+            (Err(NOT_FOUND), false),
+            (Err(NOT_FOUND), false),
+            (Err(NOT_FOUND), false)
+        ]
+    );
+    let before = server.record_count();
+
+    // Oversized batch: one item over the limit.
+    let many: Vec<&str> = vec!["v"; 1001];
+    let status = tokenize(&mut writer, "card", &many).await.unwrap_err();
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::ResourceExhausted, "the request has 1001 items; the limit is 1000")
+    );
+    // Empty batch.
+    for status in [
+        tokenize(&mut writer, "card", &[]).await.unwrap_err(),
+        detokenize(&mut reader, "card", &[]).await.unwrap_err(),
+        delete(&mut writer, "card", &[]).await.unwrap_err(),
+    ] {
+        assert_eq!((status.code(), status.message()), (Code::InvalidArgument, "the request has no items"));
+    }
+    // Oversized and empty values fail alone.
+    let big = "9".repeat(4097);
+    let result = tokenize(&mut writer, "card", &["ok value", &big, ""]).await.unwrap();
+    assert!(matches!(result[0], tokenize_result::Outcome::Token(_)));
+    for (outcome, message) in result[1..].iter().zip(["the value is longer than 4096 bytes", "the value is empty"]) {
+        let tokenize_result::Outcome::Error(e) = outcome else { panic!("expected an item error") };
+        assert_eq!((e.code, e.message.as_str()), (ItemErrorCode::InvalidValue as i32, message));
+    }
+    // A message over max_message_bytes (8 MiB): 2,100 values of 4 KiB.
+    let chunk = "8".repeat(4096);
+    let huge: Vec<&str> = vec![chunk.as_str(); 2100];
+    let status = tokenize(&mut writer, "card", &huge).await.unwrap_err();
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::ResourceExhausted, "the message is larger than the server's max_message_bytes")
+    );
+    assert_eq!(server.record_count(), before + 1, "only the one valid value was stored");
+    assert_eq!(detokenize(&mut reader, "card", &[card]).await.unwrap()[0].0, Ok("4000056655665556".into()));
+    let output = server.output();
+    assert!(!output.contains(&big[..64]));
+    assert!(!output.contains("4000056655665556"));
+}
+
+#[tokio::test]
+async fn delete_then_detokenize_is_not_found_and_health_reports_serving() {
+    let server = DevServer::start();
+    let mut writer = server.client("writer").await;
+    let mut reader = server.client("reader").await;
+    let t = tokens(&mut writer, "email", &["gone@example.org", "kept@example.org"]).await;
+    assert_eq!(delete(&mut writer, "email", &t[..1]).await.unwrap(), vec![Ok(true)]);
+    assert_eq!(delete(&mut writer, "email", &t[..1]).await.unwrap(), vec![Err(NOT_FOUND)]);
+    let back = detokenize(&mut reader, "email", &t).await.unwrap();
+    assert_eq!(back, vec![(Err(NOT_FOUND), false), (Ok("kept@example.org".into()), false)]);
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.addr))
+        .unwrap()
+        .tls_config(server.tls_for("auditor"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let answer = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "piivault.v1.Tokenizer".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+}
+
+#[tokio::test]
+async fn a_bad_policy_on_reload_keeps_the_old_one() {
+    let server = DevServer::start();
+    let policy = server.dir.join("policy.toml");
+    let good = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(&policy, format!("{good}\n[callers.writer]\ntokenize = [\"card\"]\n")).unwrap();
+    server.reload();
+    let output = server.output();
+    assert!(output.contains("policy reload failed; keeping the previous policy"), "{output}");
+    let mut writer = server.client("writer").await;
+    assert_eq!(tokens(&mut writer, "ssn", &["078-05-1120"]).await.len(), 1);
+    // A good edit applies without a restart: the reader loses detokenize.
+    std::fs::write(
+        &policy,
+        good.replace("[callers.reader]\ndetokenize = [\"*\"]", "[callers.reader]\ndetokenize = [\"card\"]"),
+    )
+    .unwrap();
+    server.reload();
+    let mut reader = server.client("reader").await;
+    let token = tokens(&mut writer, "ssn", &["219-09-9999"]).await;
+    assert_eq!(detokenize(&mut reader, "ssn", &token).await.unwrap_err().code(), Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_gracefully_and_keeps_every_acknowledged_value() {
+    let server = DevServer::start();
+    let mut writer = server.client("writer").await;
+    let t = tokens(&mut writer, "name", &["Ada Lovelace", "Grace Hopper"]).await;
+    let dir = server.dir.clone();
+    let pid = server.pid();
+    let (status, _keep) = tokio::task::spawn_blocking(move || server.stop()).await.unwrap();
+    assert!(status.success(), "exit status {status:?} (pid {pid})");
+    assert!(!dir.join("vault.db-wal").exists() || std::fs::metadata(dir.join("vault.db-wal")).unwrap().len() == 0);
+    assert_eq!(common::server::record_count(&dir.join("vault.db")), 2);
+    // A restart serves the same values.
+    let check = std::process::Command::new(common::server::BIN)
+        .args(["check", "--config", dir.join("config.toml").to_str().unwrap(), "--passphrase-file"])
+        .arg(dir.join("dev-passphrase"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("name=2"));
+    assert_eq!(t.len(), 2);
+}
+
+fn cli(server: &DevServer, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write as _;
+    let addr = server.addr.to_string();
+    let mut cmd = std::process::Command::new(common::server::BIN);
+    cmd.args(args).args(["--addr", &addr]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    cmd.env_remove("PIIVAULT_ADDR")
+        .env_remove("PIIVAULT_CACERT")
+        .env_remove("PIIVAULT_CLIENT_CERT")
+        .env_remove("PIIVAULT_CLIENT_KEY");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() });
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn stdout_lines(out: &std::process::Output) -> Vec<String> {
+    String::from_utf8(out.stdout.clone()).unwrap().lines().map(String::from).collect()
+}
+
+/// `piivault dev`, then the command-line client as `writer` and `reader`,
+/// each a separate process.
+#[test]
+fn the_cli_client_against_piivault_dev() {
+    let server = DevServer::start();
+    let dir = server.dir.to_str().unwrap();
+    let out = cli(
+        &server,
+        &[
+            "tokenize",
+            "--data-dir",
+            dir,
+            "--as",
+            "writer",
+            "--collection",
+            "card",
+            "4000 0566 5566 5556",
+            "5105105105105100",
+        ],
+        &[],
+        None,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tokens = stdout_lines(&out);
+    assert_eq!(tokens.len(), 2);
+    assert!(tokens.iter().all(|t| t.starts_with("card_")));
+
+    // Tokens on stdin, one per line, plus an unknown one: exit 1, every item printed.
+    let input = format!("{}\ncard_AAAAAAAAAAAAAAAAAAAAAA\n{}\n", tokens[0], tokens[1]);
+    let out =
+        cli(&server, &["detokenize", "--data-dir", dir, "--as", "reader", "--collection", "card"], &[], Some(&input));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stdout_lines(&out), ["4000 0566 5566 5556", "error: NOT_FOUND: token not found", "5105105105105100"]);
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "piivault: 1 of 3 items failed");
+
+    // The environment variables, and JSON; support sees masked values.
+    let client = server.dir.join("clients/support");
+    let (ca, cert, key) = (server.dir.join("pki/ca.pem"), client.join("cert.pem"), client.join("key.pem"));
+    let env = [
+        ("PIIVAULT_CACERT", ca.to_str().unwrap()),
+        ("PIIVAULT_CLIENT_CERT", cert.to_str().unwrap()),
+        ("PIIVAULT_CLIENT_KEY", key.to_str().unwrap()),
+    ];
+    let out = cli(&server, &["detokenize", "--collection", "card", "--json", &tokens[0], &tokens[1]], &env, None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!([{"value": "**** **** **** 5556", "masked": true}, {"value": "************5100", "masked": true}])
+    );
+
+    // The reader may not tokenize: one clear line, exit 1.
+    let out = cli(&server, &["tokenize", "--data-dir", dir, "--as", "reader", "--collection", "card", "x"], &[], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "piivault: PERMISSION_DENIED: permission denied for this collection"
+    );
+
+    // A client that trusts another CA refuses the server.
+    let other = tempfile::tempdir().unwrap();
+    Ca::init(other.path(), "elsewhere.example", &["localhost".into()]).unwrap();
+    let wrong_ca = other.path().join("pki/ca.pem");
+    let out = cli(
+        &server,
+        &[
+            "tokenize",
+            "--data-dir",
+            dir,
+            "--as",
+            "writer",
+            "--ca",
+            wrong_ca.to_str().unwrap(),
+            "--collection",
+            "card",
+            "x",
+        ],
+        &[],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("piivault: cannot connect to 127.0.0.1:") && err.contains("UnknownIssuer"), "{err}");
+
+    // Missing credentials are bad usage.
+    let out = cli(&server, &["tokenize", "--collection", "card", "x"], &[], None);
+    assert_eq!(out.status.code(), Some(64));
+
+    let output = server.output();
+    for value in ["4000 0566 5566 5556", "5105105105105100"] {
+        assert!(!output.contains(value), "the server printed a value");
+    }
+}
