@@ -293,3 +293,126 @@ fn child_detokenizes_from_another_process() {
         }
     });
 }
+
+#[test]
+fn certs_issue_list_and_revoke() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(init(tmp.path()).status.success());
+    let dir = tmp.path().to_str().unwrap();
+    let out = piivault(&["certs", "issue", "--data-dir", dir, "--name", "payments-api", "--days", "30"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("for spiffe://piivault.local/payments-api (serial "), "{text}");
+    let client = tmp.path().join("clients/payments-api");
+    assert_eq!(mode(&client.join("key.pem")), 0o600);
+    assert_eq!(mode(&client), 0o700);
+    assert!(std::fs::read_to_string(client.join("cert.pem")).unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
+
+    let list = piivault(&["certs", "list", "--data-dir", dir, "--json"], &[]);
+    let listed: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["name"], "payments-api");
+    assert!(listed[0].get("revoked_at").is_none());
+    let serial = listed[0]["serial"].as_str().unwrap().to_owned();
+
+    let out = piivault(&["certs", "revoke", "--data-dir", dir, "payments-api"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with(&format!("revoked payments-api (serial {serial})")));
+    let table = stdout(&piivault(&["certs", "list", "--data-dir", dir], &[]));
+    let row = table.lines().nth(1).unwrap();
+    assert!(row.starts_with("payments-api") && row.contains(&serial) && row.contains("revoked 20"), "{table}");
+
+    let (code, err) = failure(&piivault(&["certs", "revoke", "--data-dir", dir, "payments-api"], &[]));
+    assert_eq!((code, err.contains("no unrevoked certificate matches payments-api")), (64, true), "{err}");
+    let (code, err) = failure(&piivault(&["certs", "issue", "--data-dir", dir, "--name", "bad name"], &[]));
+    assert_eq!(code, 64, "{err}");
+    let (code, _) = failure(&piivault(&["certs", "issue", "--data-dir", dir, "--name", "x", "--days", "0"], &[]));
+    assert_eq!(code, 64);
+    // Re-issuing the server certificate for another name keeps the CA.
+    let ca_before = std::fs::read(tmp.path().join("pki/ca.pem")).unwrap();
+    let out = piivault(
+        &["certs", "init", "--data-dir", dir, "--server-name", "vault.internal", "--server-name", "10.0.0.5"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(tmp.path().join("pki/ca.pem")).unwrap(), ca_before);
+}
+
+#[test]
+fn serve_refuses_a_bad_policy_or_a_wrong_passphrase_with_78() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(init(tmp.path()).status.success());
+    let config = tmp.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace("127.0.0.1:7443", "127.0.0.1:0");
+    std::fs::write(&config, text).unwrap();
+    std::fs::write(tmp.path().join("policy.toml"), "[callers.app]\ntokenize = [\"card\", \"passport\"]\n").unwrap();
+    let serve = |passphrase: &str| {
+        piivault(&["serve", "--config", config.to_str().unwrap()], &[("PIIVAULT_PASSPHRASE", passphrase)])
+    };
+    let (code, err) = failure(&serve(PASSPHRASE));
+    assert_eq!(code, 78);
+    assert!(err.contains("policy.toml: line 2: caller app: tokenize names unknown collection \"passport\""), "{err}");
+    let (code, err) = failure(&serve("wrong"));
+    assert_eq!(code, 78);
+    assert!(err.contains("cannot unseal the root key"), "{err}");
+}
+
+/// `log_format = "json"`: one JSON object per line, with the RPC fields.
+#[test]
+fn json_logs_carry_the_rpc_fields_and_no_values() {
+    use std::io::BufRead as _;
+
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(init(tmp.path()).status.success());
+    let config = tmp.path().join("config.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("127.0.0.1:7443", "127.0.0.1:0")
+        .replace("log_format = \"text\"", "log_format = \"json\"");
+    std::fs::write(&config, text).unwrap();
+    std::fs::write(tmp.path().join("policy.toml"), "[callers.app]\ntokenize = [\"*\"]\n").unwrap();
+    let ca = piivault::pki::Ca::load(tmp.path()).unwrap();
+    ca.issue(&"app".parse().unwrap(), "piivault.local", 1, &tmp.path().join("clients/app")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_piivault"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env("PIIVAULT_PASSPHRASE", PASSPHRASE)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = lines.next().unwrap().unwrap().strip_prefix("piivault: listening on ").unwrap().to_owned();
+    let value = "json-log-secret-4111";
+    let out = piivault(
+        &[
+            "tokenize",
+            "--addr",
+            &addr,
+            "--data-dir",
+            tmp.path().to_str().unwrap(),
+            "--as",
+            "app",
+            "--collection",
+            "card",
+            value,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    Command::new("kill").args(["-s", "TERM", &child.id().to_string()]).status().unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let logs = String::from_utf8(output.stderr).unwrap();
+    assert!(!logs.contains(value));
+    let rpc = logs
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .find(|l| l["message"] == "rpc")
+        .expect("an rpc log line");
+    assert_eq!(rpc["caller"], "app");
+    assert_eq!(rpc["method"], "Tokenize");
+    assert_eq!(rpc["collection"], "card");
+    assert_eq!(rpc["items"], 1);
+    assert_eq!(rpc["outcome"], "OK");
+    assert!(rpc["latency_ms"].as_f64().unwrap() >= 0.0);
+}

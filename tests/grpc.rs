@@ -629,3 +629,65 @@ fn the_cli_client_against_piivault_dev() {
         assert!(!output.contains(value), "the server printed a value");
     }
 }
+
+/// TLS 1.2 and 1.3 both negotiate an AEAD suite with ephemeral key exchange.
+#[tokio::test]
+async fn tls_12_and_13_negotiate_aead_suites() {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let server = DevServer::start();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(&server.ca_pem()).unwrap()).unwrap();
+    let client_dir = server.dir.join("clients/writer");
+    let cert = CertificateDer::from_pem_file(client_dir.join("cert.pem")).unwrap();
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let key = PrivateKeyDer::from_pem_file(client_dir.join("key.pem")).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(piivault::tls::crypto_provider())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(vec![cert.clone()], key)
+            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let stream = connector.connect(ServerName::try_from("127.0.0.1").unwrap(), tcp).await.unwrap();
+        let session = stream.get_ref().1;
+        assert_eq!(session.protocol_version(), Some(version.version));
+        let suite = format!("{:?}", session.negotiated_cipher_suite().unwrap().suite());
+        assert!(suite.contains("GCM") || suite.contains("CHACHA20_POLY1305"), "{suite}");
+        assert!(suite.starts_with("TLS13_") || suite.starts_with("TLS_ECDHE_"), "{suite}");
+    }
+}
+
+/// Server reflection lists the services, for grpcurl and friends.
+#[tokio::test]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = DevServer::start();
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.addr))
+        .unwrap()
+        .tls_config(server.tls_for("reader"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("{response:?}") };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(names, ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "piivault.v1.Tokenizer"]);
+}
