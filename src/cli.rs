@@ -407,20 +407,31 @@ async fn check(config_path: &Path, secret: &SecretArgs) -> Result<(), CliError> 
     Ok(())
 }
 
+/// The signals a server handles, registered before it announces that it is
+/// listening: a signal that arrives earlier would otherwise take its default
+/// action and kill the process.
+struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 /// Completes on SIGTERM or SIGINT.
-async fn termination() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let term = async {
-        match term.as_mut() {
-            Some(signal) => {
-                signal.recv().await;
-            }
-            None => std::future::pending::<()>().await,
-        }
-    };
+async fn termination(mut terminate: tokio::signal::unix::Signal, mut interrupt: tokio::signal::unix::Signal) {
     tokio::select! {
-        () = term => {},
-        _ = tokio::signal::ctrl_c() => {},
+        _ = terminate.recv() => {},
+        _ = interrupt.recv() => {},
     }
     tracing::info!("shutting down: no new connections; finishing requests in flight");
 }
@@ -440,21 +451,21 @@ async fn run_server(
     let live = std::sync::Arc::new(Live::load(config).or_fail(Failure::Config)?);
     let listener = grpc_server::bind(listen.unwrap_or(config.server.listen)).await.or_fail(Failure::Other)?;
     let addr = listener.local_addr().or_fail(Failure::Other)?;
+    let Signals { mut hangup, terminate, interrupt } = Signals::register().or_fail(Failure::Other)?;
     let reloader = live.clone();
     let hangups = tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
-        while hup.recv().await.is_some() {
+        while hangup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading policy and TLS material");
             let _ = reloader.reload();
         }
     });
-    tracing::info!(%addr, collections = %vault.collection_names().join(","), "serving");
-    on_ready(addr);
     let (stop, stopping) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        termination().await;
+        termination(terminate, interrupt).await;
         let _ = stop.send(true);
     });
+    tracing::info!(%addr, collections = %vault.collection_names().join(","), "serving");
+    on_ready(addr);
     let signalled = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };

@@ -190,7 +190,13 @@ fn accept_loop(
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            // Once the gRPC server stops taking connections (shutdown), stop
+            // accepting them: the listener closes with this task.
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tx.closed() => break,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
