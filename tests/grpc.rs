@@ -490,6 +490,25 @@ async fn a_bad_policy_on_reload_keeps_the_old_one() {
     assert_eq!(detokenize(&mut reader, "ssn", &token).await.unwrap_err().code(), Code::PermissionDenied);
 }
 
+/// Run again on an existing directory, `piivault dev` reuses it: same CA,
+/// same certificates, same data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_reuses_its_directory() {
+    let server = DevServer::start();
+    let dir = server.dir.clone();
+    let mut writer = server.client("writer").await;
+    let token = tokens(&mut writer, "phone", &["+1 202 555 0143"]).await;
+    let ca_before = server.ca_pem();
+    let (status, tmp) = tokio::task::spawn_blocking(move || server.stop()).await.unwrap();
+    assert!(status.success());
+
+    let again = DevServer::start_in(tmp, dir);
+    assert_eq!(again.ca_pem(), ca_before);
+    assert!(!again.output().contains("initialised a new vault"));
+    let mut reader = again.client("reader").await;
+    assert_eq!(detokenize(&mut reader, "phone", &token).await.unwrap(), vec![(Ok("+1 202 555 0143".into()), false)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_gracefully_and_keeps_every_acknowledged_value() {
     let server = DevServer::start();

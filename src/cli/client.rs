@@ -165,9 +165,11 @@ pub async fn run(op: Op, args: ItemsArgs) -> Result<(), CliError> {
     };
     let mut client = connect(&args.connect).await?;
     let collection = args.collection;
-    let status = |s: tonic::Status| CliError {
-        failure: Failure::Other,
-        error: anyhow!("{}: {}", code_name(s.code()), s.message()),
+    let status = |s: tonic::Status| {
+        // A transport failure (say, a TLS alert from the server) hides its
+        // reason in the source chain.
+        let cause = std::error::Error::source(&s).map(|e| format!(": {}", error_chain(e))).unwrap_or_default();
+        CliError { failure: Failure::Other, error: anyhow!("{}: {}{cause}", code_name(s.code()), s.message()) }
     };
     let lines: Vec<Line> = match op {
         Op::Tokenize => {

@@ -28,6 +28,11 @@ impl DevServer {
     pub fn start() -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("vault");
+        Self::start_in(tmp, dir)
+    }
+
+    /// `piivault dev` on `dir` inside `tmp` (which may already hold a dev vault).
+    pub fn start_in(tmp: TempDir, dir: PathBuf) -> Self {
         let mut child = Command::new(BIN)
             .args(["dev", "--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"])
             .env_remove("PIIVAULT_LOG")
