@@ -132,8 +132,8 @@ impl KeyState {
     }
 }
 
-/// A wrapped key as stored.
-#[derive(Debug, Clone)]
+/// A wrapped key as stored. No `Debug`: even wrapped key material stays out
+/// of log lines.
 pub struct StoredKey {
     /// Owning collection.
     pub collection: CollectionId,
