@@ -30,6 +30,8 @@ const WRAPPED_LEN: usize = 1 + NONCE_LEN + KEY_LEN + TAG_LEN;
 pub enum KeyPurpose {
     /// Encrypts records of a collection.
     Data,
+    /// Keys the audit trail's HMAC chain (global: bound to collection "").
+    Audit,
 }
 
 impl KeyPurpose {
@@ -37,6 +39,7 @@ impl KeyPurpose {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Data => "data",
+            Self::Audit => "audit",
         }
     }
 
@@ -44,6 +47,7 @@ impl KeyPurpose {
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "data" => Some(Self::Data),
+            "audit" => Some(Self::Audit),
             _ => None,
         }
     }
