@@ -12,7 +12,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use piivault::crypto::root::{self, RawKey, Unlock};
+use piivault::vault::Requester;
 use piivault::{Config, PiiValue, Vault};
+
+fn who() -> Requester {
+    Requester::named("bench")
+}
 
 const COLLECTION: &str = "card";
 
@@ -32,7 +37,7 @@ fn main() {
         for chunk in 0..100 {
             let values = (0..1000).map(|i| PiiValue::new(format!("4111{chunk:06}{i:06}"))).collect();
             tokens.extend(
-                vault.tokenize(COLLECTION, values).await.unwrap().into_iter().map(|t| t.unwrap().into_string()),
+                vault.tokenize(&who(), COLLECTION, values).await.unwrap().into_iter().map(|t| t.unwrap().into_string()),
             );
         }
         tokens
@@ -82,11 +87,11 @@ async fn run(
                 let started = Instant::now();
                 if op == "tokenize" {
                     let values = (0..batch).map(|i| PiiValue::new(format!("5500{n:08}{i:04}"))).collect();
-                    let out = vault.tokenize(COLLECTION, values).await.unwrap();
+                    let out = vault.tokenize(&who(), COLLECTION, values).await.unwrap();
                     assert!(out.iter().all(Result::is_ok));
                 } else {
                     let tokens = (0..batch as usize).map(|i| seeded[(n + i * 31) % seeded.len()].clone()).collect();
-                    let out = vault.detokenize(COLLECTION, tokens).await.unwrap();
+                    let out = vault.detokenize(&who(), COLLECTION, tokens).await.unwrap();
                     assert!(out.iter().all(Result::is_ok));
                 }
                 latencies.push(started.elapsed());

@@ -90,12 +90,42 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Check and read the audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Swap values for tokens (values as arguments, or one per line on stdin).
     Tokenize(client::ItemsArgs),
     /// Swap tokens back for values (tokens as arguments, or one per line on stdin).
     Detokenize(client::ItemsArgs),
     /// Delete the values behind tokens.
     Delete(client::ItemsArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify the whole HMAC chain offline; exits 1 naming the first bad
+    /// record. With `--expect-head SEQ:MAC` (from an earlier `audit head`,
+    /// kept elsewhere) a truncated trail is detected too.
+    Verify {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// A head recorded earlier: the trail must still contain it.
+        #[arg(long, value_name = "SEQ:MAC")]
+        expect_head: Option<String>,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Print the head of the trail (`SEQ MAC`) for anchoring elsewhere.
+    Head {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -276,6 +306,7 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Serve { config, secret } => serve(&config, &secret).await,
         Command::Dev { data_dir, listen } => dev(&data_dir, listen).await,
         Command::Certs { command } => certs(command),
+        Command::Audit { command } => audit(command).await,
         Command::Tokenize(args) => client::run(client::Op::Tokenize, args).await,
         Command::Detokenize(args) => client::run(client::Op::Detokenize, args).await,
         Command::Delete(args) => client::run(client::Op::Delete, args).await,
@@ -444,11 +475,13 @@ async fn run_server(
     listen: Option<std::net::SocketAddr>,
     on_ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), CliError> {
+    // Policy and TLS material first: a configuration error stops the start
+    // before the store is touched.
+    let live = std::sync::Arc::new(Live::load(config).or_fail(Failure::Config)?);
     let vault = Vault::open(config, root).await.map_err(|e| CliError {
         failure: vault_failure(&e),
         error: anyhow::Error::new(e).context(config.database.display().to_string()),
     })?;
-    let live = std::sync::Arc::new(Live::load(config).or_fail(Failure::Config)?);
     let listener = grpc_server::bind(listen.unwrap_or(config.server.listen)).await.or_fail(Failure::Other)?;
     let addr = listener.local_addr().or_fail(Failure::Other)?;
     let Signals { mut hangup, terminate, interrupt } = Signals::register().or_fail(Failure::Other)?;
@@ -577,7 +610,60 @@ async fn dev(data_dir: &Path, listen: Option<std::net::SocketAddr>) -> Result<()
     .await
 }
 
-/// `piivault certs …`.
+/// The secret for an offline command on `data_dir`: as given, or a dev
+/// vault's own passphrase file.
+fn offline_secret(data_dir: &Path, secret: SecretArgs) -> SecretArgs {
+    let dev = data_dir.join(DEV_PASSPHRASE_FILE);
+    if secret.passphrase_file.is_none() && std::env::var_os(PASSPHRASE_ENV).is_none() && dev.exists() {
+        SecretArgs { passphrase_file: Some(dev) }
+    } else {
+        secret
+    }
+}
+
+/// `piivault audit …`.
+async fn audit(command: AuditCommand) -> Result<(), CliError> {
+    let (data_dir, secret, expect, verify) = match command {
+        AuditCommand::Verify { data_dir, expect_head, secret } => (data_dir, secret, Some(expect_head), true),
+        AuditCommand::Head { data_dir, secret } => (data_dir, secret, None, false),
+    };
+    let expected = match expect.flatten() {
+        Some(text) => {
+            let parsed =
+                text.split_once(':').and_then(|(seq, mac)| Some((seq.parse::<u64>().ok()?, mac.to_ascii_lowercase())));
+            Some(parsed.ok_or_else(|| CliError {
+                failure: Failure::Usage,
+                error: anyhow!("--expect-head takes SEQ:MAC, as printed by `piivault audit head`"),
+            })?)
+        }
+        None => None,
+    };
+    let secret = offline_secret(&data_dir, secret);
+    let (config, root) = load_and_unseal(&data_dir.join(CONFIG_FILE), &secret)?;
+    let vault =
+        Vault::open(&config, &root).await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
+    let verified = vault.verify_audit().await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
+    let head = verified.map_err(|e| CliError { failure: Failure::Other, error: anyhow!("audit trail broken: {e}") })?;
+    let mac = hex::encode(head.mac);
+    if let Some((seq, expected_mac)) = expected {
+        if head.seq < seq {
+            return Err(anyhow!("audit trail truncated: it ends at record {} but record {seq} was anchored", head.seq))
+                .or_fail(Failure::Other);
+        }
+        // The chain verified, so the stored MAC of the anchored record is
+        // the chain's own.
+        let anchored = vault.audit_mac(seq).await.map_err(|e| CliError { failure: Failure::Other, error: e.into() })?;
+        if anchored.as_deref() != Some(expected_mac.as_str()) {
+            return Err(anyhow!("audit trail diverges from the anchored head at record {seq}")).or_fail(Failure::Other);
+        }
+    }
+    if verify {
+        say(&format!("ok: {} records, head {}:{mac}", head.seq, head.seq));
+    } else {
+        say(&format!("{}:{mac}", head.seq));
+    }
+    Ok(())
+}
 fn certs(command: CertsCommand) -> Result<(), CliError> {
     let load_config = |dir: &Path| Config::load(&dir.join(CONFIG_FILE)).or_fail(Failure::Config);
     match command {

@@ -32,6 +32,9 @@ pub enum VaultError {
     /// CSPRNG, or a key that does not unwrap at startup).
     #[error("cryptographic failure: {0}")]
     Crypto(#[from] CryptoError),
+    /// The audit trail failed verification.
+    #[error("audit trail: {0}")]
+    Audit(crate::audit::VerifyError),
     /// A collection's keys could not be loaded at startup.
     #[error("the keyring of collection {collection} cannot be loaded: {reason}")]
     Keyring {

@@ -8,12 +8,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::audit::{self, AuditKey, AuditRecord, Head, VerifyError};
 use crate::config::{CollectionName, Config, Limits};
 use crate::crypto::keyring::{self, DataKey, KeyPurpose, Keyring};
 use crate::crypto::root::RootKey;
 use crate::crypto::{CryptoError, envelope};
 use crate::error::{ItemError, VaultError};
-use crate::store::{CollectionId, InsertOutcome, KeyState, NewRecord, OpenMode, Store, StoreOptions};
+use crate::store::{AuditRow, CollectionId, InsertOutcome, KeyState, NewRecord, OpenMode, Store, StoreOptions};
 use crate::token::{RandomTokens, Token, TokenGenerator, TokenPrefix};
 use crate::value::PiiValue;
 
@@ -24,6 +25,41 @@ const MAX_TOKEN_ATTEMPTS: usize = 8;
 
 /// The outcome of one item.
 pub type ItemResult<T> = Result<T, ItemError>;
+
+/// Who is asking and from where: what the audit trail records about the
+/// requester. Never holds a value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Requester {
+    /// The authenticated caller's name (empty when unauthenticated).
+    pub caller: String,
+    /// The peer address, if any.
+    pub peer: String,
+    /// The request id, if any.
+    pub request_id: String,
+}
+
+impl Requester {
+    /// A requester known only by name (tools and tests in process).
+    pub fn named(caller: impl Into<String>) -> Self {
+        Self { caller: caller.into(), ..Self::default() }
+    }
+
+    /// The audit record of an outcome of this requester's call.
+    pub fn record(&self, action: &str, collection: &str, items: usize, outcome: &str) -> AuditRecord {
+        AuditRecord {
+            at_micros: crate::store::now_micros(),
+            caller: self.caller.clone(),
+            action: action.to_owned(),
+            collection: collection.to_owned(),
+            items: u32::try_from(items).unwrap_or(u32::MAX),
+            tokens: Vec::new(),
+            outcome: outcome.to_owned(),
+            error_code: String::new(),
+            request_id: self.request_id.clone(),
+            peer: self.peer.clone(),
+        }
+    }
+}
 
 struct Collection {
     id: CollectionId,
@@ -37,6 +73,7 @@ struct Inner {
     keyring: Keyring,
     store: Store,
     tokens: Box<dyn TokenGenerator>,
+    audit_key: AuditKey,
 }
 
 /// The vault. Cheap to clone; all clones share one store and keyring.
@@ -113,6 +150,19 @@ impl Vault {
                 })?;
             keyring.insert(stored.collection.0, stored.version, key, stored.state == KeyState::Primary);
         }
+        // The audit chain key: created with the vault, wrapped like every
+        // other key. Without it nothing that must be audited can be written.
+        let candidate = DataKey::generate()?;
+        let wrapped = keyring::wrap(root, KeyPurpose::Audit, "", 1, &candidate)?;
+        let stored = store.vault_key(KeyPurpose::Audit.as_str(), wrapped).await?;
+        let audit_key = keyring::unwrap(root, KeyPurpose::Audit, "", 1, &stored).map_err(|_| VaultError::Keyring {
+            collection: "(audit)".to_owned(),
+            reason: "the audit key does not open with this root key",
+        })?;
+        let audit_bytes = zeroize::Zeroizing::new(*audit_key.expose_secret());
+        let head = store.install_audit_key(AuditKey::from_bytes(*audit_bytes)).await?;
+        tracing::info!(seq = head.seq, mac = %hex::encode(head.mac), "audit trail head");
+
         for collection in collections.values() {
             if keyring.with_primary(collection.id.0, |_, _| ()).is_none() {
                 return Err(VaultError::Keyring {
@@ -122,7 +172,16 @@ impl Vault {
             }
         }
 
-        Ok(Self { inner: Arc::new(Inner { limits: config.limits, collections, keyring, store, tokens }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                limits: config.limits,
+                collections,
+                keyring,
+                store,
+                tokens,
+                audit_key: AuditKey::from_bytes(*audit_bytes),
+            }),
+        })
     }
 
     fn collection(&self, name: &str) -> Result<&Collection, VaultError> {
@@ -154,6 +213,7 @@ impl Vault {
     /// order; an answer is given only once its record is durable.
     pub async fn tokenize(
         &self,
+        who: &Requester,
         collection: &str,
         values: Vec<PiiValue>,
     ) -> Result<Vec<ItemResult<Token>>, VaultError> {
@@ -169,6 +229,11 @@ impl Vault {
             })
             .collect();
         let mut pending: Vec<usize> = (0..values.len()).filter(|&i| results[i].is_none()).collect();
+        let audit = who.record("tokenize", collection, values.len(), "OK");
+        if pending.is_empty() {
+            // Nothing to store, but the request is still on the record.
+            self.inner.store.append_audit(audit.clone()).await?;
+        }
 
         for _ in 0..MAX_TOKEN_ATTEMPTS {
             if pending.is_empty() {
@@ -198,7 +263,7 @@ impl Vault {
                 records.push(NewRecord { token: token.as_str().to_owned(), key_version, ciphertext });
                 tokens.push(token);
             }
-            let outcomes = self.inner.store.insert_records(coll.id, records).await?;
+            let outcomes = self.inner.store.insert_records(coll.id, records, audit.clone()).await?;
             let mut retry = Vec::new();
             for ((i, token), outcome) in pending.into_iter().zip(tokens).zip(outcomes) {
                 match outcome {
@@ -218,25 +283,76 @@ impl Vault {
     }
 
     /// Swaps each token back for its value. Unknown, deleted, malformed and
-    /// other collections' tokens all answer [`ItemError::NotFound`].
+    /// other collections' tokens all answer [`ItemError::NotFound`]. No value
+    /// is returned before the audit record of this read is durable.
     pub async fn detokenize(
         &self,
+        who: &Requester,
         collection: &str,
         tokens: Vec<String>,
+    ) -> Result<Vec<ItemResult<PiiValue>>, VaultError> {
+        self.reveal(who, collection, tokens, false).await
+    }
+
+    /// [`Vault::detokenize`], with each value masked by [`mask`].
+    pub async fn detokenize_masked(
+        &self,
+        who: &Requester,
+        collection: &str,
+        tokens: Vec<String>,
+    ) -> Result<Vec<ItemResult<PiiValue>>, VaultError> {
+        self.reveal(who, collection, tokens, true).await
+    }
+
+    async fn reveal(
+        &self,
+        who: &Requester,
+        collection: &str,
+        tokens: Vec<String>,
+        masked: bool,
     ) -> Result<Vec<ItemResult<PiiValue>>, VaultError> {
         let coll = self.collection(collection)?;
         self.check_count(tokens.len())?;
         let (parsed, lookups) = parse_tokens(coll, &tokens);
         let found = self.inner.store.get_records(coll.id, lookups).await?;
         let mut found = found.into_iter();
-        Ok(parsed
+        let mut revealed = Vec::new();
+        let results: Vec<ItemResult<PiiValue>> = parsed
             .into_iter()
             .map(|token| {
                 let token = token.ok_or(ItemError::NotFound)?;
                 let record = found.next().flatten().ok_or(ItemError::NotFound)?;
-                self.open_record(coll, &token, &record.ciphertext)
+                let value = self.open_record(coll, &token, &record.ciphertext)?;
+                revealed.push(token.into_string());
+                Ok(if masked { mask(&value) } else { value })
             })
-            .collect())
+            .collect();
+        let action = if masked { "detokenize_masked" } else { "detokenize" };
+        let mut audit = who.record(action, collection, tokens.len(), "OK");
+        audit.tokens = revealed;
+        // Fail closed: if this record cannot be written, no value leaves.
+        self.inner.store.append_audit(audit).await?;
+        Ok(results)
+    }
+
+    /// Records a request that failed or was refused before or inside the
+    /// vault (`outcome` is the gRPC code name). Best effort: the caller
+    /// already has its error; a record that cannot be written is logged.
+    pub async fn audit_failure(
+        &self,
+        who: &Requester,
+        action: &str,
+        collection: &str,
+        items: usize,
+        outcome: &str,
+        detail: &str,
+    ) {
+        let shown = if self.has_collection(collection) { collection } else { "" };
+        let mut record = who.record(action, shown, items, outcome);
+        record.error_code = detail.to_owned();
+        if let Err(e) = self.inner.store.append_audit(record).await {
+            tracing::error!(error = %e, action, outcome, "could not write the audit record of a failed request");
+        }
     }
 
     fn open_record(&self, coll: &Collection, token: &Token, ciphertext: &[u8]) -> ItemResult<PiiValue> {
@@ -267,24 +383,20 @@ impl Vault {
         }
     }
 
-    /// [`Vault::detokenize`], with each value masked by [`mask`].
-    pub async fn detokenize_masked(
-        &self,
-        collection: &str,
-        tokens: Vec<String>,
-    ) -> Result<Vec<ItemResult<PiiValue>>, VaultError> {
-        let values = self.detokenize(collection, tokens).await?;
-        Ok(values.into_iter().map(|r| r.map(|v| mask(&v))).collect())
-    }
-
     /// Deletes the records behind tokens: `Ok(())` for each live token
     /// deleted, [`ItemError::NotFound`] otherwise. A deleted token is never
     /// issued again.
-    pub async fn delete(&self, collection: &str, tokens: Vec<String>) -> Result<Vec<ItemResult<()>>, VaultError> {
+    pub async fn delete(
+        &self,
+        who: &Requester,
+        collection: &str,
+        tokens: Vec<String>,
+    ) -> Result<Vec<ItemResult<()>>, VaultError> {
         let coll = self.collection(collection)?;
         self.check_count(tokens.len())?;
         let (parsed, lookups) = parse_tokens(coll, &tokens);
-        let deleted = self.inner.store.delete_records(coll.id, lookups).await?;
+        let audit = who.record("delete", collection, tokens.len(), "OK");
+        let deleted = self.inner.store.delete_records(coll.id, lookups, audit).await?;
         let mut deleted = deleted.into_iter();
         Ok(parsed
             .into_iter()
@@ -293,6 +405,38 @@ impl Vault {
                 _ => Err(ItemError::NotFound),
             })
             .collect())
+    }
+
+    /// Checks the whole audit trail against its chain; returns the head or
+    /// the first bad record.
+    pub async fn verify_audit(&self) -> Result<Result<Head, VerifyError>, VaultError> {
+        let mut rows = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.inner.store.audit_rows(after, 10_000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            rows.extend(page);
+        }
+        Ok(verify_rows(&self.inner.audit_key, &rows))
+    }
+
+    /// The stored MAC of audit record `seq` (hex), if it exists.
+    pub async fn audit_mac(&self, seq: u64) -> Result<Option<String>, VaultError> {
+        let rows = self.inner.store.audit_rows(seq.saturating_sub(1), 1).await?;
+        Ok(rows.into_iter().find(|r| r.seq == seq).map(|r| hex::encode(r.mac)))
+    }
+
+    /// Audit records with `seq > after`, in order, at most `limit`, decoded.
+    /// A row that does not decode is returned as an error naming it.
+    pub async fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>, VaultError> {
+        let rows = self.inner.store.audit_rows(after, limit).await?;
+        rows.iter()
+            .map(|row| {
+                AuditRecord::decode(&row.record)
+                    .map_err(|_| VaultError::Audit(VerifyError { seq: row.seq, reason: "malformed record" }))
+            })
+            .collect()
     }
 
     /// Live records per collection name.
@@ -306,6 +450,28 @@ impl Vault {
             .collect();
         out.sort();
         Ok(out)
+    }
+}
+
+/// Verifies stored audit rows: the chain over the encoded records, and the
+/// query columns against the records they repeat. The first bad sequence
+/// number wins.
+fn verify_rows(key: &AuditKey, rows: &[AuditRow]) -> Result<Head, VerifyError> {
+    let columns = rows.iter().find_map(|row| {
+        let matches = AuditRecord::decode(&row.record).is_ok_and(|(_, r)| {
+            r.at_micros == row.at
+                && r.caller == row.caller
+                && r.action == row.action
+                && r.collection == row.collection
+                && r.outcome == row.outcome
+        });
+        (!matches).then_some(VerifyError { seq: row.seq, reason: "query columns do not match the record" })
+    });
+    let chain = audit::verify(key, rows.iter().map(|r| (r.seq, r.record.clone(), r.mac.clone())));
+    match (chain, columns) {
+        (Err(chain), Some(columns)) => Err(if columns.seq < chain.seq { columns } else { chain }),
+        (Err(error), None) | (Ok(_), Some(error)) => Err(error),
+        (Ok(head), None) => Ok(head),
     }
 }
 

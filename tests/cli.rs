@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::who;
+
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -249,7 +251,7 @@ fn a_second_process_detokenizes_what_the_first_tokenized() {
         let vault = Vault::open(&config, &root).await.unwrap();
         let mut tokens = Vec::new();
         for (collection, value) in collections.iter().zip(values) {
-            let result = vault.tokenize(collection, vec![PiiValue::from(value)]).await.unwrap();
+            let result = vault.tokenize(&who(), collection, vec![PiiValue::from(value)]).await.unwrap();
             tokens.push(result.into_iter().next().unwrap().unwrap().into_string());
         }
         tokens
@@ -287,7 +289,7 @@ fn child_detokenizes_from_another_process() {
         let vault = Vault::open(&config, &root).await.unwrap();
         let expected = [("card", "4111 1111 1111 1111"), ("email", "jane@example.org"), ("name", "Zoë")];
         for (token, (collection, value)) in tokens.iter().zip(expected) {
-            let back = vault.detokenize(collection, vec![token.clone()]).await.unwrap();
+            let back = vault.detokenize(&who(), collection, vec![token.clone()]).await.unwrap();
             let back = back.into_iter().next().unwrap().unwrap();
             assert!(back.expose_secret() == value, "{collection} did not round-trip across processes");
         }

@@ -710,3 +710,47 @@ async fn reflection_lists_the_services() {
     names.sort();
     assert_eq!(names, ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "piivault.v1.Tokenizer"]);
 }
+
+/// Successes, denials and unauthenticated calls are all on the record, with
+/// caller, peer and request id; no value is.
+#[tokio::test]
+async fn calls_over_the_network_are_audited() {
+    let server = DevServer::start();
+    let mut writer = server.client("writer").await;
+    let mut request =
+        tonic::Request::new(TokenizeRequest { collection: "card".into(), values: vec!["4000056655665556".into()] });
+    request.metadata_mut().insert("x-request-id", "order-7781".parse().unwrap());
+    writer.tokenize(request).await.unwrap();
+    let denied = detokenize(&mut writer, "card", &["card_AAAAAAAAAAAAAAAAAAAAAA".into()]).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let mut nobody = spec("writer");
+    nobody.uris.clear();
+    let mut anonymous = server.connect(server.tls_signed(&server.sign(&nobody))).await.unwrap();
+    assert_eq!(tokenize(&mut anonymous, "card", &["x"]).await.unwrap_err().code(), Code::Unauthenticated);
+
+    let db =
+        rusqlite::Connection::open_with_flags(server.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let mut stmt = db.prepare("SELECT record FROM audit ORDER BY seq").unwrap();
+    let records: Vec<piivault::audit::AuditRecord> = stmt
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|bytes| piivault::audit::AuditRecord::decode(&bytes.unwrap()).unwrap().1)
+        .collect();
+    assert_eq!(records.len(), 3, "{records:?}");
+    let fields = |r: &piivault::audit::AuditRecord| {
+        (r.caller.clone(), r.action.clone(), r.collection.clone(), r.items, r.outcome.clone(), r.tokens.len())
+    };
+    assert_eq!(fields(&records[0]), ("writer".into(), "tokenize".into(), "card".into(), 1, "OK".into(), 1));
+    assert_eq!(records[0].request_id, "order-7781");
+    assert!(records[0].peer.starts_with("127.0.0.1:"));
+    assert_eq!(
+        fields(&records[1]),
+        ("writer".into(), "detokenize".into(), "card".into(), 1, "PERMISSION_DENIED".into(), 0)
+    );
+    assert_eq!(records[1].request_id.len(), 16, "a request id is generated when none is given");
+    assert_eq!(fields(&records[2]), (String::new(), "tokenize".into(), "card".into(), 1, "UNAUTHENTICATED".into(), 0));
+    assert_eq!(records[2].error_code, "the client certificate has no URI SAN");
+    let raw = std::fs::read(server.db_path()).unwrap();
+    let wal = std::fs::read(server.dir.join("vault.db-wal")).unwrap_or_default();
+    assert!(!common::contains(&raw, b"4000056655665556") && !common::contains(&wal, b"4000056655665556"));
+}

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::who;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,12 +23,18 @@ fn values(items: &[&str]) -> Vec<PiiValue> {
 }
 
 async fn tokenize_ok(vault: &Vault, collection: &str, items: &[&str]) -> Vec<String> {
-    vault.tokenize(collection, values(items)).await.unwrap().into_iter().map(|r| r.unwrap().into_string()).collect()
+    vault
+        .tokenize(&who(), collection, values(items))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap().into_string())
+        .collect()
 }
 
 async fn detokenize_strings(vault: &Vault, collection: &str, tokens: &[String]) -> Vec<Result<String, ItemError>> {
     vault
-        .detokenize(collection, tokens.to_vec())
+        .detokenize(&who(), collection, tokens.to_vec())
         .await
         .unwrap()
         .into_iter()
@@ -82,9 +90,9 @@ fn any_utf8_value_up_to_the_limit_round_trips() {
     runner
         .run(&strategy, |value| {
             let got = rt.block_on(async {
-                let token = vault.tokenize("name", vec![PiiValue::new(value.clone())]).await.unwrap();
+                let token = vault.tokenize(&who(), "name", vec![PiiValue::new(value.clone())]).await.unwrap();
                 let token = token.into_iter().next().unwrap().unwrap();
-                let back = vault.detokenize("name", vec![token.into_string()]).await.unwrap();
+                let back = vault.detokenize(&who(), "name", vec![token.into_string()]).await.unwrap();
                 back.into_iter().next().unwrap().unwrap().expose_secret().to_owned()
             });
             prop_assert!(got == value, "value did not round-trip");
@@ -103,11 +111,13 @@ fn any_batch_round_trips_in_order() {
     runner
         .run(&strategy, |batch| {
             let back = rt.block_on(async {
-                let tokens =
-                    vault.tokenize("card", batch.iter().map(|v| PiiValue::new(v.clone())).collect()).await.unwrap();
+                let tokens = vault
+                    .tokenize(&who(), "card", batch.iter().map(|v| PiiValue::new(v.clone())).collect())
+                    .await
+                    .unwrap();
                 let tokens: Vec<String> = tokens.into_iter().map(|t| t.unwrap().into_string()).collect();
                 prop_assert_eq!(tokens.iter().collect::<HashSet<_>>().len(), batch.len());
-                let back = vault.detokenize("card", tokens).await.unwrap();
+                let back = vault.detokenize(&who(), "card", tokens).await.unwrap();
                 Ok(back.into_iter().map(|v| v.unwrap().expose_secret().to_owned()).collect::<Vec<_>>())
             })?;
             prop_assert!(back == batch, "batch did not round-trip in order");
@@ -125,7 +135,7 @@ async fn concurrent_single_requests_are_group_committed_and_all_durable() {
         let vault = vault.clone();
         tasks.push(tokio::spawn(async move {
             let value = format!("concurrent value {i}");
-            let token = vault.tokenize("name", vec![PiiValue::new(value.clone())]).await.unwrap();
+            let token = vault.tokenize(&who(), "name", vec![PiiValue::new(value.clone())]).await.unwrap();
             (value, token.into_iter().next().unwrap().unwrap().into_string())
         }));
     }
@@ -147,7 +157,7 @@ async fn unknown_deleted_malformed_and_foreign_tokens_are_all_not_found() {
     let vault = fx.create().await;
     let card = tokenize_ok(&vault, "card", &["4111111111111111", "4000056655665556"]).await;
     let ssn = tokenize_ok(&vault, "ssn", &["078-05-1120"]).await;
-    assert_eq!(vault.delete("card", vec![card[1].clone()]).await.unwrap(), vec![Ok(())]);
+    assert_eq!(vault.delete(&who(), "card", vec![card[1].clone()]).await.unwrap(), vec![Ok(())]);
 
     let unknown = token_from_bytes(&"card".parse::<TokenPrefix>().unwrap(), &[7; 16]).into_string();
     let ssn_as_card = format!("card{}", &ssn[0][3..]); // right prefix, body of another collection's token
@@ -177,7 +187,7 @@ async fn delete_answers_per_item_and_only_once() {
     let vault = fx.create().await;
     let tokens = tokenize_ok(&vault, "phone", &["+1 555 0100", "+1 555 0101"]).await;
     let result = vault
-        .delete("phone", vec![tokens[0].clone(), "junk".to_owned(), tokens[0].clone(), tokens[1].clone()])
+        .delete(&who(), "phone", vec![tokens[0].clone(), "junk".to_owned(), tokens[0].clone(), tokens[1].clone()])
         .await
         .unwrap();
     assert_eq!(result, vec![Ok(()), Err(ItemError::NotFound), Err(ItemError::NotFound), Ok(())]);
@@ -195,6 +205,7 @@ async fn invalid_values_fail_alone_and_limits_are_enforced() {
     let multibyte_over = "é".repeat(max / 2 + 1); // max/2+1 chars, max+2 bytes
     let result = vault
         .tokenize(
+            &who(),
             "name",
             vec![
                 PiiValue::from("ok"),
@@ -218,20 +229,26 @@ async fn invalid_values_fail_alone_and_limits_are_enforced() {
 
     // Whole-request refusals change nothing.
     let limit = fx.config.limits.max_items_per_call;
-    assert!(matches!(vault.tokenize("name", Vec::new()).await, Err(VaultError::EmptyRequest)));
-    assert!(matches!(vault.detokenize("name", Vec::new()).await, Err(VaultError::EmptyRequest)));
-    assert!(matches!(vault.delete("name", Vec::new()).await, Err(VaultError::EmptyRequest)));
+    assert!(matches!(vault.tokenize(&who(), "name", Vec::new()).await, Err(VaultError::EmptyRequest)));
+    assert!(matches!(vault.detokenize(&who(), "name", Vec::new()).await, Err(VaultError::EmptyRequest)));
+    assert!(matches!(vault.delete(&who(), "name", Vec::new()).await, Err(VaultError::EmptyRequest)));
     let too_many: Vec<PiiValue> = (0..=limit).map(|i| PiiValue::new(i.to_string())).collect();
     assert!(matches!(
-        vault.tokenize("name", too_many).await,
+        vault.tokenize(&who(), "name", too_many).await,
         Err(VaultError::TooManyItems { got, max }) if got == limit + 1 && max == limit
     ));
     let too_many_tokens = vec![stored[0].clone(); limit + 1];
-    assert!(matches!(vault.detokenize("name", too_many_tokens.clone()).await, Err(VaultError::TooManyItems { .. })));
-    assert!(matches!(vault.delete("name", too_many_tokens).await, Err(VaultError::TooManyItems { .. })));
-    assert!(matches!(vault.tokenize("nope", values(&["v"])).await, Err(VaultError::UnknownCollection)));
-    assert!(matches!(vault.detokenize("nope", vec![stored[0].clone()]).await, Err(VaultError::UnknownCollection)));
-    assert!(matches!(vault.delete("CARD", vec![stored[0].clone()]).await, Err(VaultError::UnknownCollection)));
+    assert!(matches!(
+        vault.detokenize(&who(), "name", too_many_tokens.clone()).await,
+        Err(VaultError::TooManyItems { .. })
+    ));
+    assert!(matches!(vault.delete(&who(), "name", too_many_tokens).await, Err(VaultError::TooManyItems { .. })));
+    assert!(matches!(vault.tokenize(&who(), "nope", values(&["v"])).await, Err(VaultError::UnknownCollection)));
+    assert!(matches!(
+        vault.detokenize(&who(), "nope", vec![stored[0].clone()]).await,
+        Err(VaultError::UnknownCollection)
+    ));
+    assert!(matches!(vault.delete(&who(), "CARD", vec![stored[0].clone()]).await, Err(VaultError::UnknownCollection)));
     assert_eq!(vault.record_counts().await.unwrap().iter().map(|(_, n)| n).sum::<u64>(), 2);
     assert_eq!(detokenize_strings(&vault, "name", &stored[..1]).await, vec![Ok("ok".to_owned())]);
 }
@@ -240,11 +257,11 @@ async fn invalid_values_fail_alone_and_limits_are_enforced() {
 async fn configured_limits_apply() {
     let fx = Fixture::with_config("[limits]\nmax_items_per_call = 3\nmax_value_bytes = 5\n");
     let vault = fx.create().await;
-    let result = vault.tokenize("ssn", values(&["12345", "123456"])).await.unwrap();
+    let result = vault.tokenize(&who(), "ssn", values(&["12345", "123456"])).await.unwrap();
     assert!(result[0].is_ok());
     assert_eq!(result[1], Err(ItemError::ValueTooLong { max: 5 }));
     assert!(matches!(
-        vault.tokenize("ssn", values(&["1", "2", "3", "4"])).await,
+        vault.tokenize(&who(), "ssn", values(&["1", "2", "3", "4"])).await,
         Err(VaultError::TooManyItems { got: 4, max: 3 })
     ));
 }
@@ -294,12 +311,12 @@ async fn an_exhausted_token_space_fails_the_item_and_a_deleted_token_is_never_re
     let fx = Fixture::new();
     let vault = fx.create_with(Box::new(Repeating { repeats: usize::MAX, calls: AtomicUsize::new(0) })).await;
     let first = tokenize_ok(&vault, "ssn", &["078-05-1120"]).await;
-    let again = vault.tokenize("ssn", values(&["219-09-9999"])).await.unwrap();
+    let again = vault.tokenize(&who(), "ssn", values(&["219-09-9999"])).await.unwrap();
     assert_eq!(again, vec![Err(ItemError::TokenSpaceExhausted)]);
     assert_eq!(detokenize_strings(&vault, "ssn", &first).await, vec![Ok("078-05-1120".to_owned())]);
     // Deleted, the token stays taken: it is never handed out for a new value.
-    assert_eq!(vault.delete("ssn", first.clone()).await.unwrap(), vec![Ok(())]);
-    let after_delete = vault.tokenize("ssn", values(&["219-09-9999"])).await.unwrap();
+    assert_eq!(vault.delete(&who(), "ssn", first.clone()).await.unwrap(), vec![Ok(())]);
+    let after_delete = vault.tokenize(&who(), "ssn", values(&["219-09-9999"])).await.unwrap();
     assert_eq!(after_delete, vec![Err(ItemError::TokenSpaceExhausted)]);
     assert_eq!(detokenize_strings(&vault, "ssn", &first).await, vec![Err(ItemError::NotFound)]);
 }
@@ -348,7 +365,7 @@ async fn reopening_returns_every_acknowledged_value() {
     let fx = Fixture::new();
     let vault = fx.create().await;
     let tokens = tokenize_ok(&vault, "email", &["a@example.org", "b@example.org", "c@example.org"]).await;
-    vault.delete("email", vec![tokens[1].clone()]).await.unwrap();
+    vault.delete(&who(), "email", vec![tokens[1].clone()]).await.unwrap();
     drop(vault);
     let vault = fx.open().await;
     let back = detokenize_strings(&vault, "email", &tokens).await;
@@ -395,7 +412,8 @@ async fn a_store_from_a_newer_version_or_another_program_is_refused() {
     drop(vault);
     raw_db(&fx).pragma_update(None, "user_version", 99).unwrap();
     assert!(matches!(fx.try_open().await, Err(VaultError::Store(StoreError::TooNew))));
-    raw_db(&fx).pragma_update(None, "user_version", 1).unwrap();
+    let current = i64::try_from(piivault::store::schema_version()).unwrap();
+    raw_db(&fx).pragma_update(None, "user_version", current).unwrap();
     assert_eq!(detokenize_strings(&fx.open().await, "card", &tokens).await, vec![Ok("4111111111111111".into())]);
 
     // Not SQLite at all.
@@ -453,7 +471,7 @@ async fn a_full_disk_fails_the_write_and_keeps_earlier_data_readable() {
     let big = "z".repeat(60_000);
     let mut full = None;
     for _ in 0..64 {
-        match vault.tokenize("name", vec![PiiValue::new(big.clone())]).await {
+        match vault.tokenize(&who(), "name", vec![PiiValue::new(big.clone())]).await {
             Ok(results) => assert!(results[0].is_ok()),
             Err(e) => {
                 full = Some(e);

@@ -9,9 +9,9 @@ use super::proto::tokenizer_server::Tokenizer;
 use super::proto::{self, delete_result, detokenize_result, tokenize_result};
 use super::server::{ConnInfo, Live};
 use super::{Failure, code_name, item_error};
-use crate::policy::{Action, CallerId};
+use crate::policy::Action;
 use crate::value::PiiValue;
-use crate::vault::Vault;
+use crate::vault::{Requester, Vault};
 
 /// Serves `Tokenizer` for one vault.
 pub struct TokenizerService {
@@ -26,78 +26,100 @@ impl TokenizerService {
     }
 }
 
-/// The one log line every RPC leaves: caller, method, collection, item
-/// count, outcome and latency. Never a value.
-struct RpcLog {
+/// One RPC in progress: who asked, from where, and what for. It leaves one
+/// log line and, when the call fails, one audit record (successful calls
+/// are recorded by the vault in the same transaction as their effect).
+/// Never a value.
+struct Call {
     method: &'static str,
+    action: &'static str,
     started: Instant,
-    caller: Option<CallerId>,
-    collection: Option<String>,
+    who: Requester,
+    authenticated: bool,
+    collection: String,
     items: usize,
-    peer: Option<std::net::SocketAddr>,
 }
 
-impl RpcLog {
-    fn start<T>(method: &'static str, request: &Request<T>, items: usize) -> Self {
-        let peer = request.extensions().get::<ConnInfo>().map(|c| c.peer);
-        Self { method, started: Instant::now(), caller: None, collection: None, items, peer }
+/// Request ids longer than this, or with other characters than
+/// `[A-Za-z0-9._-]`, are replaced by a fresh one.
+const MAX_REQUEST_ID: usize = 64;
+
+fn request_id<T>(request: &Request<T>) -> String {
+    let given = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).filter(|id| {
+        !id.is_empty()
+            && id.len() <= MAX_REQUEST_ID
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    });
+    given.map_or_else(
+        || {
+            let mut bytes = [0u8; 8];
+            // A failing CSPRNG leaves a zero id; the record is still written.
+            let _ = crate::crypto::fill_random(&mut bytes);
+            hex::encode(bytes)
+        },
+        str::to_owned,
+    )
+}
+
+impl Call {
+    fn start<T>(
+        method: &'static str,
+        action: &'static str,
+        request: &Request<T>,
+        collection: &str,
+        items: usize,
+    ) -> Self {
+        let peer = request.extensions().get::<ConnInfo>().map(|c| c.peer.to_string()).unwrap_or_default();
+        Self {
+            method,
+            action,
+            started: Instant::now(),
+            who: Requester { caller: String::new(), peer, request_id: request_id(request) },
+            authenticated: false,
+            collection: collection.to_owned(),
+            items,
+        }
     }
 
-    fn finish<T>(self, result: Result<T, Failure>) -> Result<T, Status> {
+    /// Authenticates and authorizes; from here on the caller is known to the
+    /// log line and the audit record.
+    fn admit<T>(&mut self, live: &Live, request: &Request<T>, actions: &[Action]) -> Result<Action, Failure> {
+        let caller = live.authenticate(request.extensions().get::<ConnInfo>())?;
+        caller.as_str().clone_into(&mut self.who.caller);
+        self.authenticated = true;
+        let action = live.authorize(&caller, actions, &self.collection)?;
+        self.action = action.as_str();
+        Ok(action)
+    }
+
+    async fn finish<T>(self, vault: &Vault, result: Result<T, Failure>) -> Result<T, Status> {
         let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        let caller = self.caller.as_ref().map_or("-", CallerId::as_str);
-        // Only a configured collection's name is logged: the field is caller
-        // input, and a misbehaving client could put anything in it.
-        let collection = self.collection.as_deref().unwrap_or("-");
-        let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
-        match result {
-            Ok(value) => {
-                tracing::info!(
-                    caller,
-                    method = self.method,
-                    collection,
-                    items = self.items,
-                    outcome = "OK",
-                    latency_ms,
-                    peer,
-                    "rpc"
-                );
-                Ok(value)
-            }
+        let (result, outcome) = match result {
+            Ok(value) => (Ok(value), "OK"),
             Err(failure) => {
+                let detail = failure.to_string();
                 let status = Status::from(failure);
                 let outcome = code_name(status.code());
-                tracing::info!(
-                    caller,
-                    method = self.method,
-                    collection,
-                    items = self.items,
-                    outcome,
-                    latency_ms,
-                    peer,
-                    "rpc"
-                );
-                Err(status)
+                vault.audit_failure(&self.who, self.action, &self.collection, self.items, outcome, &detail).await;
+                (Err(status), outcome)
             }
-        }
-    }
-}
-
-impl TokenizerService {
-    fn admit<T>(
-        &self,
-        log: &mut RpcLog,
-        request: &Request<T>,
-        actions: &[Action],
-        collection: &str,
-    ) -> Result<Action, Failure> {
-        if self.vault.has_collection(collection) {
-            log.collection = Some(collection.to_owned());
-        }
-        let caller = self.live.authenticate(request.extensions().get::<ConnInfo>())?;
-        let action = self.live.authorize(&caller, actions, collection);
-        log.caller = Some(caller);
-        Ok(action?)
+        };
+        let caller = if self.authenticated { self.who.caller.as_str() } else { "-" };
+        // Only a configured collection's name is logged: the field is caller
+        // input, and a misbehaving client could put anything in it.
+        let collection = if vault.has_collection(&self.collection) { self.collection.as_str() } else { "-" };
+        tracing::info!(
+            caller,
+            method = self.method,
+            collection,
+            items = self.items,
+            outcome,
+            latency_ms,
+            peer = %self.who.peer,
+            request_id = %self.who.request_id,
+            "rpc"
+        );
+        result
     }
 }
 
@@ -107,12 +129,13 @@ impl Tokenizer for TokenizerService {
         &self,
         request: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
-        let mut log = RpcLog::start("Tokenize", &request, request.get_ref().values.len());
+        let body = request.get_ref();
+        let mut call = Call::start("Tokenize", "tokenize", &request, &body.collection, body.values.len());
         let result = async {
-            self.admit(&mut log, &request, &[Action::Tokenize], &request.get_ref().collection)?;
+            call.admit(&self.live, &request, &[Action::Tokenize])?;
             let proto::TokenizeRequest { collection, values } = request.into_inner();
             let values = values.into_iter().map(PiiValue::new).collect();
-            let results = self.vault.tokenize(&collection, values).await?;
+            let results = self.vault.tokenize(&call.who, &collection, values).await?;
             let results = results
                 .into_iter()
                 .map(|r| proto::TokenizeResult {
@@ -125,30 +148,26 @@ impl Tokenizer for TokenizerService {
             Ok(Response::new(proto::TokenizeResponse { results }))
         }
         .await;
-        log.finish(result)
+        call.finish(&self.vault, result).await
     }
 
     async fn detokenize(
         &self,
         request: Request<proto::DetokenizeRequest>,
     ) -> Result<Response<proto::DetokenizeResponse>, Status> {
-        let mut log = RpcLog::start("Detokenize", &request, request.get_ref().tokens.len());
+        let body = request.get_ref();
+        let mut call = Call::start("Detokenize", "detokenize", &request, &body.collection, body.tokens.len());
         let result = async {
-            let action = self.admit(
-                &mut log,
-                &request,
-                &[Action::Detokenize, Action::DetokenizeMasked],
-                &request.get_ref().collection,
-            )?;
+            let action = call.admit(&self.live, &request, &[Action::Detokenize, Action::DetokenizeMasked])?;
             let masked = action == Action::DetokenizeMasked;
             if masked {
-                log.method = "Detokenize(masked)";
+                call.method = "Detokenize(masked)";
             }
             let proto::DetokenizeRequest { collection, tokens } = request.into_inner();
             let results = if masked {
-                self.vault.detokenize_masked(&collection, tokens).await?
+                self.vault.detokenize_masked(&call.who, &collection, tokens).await?
             } else {
-                self.vault.detokenize(&collection, tokens).await?
+                self.vault.detokenize(&call.who, &collection, tokens).await?
             };
             let results = results
                 .into_iter()
@@ -166,15 +185,16 @@ impl Tokenizer for TokenizerService {
             Ok(Response::new(proto::DetokenizeResponse { results }))
         }
         .await;
-        log.finish(result)
+        call.finish(&self.vault, result).await
     }
 
     async fn delete(&self, request: Request<proto::DeleteRequest>) -> Result<Response<proto::DeleteResponse>, Status> {
-        let mut log = RpcLog::start("Delete", &request, request.get_ref().tokens.len());
+        let body = request.get_ref();
+        let mut call = Call::start("Delete", "delete", &request, &body.collection, body.tokens.len());
         let result = async {
-            self.admit(&mut log, &request, &[Action::Delete], &request.get_ref().collection)?;
+            call.admit(&self.live, &request, &[Action::Delete])?;
             let proto::DeleteRequest { collection, tokens } = request.into_inner();
-            let results = self.vault.delete(&collection, tokens).await?;
+            let results = self.vault.delete(&call.who, &collection, tokens).await?;
             let results = results
                 .into_iter()
                 .map(|r| proto::DeleteResult {
@@ -187,6 +207,6 @@ impl Tokenizer for TokenizerService {
             Ok(Response::new(proto::DeleteResponse { results }))
         }
         .await;
-        log.finish(result)
+        call.finish(&self.vault, result).await
     }
 }

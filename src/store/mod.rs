@@ -22,6 +22,7 @@ use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::audit::{AuditKey, AuditRecord, Head, MAC_LEN};
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{Connection, ErrorCode, OptionalExtension as _, params};
 use tokio::sync::oneshot;
@@ -65,6 +66,10 @@ pub enum StoreError {
     /// The store's threads have stopped.
     #[error("the store is shut down")]
     Closed,
+    /// The audit trail cannot be written (no key installed, or the insert
+    /// failed): the request fails with it.
+    #[error("the audit trail cannot be written")]
+    AuditUnavailable,
 }
 
 impl StoreError {
@@ -169,6 +174,27 @@ pub enum InsertOutcome {
     Collision,
 }
 
+/// An audit row as stored: the chained encoding and the query columns.
+#[derive(Debug, Clone)]
+pub struct AuditRow {
+    /// Sequence number.
+    pub seq: u64,
+    /// Canonical encoding.
+    pub record: Vec<u8>,
+    /// Chain MAC.
+    pub mac: Vec<u8>,
+    /// Column: time.
+    pub at: i64,
+    /// Column: caller.
+    pub caller: String,
+    /// Column: action.
+    pub action: String,
+    /// Column: collection.
+    pub collection: String,
+    /// Column: outcome.
+    pub outcome: String,
+}
+
 /// A live record as read back.
 pub struct StoredRecord {
     /// The sealed value.
@@ -177,10 +203,73 @@ pub struct StoredRecord {
 
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
+/// The audit chain as the writer sees it: the key, the head as committed,
+/// and the head including records written in the open transaction.
+struct AuditCursor {
+    key: Option<AuditKey>,
+    committed: Head,
+    tentative: Head,
+}
+
+/// What a write job works with: the connection, inside the group-commit
+/// transaction, and the audit chain.
+pub(crate) struct WriteTx<'a> {
+    conn: &'a Connection,
+    audit: &'a mut AuditCursor,
+}
+
+impl WriteTx<'_> {
+    /// Appends `record` to the audit trail in this transaction: it commits
+    /// with the data change or not at all. Without an audit key, fails.
+    fn append_audit(&mut self, record: &AuditRecord) -> Result<u64, StoreError> {
+        let key = self.audit.key.as_ref().ok_or(StoreError::AuditUnavailable)?;
+        let seq = self.audit.tentative.seq + 1;
+        let encoded = record.encode(seq);
+        let mac = key.chain(&self.audit.tentative.mac, &encoded);
+        let seq_sql = i64::try_from(seq).map_err(|_| StoreError::AuditUnavailable)?;
+        let audit_failed = |e: rusqlite::Error| {
+            let error = StoreError::from(e);
+            if error.is_unavailable() && !matches!(error, StoreError::Full | StoreError::ReadOnly | StoreError::Busy) {
+                tracing::error!(error = %error, "audit insert failed");
+                StoreError::AuditUnavailable
+            } else {
+                error
+            }
+        };
+        self.conn
+            .prepare_cached(
+                "INSERT INTO audit (seq, at, caller, action, collection, outcome, record, mac)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    seq_sql,
+                    record.at_micros,
+                    record.caller,
+                    record.action,
+                    record.collection,
+                    record.outcome,
+                    encoded,
+                    mac.as_slice()
+                ])
+            })
+            .map_err(audit_failed)?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO audit_tokens (token, seq) VALUES (?1, ?2)")
+            .map_err(audit_failed)?;
+        for token in &record.tokens {
+            stmt.execute(params![token, seq_sql]).map_err(audit_failed)?;
+        }
+        self.audit.tentative = Head { seq, mac };
+        Ok(seq)
+    }
+}
+
 /// A request for the writer: `apply` runs inside the batch transaction,
 /// `finish` answers once the batch committed (or failed).
 trait WriteJob: Send {
-    fn apply(&mut self, conn: &Connection) -> Result<(), StoreError>;
+    fn apply(&mut self, tx: &mut WriteTx<'_>) -> Result<(), StoreError>;
     fn finish(self: Box<Self>, outcome: Result<(), StoreError>);
 }
 
@@ -193,11 +282,11 @@ struct Job<T, F> {
 impl<T, F> WriteJob for Job<T, F>
 where
     T: Send,
-    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
+    F: FnOnce(&mut WriteTx<'_>) -> Result<T, StoreError> + Send,
 {
-    fn apply(&mut self, conn: &Connection) -> Result<(), StoreError> {
+    fn apply(&mut self, tx: &mut WriteTx<'_>) -> Result<(), StoreError> {
         let work = self.work.take().ok_or(StoreError::Closed)?;
-        self.output = Some(work(conn)?);
+        self.output = Some(work(tx)?);
         Ok(())
     }
 
@@ -227,7 +316,8 @@ pub struct Store {
     reader_threads: Vec<JoinHandle<()>>,
 }
 
-fn now_micros() -> i64 {
+/// Now, in microseconds since the Unix epoch.
+pub(crate) fn now_micros() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
@@ -259,7 +349,7 @@ impl Store {
     async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut WriteTx<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let job = Box::new(Job { work: Some(work), output: None, reply });
@@ -344,7 +434,8 @@ impl Store {
         wrapped_v1: Vec<u8>,
     ) -> Result<CollectionId, StoreError> {
         let name = name.to_owned();
-        self.write(move |conn| {
+        self.write(move |tx| {
+            let conn = tx.conn;
             let existing: Option<i64> = conn
                 .prepare_cached("SELECT id FROM collections WHERE name = ?1")?
                 .query_row([&name], |row| row.get(0))
@@ -367,26 +458,110 @@ impl Store {
     }
 
     /// Inserts records; a token that already exists in the collection (live
-    /// or deleted) is reported as a collision and not written.
+    /// or deleted) is reported as a collision and not written. `audit`, with
+    /// the tokens actually inserted, is appended in the same transaction.
     pub async fn insert_records(
         &self,
         collection: CollectionId,
         records: Vec<NewRecord>,
+        mut audit: AuditRecord,
     ) -> Result<Vec<InsertOutcome>, StoreError> {
-        self.write(move |conn| {
+        self.write(move |tx| {
             let now = now_micros();
-            let mut stmt = conn.prepare_cached(
+            let mut stmt = tx.conn.prepare_cached(
                 "INSERT INTO records (collection_id, token, key_version, ciphertext, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (collection_id, token) DO NOTHING",
             )?;
-            records
+            let outcomes = records
                 .iter()
                 .map(|r| {
                     let changed = stmt.execute(params![collection.0, r.token, r.key_version, r.ciphertext, now])?;
                     Ok(if changed == 1 { InsertOutcome::Inserted } else { InsertOutcome::Collision })
                 })
-                .collect()
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            drop(stmt);
+            audit.tokens = records
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| **o == InsertOutcome::Inserted)
+                .map(|(r, _)| r.token.clone())
+                .collect();
+            tx.append_audit(&audit)?;
+            Ok(outcomes)
+        })
+        .await
+    }
+
+    /// Appends one audit record on its own (a read, a denial, a failure),
+    /// answering once it is durable.
+    pub async fn append_audit(&self, record: AuditRecord) -> Result<u64, StoreError> {
+        self.write(move |tx| tx.append_audit(&record)).await
+    }
+
+    /// Gives the writer the audit key and the current head of the trail.
+    /// Until then, every write that must be audited fails.
+    pub async fn install_audit_key(&self, key: AuditKey) -> Result<Head, StoreError> {
+        self.write(move |tx| {
+            let head = tx
+                .conn
+                .query_row("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1", [], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+                })
+                .optional()?
+                .map_or(Ok(Head::GENESIS), |(seq, mac)| {
+                    let mac: [u8; MAC_LEN] = mac.try_into().map_err(|_| StoreError::Corrupt)?;
+                    Ok::<_, StoreError>(Head { seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt)?, mac })
+                })?;
+            tx.audit.key = Some(key);
+            tx.audit.committed = head;
+            tx.audit.tentative = head;
+            Ok(head)
+        })
+        .await
+    }
+
+    /// Audit rows with `seq > after`, in order, at most `limit`: `(seq,
+    /// encoded record, mac, stored columns)`.
+    pub async fn audit_rows(&self, after: u64, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, record, mac, at, caller, action, collection, outcome
+                 FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let after = i64::try_from(after).unwrap_or(i64::MAX);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(params![after, limit], |row| {
+                Ok(AuditRow {
+                    seq: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
+                    record: row.get(1)?,
+                    mac: row.get(2)?,
+                    at: row.get(3)?,
+                    caller: row.get(4)?,
+                    action: row.get(5)?,
+                    collection: row.get(6)?,
+                    outcome: row.get(7)?,
+                })
+            })?;
+            rows.map(|r| r.map_err(StoreError::from)).collect()
+        })
+        .await
+    }
+
+    /// The wrapped vault-level key for `purpose` (version 1), creating it
+    /// with `wrapped` if there is none.
+    pub async fn vault_key(&self, purpose: &'static str, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        self.write(move |tx| {
+            tx.conn
+                .prepare_cached(
+                    "INSERT INTO vault_keys (purpose, version, state, wrapped, created_at)
+                     VALUES (?1, 1, 'primary', ?2, ?3) ON CONFLICT (purpose, version) DO NOTHING",
+                )?
+                .execute(params![purpose, wrapped, now_micros()])?;
+            Ok(tx
+                .conn
+                .prepare_cached("SELECT wrapped FROM vault_keys WHERE purpose = ?1 AND version = 1")?
+                .query_row([purpose], |row| row.get(0))?)
         })
         .await
     }
@@ -417,14 +592,27 @@ impl Store {
     /// Deletes live records: the ciphertext is cleared (and overwritten on
     /// disk by `secure_delete`), the token row stays so the token is never
     /// issued again. Answers, in order, whether each token was live.
-    pub async fn delete_records(&self, collection: CollectionId, tokens: Vec<String>) -> Result<Vec<bool>, StoreError> {
-        self.write(move |conn| {
+    /// `audit`, with the tokens deleted, is appended in the same transaction.
+    pub async fn delete_records(
+        &self,
+        collection: CollectionId,
+        tokens: Vec<String>,
+        mut audit: AuditRecord,
+    ) -> Result<Vec<bool>, StoreError> {
+        self.write(move |tx| {
             let now = now_micros();
-            let mut stmt = conn.prepare_cached(
+            let mut stmt = tx.conn.prepare_cached(
                 "UPDATE records SET ciphertext = NULL, key_version = NULL, deleted_at = ?3
                  WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL",
             )?;
-            tokens.iter().map(|token| Ok(stmt.execute(params![collection.0, token, now])? == 1)).collect()
+            let deleted = tokens
+                .iter()
+                .map(|token| Ok(stmt.execute(params![collection.0, token, now])? == 1))
+                .collect::<Result<Vec<bool>, StoreError>>()?;
+            drop(stmt);
+            audit.tokens = tokens.into_iter().zip(&deleted).filter(|(_, d)| **d).map(|(t, _)| t).collect();
+            tx.append_audit(&audit)?;
+            Ok(deleted)
         })
         .await
     }
@@ -487,6 +675,7 @@ fn reader_loop(conn: &Connection, jobs: &Receiver<ReadJob>) {
 }
 
 fn writer_loop(conn: &Connection, jobs: &Receiver<Box<dyn WriteJob>>, max_batch: usize) {
+    let mut audit = AuditCursor { key: None, committed: Head::GENESIS, tentative: Head::GENESIS };
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -495,7 +684,7 @@ fn writer_loop(conn: &Connection, jobs: &Receiver<Box<dyn WriteJob>>, max_batch:
                 Err(_) => break,
             }
         }
-        commit_batch(conn, batch);
+        commit_batch(conn, &mut audit, batch);
     }
 }
 
@@ -503,7 +692,7 @@ fn writer_loop(conn: &Connection, jobs: &Receiver<Box<dyn WriteJob>>, max_batch:
 /// then every answer. A job's own failure rolls back only that job. If the
 /// transaction as a whole fails (COMMIT refused, or SQLite rolled everything
 /// back, as it may on a full disk), every job fails and nothing is written.
-fn commit_batch(conn: &Connection, batch: Vec<Box<dyn WriteJob>>) {
+fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<dyn WriteJob>>) {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let error = StoreError::from(e);
         tracing::error!(error = %error, "store: cannot begin a write transaction");
@@ -519,7 +708,14 @@ fn commit_batch(conn: &Connection, batch: Vec<Box<dyn WriteJob>>) {
             outcomes.push((job, Err(StoreError::Closed)));
             continue;
         }
-        let result = conn.execute_batch("SAVEPOINT job").map_err(StoreError::from).and_then(|()| job.apply(conn));
+        let before = audit.tentative;
+        let result = conn
+            .execute_batch("SAVEPOINT job")
+            .map_err(StoreError::from)
+            .and_then(|()| job.apply(&mut WriteTx { conn, audit: &mut *audit }));
+        if result.is_err() {
+            audit.tentative = before;
+        }
         match result {
             Ok(()) => {
                 if let Err(e) = conn.execute_batch("RELEASE job") {
@@ -542,6 +738,11 @@ fn commit_batch(conn: &Connection, batch: Vec<Box<dyn WriteJob>>) {
         Some(error) => Err(error),
         None => conn.execute_batch("COMMIT").map_err(StoreError::from),
     };
+    if committed.is_ok() {
+        audit.committed = audit.tentative;
+    } else {
+        audit.tentative = audit.committed;
+    }
     if let Err(error) = &committed {
         tracing::error!(error = %error, jobs = outcomes.len(), "store: write transaction failed; nothing written");
         if !conn.is_autocommit() {

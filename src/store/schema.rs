@@ -18,13 +18,16 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema, one entry per file in `migrations/`, in order. The position
 /// of the last one is the schema version recorded in `user_version`.
+const MIGRATIONS: [&str; 2] =
+    [include_str!("../../migrations/0001_init.sql"), include_str!("../../migrations/0002_audit.sql")];
+
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(include_str!("../../migrations/0001_init.sql"))])
+    Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect())
 }
 
 /// The schema version this build writes.
 pub fn schema_version() -> usize {
-    1
+    MIGRATIONS.len()
 }
 
 /// Whether to create a new store or open an existing one.

@@ -9,8 +9,13 @@ use piivault::Config;
 use piivault::crypto::root::{self, RawKey, RootKey, Unlock};
 use piivault::store::OpenMode;
 use piivault::token::{RandomTokens, TokenGenerator};
-use piivault::vault::Vault;
+use piivault::vault::{Requester, Vault};
 use tempfile::TempDir;
+
+/// The requester in-process tests act as.
+pub fn who() -> Requester {
+    Requester::named("test")
+}
 
 /// The sample collections plus the defaults, with room for overrides.
 pub fn config_text(extra: &str) -> String {
