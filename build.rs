@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/piivault/v1/tokenizer.proto"];
+    let protos = ["proto/piivault/v1/tokenizer.proto", "proto/piivault/v1/audit.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

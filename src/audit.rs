@@ -156,6 +156,94 @@ impl<'a> Reader<'a> {
     }
 }
 
+impl AuditRecord {
+    /// The record as one JSON object (for exports and the log sink): time as
+    /// RFC 3339 and microseconds, the chain MAC in hex.
+    pub fn to_json(&self, seq: u64, mac: &[u8]) -> serde_json::Value {
+        let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.at_micros) * 1000)
+            .ok()
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_default();
+        serde_json::json!({
+            "seq": seq,
+            "at": at,
+            "at_micros": self.at_micros,
+            "caller": self.caller,
+            "action": self.action,
+            "collection": self.collection,
+            "items": self.items,
+            "tokens": self.tokens,
+            "outcome": self.outcome,
+            "error_code": self.error_code,
+            "request_id": self.request_id,
+            "peer": self.peer,
+            "mac": hex::encode(mac),
+        })
+    }
+}
+
+/// Where committed audit records are also written, one JSON object per
+/// line, for log shippers. The database stays the source of truth: a sink
+/// that fails is logged, never fatal.
+pub struct AuditSink {
+    target: std::sync::Mutex<SinkTarget>,
+}
+
+enum SinkTarget {
+    Stdout,
+    File(std::path::PathBuf, std::fs::File),
+}
+
+fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+}
+
+impl AuditSink {
+    /// Records go to standard output.
+    pub fn stdout() -> Self {
+        Self { target: std::sync::Mutex::new(SinkTarget::Stdout) }
+    }
+
+    /// Records are appended to `path` (created 0600).
+    pub fn file(path: &std::path::Path) -> std::io::Result<Self> {
+        let file = open_append(path)?;
+        Ok(Self { target: std::sync::Mutex::new(SinkTarget::File(path.to_owned(), file)) })
+    }
+
+    /// Reopens a file sink (after log rotation moved the old file away).
+    pub fn reopen(&self) {
+        let mut target = self.target.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let SinkTarget::File(path, file) = &mut *target {
+            match open_append(path) {
+                Ok(reopened) => *file = reopened,
+                Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot reopen the audit sink"),
+            }
+        }
+    }
+
+    /// Writes one line per record.
+    pub fn emit(&self, records: &[(u64, AuditRecord, [u8; MAC_LEN])]) {
+        use std::io::Write as _;
+        let mut text = String::new();
+        for (seq, record, mac) in records {
+            text.push_str(&record.to_json(*seq, mac).to_string());
+            text.push('\n');
+        }
+        let mut target = self.target.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let written = match &mut *target {
+            SinkTarget::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(text.as_bytes()).and_then(|()| out.flush())
+            }
+            SinkTarget::File(_, file) => file.write_all(text.as_bytes()),
+        };
+        if let Err(e) = written {
+            tracing::error!(error = %e, "cannot write to the audit sink; the records are in the database");
+        }
+    }
+}
+
 /// The key of the audit chain. Zeroized on drop; no `Debug`, no `Clone`.
 pub struct AuditKey(SecretKey);
 

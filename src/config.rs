@@ -162,6 +162,30 @@ pub struct ServerSettings {
     pub handshake_timeout: std::time::Duration,
 }
 
+/// Where committed audit records are also written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkSetting {
+    /// Nowhere (the database only).
+    None,
+    /// Standard output.
+    Stdout,
+    /// Appended to a file, reopened on SIGHUP.
+    File(PathBuf),
+}
+
+/// The audit trail's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// The JSON-lines sink.
+    pub sink: SinkSetting,
+    /// How often the server logs the trail's head.
+    pub head_log_interval: std::time::Duration,
+    /// Refusals from one caller or address within this window...
+    pub alert_window: std::time::Duration,
+    /// ... that reach this count raise a WARN alert.
+    pub alert_threshold: usize,
+}
+
 /// One collection's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CollectionConfig {
@@ -187,6 +211,8 @@ pub struct Config {
     pub store: StoreSettings,
     /// The network service.
     pub server: ServerSettings,
+    /// The audit trail.
+    pub audit: AuditSettings,
     /// Declared collections.
     pub collections: BTreeMap<CollectionName, CollectionConfig>,
 }
@@ -205,7 +231,35 @@ struct RawConfig {
     #[serde(default)]
     server: RawServer,
     #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
     collections: BTreeMap<String, RawCollection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    sink: Option<String>,
+    head_log_interval_s: Option<i64>,
+    alert_window_s: Option<i64>,
+    alert_threshold: Option<i64>,
+}
+
+fn parse_audit(raw: &RawAudit, data_dir: &Path) -> Result<AuditSettings, ConfigError> {
+    let sink = match raw.sink.as_deref() {
+        None | Some("" | "none") => SinkSetting::None,
+        Some("stdout") => SinkSetting::Stdout,
+        Some(path) => SinkSetting::File(data_dir.join(path)),
+    };
+    let secs = |key: &str, value: Option<i64>, default: usize, max: usize| {
+        bounded(key, value, default, 1, max).map(|s| std::time::Duration::from_secs(s as u64))
+    };
+    Ok(AuditSettings {
+        sink,
+        head_log_interval: secs("audit.head_log_interval_s", raw.head_log_interval_s, 300, 86_400)?,
+        alert_window: secs("audit.alert_window_s", raw.alert_window_s, 60, 86_400)?,
+        alert_threshold: bounded("audit.alert_threshold", raw.alert_threshold, 5, 1, 1_000_000)?,
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -359,6 +413,7 @@ impl Config {
         };
 
         let server = parse_server(raw.server, data_dir)?;
+        let audit = parse_audit(&raw.audit, data_dir)?;
 
         let mut collections = BTreeMap::new();
         let mut prefixes = BTreeMap::new();
@@ -392,6 +447,7 @@ impl Config {
             limits,
             store,
             server,
+            audit,
             collections,
         })
     }
@@ -436,6 +492,16 @@ impl Config {
              log_format = \"text\"          # or \"json\"\n\
              max_message_bytes = 8388608\n\
              handshake_timeout_ms = 10000\n\
+             \n\
+             [audit]\n\
+             # Also write each committed record as a JSON line: \"stdout\", a file path\n\
+             # (reopened on SIGHUP), or \"none\". The database stays the source of truth.\n\
+             sink = \"none\"\n\
+             head_log_interval_s = 300\n\
+             # Refusals from one caller or address within the window that reach the\n\
+             # threshold raise a WARN alert.\n\
+             alert_window_s = 60\n\
+             alert_threshold = 5\n\
              \n\
              # Tokens look like <prefix>_<22 random characters>.\n\
              [collections.card]\n\

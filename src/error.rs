@@ -32,6 +32,9 @@ pub enum VaultError {
     /// CSPRNG, or a key that does not unwrap at startup).
     #[error("cryptographic failure: {0}")]
     Crypto(#[from] CryptoError),
+    /// The audit sink cannot be opened.
+    #[error("the audit sink cannot be opened: {0}")]
+    Sink(String),
     /// The audit trail failed verification.
     #[error("audit trail: {0}")]
     Audit(crate::audit::VerifyError),

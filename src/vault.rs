@@ -8,13 +8,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::audit::{self, AuditKey, AuditRecord, Head, VerifyError};
-use crate::config::{CollectionName, Config, Limits};
+use crate::audit::{self, AuditKey, AuditRecord, AuditSink, Head, VerifyError};
+use crate::config::{CollectionName, Config, Limits, SinkSetting};
 use crate::crypto::keyring::{self, DataKey, KeyPurpose, Keyring};
 use crate::crypto::root::RootKey;
 use crate::crypto::{CryptoError, envelope};
 use crate::error::{ItemError, VaultError};
-use crate::store::{AuditRow, CollectionId, InsertOutcome, KeyState, NewRecord, OpenMode, Store, StoreOptions};
+use crate::store::{
+    AuditFilter, AuditRow, CollectionId, InsertOutcome, KeyState, NewRecord, OpenMode, Store, StoreOptions,
+};
 use crate::token::{RandomTokens, Token, TokenGenerator, TokenPrefix};
 use crate::value::PiiValue;
 
@@ -74,6 +76,7 @@ struct Inner {
     store: Store,
     tokens: Box<dyn TokenGenerator>,
     audit_key: AuditKey,
+    sink: Option<Arc<AuditSink>>,
 }
 
 /// The vault. Cheap to clone; all clones share one store and keyring.
@@ -103,12 +106,20 @@ impl Vault {
         mode: OpenMode,
         tokens: Box<dyn TokenGenerator>,
     ) -> Result<Self, VaultError> {
+        let sink = match &config.audit.sink {
+            SinkSetting::None => None,
+            SinkSetting::Stdout => Some(Arc::new(AuditSink::stdout())),
+            SinkSetting::File(path) => {
+                Some(Arc::new(AuditSink::file(path).map_err(|e| VaultError::Sink(e.to_string()))?))
+            }
+        };
         let store = Store::open(
             &config.database,
             mode,
             StoreOptions {
                 read_connections: config.store.read_connections,
                 max_group_commit: config.store.max_group_commit,
+                sink: sink.clone(),
             },
         )?;
 
@@ -180,6 +191,7 @@ impl Vault {
                 store,
                 tokens,
                 audit_key: AuditKey::from_bytes(*audit_bytes),
+                sink,
             }),
         })
     }
@@ -335,6 +347,14 @@ impl Vault {
         Ok(results)
     }
 
+    /// Appends the record of a request that has no data change of its own
+    /// (an audit query, a refusal). Fails closed: a caller about to answer
+    /// must not answer if this fails.
+    pub async fn record(&self, record: AuditRecord) -> Result<(), VaultError> {
+        self.inner.store.append_audit(record).await?;
+        Ok(())
+    }
+
     /// Records a request that failed or was refused before or inside the
     /// vault (`outcome` is the gRPC code name). Best effort: the caller
     /// already has its error; a record that cannot be written is logged.
@@ -350,9 +370,25 @@ impl Vault {
         let shown = if self.has_collection(collection) { collection } else { "" };
         let mut record = who.record(action, shown, items, outcome);
         record.error_code = detail.to_owned();
-        if let Err(e) = self.inner.store.append_audit(record).await {
+        if let Err(e) = self.record(record).await {
             tracing::error!(error = %e, action, outcome, "could not write the audit record of a failed request");
         }
+    }
+
+    /// Audit records matching `filter`, oldest first, at most `limit`, with
+    /// their chain MACs. Reading does not verify: see [`Vault::verify_audit`].
+    pub async fn query_audit(
+        &self,
+        filter: AuditFilter,
+        limit: usize,
+    ) -> Result<Vec<(u64, AuditRecord, Vec<u8>)>, VaultError> {
+        let rows = self.inner.store.query_audit(filter, limit).await?;
+        rows.into_iter()
+            .map(|row| match AuditRecord::decode(&row.record) {
+                Ok((_, record)) => Ok((row.seq, record, row.mac)),
+                Err(_) => Err(VaultError::Audit(VerifyError { seq: row.seq, reason: "malformed record" })),
+            })
+            .collect()
     }
 
     fn open_record(&self, coll: &Collection, token: &Token, ciphertext: &[u8]) -> ItemResult<PiiValue> {
@@ -419,6 +455,18 @@ impl Vault {
             rows.extend(page);
         }
         Ok(verify_rows(&self.inner.audit_key, &rows))
+    }
+
+    /// Reopens a file audit sink (SIGHUP, after log rotation).
+    pub fn reopen_audit_sink(&self) {
+        if let Some(sink) = &self.inner.sink {
+            sink.reopen();
+        }
+    }
+
+    /// The last committed audit record's number and MAC.
+    pub async fn audit_head(&self) -> Result<Head, VaultError> {
+        Ok(self.inner.store.audit_head().await?)
     }
 
     /// The stored MAC of audit record `seq` (hex), if it exists.

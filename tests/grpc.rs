@@ -708,7 +708,10 @@ async fn reflection_lists_the_services() {
     let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("{response:?}") };
     let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     names.sort();
-    assert_eq!(names, ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "piivault.v1.Tokenizer"]);
+    assert_eq!(
+        names,
+        ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "piivault.v1.Audit", "piivault.v1.Tokenizer"]
+    );
 }
 
 /// Successes, denials and unauthenticated calls are all on the record, with
@@ -753,4 +756,172 @@ async fn calls_over_the_network_are_audited() {
     let raw = std::fs::read(server.db_path()).unwrap();
     let wal = std::fs::read(server.dir.join("vault.db-wal")).unwrap_or_default();
     assert!(!common::contains(&raw, b"4000056655665556") && !common::contains(&wal, b"4000056655665556"));
+}
+
+fn lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The compliance questions, asked as an auditor over the network and
+/// offline from the data directory: who detokenized token T; everything
+/// caller C did in a window; every denied request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compliance_queries_return_exactly_the_right_records() {
+    let server = DevServer::start();
+    let dir = server.dir.to_str().unwrap().to_owned();
+    let mut writer = server.client("writer").await;
+    let mut reader = server.client("reader").await;
+    let mut support = server.client("support").await;
+    let t = tokens(&mut writer, "card", &["4000056655665556", "5105105105105100"]).await;
+    let window_start = time::OffsetDateTime::now_utc();
+    detokenize(&mut reader, "card", &t[..1]).await.unwrap();
+    detokenize(&mut support, "card", &t[..1]).await.unwrap();
+    detokenize(&mut reader, "card", &t[1..]).await.unwrap();
+    assert_eq!(detokenize(&mut writer, "card", &t[..1]).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(tokenize(&mut reader, "card", &["x"]).await.unwrap_err().code(), Code::PermissionDenied);
+    let since = window_start.format(&time::format_description::well_known::Rfc3339).unwrap();
+
+    let s = server.addr.to_string();
+    let query = |who: &str, extra: &[&str]| {
+        let mut args = vec!["audit", "query", "--json", "--data-dir", &dir, "--as", who, "--addr", &s];
+        args.extend_from_slice(extra);
+        std::process::Command::new(common::server::BIN).args(&args).output().unwrap()
+    };
+    let fields = |v: &serde_json::Value| {
+        (
+            v["caller"].as_str().unwrap().to_owned(),
+            v["action"].as_str().unwrap().to_owned(),
+            v["outcome"].as_str().unwrap().to_owned(),
+        )
+    };
+
+    // Who detokenized token T? (in clear, and masked)
+    let who_read = lines(&query("auditor", &["--token", &t[0], "--action", "detokenize"]));
+    assert_eq!(who_read.iter().map(fields).collect::<Vec<_>>(), [("reader".into(), "detokenize".into(), "OK".into())]);
+    assert_eq!(who_read[0]["tokens"], serde_json::json!([t[0]]));
+    let masked = lines(&query("auditor", &["--token", &t[0], "--action", "detokenize_masked"]));
+    assert_eq!(
+        masked.iter().map(fields).collect::<Vec<_>>(),
+        [("support".into(), "detokenize_masked".into(), "OK".into())]
+    );
+
+    // Everything the reader did in the window.
+    let reader_did = lines(&query("auditor", &["--caller", "reader", "--since", &since]));
+    assert_eq!(
+        reader_did.iter().map(fields).collect::<Vec<_>>(),
+        [
+            ("reader".into(), "detokenize".into(), "OK".into()),
+            ("reader".into(), "detokenize".into(), "OK".into()),
+            ("reader".into(), "tokenize".into(), "PERMISSION_DENIED".into()),
+        ]
+    );
+    assert_eq!(reader_did[1]["tokens"], serde_json::json!([t[1]]));
+    let before_window = lines(&query("auditor", &["--caller", "writer", "--until", &since]));
+    assert_eq!(
+        before_window.iter().map(fields).collect::<Vec<_>>(),
+        [("writer".into(), "tokenize".into(), "OK".into())]
+    );
+
+    // Every denied request.
+    let denied = lines(&query("auditor", &["--outcome", "PERMISSION_DENIED"]));
+    assert_eq!(
+        denied.iter().map(fields).collect::<Vec<_>>(),
+        [
+            ("writer".into(), "detokenize".into(), "PERMISSION_DENIED".into()),
+            ("reader".into(), "tokenize".into(), "PERMISSION_DENIED".into())
+        ]
+    );
+
+    // Only auditors may ask; asking is itself on the record, and so is the refusal.
+    let refused = query("writer", &[]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("PERMISSION_DENIED"));
+    let offline = std::process::Command::new(common::server::BIN)
+        .args(["audit", "query", "--json", "--data-dir", &dir, "--action", "audit_query"])
+        .output()
+        .unwrap();
+    let asked = lines(&offline);
+    assert_eq!(asked.iter().filter(|r| r["caller"] == "auditor" && r["outcome"] == "OK").count(), 5);
+    assert_eq!(asked.iter().filter(|r| r["caller"] == "writer" && r["outcome"] == "PERMISSION_DENIED").count(), 1);
+    assert_eq!(asked[0]["tokens"], serde_json::json!([t[0]]), "the token an auditor asked about is recorded");
+
+    // Export: every record, JSON lines, chained MACs, no value anywhere.
+    let export = std::process::Command::new(common::server::BIN)
+        .args(["audit", "export", "--format", "jsonl", "--data-dir", &dir, "--as", "auditor", "--addr", &s])
+        .output()
+        .unwrap();
+    let all = lines(&export);
+    let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert!(all.iter().all(|r| r["mac"].as_str().unwrap().len() == 64));
+    let text = String::from_utf8_lossy(&export.stdout);
+    assert!(!text.contains("4000056655665556") && !text.contains("5105105105105100"));
+
+    // Verify over the network.
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.addr))
+        .unwrap()
+        .tls_config(server.tls_for("auditor"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let verdict =
+        proto::audit_client::AuditClient::new(channel).verify(proto::AuditVerifyRequest {}).await.unwrap().into_inner();
+    assert!(verdict.ok, "{verdict:?}");
+    assert!(verdict.records >= seqs.len() as u64);
+    assert_eq!(verdict.head_mac.len(), 64);
+}
+
+/// The JSON-lines sink (reopened on SIGHUP), alerts on repeated refusals,
+/// and refused handshakes on the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_alerts_and_refused_handshakes() {
+    let first = DevServer::start();
+    let dir = first.dir.clone();
+    let (status, tmp) = tokio::task::spawn_blocking(move || first.stop()).await.unwrap();
+    assert!(status.success());
+    let config = dir.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text =
+        text.replace("sink = \"none\"", "sink = \"audit.jsonl\"").replace("alert_threshold = 5", "alert_threshold = 3");
+    std::fs::write(&config, text).unwrap();
+    let server = DevServer::start_in(tmp, dir.clone());
+
+    let mut writer = server.client("writer").await;
+    let t = tokens(&mut writer, "ssn", &["078-05-1120"]).await;
+    for _ in 0..3 {
+        assert_eq!(detokenize(&mut writer, "ssn", &t).await.unwrap_err().code(), Code::PermissionDenied);
+    }
+    let other = tempfile::tempdir().unwrap();
+    let foreign =
+        Ca::init(other.path(), "elsewhere.example", &["localhost".into()]).unwrap().sign(&spec("writer")).unwrap();
+    assert_handshake_refused(&server, server.tls_signed(&foreign), "invalid peer certificate: UnknownIssuer").await;
+
+    let output = server.output();
+    assert!(output.contains("repeated refused requests"), "{output}");
+    assert!(output.contains("subject=\"writer\""), "{output}");
+
+    // Rotate the sink file away, SIGHUP, and the next record lands in a new file.
+    let sink = dir.join("audit.jsonl");
+    let rotated = dir.join("audit.jsonl.1");
+    std::fs::rename(&sink, &rotated).unwrap();
+    server.reload();
+    tokens(&mut writer, "ssn", &["219-09-9999"]).await;
+    let old: Vec<serde_json::Value> =
+        std::fs::read_to_string(&rotated).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let new: Vec<serde_json::Value> =
+        std::fs::read_to_string(&sink).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let actions: Vec<&str> = old.iter().map(|r| r["action"].as_str().unwrap()).collect();
+    assert_eq!(&actions[..4], ["tokenize", "detokenize", "detokenize", "detokenize"]);
+    assert!(old.iter().any(|r| r["action"] == "handshake"
+        && r["outcome"] == "REFUSED"
+        && r["peer"].as_str().unwrap().starts_with("127.0.0.1:")
+        && r["error_code"].as_str().unwrap().contains("UnknownIssuer")));
+    assert_eq!(new.len(), 1);
+    assert_eq!((new[0]["action"].as_str(), new[0]["caller"].as_str()), (Some("tokenize"), Some("writer")));
+    let seqs: Vec<u64> = old.iter().chain(&new).map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "the sink carries every record, in order");
+    let all = std::fs::read_to_string(&rotated).unwrap() + &std::fs::read_to_string(&sink).unwrap();
+    assert!(!all.contains("078-05-1120") && !all.contains("219-09-9999"));
 }

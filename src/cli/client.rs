@@ -76,8 +76,23 @@ fn missing(what: &str, flag: &str, env: &str) -> CliError {
     }
 }
 
+impl ConnectArgs {
+    /// A local data directory to read directly: `--data-dir` given, and
+    /// nothing that says "connect" (`--as`, `--addr`, a certificate).
+    pub fn offline_dir(&self) -> Option<&std::path::Path> {
+        let online = self.as_name.is_some() || self.addr.is_some() || self.cert.is_some();
+        if online { None } else { self.data_dir.as_deref() }
+    }
+}
+
 /// Connects with the resolved address and credentials.
 pub async fn connect(args: &ConnectArgs) -> Result<TokenizerClient<Channel>, CliError> {
+    let channel = channel(args).await?;
+    Ok(TokenizerClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+}
+
+/// A TLS channel to the vault with the resolved address and credentials.
+pub async fn channel(args: &ConnectArgs) -> Result<Channel, CliError> {
     let dir_config = match &args.data_dir {
         Some(dir) => Some(Config::load(&dir.join(CONFIG_FILE)).or_fail(Failure::Config)?),
         None => None,
@@ -123,7 +138,14 @@ pub async fn connect(args: &ConnectArgs) -> Result<TokenizerClient<Channel>, Cli
         .await
         .map_err(|e| anyhow!("cannot connect to {addr}: {}", error_chain(&e)))
         .or_fail(Failure::Other)?;
-    Ok(TokenizerClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+    Ok(channel)
+}
+
+/// A whole-request failure as one line: the code, the message, and for a
+/// transport failure (say, a TLS alert from the server) its cause.
+pub fn status_error(s: &tonic::Status) -> CliError {
+    let cause = std::error::Error::source(s).map(|e| format!(": {}", error_chain(e))).unwrap_or_default();
+    CliError { failure: Failure::Other, error: anyhow!("{}: {}{cause}", code_name(s.code()), s.message()) }
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
@@ -165,12 +187,7 @@ pub async fn run(op: Op, args: ItemsArgs) -> Result<(), CliError> {
     };
     let mut client = connect(&args.connect).await?;
     let collection = args.collection;
-    let status = |s: tonic::Status| {
-        // A transport failure (say, a TLS alert from the server) hides its
-        // reason in the source chain.
-        let cause = std::error::Error::source(&s).map(|e| format!(": {}", error_chain(e))).unwrap_or_default();
-        CliError { failure: Failure::Other, error: anyhow!("{}: {}{cause}", code_name(s.code()), s.message()) }
-    };
+    let status = |s: tonic::Status| status_error(&s);
     let lines: Vec<Line> = match op {
         Op::Tokenize => {
             let response =

@@ -6,10 +6,13 @@
 //! statuses in exactly one place ([`status_of`]). It knows nothing about
 //! keys or SQL, and it never logs a value.
 
+mod audit;
+mod call;
 pub mod proto;
 pub mod server;
 mod tokenizer;
 
+pub use audit::AuditService;
 pub use tokenizer::TokenizerService;
 
 use tonic::{Code, Status};

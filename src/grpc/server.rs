@@ -15,8 +15,9 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
+use super::proto::audit_server::AuditServer;
 use super::proto::tokenizer_server::TokenizerServer;
-use super::{EdgeError, TokenizerService};
+use super::{AuditService, EdgeError, TokenizerService};
 use crate::config::{CollectionName, Config};
 use crate::policy::{Action, CallerId, Policy, PolicyError};
 use crate::tls::{PeerCert, ServerTls, TlsError};
@@ -55,6 +56,61 @@ pub struct ConnInfo {
     pub cert: Arc<PeerCert>,
 }
 
+/// Counts refusals (denied or unauthenticated calls, failed handshakes) per
+/// caller or address, and raises a WARN alert when one reaches the threshold
+/// within the window.
+pub struct Alerts {
+    window: std::time::Duration,
+    threshold: usize,
+    recent: std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<std::time::Instant>>>,
+    raised: std::sync::atomic::AtomicU64,
+}
+
+/// Subjects tracked at once; beyond it, idle ones are forgotten first.
+const MAX_ALERT_SUBJECTS: usize = 10_000;
+
+impl Alerts {
+    /// Alerts at `threshold` refusals within `window`.
+    pub fn new(window: std::time::Duration, threshold: usize) -> Self {
+        Self { window, threshold, recent: std::sync::Mutex::default(), raised: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// Notes one refusal of `subject` (a caller name or a peer address).
+    pub fn note(&self, subject: &str, what: &'static str) {
+        let now = std::time::Instant::now();
+        let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if recent.len() >= MAX_ALERT_SUBJECTS && !recent.contains_key(subject) {
+            recent.retain(|_, times| times.back().is_some_and(|t| now.duration_since(*t) < self.window));
+            if recent.len() >= MAX_ALERT_SUBJECTS {
+                return;
+            }
+        }
+        let times = recent.entry(subject.to_owned()).or_default();
+        times.push_back(now);
+        while times.front().is_some_and(|t| now.duration_since(*t) >= self.window) {
+            times.pop_front();
+        }
+        if times.len() >= self.threshold {
+            let count = times.len();
+            times.clear();
+            let total = self.raised.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            tracing::warn!(
+                alert = true,
+                subject,
+                count,
+                window_s = self.window.as_secs(),
+                alerts_raised = total,
+                "repeated {what}"
+            );
+        }
+    }
+
+    /// Alerts raised since start (for a metrics endpoint).
+    pub fn raised(&self) -> u64 {
+        self.raised.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// The state that a reload (SIGHUP) replaces: policy and TLS material.
 pub struct Live {
     trust_domain: String,
@@ -63,6 +119,8 @@ pub struct Live {
     collections: std::collections::BTreeSet<CollectionName>,
     policy: RwLock<Arc<Policy>>,
     tls: RwLock<Arc<ServerTls>>,
+    /// Repeated refusals.
+    pub alerts: Alerts,
 }
 
 impl Live {
@@ -78,6 +136,7 @@ impl Live {
             collections,
             policy: RwLock::new(Arc::new(policy)),
             tls: RwLock::new(Arc::new(tls)),
+            alerts: Alerts::new(config.audit.alert_window, config.audit.alert_threshold),
         })
     }
 
@@ -185,6 +244,7 @@ impl AsyncWrite for AuthenticatedStream {
 fn accept_loop(
     listener: TcpListener,
     live: Arc<Live>,
+    vault: Vault,
     handshake_timeout: std::time::Duration,
 ) -> ReceiverStream<Result<AuthenticatedStream, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(128);
@@ -208,6 +268,7 @@ fn accept_loop(
             let acceptor = TlsAcceptor::from(live.tls().config.clone());
             let tx = tx.clone();
             let trust_domain = live.trust_domain.clone();
+            let (live, vault) = (live.clone(), vault.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
@@ -225,13 +286,27 @@ fn accept_loop(
                         let info = ConnInfo { peer, cert: Arc::new(cert) };
                         let _ = tx.send(Ok(AuthenticatedStream { inner: stream, info })).await;
                     }
-                    Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "TLS handshake refused");
+                        refused(&live, &vault, peer, &e.to_string()).await;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, "TLS handshake timed out");
+                        refused(&live, &vault, peer, "handshake timed out").await;
+                    }
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// A refused handshake goes on the record and counts towards an alert for
+/// its address.
+async fn refused(live: &Live, vault: &Vault, peer: SocketAddr, reason: &str) {
+    live.alerts.note(&peer.ip().to_string(), "failed TLS handshakes");
+    let who = crate::vault::Requester { caller: String::new(), peer: peer.to_string(), request_id: String::new() };
+    vault.audit_failure(&who, "handshake", "", 0, "REFUSED", reason).await;
 }
 
 /// Rewrites tonic's answer to an oversized message (`OUT_OF_RANGE`, "decoded
@@ -270,22 +345,26 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let max = config.server.max_message_bytes;
+    let audit = AuditServer::new(AuditService::new(vault.clone(), live.clone()));
+    let audit_vault = vault.clone();
     let tokenizer = TokenizerServer::new(TokenizerService::new(vault, live.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TokenizerServer<TokenizerService>>().await;
+    health.set_serving::<AuditServer<AuditService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(super::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError::Transport(e.to_string()))?;
-    let incoming = accept_loop(listener, live, config.server.handshake_timeout);
+    let incoming = accept_loop(listener, live, audit_vault, config.server.handshake_timeout);
     tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(oversized_message_status))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(tokenizer)
+        .add_service(audit)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| ServeError::Transport(e.to_string()))

@@ -22,7 +22,9 @@ use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::audit::{AuditKey, AuditRecord, Head, MAC_LEN};
+use std::sync::Arc;
+
+use crate::audit::{AuditKey, AuditRecord, AuditSink, Head, MAC_LEN};
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{Connection, ErrorCode, OptionalExtension as _, params};
 use tokio::sync::oneshot;
@@ -174,6 +176,27 @@ pub enum InsertOutcome {
     Collision,
 }
 
+/// Which audit records a query wants. Empty fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Records involving this token.
+    pub token: Option<String>,
+    /// Records of this caller.
+    pub caller: Option<String>,
+    /// Records of this action.
+    pub action: Option<String>,
+    /// Records on this collection.
+    pub collection: Option<String>,
+    /// Records with this outcome (`OK`, `PERMISSION_DENIED`, ...).
+    pub outcome: Option<String>,
+    /// Records at or after this time (unix microseconds).
+    pub since: Option<i64>,
+    /// Records before this time (unix microseconds).
+    pub until: Option<i64>,
+    /// Only records with a sequence number above this.
+    pub after_seq: u64,
+}
+
 /// An audit row as stored: the chained encoding and the query columns.
 #[derive(Debug, Clone)]
 pub struct AuditRow {
@@ -209,6 +232,9 @@ struct AuditCursor {
     key: Option<AuditKey>,
     committed: Head,
     tentative: Head,
+    /// Records written in the open transaction, for the sink after commit.
+    pending: Vec<(u64, AuditRecord, [u8; MAC_LEN])>,
+    sink: Option<Arc<AuditSink>>,
 }
 
 /// What a write job works with: the connection, inside the group-commit
@@ -262,6 +288,9 @@ impl WriteTx<'_> {
             stmt.execute(params![token, seq_sql]).map_err(audit_failed)?;
         }
         self.audit.tentative = Head { seq, mac };
+        if self.audit.sink.is_some() {
+            self.audit.pending.push((seq, record.clone(), mac));
+        }
         Ok(seq)
     }
 }
@@ -300,12 +329,14 @@ where
 }
 
 /// Tuning for [`Store::open`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct StoreOptions {
     /// Read connections (threads) in the pool.
     pub read_connections: usize,
     /// Most write requests per transaction.
     pub max_group_commit: usize,
+    /// Where committed audit records are also written.
+    pub sink: Option<Arc<AuditSink>>,
 }
 
 /// Handle to the store's writer and reader threads.
@@ -336,7 +367,9 @@ impl Store {
         let mut store =
             Self { writer: Some(write_tx), readers: Some(read_tx), writer_thread: None, reader_threads: Vec::new() };
         let max_batch = options.max_group_commit.max(1);
-        store.writer_thread = Some(spawn("piivault-writer", move || writer_loop(&writer_conn, &write_rx, max_batch))?);
+        let sink = options.sink;
+        store.writer_thread =
+            Some(spawn("piivault-writer", move || writer_loop(&writer_conn, &write_rx, max_batch, sink))?);
         for (i, conn) in readers.into_iter().enumerate() {
             let rx = read_rx.clone();
             store.reader_threads.push(spawn(&format!("piivault-reader-{i}"), move || reader_loop(&conn, &rx))?);
@@ -531,18 +564,61 @@ impl Store {
             )?;
             let after = i64::try_from(after).unwrap_or(i64::MAX);
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = stmt.query_map(params![after, limit], |row| {
-                Ok(AuditRow {
-                    seq: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
-                    record: row.get(1)?,
-                    mac: row.get(2)?,
-                    at: row.get(3)?,
-                    caller: row.get(4)?,
-                    action: row.get(5)?,
-                    collection: row.get(6)?,
-                    outcome: row.get(7)?,
+            let rows = stmt.query_map(params![after, limit], audit_row)?;
+            rows.map(|r| r.map_err(StoreError::from)).collect()
+        })
+        .await
+    }
+
+    /// The last committed audit record's number and MAC.
+    pub async fn audit_head(&self) -> Result<Head, StoreError> {
+        self.read(|conn| {
+            let last = conn
+                .query_row("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1", [], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
                 })
-            })?;
+                .optional()?;
+            let Some((seq, mac)) = last else { return Ok(Head::GENESIS) };
+            Ok(Head {
+                seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt)?,
+                mac: mac.try_into().map_err(|_| StoreError::Corrupt)?,
+            })
+        })
+        .await
+    }
+
+    /// Audit rows matching `filter`, oldest first, at most `limit`.
+    pub async fn query_audit(&self, filter: AuditFilter, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT a.seq, a.record, a.mac, a.at, a.caller, a.action, a.collection, a.outcome
+                 FROM audit a
+                 WHERE a.seq > ?1
+                   AND (?2 IS NULL OR a.seq IN (SELECT seq FROM audit_tokens WHERE token = ?2))
+                   AND (?3 IS NULL OR a.caller = ?3)
+                   AND (?4 IS NULL OR a.action = ?4)
+                   AND (?5 IS NULL OR a.collection = ?5)
+                   AND (?6 IS NULL OR a.outcome = ?6)
+                   AND (?7 IS NULL OR a.at >= ?7)
+                   AND (?8 IS NULL OR a.at < ?8)
+                 ORDER BY a.seq LIMIT ?9",
+            )?;
+            let after = i64::try_from(filter.after_seq).unwrap_or(i64::MAX);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(
+                params![
+                    after,
+                    filter.token,
+                    filter.caller,
+                    filter.action,
+                    filter.collection,
+                    filter.outcome,
+                    filter.since,
+                    filter.until,
+                    limit
+                ],
+                audit_row,
+            )?;
             rows.map(|r| r.map_err(StoreError::from)).collect()
         })
         .await
@@ -655,6 +731,21 @@ impl Drop for Store {
     }
 }
 
+/// An `audit` row selected as `seq, record, mac, at, caller, action,
+/// collection, outcome`.
+fn audit_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
+    Ok(AuditRow {
+        seq: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
+        record: row.get(1)?,
+        mac: row.get(2)?,
+        at: row.get(3)?,
+        caller: row.get(4)?,
+        action: row.get(5)?,
+        collection: row.get(6)?,
+        outcome: row.get(7)?,
+    })
+}
+
 fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {
     std::thread::Builder::new()
         .name(name.to_owned())
@@ -674,8 +765,9 @@ fn reader_loop(conn: &Connection, jobs: &Receiver<ReadJob>) {
     }
 }
 
-fn writer_loop(conn: &Connection, jobs: &Receiver<Box<dyn WriteJob>>, max_batch: usize) {
-    let mut audit = AuditCursor { key: None, committed: Head::GENESIS, tentative: Head::GENESIS };
+fn writer_loop(conn: &Connection, jobs: &Receiver<Box<dyn WriteJob>>, max_batch: usize, sink: Option<Arc<AuditSink>>) {
+    let mut audit =
+        AuditCursor { key: None, committed: Head::GENESIS, tentative: Head::GENESIS, pending: Vec::new(), sink };
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -709,12 +801,14 @@ fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<dyn W
             continue;
         }
         let before = audit.tentative;
+        let pending_before = audit.pending.len();
         let result = conn
             .execute_batch("SAVEPOINT job")
             .map_err(StoreError::from)
             .and_then(|()| job.apply(&mut WriteTx { conn, audit: &mut *audit }));
         if result.is_err() {
             audit.tentative = before;
+            audit.pending.truncate(pending_before);
         }
         match result {
             Ok(()) => {
@@ -740,9 +834,15 @@ fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<dyn W
     };
     if committed.is_ok() {
         audit.committed = audit.tentative;
+        if let Some(sink) = &audit.sink
+            && !audit.pending.is_empty()
+        {
+            sink.emit(&audit.pending);
+        }
     } else {
         audit.tentative = audit.committed;
     }
+    audit.pending.clear();
     if let Err(error) = &committed {
         tracing::error!(error = %error, jobs = outcomes.len(), "store: write transaction failed; nothing written");
         if !conn.is_autocommit() {
