@@ -833,6 +833,10 @@ async fn compliance_queries_return_exactly_the_right_records() {
         ]
     );
 
+    // A filter that is not a token is not copied into the trail (it is free
+    // text and could hold anything).
+    assert!(lines(&query("auditor", &["--token", "4000056655665556"])).is_empty());
+
     // Only auditors may ask; asking is itself on the record, and so is the refusal.
     let refused = query("writer", &[]);
     assert_eq!(refused.status.code(), Some(1));
@@ -842,7 +846,8 @@ async fn compliance_queries_return_exactly_the_right_records() {
         .output()
         .unwrap();
     let asked = lines(&offline);
-    assert_eq!(asked.iter().filter(|r| r["caller"] == "auditor" && r["outcome"] == "OK").count(), 5);
+    assert_eq!(asked.iter().filter(|r| r["caller"] == "auditor" && r["outcome"] == "OK").count(), 6);
+    assert_eq!(asked[5]["tokens"], serde_json::json!([]));
     assert_eq!(asked.iter().filter(|r| r["caller"] == "writer" && r["outcome"] == "PERMISSION_DENIED").count(), 1);
     assert_eq!(asked[0]["tokens"], serde_json::json!([t[0]]), "the token an auditor asked about is recorded");
 

@@ -16,6 +16,7 @@ use super::server::Live;
 use crate::audit::AuditRecord;
 use crate::policy::Action;
 use crate::store::AuditFilter;
+use crate::token::Token;
 use crate::vault::Vault;
 
 /// Records sent per page of a query stream.
@@ -79,9 +80,11 @@ impl Audit for AuditService {
             };
             let limit = if q.limit == 0 { usize::MAX } else { usize::try_from(q.limit).unwrap_or(usize::MAX) };
             // The auditor's own query goes on the record first (with the
-            // token it asked about): no record, no answer.
-            let mut record = call.who.record("audit_query", filter.collection.as_deref().unwrap_or(""), 0, "OK");
-            record.tokens = filter.token.iter().cloned().collect();
+            // token it asked about, if that is a token at all: the field is
+            // free text): no record, no answer.
+            let collection = filter.collection.as_deref().filter(|c| self.vault.has_collection(c)).unwrap_or("");
+            let mut record = call.who.record("audit_query", collection, 0, "OK");
+            record.tokens = filter.token.iter().filter(|t| t.parse::<Token>().is_ok()).cloned().collect();
             self.vault.record(record).await?;
             let (tx, rx) = tokio::sync::mpsc::channel(PAGE);
             let vault = self.vault.clone();
