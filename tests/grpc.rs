@@ -451,13 +451,7 @@ async fn delete_then_detokenize_is_not_found_and_health_reports_serving() {
     let back = detokenize(&mut reader, "email", &t).await.unwrap();
     assert_eq!(back, vec![(Err(NOT_FOUND), false), (Ok("kept@example.org".into()), false)]);
 
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.addr))
-        .unwrap()
-        .tls_config(server.tls_for("auditor"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel("auditor").await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let answer = health
         .check(tonic_health::pb::HealthCheckRequest { service: "piivault.v1.Tokenizer".into() })
@@ -688,13 +682,7 @@ async fn reflection_lists_the_services() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
     let server = DevServer::start();
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.addr))
-        .unwrap()
-        .tls_config(server.tls_for("reader"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel("reader").await;
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -864,13 +852,7 @@ async fn compliance_queries_return_exactly_the_right_records() {
     assert!(!text.contains("4000056655665556") && !text.contains("5105105105105100"));
 
     // Verify over the network.
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.addr))
-        .unwrap()
-        .tls_config(server.tls_for("auditor"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel("auditor").await;
     let verdict =
         proto::audit_client::AuditClient::new(channel).verify(proto::AuditVerifyRequest {}).await.unwrap().into_inner();
     assert!(verdict.ok, "{verdict:?}");

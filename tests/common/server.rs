@@ -144,15 +144,25 @@ impl DevServer {
         self.ca().sign(spec).unwrap()
     }
 
-    pub async fn connect(&self, tls: ClientTlsConfig) -> Result<TokenizerClient<Channel>, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(format!("https://{}", self.addr))
+    /// A channel with `tls`, for any of the server's services.
+    pub async fn channel_with(&self, tls: ClientTlsConfig) -> Result<Channel, tonic::transport::Error> {
+        Endpoint::from_shared(format!("https://{}", self.addr))
             .unwrap()
             .tls_config(tls)
             .unwrap()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(30))
             .connect()
-            .await?;
+            .await
+    }
+
+    /// A channel as dev caller `name`.
+    pub async fn channel(&self, name: &str) -> Channel {
+        self.channel_with(self.tls_for(name)).await.unwrap()
+    }
+
+    pub async fn connect(&self, tls: ClientTlsConfig) -> Result<TokenizerClient<Channel>, tonic::transport::Error> {
+        let channel = self.channel_with(tls).await?;
         Ok(TokenizerClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
     }
 
