@@ -507,11 +507,17 @@ impl Vault {
 fn verify_rows(key: &AuditKey, rows: &[AuditRow]) -> Result<Head, VerifyError> {
     let columns = rows.iter().find_map(|row| {
         let matches = AuditRecord::decode(&row.record).is_ok_and(|(_, r)| {
+            let mut recorded: Vec<&String> = r.tokens.iter().collect();
+            recorded.sort();
+            recorded.dedup();
+            let mut indexed: Vec<&String> = row.indexed_tokens.iter().collect();
+            indexed.sort();
             r.at_micros == row.at
                 && r.caller == row.caller
                 && r.action == row.action
                 && r.collection == row.collection
                 && r.outcome == row.outcome
+                && recorded == indexed
         });
         (!matches).then_some(VerifyError { seq: row.seq, reason: "query columns do not match the record" })
     });

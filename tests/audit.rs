@@ -137,7 +137,14 @@ async fn the_schema_refuses_to_change_or_remove_a_record() {
 #[tokio::test]
 async fn tampering_below_the_triggers_is_detected() {
     type Tamper = fn(&rusqlite::Connection);
-    let cases: [(&str, Tamper, Verdict); 5] = [
+    let cases: [(&str, Tamper, Verdict); 6] = [
+        (
+            "hide a token from the index",
+            |db| {
+                db.execute("DELETE FROM audit_tokens WHERE seq = 2", []).unwrap();
+            },
+            Err((2, "query columns do not match the record")),
+        ),
         (
             "edit a field",
             |db| {

@@ -216,6 +216,8 @@ pub struct AuditRow {
     pub collection: String,
     /// Column: outcome.
     pub outcome: String,
+    /// The tokens the index (`audit_tokens`) lists for this record.
+    pub indexed_tokens: Vec<String>,
 }
 
 /// A live record as read back.
@@ -559,7 +561,8 @@ impl Store {
     pub async fn audit_rows(&self, after: u64, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT seq, record, mac, at, caller, action, collection, outcome
+                "SELECT seq, record, mac, at, caller, action, collection, outcome,
+                        (SELECT group_concat(token, ',') FROM audit_tokens t WHERE t.seq = audit.seq)
                  FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
             let after = i64::try_from(after).unwrap_or(i64::MAX);
@@ -591,7 +594,8 @@ impl Store {
     pub async fn query_audit(&self, filter: AuditFilter, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT a.seq, a.record, a.mac, a.at, a.caller, a.action, a.collection, a.outcome
+                "SELECT a.seq, a.record, a.mac, a.at, a.caller, a.action, a.collection, a.outcome,
+                        (SELECT group_concat(token, ',') FROM audit_tokens t WHERE t.seq = a.seq)
                  FROM audit a
                  WHERE a.seq > ?1
                    AND (?2 IS NULL OR a.seq IN (SELECT seq FROM audit_tokens WHERE token = ?2))
@@ -732,8 +736,10 @@ impl Drop for Store {
 }
 
 /// An `audit` row selected as `seq, record, mac, at, caller, action,
-/// collection, outcome`.
+/// collection, outcome, comma-joined indexed tokens` (tokens never contain
+/// a comma).
 fn audit_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
+    let indexed: Option<String> = row.get(8)?;
     Ok(AuditRow {
         seq: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
         record: row.get(1)?,
@@ -743,6 +749,7 @@ fn audit_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
         action: row.get(5)?,
         collection: row.get(6)?,
         outcome: row.get(7)?,
+        indexed_tokens: indexed.map(|t| t.split(',').map(str::to_owned).collect()).unwrap_or_default(),
     })
 }
 
