@@ -32,6 +32,13 @@ pub enum VaultError {
     /// CSPRNG, or a key that does not unwrap at startup).
     #[error("cryptographic failure: {0}")]
     Crypto(#[from] CryptoError),
+    /// A key version cannot be retired (see the reason).
+    #[error("cannot retire the key version: {0}")]
+    RetireRefused(crate::store::RetireRefused),
+    /// Another key operation on the same collection changed the keyring
+    /// meanwhile; retry.
+    #[error("a concurrent key operation changed the keyring; retry")]
+    KeyConflict,
     /// The audit sink cannot be opened.
     #[error("the audit sink cannot be opened: {0}")]
     Sink(String),

@@ -15,7 +15,8 @@ use crate::crypto::root::RootKey;
 use crate::crypto::{CryptoError, envelope};
 use crate::error::{ItemError, VaultError};
 use crate::store::{
-    AuditFilter, AuditRow, CollectionId, InsertOutcome, KeyState, NewRecord, OpenMode, Store, StoreOptions,
+    AuditFilter, AuditRow, CollectionId, InsertOutcome, KeyInfo, KeyState, NewRecord, OpenMode, Reencrypted, Store,
+    StoreOptions,
 };
 use crate::token::{RandomTokens, Token, TokenGenerator, TokenPrefix};
 use crate::value::PiiValue;
@@ -27,6 +28,17 @@ const MAX_TOKEN_ATTEMPTS: usize = 8;
 
 /// The outcome of one item.
 pub type ItemResult<T> = Result<T, ItemError>;
+
+/// How far a re-encryption got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReencryptProgress {
+    /// Records moved onto the primary version so far.
+    pub moved: u64,
+    /// Records that could not be decrypted (left in place, alerted).
+    pub unreadable: u64,
+    /// At the end: live records still not under the primary.
+    pub remaining: u64,
+}
 
 /// Who is asking and from where: what the audit trail records about the
 /// requester. Never holds a value.
@@ -77,6 +89,10 @@ struct Inner {
     tokens: Box<dyn TokenGenerator>,
     audit_key: AuditKey,
     sink: Option<Arc<AuditSink>>,
+    /// Key operations (rotate, retire) run one at a time.
+    key_ops: tokio::sync::Mutex<()>,
+    /// The unsealed root key, for wrapping new key versions.
+    root: RootKey,
 }
 
 /// The vault. Cheap to clone; all clones share one store and keyring.
@@ -192,8 +208,14 @@ impl Vault {
                 tokens,
                 audit_key: AuditKey::from_bytes(*audit_bytes),
                 sink,
+                key_ops: tokio::sync::Mutex::new(()),
+                root: root.duplicate(),
             }),
         })
+    }
+
+    fn root(&self) -> &RootKey {
+        &self.inner.root
     }
 
     fn collection(&self, name: &str) -> Result<&Collection, VaultError> {
@@ -455,6 +477,120 @@ impl Vault {
             rows.extend(page);
         }
         Ok(verify_rows(&self.inner.audit_key, &rows))
+    }
+
+    /// The data-key versions of `collection`, oldest first, with state,
+    /// live records and encryptions. Audited.
+    pub async fn list_keys(&self, who: &Requester, collection: &str) -> Result<Vec<KeyInfo>, VaultError> {
+        let coll = self.collection(collection)?;
+        let keys = self.inner.store.list_keys(coll.id).await?;
+        self.record(who.record("list_keys", collection, 0, "OK")).await?;
+        Ok(keys)
+    }
+
+    /// A new random primary data key for `collection`; older versions keep
+    /// decrypting. Returns the new version.
+    pub async fn rotate_data_key(&self, who: &Requester, collection: &str) -> Result<u32, VaultError> {
+        let coll = self.collection(collection)?;
+        let _one_at_a_time = self.inner.key_ops.lock().await;
+        let keys = self.inner.store.list_keys(coll.id).await?;
+        let version =
+            keys.iter().map(|k| k.version).max().unwrap_or(0).checked_add(1).ok_or(VaultError::KeyConflict)?;
+        let key = DataKey::generate()?;
+        let wrapped = keyring::wrap(self.root(), KeyPurpose::Data, collection, version, &key)?;
+        let mut audit = who.record("rotate_data_key", collection, 0, "OK");
+        audit.error_code = format!("new primary version {version}");
+        self.inner.store.add_primary_key(coll.id, version, wrapped, audit).await.map_err(|e| match e {
+            crate::store::StoreError::Sqlite(_) => VaultError::KeyConflict,
+            other => VaultError::Store(other),
+        })?;
+        self.inner.keyring.insert(coll.id.0, version, key, true);
+        tracing::info!(collection, version, "data key rotated");
+        Ok(version)
+    }
+
+    /// Moves every live record of `collection` that is not under the primary
+    /// version onto it, `batch` records per transaction, while traffic goes
+    /// on. Resumable and idempotent: the state is the records themselves.
+    /// `progress` is told after each batch.
+    pub async fn reencrypt(
+        &self,
+        who: &Requester,
+        collection: &str,
+        batch: usize,
+        progress: &mut (dyn FnMut(&ReencryptProgress) + Send),
+    ) -> Result<ReencryptProgress, VaultError> {
+        let coll = self.collection(collection)?;
+        let mut done = ReencryptProgress::default();
+        let mut after = String::new();
+        loop {
+            let primary =
+                self.inner.keyring.with_primary(coll.id.0, |version, _| version).ok_or(VaultError::Keyring {
+                    collection: coll.name.to_string(),
+                    reason: "it has no primary data key",
+                })?;
+            let page = self.inner.store.records_not_under(coll.id, primary, after.clone(), batch.max(1)).await?;
+            let Some((last, _)) = page.last() else { break };
+            after.clone_from(last);
+            let mut moved = Vec::with_capacity(page.len());
+            for (text, ciphertext) in &page {
+                let reopened = text.parse::<Token>().ok().and_then(|token| {
+                    let from = envelope::key_version(ciphertext).ok()?;
+                    let value = self.open_record(coll, &token, ciphertext).ok()?;
+                    let sealed = self
+                        .inner
+                        .keyring
+                        .with_primary(coll.id.0, |version, key| {
+                            envelope::seal(key, version, collection, text, value.expose_secret().as_bytes())
+                                .map(|ct| (version, ct))
+                        })?
+                        .ok()?;
+                    Some(Reencrypted {
+                        token: text.clone(),
+                        from_version: from,
+                        to_version: sealed.0,
+                        ciphertext: sealed.1,
+                    })
+                });
+                match reopened {
+                    Some(record) => moved.push(record),
+                    None => done.unreadable += 1,
+                }
+            }
+            let audit = who.record("reencrypt", collection, moved.len(), "OK");
+            done.moved += self.inner.store.replace_ciphertexts(coll.id, moved, audit).await? as u64;
+            progress(&done);
+        }
+        done.remaining = self
+            .inner
+            .store
+            .list_keys(coll.id)
+            .await?
+            .iter()
+            .filter(|k| k.state != KeyState::Primary)
+            .map(|k| k.records)
+            .sum();
+        tracing::info!(
+            collection,
+            moved = done.moved,
+            unreadable = done.unreadable,
+            remaining = done.remaining,
+            "re-encryption finished"
+        );
+        Ok(done)
+    }
+
+    /// Destroys `version` of `collection`'s data key: refused while any
+    /// record is sealed under it, and for the primary.
+    pub async fn retire_key_version(&self, who: &Requester, collection: &str, version: u32) -> Result<(), VaultError> {
+        let coll = self.collection(collection)?;
+        let _one_at_a_time = self.inner.key_ops.lock().await;
+        let mut audit = who.record("retire_key_version", collection, 0, "OK");
+        audit.error_code = format!("version {version}");
+        self.inner.store.retire_key(coll.id, version, audit).await?.map_err(VaultError::RetireRefused)?;
+        self.inner.keyring.remove(coll.id.0, version);
+        tracing::info!(collection, version, "data key version retired and destroyed");
+        Ok(())
     }
 
     /// Reopens a file audit sink (SIGHUP, after log rotation).

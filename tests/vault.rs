@@ -464,13 +464,13 @@ async fn a_collection_added_to_the_config_later_gets_its_own_key() {
 
 #[tokio::test]
 async fn a_full_disk_fails_the_write_and_keeps_earlier_data_readable() {
-    let fs = Tmpfs::mount("1m");
+    let fs = Tmpfs::mount("2m");
     let fx = Fixture::in_dir(fs.dir.path(), "[limits]\nmax_value_bytes = 65536\n");
     let vault = fx.create().await;
     let kept = tokenize_ok(&vault, "name", &["kept before the disk filled"]).await;
     let big = "z".repeat(60_000);
     let mut full = None;
-    for _ in 0..64 {
+    for _ in 0..128 {
         match vault.tokenize(&who(), "name", vec![PiiValue::new(big.clone())]).await {
             Ok(results) => assert!(results[0].is_ok()),
             Err(e) => {
@@ -479,7 +479,7 @@ async fn a_full_disk_fails_the_write_and_keeps_earlier_data_readable() {
             }
         }
     }
-    let full = full.expect("a 1 MiB filesystem must fill up");
+    let full = full.expect("a 2 MiB filesystem must fill up");
     assert!(matches!(full, VaultError::Store(StoreError::Full)), "{full}");
     assert_eq!(full.to_string(), "store unavailable: the database disk is full");
     assert_eq!(detokenize_strings(&vault, "name", &kept).await, vec![Ok("kept before the disk filled".into())]);

@@ -149,6 +149,14 @@ impl Keyring {
         }
     }
 
+    /// Forgets a destroyed version (its key is zeroized as it drops).
+    pub fn remove(&self, collection: i64, version: u32) {
+        let mut map = self.collections.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(keys) = map.get_mut(&collection) {
+            keys.versions.remove(&version);
+        }
+    }
+
     /// Runs `f` with the primary key of `collection` and its version, or
     /// returns `None` when the collection has no key.
     pub fn with_primary<T>(&self, collection: i64, f: impl FnOnce(u32, &DataKey) -> T) -> Option<T> {

@@ -85,6 +85,12 @@ impl RootKey {
     pub(crate) fn expose_secret(&self) -> &[u8; KEY_LEN] {
         self.0.expose_secret()
     }
+
+    /// A second handle on the same key, for the vault to keep while it is
+    /// unsealed (each copy zeroizes on drop).
+    pub(crate) fn duplicate(&self) -> Self {
+        Self(SecretKey::from_bytes(*self.0.expose_secret()))
+    }
 }
 
 /// An operator's passphrase. Zeroized on drop; no `Debug`.

@@ -116,15 +116,22 @@ pub enum KeyState {
     Primary,
     /// Decrypts only.
     Active,
+    /// Decrypts only; re-encryption is moving its records away.
+    Retiring,
+    /// Suspected leaked: never encrypts again; its records are being moved.
+    Compromised,
     /// Destroyed; kept as a row so the version is never reused.
     Retired,
 }
 
 impl KeyState {
-    fn as_str(self) -> &'static str {
+    /// The name stored in the database and shown to operators.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Primary => "primary",
             Self::Active => "active",
+            Self::Retiring => "retiring",
+            Self::Compromised => "compromised",
             Self::Retired => "retired",
         }
     }
@@ -133,6 +140,8 @@ impl KeyState {
         match s {
             "primary" => Some(Self::Primary),
             "active" => Some(Self::Active),
+            "retiring" => Some(Self::Retiring),
+            "compromised" => Some(Self::Compromised),
             "retired" => Some(Self::Retired),
             _ => None,
         }
@@ -154,6 +163,33 @@ pub struct StoredKey {
     pub state: KeyState,
     /// The key, wrapped by the root key.
     pub wrapped: Vec<u8>,
+}
+
+/// One data-key version as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Version, from 1.
+    pub version: u32,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// Creation time, unix microseconds.
+    pub created_at: i64,
+    /// Live records sealed under this version.
+    pub records: u64,
+    /// Records ever sealed under this version (never goes backwards).
+    pub encryptions: u64,
+}
+
+/// A record whose ciphertext re-encryption replaces.
+pub struct Reencrypted {
+    /// The token.
+    pub token: String,
+    /// The version the record was under when it was read.
+    pub from_version: u32,
+    /// The new version.
+    pub to_version: u32,
+    /// The new ciphertext.
+    pub ciphertext: Vec<u8>,
 }
 
 /// A record to insert.
@@ -218,6 +254,23 @@ pub struct AuditRow {
     pub outcome: String,
     /// The tokens the index (`audit_tokens`) lists for this record.
     pub indexed_tokens: Vec<String>,
+}
+
+/// Why a key version cannot be retired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RetireRefused {
+    /// Records are still sealed under it.
+    #[error("{0} records are still sealed under this version; run reencrypt first")]
+    InUse(u64),
+    /// It is the primary.
+    #[error("the primary version cannot be retired; rotate first")]
+    Primary,
+    /// It was retired before.
+    #[error("this version is already retired")]
+    AlreadyRetired,
+    /// There is no such version.
+    #[error("no such key version")]
+    NoSuchVersion,
 }
 
 /// A live record as read back.
@@ -411,6 +464,174 @@ impl Store {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// The data-key versions of `collection`, oldest first.
+    pub async fn list_keys(&self, collection: CollectionId) -> Result<Vec<KeyInfo>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT k.version, k.state, k.created_at, k.encryptions,
+                        (SELECT count(*) FROM records r
+                         WHERE r.collection_id = k.collection_id AND r.key_version = k.version
+                           AND r.ciphertext IS NOT NULL)
+                 FROM keys k WHERE k.collection_id = ?1 AND k.purpose = 'data' ORDER BY k.version",
+            )?;
+            let rows = stmt.query_map([collection.0], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get(2)?,
+                    row.get::<_, i64>(3)?,
+                    row.get::<_, i64>(4)?,
+                ))
+            })?;
+            rows.map(|row| {
+                let (version, state, created_at, encryptions, records) = row?;
+                Ok(KeyInfo {
+                    version: u32::try_from(version).map_err(|_| StoreError::Corrupt)?,
+                    state: KeyState::parse(&state).ok_or(StoreError::Corrupt)?,
+                    created_at,
+                    records: u64::try_from(records).unwrap_or(0),
+                    encryptions: u64::try_from(encryptions).unwrap_or(0),
+                })
+            })
+            .collect()
+        })
+        .await
+    }
+
+    /// Makes `version` (wrapped as `wrapped`) the primary data key of
+    /// `collection`; the previous primary becomes active (or keeps a
+    /// `compromised` mark). One transaction with its audit record. A version
+    /// that already exists (a concurrent rotation) is refused.
+    pub async fn add_primary_key(
+        &self,
+        collection: CollectionId,
+        version: u32,
+        wrapped: Vec<u8>,
+        audit: AuditRecord,
+    ) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            tx.conn
+                .prepare_cached(
+                    "UPDATE keys SET state = 'active'
+                     WHERE collection_id = ?1 AND purpose = 'data' AND state = 'primary'",
+                )?
+                .execute([collection.0])?;
+            tx.conn
+                .prepare_cached(
+                    "INSERT INTO keys (collection_id, purpose, version, state, wrapped, created_at)
+                     VALUES (?1, 'data', ?2, 'primary', ?3, ?4)",
+                )?
+                .execute(params![collection.0, version, wrapped, now_micros()])?;
+            tx.append_audit(&audit)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Live records of `collection` not under `primary`, after `after_token`
+    /// in token order: `(token, ciphertext)`, at most `limit`.
+    pub async fn records_not_under(
+        &self,
+        collection: CollectionId,
+        primary: u32,
+        after_token: String,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT token, ciphertext FROM records
+                 WHERE collection_id = ?1 AND key_version != ?2 AND ciphertext IS NOT NULL AND token > ?3
+                 ORDER BY token LIMIT ?4",
+            )?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = stmt
+                .query_map(params![collection.0, primary, after_token, limit], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            rows.map(|r| r.map_err(StoreError::from)).collect()
+        })
+        .await
+    }
+
+    /// Replaces ciphertexts with re-encrypted ones, each only if the record
+    /// is still live under the version it was read under (a concurrent
+    /// delete or re-encryption wins). Returns how many were replaced.
+    pub async fn replace_ciphertexts(
+        &self,
+        collection: CollectionId,
+        records: Vec<Reencrypted>,
+        audit: AuditRecord,
+    ) -> Result<usize, StoreError> {
+        self.write(move |tx| {
+            let mut stmt = tx.conn.prepare_cached(
+                "UPDATE records SET key_version = ?1, ciphertext = ?2
+                 WHERE collection_id = ?3 AND token = ?4 AND key_version = ?5 AND ciphertext IS NOT NULL",
+            )?;
+            let mut replaced = 0;
+            let mut per_version: std::collections::BTreeMap<u32, i64> = std::collections::BTreeMap::new();
+            for r in &records {
+                if stmt.execute(params![r.to_version, r.ciphertext, collection.0, r.token, r.from_version])? == 1 {
+                    replaced += 1;
+                    *per_version.entry(r.to_version).or_default() += 1;
+                }
+            }
+            drop(stmt);
+            count_encryptions(tx.conn, collection, &per_version)?;
+            tx.append_audit(&audit)?;
+            Ok(replaced)
+        })
+        .await
+    }
+
+    /// Destroys the wrapped key of `version`: refused (with the number of
+    /// records) while any live record is under it, and for the primary.
+    /// Returns `Ok(Err(records))` when refused.
+    pub async fn retire_key(
+        &self,
+        collection: CollectionId,
+        version: u32,
+        audit: AuditRecord,
+    ) -> Result<Result<(), RetireRefused>, StoreError> {
+        self.write(move |tx| {
+            let state: Option<String> = tx
+                .conn
+                .prepare_cached(
+                    "SELECT state FROM keys WHERE collection_id = ?1 AND purpose = 'data' AND version = ?2",
+                )?
+                .query_row(params![collection.0, version], |row| row.get(0))
+                .optional()?;
+            let refusal = match state.as_deref() {
+                None => Some(RetireRefused::NoSuchVersion),
+                Some("primary") => Some(RetireRefused::Primary),
+                Some("retired") => Some(RetireRefused::AlreadyRetired),
+                Some(_) => {
+                    let records: i64 = tx
+                        .conn
+                        .prepare_cached(
+                            "SELECT count(*) FROM records
+                             WHERE collection_id = ?1 AND key_version = ?2 AND ciphertext IS NOT NULL",
+                        )?
+                        .query_row(params![collection.0, version], |row| row.get(0))?;
+                    (records > 0).then(|| RetireRefused::InUse(u64::try_from(records).unwrap_or(0)))
+                }
+            };
+            if let Some(refusal) = refusal {
+                let mut audit = audit;
+                "FAILED_PRECONDITION".clone_into(&mut audit.outcome);
+                audit.error_code = refusal.to_string();
+                tx.append_audit(&audit)?;
+                return Ok(Err(refusal));
+            }
+            tx.conn
+                .prepare_cached(
+                    "UPDATE keys SET state = 'retired', wrapped = X'', retired_at = ?3
+                     WHERE collection_id = ?1 AND purpose = 'data' AND version = ?2",
+                )?
+                .execute(params![collection.0, version, now_micros()])?;
+            tx.append_audit(&audit)?;
+            Ok(Ok(()))
+        })
+        .await
+    }
+
     /// Every stored key with its collection.
     pub async fn load_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
         self.read(|conn| {
@@ -516,6 +737,13 @@ impl Store {
                 })
                 .collect::<Result<Vec<_>, StoreError>>()?;
             drop(stmt);
+            let mut per_version: std::collections::BTreeMap<u32, i64> = std::collections::BTreeMap::new();
+            for (r, o) in records.iter().zip(&outcomes) {
+                if *o == InsertOutcome::Inserted {
+                    *per_version.entry(r.key_version).or_default() += 1;
+                }
+            }
+            count_encryptions(tx.conn, collection, &per_version)?;
             audit.tokens = records
                 .iter()
                 .zip(&outcomes)
@@ -733,6 +961,21 @@ impl Drop for Store {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Adds to the persisted encryption counters of `collection`'s versions.
+fn count_encryptions(
+    conn: &Connection,
+    collection: CollectionId,
+    per_version: &std::collections::BTreeMap<u32, i64>,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE keys SET encryptions = encryptions + ?1 WHERE collection_id = ?2 AND purpose = 'data' AND version = ?3",
+    )?;
+    for (version, n) in per_version {
+        stmt.execute(params![n, collection.0, version])?;
+    }
+    Ok(())
 }
 
 /// An `audit` row selected as `seq, record, mac, at, caller, action,

@@ -18,8 +18,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema, one entry per file in `migrations/`, in order. The position
 /// of the last one is the schema version recorded in `user_version`.
-const MIGRATIONS: [&str; 2] =
-    [include_str!("../../migrations/0001_init.sql"), include_str!("../../migrations/0002_audit.sql")];
+const MIGRATIONS: [&str; 3] = [
+    include_str!("../../migrations/0001_init.sql"),
+    include_str!("../../migrations/0002_audit.sql"),
+    include_str!("../../migrations/0003_key_lifecycle.sql"),
+];
 
 fn migrations() -> Migrations<'static> {
     Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect())

@@ -1,0 +1,166 @@
+//! Data-key lifecycle in process: rotate, list, re-encrypt, retire, with
+//! traffic going on.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use common::{Fixture, all_files, contains, who};
+use piivault::store::{KeyState, RetireRefused};
+use piivault::{PiiValue, Vault, VaultError};
+
+async fn tokenize_many(vault: &Vault, collection: &str, prefix: &str, n: usize) -> Vec<(String, String)> {
+    let values: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:05}")).collect();
+    let tokens =
+        vault.tokenize(&who(), collection, values.iter().map(|v| PiiValue::new(v.clone())).collect()).await.unwrap();
+    tokens.into_iter().map(|t| t.unwrap().into_string()).zip(values).collect()
+}
+
+async fn assert_all_readable(vault: &Vault, collection: &str, pairs: &[(String, String)]) {
+    for chunk in pairs.chunks(1000) {
+        let tokens = chunk.iter().map(|(t, _)| t.clone()).collect();
+        let back = vault.detokenize(&who(), collection, tokens).await.unwrap();
+        for ((_, value), got) in chunk.iter().zip(back) {
+            assert!(got.unwrap().expose_secret() == value, "a value did not come back");
+        }
+    }
+}
+
+fn states(keys: &[piivault::store::KeyInfo]) -> Vec<(u32, KeyState, u64, u64)> {
+    keys.iter().map(|k| (k.version, k.state, k.records, k.encryptions)).collect()
+}
+
+#[tokio::test]
+async fn rotate_reencrypt_retire() {
+    let fx = Fixture::new();
+    let vault = fx.create().await;
+    let old = tokenize_many(&vault, "card", "old", 300).await;
+    assert_eq!(states(&vault.list_keys(&who(), "card").await.unwrap()), [(1, KeyState::Primary, 300, 300)]);
+
+    assert_eq!(vault.rotate_data_key(&who(), "card").await.unwrap(), 2);
+    let new = tokenize_many(&vault, "card", "new", 5).await;
+    assert_eq!(
+        states(&vault.list_keys(&who(), "card").await.unwrap()),
+        [(1, KeyState::Active, 300, 300), (2, KeyState::Primary, 5, 5)]
+    );
+    assert_all_readable(&vault, "card", &old).await;
+
+    // v1 still holds records: retiring it is refused, with the count.
+    let refused = vault.retire_key_version(&who(), "card", 1).await.unwrap_err();
+    assert!(matches!(refused, VaultError::RetireRefused(RetireRefused::InUse(300))), "{refused}");
+    assert!(matches!(
+        vault.retire_key_version(&who(), "card", 2).await.unwrap_err(),
+        VaultError::RetireRefused(RetireRefused::Primary)
+    ));
+    assert!(matches!(
+        vault.retire_key_version(&who(), "card", 9).await.unwrap_err(),
+        VaultError::RetireRefused(RetireRefused::NoSuchVersion)
+    ));
+
+    let mut batches = Vec::new();
+    let done = vault.reencrypt(&who(), "card", 128, &mut |p| batches.push(p.moved)).await.unwrap();
+    assert_eq!((done.moved, done.unreadable, done.remaining), (300, 0, 0));
+    assert_eq!(batches, [128, 256, 300]);
+    assert_eq!(
+        states(&vault.list_keys(&who(), "card").await.unwrap()),
+        [(1, KeyState::Active, 0, 300), (2, KeyState::Primary, 305, 305)]
+    );
+    // Idempotent: a second run finds nothing to do.
+    let again = vault.reencrypt(&who(), "card", 128, &mut |_| {}).await.unwrap();
+    assert_eq!((again.moved, again.remaining), (0, 0));
+    assert_all_readable(&vault, "card", &old).await;
+    assert_all_readable(&vault, "card", &new).await;
+
+    // Now v1 can go, and its wrapped key leaves the database file.
+    let wrapped_v1: Vec<u8> = rusqlite::Connection::open(fx.db_path())
+        .unwrap()
+        .query_row("SELECT wrapped FROM keys WHERE purpose = 'data' AND version = 1 AND collection_id = (SELECT id FROM collections WHERE name = 'card')", [], |r| r.get(0))
+        .unwrap();
+    vault.retire_key_version(&who(), "card", 1).await.unwrap();
+    assert!(matches!(
+        vault.retire_key_version(&who(), "card", 1).await.unwrap_err(),
+        VaultError::RetireRefused(RetireRefused::AlreadyRetired)
+    ));
+    assert_eq!(
+        states(&vault.list_keys(&who(), "card").await.unwrap()),
+        [(1, KeyState::Retired, 0, 300), (2, KeyState::Primary, 305, 305)]
+    );
+    drop(vault);
+    for (path, bytes) in all_files(&fx.dir) {
+        assert!(!contains(&bytes, &wrapped_v1), "the retired wrapped key is still in {}", path.display());
+    }
+    // Reopened: everything still reads; the version number is never reused.
+    let vault = fx.open().await;
+    assert_all_readable(&vault, "card", &old).await;
+    assert_eq!(vault.rotate_data_key(&who(), "card").await.unwrap(), 3);
+    // Every key operation is on the audit record.
+    let actions: Vec<String> =
+        vault.audit_records(0, 10_000).await.unwrap().into_iter().map(|(_, r)| r.action).collect();
+    for action in ["rotate_data_key", "list_keys", "reencrypt", "retire_key_version"] {
+        assert!(actions.iter().any(|a| a == action), "{action} not audited");
+    }
+    assert!(vault.verify_audit().await.unwrap().is_ok());
+}
+
+/// Rotation and re-encryption while other tasks tokenize and detokenize:
+/// no request fails, and afterwards every token ever issued returns its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_and_reencryption_under_load() {
+    let fx = Fixture::new();
+    let vault = fx.create().await;
+    let mut seed = tokenize_many(&vault, "ssn", "seed-a", 1000).await;
+    seed.extend(tokenize_many(&vault, "ssn", "seed-b", 1000).await);
+    let seeded = Arc::new(seed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let issued = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut load = Vec::new();
+    for worker in 0..4 {
+        let (vault, seeded, stop, failures, issued) =
+            (vault.clone(), seeded.clone(), stop.clone(), failures.clone(), issued.clone());
+        load.push(tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let value = format!("load-{worker}-{i}");
+                match vault.tokenize(&who(), "ssn", vec![PiiValue::new(value.clone())]).await {
+                    Ok(mut r) => issued.lock().unwrap().push((r.remove(0).unwrap().into_string(), value)),
+                    Err(_) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let (token, value) = &seeded[(worker * 7 + i * 13) % seeded.len()];
+                match vault.detokenize(&who(), "ssn", vec![token.clone()]).await {
+                    Ok(back) if back[0].as_ref().is_ok_and(|v| v.expose_secret() == value) => {}
+                    _ => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                i += 1;
+            }
+        }));
+    }
+    for _ in 0..3 {
+        vault.rotate_data_key(&who(), "ssn").await.unwrap();
+        let done = vault.reencrypt(&who(), "ssn", 200, &mut |_| {}).await.unwrap();
+        assert_eq!(done.unreadable, 0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "requests failed during rotation");
+    let issued = issued.lock().unwrap().clone();
+    assert!(issued.len() > 10, "the load ran ({} values)", issued.len());
+    assert_all_readable(&vault, "ssn", &seeded).await;
+    assert_all_readable(&vault, "ssn", &issued).await;
+    // A final pass leaves nothing under old versions, so they can all retire.
+    vault.reencrypt(&who(), "ssn", 500, &mut |_| {}).await.unwrap();
+    for version in 1..=3 {
+        vault.retire_key_version(&who(), "ssn", version).await.unwrap();
+    }
+    assert_all_readable(&vault, "ssn", &seeded).await;
+    assert_all_readable(&vault, "ssn", &issued).await;
+}
