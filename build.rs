@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/piivault/v1/tokenizer.proto", "proto/piivault/v1/audit.proto"];
+    let protos =
+        ["proto/piivault/v1/tokenizer.proto", "proto/piivault/v1/audit.proto", "proto/piivault/v1/admin.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

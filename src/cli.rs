@@ -90,6 +90,11 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Online key management, as a caller with the `admin` grant.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Check and read the audit trail.
     Audit {
         #[command(subcommand)]
@@ -151,6 +156,59 @@ enum AuditCommand {
         data_dir: PathBuf,
         #[command(flatten)]
         secret: SecretArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Data-key versions with state, live records and encryptions.
+    List {
+        /// Only this collection.
+        #[arg(long)]
+        collection: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: client::ConnectArgs,
+    },
+    /// A new primary data key for a collection; older versions keep
+    /// decrypting.
+    Rotate {
+        /// The collection.
+        #[arg(long)]
+        collection: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: client::ConnectArgs,
+    },
+    /// Move a collection's records onto the primary version, in batches,
+    /// while traffic continues. Safe to interrupt and run again.
+    Reencrypt {
+        /// The collection.
+        #[arg(long)]
+        collection: String,
+        /// Records per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch: u32,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: client::ConnectArgs,
+    },
+    /// Destroy a version's wrapped key (refused while records use it).
+    Retire {
+        /// The collection.
+        #[arg(long)]
+        collection: String,
+        /// The version to destroy (`--version` is the program's own version).
+        #[arg(long, value_name = "N")]
+        key_version: u32,
+        #[command(flatten)]
+        connect: client::ConnectArgs,
     },
 }
 
@@ -367,6 +425,7 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Dev { data_dir, listen } => dev(&data_dir, listen).await,
         Command::Certs { command } => certs(command),
         Command::Audit { command } => audit(command).await,
+        Command::Keys { command } => keys(command).await,
         Command::Tokenize(args) => client::run(client::Op::Tokenize, args).await,
         Command::Detokenize(args) => client::run(client::Op::Detokenize, args).await,
         Command::Delete(args) => client::run(client::Op::Delete, args).await,
@@ -689,6 +748,93 @@ async fn dev(data_dir: &Path, listen: Option<std::net::SocketAddr>) -> Result<()
     .await
 }
 
+/// `piivault keys …`: the Admin service as a client.
+async fn keys(command: KeysCommand) -> Result<(), CliError> {
+    use crate::grpc::proto::{self, admin_client::AdminClient};
+    let failed = |s: tonic::Status| client::status_error(&s);
+    match command {
+        KeysCommand::List { collection, json, connect } => {
+            let mut admin = AdminClient::new(client::channel(&connect).await?);
+            let request = proto::ListKeysRequest { collection: collection.unwrap_or_default() };
+            let listed = admin.list_keys(request).await.map_err(failed)?.into_inner();
+            if json {
+                let value: Vec<serde_json::Value> = listed
+                    .collections
+                    .iter()
+                    .flat_map(|c| {
+                        c.versions.iter().map(|v| {
+                            serde_json::json!({
+                                "collection": c.collection, "version": v.version, "state": v.state,
+                                "created_at_micros": v.created_at_micros, "records": v.records, "encryptions": v.encryptions,
+                            })
+                        })
+                    })
+                    .collect();
+                say(&serde_json::Value::Array(value).to_string());
+            } else {
+                say(&format!(
+                    "{:<16} {:>7} {:<12} {:<20} {:>10} {:>12}",
+                    "COLLECTION", "VERSION", "STATE", "CREATED", "RECORDS", "ENCRYPTIONS"
+                ));
+                for c in &listed.collections {
+                    for v in &c.versions {
+                        say(&format!(
+                            "{:<16} {:>7} {:<12} {:<20} {:>10} {:>12}",
+                            c.collection,
+                            v.version,
+                            v.state,
+                            crate::pki::format_time(v.created_at_micros / 1_000_000),
+                            v.records,
+                            v.encryptions
+                        ));
+                    }
+                }
+            }
+        }
+        KeysCommand::Rotate { collection, json, connect } => {
+            let mut admin = AdminClient::new(client::channel(&connect).await?);
+            let request = proto::RotateDataKeyRequest { collection: collection.clone() };
+            let version = admin.rotate_data_key(request).await.map_err(failed)?.into_inner().version;
+            if json {
+                say(&serde_json::json!({ "collection": collection, "version": version }).to_string());
+            } else {
+                say(&format!(
+                    "{collection}: version {version} is now primary; run `piivault keys reencrypt --collection {collection}` to move older records onto it"
+                ));
+            }
+        }
+        KeysCommand::Reencrypt { collection, batch, json, connect } => {
+            let mut admin = AdminClient::new(client::channel(&connect).await?);
+            let request = proto::ReencryptRequest { collection: collection.clone(), batch_size: batch };
+            let mut stream = admin.reencrypt(request).await.map_err(failed)?.into_inner();
+            while let Some(p) = stream.message().await.map_err(failed)? {
+                if json {
+                    say(&serde_json::json!({
+                        "moved": p.moved, "unreadable": p.unreadable, "remaining": p.remaining, "done": p.done,
+                    })
+                    .to_string());
+                } else if p.done {
+                    say(&format!(
+                        "{collection}: re-encryption done: {} moved, {} unreadable, {} still under older versions",
+                        p.moved, p.unreadable, p.remaining
+                    ));
+                } else {
+                    say(&format!("{collection}: {} moved", p.moved));
+                }
+            }
+        }
+        KeysCommand::Retire { collection, key_version: version, connect } => {
+            let mut admin = AdminClient::new(client::channel(&connect).await?);
+            admin
+                .retire_key_version(proto::RetireKeyVersionRequest { collection: collection.clone(), version })
+                .await
+                .map_err(failed)?;
+            say(&format!("{collection}: version {version} retired; its wrapped key is destroyed"));
+        }
+    }
+    Ok(())
+}
+
 /// The secret for an offline command on `data_dir`: as given, or a dev
 /// vault's own passphrase file.
 fn offline_secret(data_dir: &Path, secret: SecretArgs) -> SecretArgs {
@@ -898,4 +1044,18 @@ fn certs(command: CertsCommand) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// clap checks the whole definition (unique names, conflicts, ...) here
+    /// instead of panicking at run time.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

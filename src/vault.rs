@@ -521,6 +521,7 @@ impl Vault {
         progress: &mut (dyn FnMut(&ReencryptProgress) + Send),
     ) -> Result<ReencryptProgress, VaultError> {
         let coll = self.collection(collection)?;
+        self.record(who.record("reencrypt", collection, 0, "STARTED")).await?;
         let mut done = ReencryptProgress::default();
         let mut after = String::new();
         loop {

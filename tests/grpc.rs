@@ -698,7 +698,13 @@ async fn reflection_lists_the_services() {
     names.sort();
     assert_eq!(
         names,
-        ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "piivault.v1.Audit", "piivault.v1.Tokenizer"]
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "piivault.v1.Admin",
+            "piivault.v1.Audit",
+            "piivault.v1.Tokenizer"
+        ]
     );
 }
 
@@ -911,4 +917,94 @@ async fn sink_alerts_and_refused_handshakes() {
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "the sink carries every record, in order");
     let all = std::fs::read_to_string(&rotated).unwrap() + &std::fs::read_to_string(&sink).unwrap();
     assert!(!all.contains("078-05-1120") && !all.contains("219-09-9999"));
+}
+
+/// `piivault keys` as the admin caller against `piivault dev`: list, rotate,
+/// re-encrypt, retire, each checked through `ListKeys` and real detokenize
+/// calls; other callers are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_management_through_the_admin_api() {
+    let server = DevServer::start();
+    let dir = server.dir.to_str().unwrap().to_owned();
+    let addr = server.addr.to_string();
+    let keys = |who: &str, args: &[&str]| {
+        std::process::Command::new(common::server::BIN)
+            .args(["keys"])
+            .args(args)
+            .args(["--data-dir", &dir, "--as", who, "--addr", &addr])
+            .output()
+            .unwrap()
+    };
+    let list = |who: &str| -> Vec<(u64, String, u64)> {
+        let out = keys(who, &["list", "--collection", "card", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["version"].as_u64().unwrap(),
+                    v["state"].as_str().unwrap().to_owned(),
+                    v["records"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let mut writer = server.client("writer").await;
+    let mut reader = server.client("reader").await;
+    let values: Vec<String> = (0..40).map(|i| format!("5105 1051 0510 {i:04}")).collect();
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    let old = tokens(&mut writer, "card", &refs).await;
+    assert_eq!(list("admin"), [(1, "primary".into(), 40)]);
+
+    let out = keys("admin", &["rotate", "--collection", "card"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().next().unwrap().split(':').next().unwrap(), "card");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("version 2 is now primary"));
+    let new = tokens(&mut writer, "card", &["4000 0566 5566 5556"]).await;
+    assert_eq!(list("admin"), [(1, "active".into(), 40), (2, "primary".into(), 1)]);
+
+    let refused = keys("admin", &["retire", "--collection", "card", "--key-version", "1"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stderr).trim(),
+        "piivault: FAILED_PRECONDITION: cannot retire the key version: 40 records are still sealed under this version; run reencrypt first"
+    );
+
+    let out = keys("admin", &["reencrypt", "--collection", "card", "--batch", "16", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let progress: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(progress.iter().map(|p| p["moved"].as_u64().unwrap()).collect::<Vec<_>>(), [16, 32, 40, 40]);
+    assert_eq!(progress.last().unwrap()["done"], true);
+    assert_eq!(progress.last().unwrap()["remaining"], 0);
+    assert_eq!(list("admin"), [(1, "active".into(), 0), (2, "primary".into(), 41)]);
+
+    let out = keys("admin", &["retire", "--collection", "card", "--key-version", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(list("admin"), [(1, "retired".into(), 0), (2, "primary".into(), 41)]);
+    let back = detokenize(&mut reader, "card", &old).await.unwrap();
+    assert_eq!(back.into_iter().map(|(v, _)| v.unwrap()).collect::<Vec<_>>(), values);
+    assert_eq!(detokenize(&mut reader, "card", &new).await.unwrap()[0].0, Ok("4000 0566 5566 5556".into()));
+
+    // Only the admin grant manages keys.
+    for who in ["writer", "reader", "auditor"] {
+        let out = keys(who, &["rotate", "--collection", "card"]);
+        assert_eq!(out.status.code(), Some(1), "{who}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"), "{who}");
+    }
+    assert_eq!(list("admin").len(), 2, "the refused rotations changed nothing");
+    let mut admin = proto::admin_client::AdminClient::new(server.channel("admin").await);
+    admin.reload_policy(proto::ReloadPolicyRequest {}).await.unwrap();
+    let mut writer_admin = proto::admin_client::AdminClient::new(server.channel("writer").await);
+    assert_eq!(
+        writer_admin.reload_policy(proto::ReloadPolicyRequest {}).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+
+    // The table output for people.
+    let table = String::from_utf8(keys("admin", &["list"]).stdout).unwrap();
+    assert!(table.starts_with("COLLECTION"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("card") && l.contains("retired")), "{table}");
 }

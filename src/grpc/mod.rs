@@ -6,12 +6,14 @@
 //! statuses in exactly one place ([`status_of`]). It knows nothing about
 //! keys or SQL, and it never logs a value.
 
+mod admin;
 mod audit;
 mod call;
 pub mod proto;
 pub mod server;
 mod tokenizer;
 
+pub use admin::AdminService;
 pub use audit::AuditService;
 pub use tokenizer::TokenizerService;
 
@@ -37,6 +39,9 @@ pub enum EdgeError {
     /// A malformed request.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The system is not in a state that allows the operation.
+    #[error("{0}")]
+    Precondition(String),
 }
 
 /// The single mapping from everything the edge and the core can fail with
@@ -50,6 +55,9 @@ pub fn status_of(error: &Failure) -> Status {
         Failure::Edge(EdgeError::InvalidArgument(message)) => Status::invalid_argument(message.clone()),
         Failure::Vault(VaultError::EmptyRequest) => Status::invalid_argument("the request has no items"),
         Failure::Vault(e @ VaultError::TooManyItems { .. }) => Status::resource_exhausted(e.to_string()),
+        Failure::Vault(e @ VaultError::RetireRefused(_)) => Status::failed_precondition(e.to_string()),
+        Failure::Vault(e @ VaultError::KeyConflict) => Status::aborted(e.to_string()),
+        Failure::Edge(EdgeError::Precondition(message)) => Status::failed_precondition(message.clone()),
         Failure::Vault(VaultError::Store(e)) if e.is_unavailable() => {
             Status::unavailable("the vault's store is unavailable; retry later")
         }

@@ -15,9 +15,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
+use super::proto::admin_server::AdminServer;
 use super::proto::audit_server::AuditServer;
 use super::proto::tokenizer_server::TokenizerServer;
-use super::{AuditService, EdgeError, TokenizerService};
+use super::{AdminService, AuditService, EdgeError, TokenizerService};
 use crate::config::{CollectionName, Config};
 use crate::policy::{Action, CallerId, Policy, PolicyError};
 use crate::tls::{PeerCert, ServerTls, TlsError};
@@ -346,6 +347,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let max = config.server.max_message_bytes;
     let audit = AuditServer::new(AuditService::new(vault.clone(), live.clone()));
+    let admin = AdminServer::new(AdminService::new(vault.clone(), live.clone()));
     let audit_vault = vault.clone();
     let tokenizer = TokenizerServer::new(TokenizerService::new(vault, live.clone()))
         .max_decoding_message_size(max)
@@ -353,6 +355,7 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TokenizerServer<TokenizerService>>().await;
     health.set_serving::<AuditServer<AuditService>>().await;
+    health.set_serving::<AdminServer<AdminService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(super::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -365,6 +368,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(tokenizer)
         .add_service(audit)
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| ServeError::Transport(e.to_string()))

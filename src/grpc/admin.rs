@@ -1,0 +1,171 @@
+//! The `piivault.v1.Admin` service: online key management. Needs the
+//! global `admin` grant; every call is audited (by the vault, in the same
+//! transaction as its effect, or at the edge when refused).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::call::Call;
+use super::proto::admin_server::Admin;
+use super::proto::{self, ReencryptProgress};
+use super::server::Live;
+use super::{EdgeError, Failure};
+use crate::policy::Action;
+use crate::vault::Vault;
+
+/// Records per re-encryption transaction unless the caller says otherwise.
+const DEFAULT_REENCRYPT_BATCH: usize = 500;
+/// The largest batch a caller may ask for.
+const MAX_REENCRYPT_BATCH: usize = 10_000;
+
+/// Serves `Admin` for one vault.
+pub struct AdminService {
+    vault: Vault,
+    live: Arc<Live>,
+}
+
+impl AdminService {
+    /// A service acting on `vault`, deciding access with `live`.
+    pub fn new(vault: Vault, live: Arc<Live>) -> Self {
+        Self { vault, live }
+    }
+}
+
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<ReencryptProgress, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    type ReencryptStream = ProgressStream;
+
+    async fn list_keys(
+        &self,
+        request: Request<proto::ListKeysRequest>,
+    ) -> Result<Response<proto::ListKeysResponse>, Status> {
+        let mut call = Call::start("ListKeys", "list_keys", &request, &request.get_ref().collection, 0);
+        let result = async {
+            call.admit(&self.live, &request, &[Action::Admin])?;
+            let asked = request.into_inner().collection;
+            let names = if asked.is_empty() { self.vault.collection_names() } else { vec![asked] };
+            let mut collections = Vec::new();
+            for name in names {
+                let versions = self
+                    .vault
+                    .list_keys(&call.who, &name)
+                    .await?
+                    .into_iter()
+                    .map(|k| proto::KeyVersion {
+                        version: k.version,
+                        state: k.state.as_str().to_owned(),
+                        created_at_micros: k.created_at,
+                        records: k.records,
+                        encryptions: k.encryptions,
+                    })
+                    .collect();
+                collections.push(proto::CollectionKeys { collection: name, versions });
+            }
+            Ok::<_, Failure>(Response::new(proto::ListKeysResponse { collections }))
+        }
+        .await;
+        call.finish(&self.vault, &self.live, result).await
+    }
+
+    async fn rotate_data_key(
+        &self,
+        request: Request<proto::RotateDataKeyRequest>,
+    ) -> Result<Response<proto::RotateDataKeyResponse>, Status> {
+        let mut call = Call::start("RotateDataKey", "rotate_data_key", &request, &request.get_ref().collection, 0);
+        let result = async {
+            call.admit(&self.live, &request, &[Action::Admin])?;
+            let version = self.vault.rotate_data_key(&call.who, &request.get_ref().collection).await?;
+            Ok::<_, Failure>(Response::new(proto::RotateDataKeyResponse { version }))
+        }
+        .await;
+        call.finish(&self.vault, &self.live, result).await
+    }
+
+    async fn reencrypt(&self, request: Request<proto::ReencryptRequest>) -> Result<Response<ProgressStream>, Status> {
+        let mut call = Call::start("Reencrypt", "reencrypt", &request, &request.get_ref().collection, 0);
+        let result = async {
+            call.admit(&self.live, &request, &[Action::Admin])?;
+            let proto::ReencryptRequest { collection, batch_size } = request.into_inner();
+            if !self.vault.has_collection(&collection) {
+                return Err(Failure::Vault(crate::VaultError::UnknownCollection));
+            }
+            let batch = match usize::try_from(batch_size).unwrap_or(usize::MAX) {
+                0 => DEFAULT_REENCRYPT_BATCH,
+                n if n > MAX_REENCRYPT_BATCH => {
+                    return Err(
+                        EdgeError::InvalidArgument(format!("batch_size is at most {MAX_REENCRYPT_BATCH}")).into()
+                    );
+                }
+                n => n,
+            };
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let (vault, who) = (self.vault.clone(), call.who.clone());
+            // Runs to the end even if the caller goes away: re-encryption is
+            // meant to finish in the background.
+            tokio::spawn(async move {
+                let progress_tx = tx.clone();
+                let mut report = move |p: &crate::vault::ReencryptProgress| {
+                    let _ = progress_tx.send(Ok(ReencryptProgress {
+                        moved: p.moved,
+                        unreadable: p.unreadable,
+                        remaining: 0,
+                        done: false,
+                    }));
+                };
+                let last = match vault.reencrypt(&who, &collection, batch, &mut report).await {
+                    Ok(p) => Ok(ReencryptProgress {
+                        moved: p.moved,
+                        unreadable: p.unreadable,
+                        remaining: p.remaining,
+                        done: true,
+                    }),
+                    Err(e) => {
+                        tracing::error!(error = %e, collection, "re-encryption stopped; run it again to resume");
+                        Err(Status::from(Failure::Vault(e)))
+                    }
+                };
+                let _ = tx.send(last);
+            });
+            let stream: ProgressStream = Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+            Ok(Response::new(stream))
+        }
+        .await;
+        call.finish(&self.vault, &self.live, result).await
+    }
+
+    async fn retire_key_version(
+        &self,
+        request: Request<proto::RetireKeyVersionRequest>,
+    ) -> Result<Response<proto::RetireKeyVersionResponse>, Status> {
+        let mut call =
+            Call::start("RetireKeyVersion", "retire_key_version", &request, &request.get_ref().collection, 0);
+        let result = async {
+            call.admit(&self.live, &request, &[Action::Admin])?;
+            let proto::RetireKeyVersionRequest { collection, version } = request.into_inner();
+            self.vault.retire_key_version(&call.who, &collection, version).await?;
+            Ok::<_, Failure>(Response::new(proto::RetireKeyVersionResponse {}))
+        }
+        .await;
+        call.finish(&self.vault, &self.live, result).await
+    }
+
+    async fn reload_policy(
+        &self,
+        request: Request<proto::ReloadPolicyRequest>,
+    ) -> Result<Response<proto::ReloadPolicyResponse>, Status> {
+        let mut call = Call::start("ReloadPolicy", "reload_policy", &request, "", 0);
+        let result = async {
+            call.admit(&self.live, &request, &[Action::Admin])?;
+            self.live.reload().map_err(EdgeError::Precondition)?;
+            self.vault.record(call.who.record("reload_policy", "", 0, "OK")).await?;
+            Ok::<_, Failure>(Response::new(proto::ReloadPolicyResponse {}))
+        }
+        .await;
+        call.finish(&self.vault, &self.live, result).await
+    }
+}
