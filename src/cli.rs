@@ -178,6 +178,10 @@ enum KeysCommand {
         /// The collection.
         #[arg(long)]
         collection: String,
+        /// A version suspected leaked: marked compromised (never encrypts
+        /// again), replaced by a new primary, and re-encryption starts.
+        #[arg(long, value_name = "VERSION")]
+        compromised: Option<u32>,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -791,9 +795,12 @@ async fn keys(command: KeysCommand) -> Result<(), CliError> {
                 }
             }
         }
-        KeysCommand::Rotate { collection, json, connect } => {
+        KeysCommand::Rotate { collection, compromised, json, connect } => {
             let mut admin = AdminClient::new(client::channel(&connect).await?);
-            let request = proto::RotateDataKeyRequest { collection: collection.clone() };
+            let request = proto::RotateDataKeyRequest {
+                collection: collection.clone(),
+                compromised_version: compromised.unwrap_or(0),
+            };
             let version = admin.rotate_data_key(request).await.map_err(failed)?.into_inner().version;
             if json {
                 say(&serde_json::json!({ "collection": collection, "version": version }).to_string());

@@ -35,6 +35,9 @@ pub enum VaultError {
     /// A key version cannot be retired (see the reason).
     #[error("cannot retire the key version: {0}")]
     RetireRefused(crate::store::RetireRefused),
+    /// The collection has no live key version with this number.
+    #[error("the collection has no key version {0} (or it is retired)")]
+    NoSuchKeyVersion(u32),
     /// Another key operation on the same collection changed the keyring
     /// meanwhile; retry.
     #[error("a concurrent key operation changed the keyring; retry")]

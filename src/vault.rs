@@ -491,16 +491,49 @@ impl Vault {
     /// A new random primary data key for `collection`; older versions keep
     /// decrypting. Returns the new version.
     pub async fn rotate_data_key(&self, who: &Requester, collection: &str) -> Result<u32, VaultError> {
+        self.rotate(who, collection, None).await
+    }
+
+    /// Responds to a suspected leak of `version`: marks it compromised (it
+    /// never encrypts again), makes a new primary, and starts re-encrypting
+    /// the collection in the background. Returns the new version.
+    pub async fn rotate_compromised(&self, who: &Requester, collection: &str, version: u32) -> Result<u32, VaultError> {
+        let new = self.rotate(who, collection, Some(version)).await?;
+        tracing::warn!(
+            alert = true,
+            collection,
+            compromised = version,
+            new_primary = new,
+            "key version marked compromised"
+        );
+        let (vault, who, collection) = (self.clone(), who.clone(), collection.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = vault.reencrypt(&who, &collection, 500, &mut |_| {}).await {
+                tracing::error!(error = %e, collection, "re-encryption after a compromise stopped; run `piivault keys reencrypt`");
+            }
+        });
+        Ok(new)
+    }
+
+    async fn rotate(&self, who: &Requester, collection: &str, compromised: Option<u32>) -> Result<u32, VaultError> {
         let coll = self.collection(collection)?;
         let _one_at_a_time = self.inner.key_ops.lock().await;
         let keys = self.inner.store.list_keys(coll.id).await?;
+        if let Some(bad) = compromised
+            && !keys.iter().any(|k| k.version == bad && k.state != KeyState::Retired)
+        {
+            return Err(VaultError::NoSuchKeyVersion(bad));
+        }
         let version =
             keys.iter().map(|k| k.version).max().unwrap_or(0).checked_add(1).ok_or(VaultError::KeyConflict)?;
         let key = DataKey::generate()?;
         let wrapped = keyring::wrap(self.root(), KeyPurpose::Data, collection, version, &key)?;
         let mut audit = who.record("rotate_data_key", collection, 0, "OK");
-        audit.error_code = format!("new primary version {version}");
-        self.inner.store.add_primary_key(coll.id, version, wrapped, audit).await.map_err(|e| match e {
+        audit.error_code = match compromised {
+            Some(bad) => format!("new primary version {version}; version {bad} compromised"),
+            None => format!("new primary version {version}"),
+        };
+        self.inner.store.add_primary_key(coll.id, version, wrapped, compromised, audit).await.map_err(|e| match e {
             crate::store::StoreError::Sqlite(_) => VaultError::KeyConflict,
             other => VaultError::Store(other),
         })?;

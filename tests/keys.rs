@@ -164,3 +164,32 @@ async fn rotation_and_reencryption_under_load() {
     assert_all_readable(&vault, "ssn", &seeded).await;
     assert_all_readable(&vault, "ssn", &issued).await;
 }
+
+/// A suspected leak: the version is marked compromised, a new primary takes
+/// over, re-encryption empties the old version by itself, and it can go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compromised_version_is_replaced_and_emptied() {
+    let fx = Fixture::new();
+    let vault = fx.create().await;
+    let old = tokenize_many(&vault, "email", "leak", 700).await;
+    assert_eq!(vault.rotate_compromised(&who(), "email", 1).await.unwrap(), 2);
+    let after = tokenize_many(&vault, "email", "after", 3).await;
+    let mut emptied = false;
+    for _ in 0..400 {
+        let keys = vault.list_keys(&who(), "email").await.unwrap();
+        assert_eq!(keys[0].state, KeyState::Compromised);
+        assert_eq!(keys[1].state, KeyState::Primary);
+        if keys[0].records == 0 {
+            emptied = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(emptied, "re-encryption did not empty the compromised version");
+    assert_all_readable(&vault, "email", &old).await;
+    assert_all_readable(&vault, "email", &after).await;
+    vault.retire_key_version(&who(), "email", 1).await.unwrap();
+    assert_eq!(states(&vault.list_keys(&who(), "email").await.unwrap())[0].1, KeyState::Retired);
+    assert!(matches!(vault.rotate_compromised(&who(), "email", 1).await.unwrap_err(), VaultError::NoSuchKeyVersion(1)));
+    assert_all_readable(&vault, "email", &old).await;
+}

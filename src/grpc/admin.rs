@@ -79,7 +79,12 @@ impl Admin for AdminService {
         let mut call = Call::start("RotateDataKey", "rotate_data_key", &request, &request.get_ref().collection, 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::Admin])?;
-            let version = self.vault.rotate_data_key(&call.who, &request.get_ref().collection).await?;
+            let proto::RotateDataKeyRequest { collection, compromised_version } = request.into_inner();
+            let version = if compromised_version == 0 {
+                self.vault.rotate_data_key(&call.who, &collection).await?
+            } else {
+                self.vault.rotate_compromised(&call.who, &collection, compromised_version).await?
+            };
             Ok::<_, Failure>(Response::new(proto::RotateDataKeyResponse { version }))
         }
         .await;

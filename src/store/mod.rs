@@ -507,6 +507,7 @@ impl Store {
         collection: CollectionId,
         version: u32,
         wrapped: Vec<u8>,
+        compromised: Option<u32>,
         audit: AuditRecord,
     ) -> Result<(), StoreError> {
         self.write(move |tx| {
@@ -516,6 +517,14 @@ impl Store {
                      WHERE collection_id = ?1 AND purpose = 'data' AND state = 'primary'",
                 )?
                 .execute([collection.0])?;
+            if let Some(bad) = compromised {
+                tx.conn
+                    .prepare_cached(
+                        "UPDATE keys SET state = 'compromised'
+                         WHERE collection_id = ?1 AND purpose = 'data' AND version = ?2 AND state != 'retired'",
+                    )?
+                    .execute(params![collection.0, bad])?;
+            }
             tx.conn
                 .prepare_cached(
                     "INSERT INTO keys (collection_id, purpose, version, state, wrapped, created_at)
