@@ -14,8 +14,7 @@ use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand};
 
 use crate::config::{CONFIG_FILE, Config, DATABASE_FILE, LogFormat, RootKeySource, SEALED_ROOT_FILE};
-use crate::crypto::CryptoError;
-use crate::crypto::root::{self, Passphrase, RawKey, RootKey, Unlock};
+use crate::crypto::root::{self, Passphrase, RawKey, Unlock};
 use crate::datadir;
 use crate::error::VaultError;
 use crate::grpc::server::{self as grpc_server, Live};
@@ -533,28 +532,73 @@ async fn write_new_vault(data_dir: &Path, source: &RootKeySource, unlock: &Unloc
     Vault::create(&config, &root_key).await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })
 }
 
-/// Loads the config and unseals the root key it names.
-fn load_and_unseal(config_path: &Path, secret: &SecretArgs) -> Result<(Config, RootKey), CliError> {
-    let config = Config::load(config_path).or_fail(Failure::Config)?;
-    let sealed = std::fs::read(&config.sealed_root)
-        .with_context(|| format!("cannot read the sealed root key {}", config.sealed_root.display()))
-        .or_fail(Failure::Config)?;
+/// Loads a config file (exit 78 when it is wrong).
+fn load_config(config_path: &Path) -> Result<Config, CliError> {
+    Config::load(config_path).or_fail(Failure::Config)
+}
+
+/// Unseals the root key named by `config` and opens the vault.
+///
+/// A root-key rotation writes `root.sealed.new` before re-wrapping the keys
+/// and renames it over `root.sealed` after; an interruption leaves both
+/// files. Each that opens with the secret is tried, and the keyring decides
+/// which root key is real: if it is the new one the rotation is completed
+/// (renamed into place), if the old one the leftover is removed.
+async fn open_vault(config: &Config, secret: &SecretArgs) -> Result<Vault, CliError> {
     let unlock = unlock_for(&config.root_key, secret, false)?;
-    let root = root::unseal(&sealed, &unlock).map_err(|e: CryptoError| CliError {
-        failure: Failure::Config,
-        error: anyhow::Error::new(e).context(config.sealed_root.display().to_string()),
-    })?;
-    Ok((config, root))
+    let sealed_path = &config.sealed_root;
+    let pending = crate::vault::pending_sealed_path(sealed_path);
+    let sealed = std::fs::read(sealed_path)
+        .with_context(|| format!("cannot read the sealed root key {}", sealed_path.display()))
+        .or_fail(Failure::Config)?;
+    let mut first_error = None;
+    for (path, bytes) in [(sealed_path.clone(), Some(sealed)), (pending.clone(), std::fs::read(&pending).ok())] {
+        let Some(bytes) = bytes else { continue };
+        let root = match root::unseal(&bytes, &unlock) {
+            Ok(root) => root,
+            Err(e) => {
+                first_error.get_or_insert(CliError {
+                    failure: Failure::Config,
+                    error: anyhow::Error::new(e).context(sealed_path.display().to_string()),
+                });
+                continue;
+            }
+        };
+        match Vault::open(config, &root).await {
+            Ok(vault) => {
+                if path == pending {
+                    std::fs::rename(&pending, sealed_path).or_fail(Failure::Other)?;
+                    tracing::warn!("completed an interrupted root-key rotation: the new sealed root key is in place");
+                } else if pending.exists() {
+                    std::fs::remove_file(&pending).or_fail(Failure::Other)?;
+                    tracing::warn!("removed the leftover of a root-key rotation that did not complete");
+                }
+                return Ok(vault);
+            }
+            Err(e) => {
+                first_error.get_or_insert(CliError {
+                    failure: vault_failure(&e),
+                    error: anyhow::Error::new(e).context(config.database.display().to_string()),
+                });
+            }
+        }
+    }
+    let mut error = first_error
+        .unwrap_or_else(|| CliError { failure: Failure::Config, error: anyhow!("cannot unseal the root key") });
+    if pending.exists() {
+        error.error = error.error.context(format!(
+            "an interrupted root-key rotation left {}: try the other (old or new) passphrase",
+            pending.display()
+        ));
+    }
+    Err(error)
 }
 
 /// `piivault check`: proves the passphrase, the sealed root, the store and
 /// every data key are in order, without serving.
 async fn check(config_path: &Path, secret: &SecretArgs) -> Result<(), CliError> {
-    let (config, root) = load_and_unseal(config_path, secret)?;
-    let vault = Vault::open(&config, &root).await.map_err(|e| CliError {
-        failure: vault_failure(&e),
-        error: anyhow::Error::new(e).context(config.database.display().to_string()),
-    })?;
+    let config = load_config(config_path)?;
+    let vault = open_vault(&config, secret).await?;
     let counts = vault.record_counts().await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
     let summary: Vec<String> = counts.iter().map(|(name, n)| format!("{name}={n}")).collect();
     say(&format!("ok: root key unsealed, store open, records: {}", summary.join(" ")));
@@ -594,17 +638,14 @@ async fn termination(mut terminate: tokio::signal::unix::Signal, mut interrupt: 
 /// policy and CRL. `on_ready` is told the bound address.
 async fn run_server(
     config: &Config,
-    root: &RootKey,
+    secret: &SecretArgs,
     listen: Option<std::net::SocketAddr>,
     on_ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), CliError> {
     // Policy and TLS material first: a configuration error stops the start
     // before the store is touched.
     let live = std::sync::Arc::new(Live::load(config).or_fail(Failure::Config)?);
-    let vault = Vault::open(config, root).await.map_err(|e| CliError {
-        failure: vault_failure(&e),
-        error: anyhow::Error::new(e).context(config.database.display().to_string()),
-    })?;
+    let vault = open_vault(config, secret).await?;
     let listener = grpc_server::bind(listen.unwrap_or(config.server.listen)).await.or_fail(Failure::Other)?;
     let addr = listener.local_addr().or_fail(Failure::Other)?;
     let Signals { mut hangup, terminate, interrupt } = Signals::register().or_fail(Failure::Other)?;
@@ -667,9 +708,9 @@ const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `piivault serve`.
 async fn serve(config_path: &Path, secret: &SecretArgs) -> Result<(), CliError> {
-    let (config, root) = load_and_unseal(config_path, secret)?;
+    let config = load_config(config_path)?;
     init_logging("info", config.server.log_format);
-    run_server(&config, &root, None, |addr| say(&format!("piivault: listening on {addr}"))).await
+    run_server(&config, secret, None, |addr| say(&format!("piivault: listening on {addr}"))).await
 }
 
 /// Dev mode's passphrase file: the one place a passphrase is ever stored.
@@ -734,10 +775,10 @@ async fn dev(data_dir: &Path, listen: Option<std::net::SocketAddr>) -> Result<()
         passphrase_path.display()
     );
     let secret = SecretArgs { passphrase_file: Some(passphrase_path) };
-    let (config, root) = load_and_unseal(&config_path, &secret)?;
+    let config = load_config(&config_path)?;
     let exe = std::env::current_exe().map_or_else(|_| "piivault".to_owned(), |p| p.display().to_string());
     let dir = data_dir.display().to_string();
-    run_server(&config, &root, listen, |addr| {
+    run_server(&config, &secret, listen, |addr| {
         let addr_flag = if addr == config.server.listen { String::new() } else { format!(" --addr {addr}") };
         say(&format!("piivault: listening on {addr}"));
         say(&format!(
@@ -856,8 +897,8 @@ fn offline_secret(data_dir: &Path, secret: SecretArgs) -> SecretArgs {
 /// Opens a local vault for an offline audit command.
 async fn open_offline(data_dir: &Path, secret: SecretArgs) -> Result<Vault, CliError> {
     let secret = offline_secret(data_dir, secret);
-    let (config, root) = load_and_unseal(&data_dir.join(CONFIG_FILE), &secret)?;
-    Vault::open(&config, &root).await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })
+    let config = load_config(&data_dir.join(CONFIG_FILE))?;
+    open_vault(&config, &secret).await
 }
 
 /// `piivault audit query` and `export`: from a server as an auditor, or
@@ -965,10 +1006,7 @@ async fn audit(command: AuditCommand) -> Result<(), CliError> {
         }
         None => None,
     };
-    let secret = offline_secret(&data_dir, secret);
-    let (config, root) = load_and_unseal(&data_dir.join(CONFIG_FILE), &secret)?;
-    let vault =
-        Vault::open(&config, &root).await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
+    let vault = open_offline(&data_dir, secret).await?;
     let verified = vault.verify_audit().await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
     let head = verified.map_err(|e| CliError { failure: Failure::Other, error: anyhow!("audit trail broken: {e}") })?;
     let mac = hex::encode(head.mac);

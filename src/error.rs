@@ -42,6 +42,9 @@ pub enum VaultError {
     /// meanwhile; retry.
     #[error("a concurrent key operation changed the keyring; retry")]
     KeyConflict,
+    /// The sealed root file cannot be written or put in place.
+    #[error("the sealed root key cannot be written: {0}")]
+    SealedRoot(String),
     /// The audit sink cannot be opened.
     #[error("the audit sink cannot be opened: {0}")]
     Sink(String),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::audit::{self, AuditKey, AuditRecord, AuditSink, Head, VerifyError};
 use crate::config::{CollectionName, Config, Limits, SinkSetting};
 use crate::crypto::keyring::{self, DataKey, KeyPurpose, Keyring};
-use crate::crypto::root::RootKey;
+use crate::crypto::root::{self as crypto_root, KdfParams, RootKey, Unlock};
 use crate::crypto::{CryptoError, envelope};
 use crate::error::{ItemError, VaultError};
 use crate::store::{
@@ -28,6 +28,18 @@ const MAX_TOKEN_ATTEMPTS: usize = 8;
 
 /// The outcome of one item.
 pub type ItemResult<T> = Result<T, ItemError>;
+
+/// The suffix of a sealed root file written by a root-key rotation that has
+/// not been put in place yet (`root.sealed.new`).
+pub const PENDING_SEALED_SUFFIX: &str = "new";
+
+/// `root.sealed` → `root.sealed.new`.
+pub fn pending_sealed_path(sealed: &std::path::Path) -> std::path::PathBuf {
+    let mut name = sealed.file_name().map(std::ffi::OsStr::to_os_string).unwrap_or_default();
+    name.push(".");
+    name.push(PENDING_SEALED_SUFFIX);
+    sealed.with_file_name(name)
+}
 
 /// How far a re-encryption got.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -91,8 +103,11 @@ struct Inner {
     sink: Option<Arc<AuditSink>>,
     /// Key operations (rotate, retire) run one at a time.
     key_ops: tokio::sync::Mutex<()>,
-    /// The unsealed root key, for wrapping new key versions.
-    root: RootKey,
+    /// The unsealed root key, for wrapping new key versions; replaced by a
+    /// root-key rotation.
+    root: std::sync::RwLock<RootKey>,
+    /// Where the sealed root key lives.
+    sealed_root: std::path::PathBuf,
 }
 
 /// The vault. Cheap to clone; all clones share one store and keyring.
@@ -139,6 +154,22 @@ impl Vault {
             },
         )?;
 
+        // The audit chain key: created with the vault, wrapped like every
+        // other key. Without it nothing that must be audited can be written.
+        // Unwrapping it is also the proof that `root` is this vault's root
+        // key, before anything new is wrapped under it.
+        let candidate = DataKey::generate()?;
+        let wrapped = keyring::wrap(root, KeyPurpose::Audit, "", 1, &candidate)?;
+        let stored = store.vault_key(KeyPurpose::Audit.as_str(), wrapped).await?;
+        let audit_key = keyring::unwrap(root, KeyPurpose::Audit, "", 1, &stored).map_err(|_| VaultError::Keyring {
+            collection: "(audit)".to_owned(),
+            reason: "the audit key does not open with this root key",
+        })?;
+        let audit_bytes = zeroize::Zeroizing::new(*audit_key.expose_secret());
+        let head = store.install_audit_key(AuditKey::from_bytes(*audit_bytes)).await?;
+        tracing::info!(seq = head.seq, mac = %hex::encode(head.mac), "audit trail head");
+        // Only now, with the root key proven by the audit key, is anything
+        // created under it.
         let mut collections = HashMap::new();
         for (name, settings) in &config.collections {
             let id = if let Some(id) = store.collection_id(name.as_str()).await? {
@@ -177,18 +208,6 @@ impl Vault {
                 })?;
             keyring.insert(stored.collection.0, stored.version, key, stored.state == KeyState::Primary);
         }
-        // The audit chain key: created with the vault, wrapped like every
-        // other key. Without it nothing that must be audited can be written.
-        let candidate = DataKey::generate()?;
-        let wrapped = keyring::wrap(root, KeyPurpose::Audit, "", 1, &candidate)?;
-        let stored = store.vault_key(KeyPurpose::Audit.as_str(), wrapped).await?;
-        let audit_key = keyring::unwrap(root, KeyPurpose::Audit, "", 1, &stored).map_err(|_| VaultError::Keyring {
-            collection: "(audit)".to_owned(),
-            reason: "the audit key does not open with this root key",
-        })?;
-        let audit_bytes = zeroize::Zeroizing::new(*audit_key.expose_secret());
-        let head = store.install_audit_key(AuditKey::from_bytes(*audit_bytes)).await?;
-        tracing::info!(seq = head.seq, mac = %hex::encode(head.mac), "audit trail head");
 
         for collection in collections.values() {
             if keyring.with_primary(collection.id.0, |_, _| ()).is_none() {
@@ -209,13 +228,10 @@ impl Vault {
                 audit_key: AuditKey::from_bytes(*audit_bytes),
                 sink,
                 key_ops: tokio::sync::Mutex::new(()),
-                root: root.duplicate(),
+                root: std::sync::RwLock::new(root.duplicate()),
+                sealed_root: config.sealed_root.clone(),
             }),
         })
-    }
-
-    fn root(&self) -> &RootKey {
-        &self.inner.root
     }
 
     fn collection(&self, name: &str) -> Result<&Collection, VaultError> {
@@ -527,7 +543,10 @@ impl Vault {
         let version =
             keys.iter().map(|k| k.version).max().unwrap_or(0).checked_add(1).ok_or(VaultError::KeyConflict)?;
         let key = DataKey::generate()?;
-        let wrapped = keyring::wrap(self.root(), KeyPurpose::Data, collection, version, &key)?;
+        let wrapped = {
+            let root = self.inner.root.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            keyring::wrap(&root, KeyPurpose::Data, collection, version, &key)?
+        };
         let mut audit = who.record("rotate_data_key", collection, 0, "OK");
         audit.error_code = match compromised {
             Some(bad) => format!("new primary version {version}; version {bad} compromised"),
@@ -612,6 +631,54 @@ impl Vault {
             "re-encryption finished"
         );
         Ok(done)
+    }
+
+    /// Replaces the root key: a new random root sealed under `unlock`
+    /// (written beside the old sealed file first), every live wrapped key
+    /// re-wrapped under it in one transaction, then the new sealed file
+    /// renamed over the old one. No record is re-encrypted. Afterwards the
+    /// old passphrase or raw key no longer opens the vault. An interruption
+    /// at any point leaves a vault that opens with the old secret (before
+    /// the transaction) or the new one (after it); see
+    /// [`PENDING_SEALED_SUFFIX`].
+    pub async fn rotate_root(&self, who: &Requester, unlock: &Unlock, params: KdfParams) -> Result<(), VaultError> {
+        let _one_at_a_time = self.inner.key_ops.lock().await;
+        let (new_root, sealed) = crypto_root::create(unlock, params)?;
+        let pending = pending_sealed_path(&self.inner.sealed_root);
+        let _ = std::fs::remove_file(&pending);
+        crate::datadir::write_private_file(&pending, &sealed).map_err(|e| VaultError::SealedRoot(e.to_string()))?;
+        let stored = self.inner.store.wrapped_keys().await?;
+        let mut rewrapped = Vec::new();
+        {
+            let old_root = self.inner.root.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for mut key in stored {
+                let purpose = KeyPurpose::parse(&key.purpose).ok_or(VaultError::Keyring {
+                    collection: key.collection_name.clone(),
+                    reason: "a stored key has an unknown purpose",
+                })?;
+                let clear = keyring::unwrap(&old_root, purpose, &key.collection_name, key.version, &key.wrapped)
+                    .map_err(|_| VaultError::Keyring {
+                        collection: key.collection_name.clone(),
+                        reason: "a wrapped key does not open with the current root key",
+                    })?;
+                key.wrapped = keyring::wrap(&new_root, purpose, &key.collection_name, key.version, &clear)?;
+                rewrapped.push(key);
+            }
+        }
+        let count = rewrapped.len();
+        if let Err(e) = self.inner.store.rewrap_keys(rewrapped, who.record("rotate_root_key", "", count, "OK")).await {
+            let _ = std::fs::remove_file(&pending);
+            return Err(e.into());
+        }
+        // Committed: the database now needs the new root. Put its sealed
+        // file in place (atomic rename), then use it.
+        std::fs::rename(&pending, &self.inner.sealed_root).map_err(|e| VaultError::SealedRoot(e.to_string()))?;
+        if let Some(dir) = self.inner.sealed_root.parent() {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        *self.inner.root.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new_root;
+        tracing::warn!(keys = count, "root key rotated; the previous passphrase or raw key no longer opens this vault");
+        Ok(())
     }
 
     /// Destroys `version` of `collection`'s data key: refused while any

@@ -354,6 +354,7 @@ fn serve_refuses_a_bad_policy_or_a_wrong_passphrase_with_78() {
     let (code, err) = failure(&serve(PASSPHRASE));
     assert_eq!(code, 78);
     assert!(err.contains("policy.toml: line 2: caller app: tokenize names unknown collection \"passport\""), "{err}");
+    std::fs::write(tmp.path().join("policy.toml"), "[callers.app]\ntokenize = [\"card\"]\n").unwrap();
     let (code, err) = failure(&serve("wrong"));
     assert_eq!(code, 78);
     assert!(err.contains("cannot unseal the root key"), "{err}");

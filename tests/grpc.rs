@@ -911,8 +911,11 @@ async fn sink_alerts_and_refused_handshakes() {
         && r["outcome"] == "REFUSED"
         && r["peer"].as_str().unwrap().starts_with("127.0.0.1:")
         && r["error_code"].as_str().unwrap().contains("UnknownIssuer")));
-    assert_eq!(new.len(), 1);
-    assert_eq!((new[0]["action"].as_str(), new[0]["caller"].as_str()), (Some("tokenize"), Some("writer")));
+    // The client retries a refused handshake on its own, so a late refusal
+    // record may land in the new file too; the tokenize must, and only once.
+    let new_calls: Vec<_> = new.iter().filter(|r| r["action"] != "handshake").collect();
+    assert_eq!(new_calls.len(), 1, "{new:?}");
+    assert_eq!((new_calls[0]["action"].as_str(), new_calls[0]["caller"].as_str()), (Some("tokenize"), Some("writer")));
     let seqs: Vec<u64> = old.iter().chain(&new).map(|r| r["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "the sink carries every record, in order");
     let all = std::fs::read_to_string(&rotated).unwrap() + &std::fs::read_to_string(&sink).unwrap();

@@ -256,6 +256,20 @@ pub struct AuditRow {
     pub indexed_tokens: Vec<String>,
 }
 
+/// A wrapped key, for re-wrapping under a new root key. No `Debug`.
+pub struct WrappedKey {
+    /// The collection, or `None` for a vault-level key (the audit key).
+    pub collection: Option<CollectionId>,
+    /// The collection's name (empty for vault keys), bound into the AAD.
+    pub collection_name: String,
+    /// What it is for.
+    pub purpose: String,
+    /// Its version.
+    pub version: u32,
+    /// The wrapped bytes.
+    pub wrapped: Vec<u8>,
+}
+
 /// Why a key version cannot be retired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RetireRefused {
@@ -637,6 +651,74 @@ impl Store {
                 .execute(params![collection.0, version, now_micros()])?;
             tx.append_audit(&audit)?;
             Ok(Ok(()))
+        })
+        .await
+    }
+
+    /// Every live (not retired) key as `(collection id or None for vault
+    /// keys, collection name, purpose, version, wrapped)`.
+    pub async fn wrapped_keys(&self) -> Result<Vec<WrappedKey>, StoreError> {
+        self.read(|conn| {
+            let mut out = Vec::new();
+            let mut stmt = conn.prepare_cached(
+                "SELECT k.collection_id, c.name, k.purpose, k.version, k.wrapped
+                 FROM keys k JOIN collections c ON c.id = k.collection_id WHERE k.state != 'retired'",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok(WrappedKey {
+                    collection: Some(CollectionId(row.get(0)?)),
+                    collection_name: row.get(1)?,
+                    purpose: row.get(2)?,
+                    version: row.get(3)?,
+                    wrapped: row.get(4)?,
+                })
+            })?;
+            for row in rows {
+                out.push(row?);
+            }
+            let mut stmt =
+                conn.prepare_cached("SELECT purpose, version, wrapped FROM vault_keys WHERE state != 'retired'")?;
+            let rows = stmt.query_map([], |row| {
+                Ok(WrappedKey {
+                    collection: None,
+                    collection_name: String::new(),
+                    purpose: row.get(0)?,
+                    version: row.get(1)?,
+                    wrapped: row.get(2)?,
+                })
+            })?;
+            for row in rows {
+                out.push(row?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Replaces every given wrapped key in one transaction (root-key
+    /// rotation): all of them or none.
+    pub async fn rewrap_keys(&self, keys: Vec<WrappedKey>, audit: AuditRecord) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            for key in &keys {
+                let changed = match key.collection {
+                    Some(id) => tx
+                        .conn
+                        .prepare_cached(
+                            "UPDATE keys SET wrapped = ?1 WHERE collection_id = ?2 AND purpose = ?3 AND version = ?4",
+                        )?
+                        .execute(params![key.wrapped, id.0, key.purpose, key.version])?,
+                    None => tx
+                        .conn
+                        .prepare_cached("UPDATE vault_keys SET wrapped = ?1 WHERE purpose = ?2 AND version = ?3")?
+                        .execute(params![key.wrapped, key.purpose, key.version])?,
+                };
+                if changed != 1 {
+                    // A key vanished or appeared meanwhile: roll back all.
+                    return Err(StoreError::Sqlite("the keyring changed during root-key rotation".into()));
+                }
+            }
+            tx.append_audit(&audit)?;
+            Ok(())
         })
         .await
     }
