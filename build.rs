@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".piivault.v1.DetokenizeResponse",
             ".piivault.v1.DetokenizeResult",
             ".piivault.v1.DetokenizeResult.outcome",
+            ".piivault.v1.RotateRootKeyRequest",
         ])
         .compile_fds(fds)?;
     Ok(())

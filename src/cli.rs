@@ -202,6 +202,24 @@ enum KeysCommand {
         #[command(flatten)]
         connect: client::ConnectArgs,
     },
+    /// Replace the root key: a new one sealed under a new passphrase (or raw
+    /// key), every wrapped key re-wrapped at once; the old passphrase stops
+    /// working. Online as an admin, or offline on a stopped vault with
+    /// `--data-dir DIR` alone (the old passphrase from `PIIVAULT_PASSPHRASE`,
+    /// `--passphrase-file` or the terminal).
+    RotateRoot {
+        /// Read the new passphrase from this file (else prompted twice).
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
+        /// For a vault sealed with a raw key: the new one (32 bytes or 64 hex
+        /// digits) from this file.
+        #[arg(long, value_name = "FILE", conflicts_with = "new_passphrase_file")]
+        new_raw_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        connect: client::ConnectArgs,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
     /// Destroy a version's wrapped key (refused while records use it).
     Retire {
         /// The collection.
@@ -456,6 +474,32 @@ fn unlock_for(source: &RootKeySource, secret: &SecretArgs, confirm: bool) -> Res
             RawKey::parse(text.as_bytes()).map(Unlock::RawKey).or_fail(Failure::Config)
         }
     }
+}
+
+/// The new passphrase of a root-key rotation: from `--new-passphrase-file`,
+/// or typed twice on a terminal. Never from argv or the environment (which
+/// holds the old one).
+fn read_new_passphrase(secret: &SecretArgs) -> Result<Passphrase, CliError> {
+    if secret.passphrase_file.is_none() && !std::io::stdin().is_terminal() {
+        return Err(anyhow!("no new passphrase: pass --new-passphrase-file or run on a terminal"))
+            .or_fail(Failure::Usage);
+    }
+    let text = if let Some(path) = &secret.passphrase_file {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read the new passphrase file {}", path.display()))
+            .or_fail(Failure::Config)?;
+        String::from_utf8(bytes)
+            .map_err(|_| anyhow!("the new passphrase file is not UTF-8"))
+            .or_fail(Failure::Config)?
+    } else {
+        let first = rpassword::prompt_password("new passphrase: ").or_fail(Failure::Other)?;
+        let second = zeroize::Zeroizing::new(rpassword::prompt_password("again: ").or_fail(Failure::Other)?);
+        if first != *second {
+            return Err(anyhow!("the passphrases do not match")).or_fail(Failure::Usage);
+        }
+        first
+    };
+    Passphrase::new(text).or_fail(Failure::Usage)
 }
 
 fn read_passphrase(secret: &SecretArgs, confirm: bool) -> Result<Passphrase, CliError> {
@@ -793,6 +837,55 @@ async fn dev(data_dir: &Path, listen: Option<std::net::SocketAddr>) -> Result<()
     .await
 }
 
+/// `piivault keys rotate-root`: offline on a stopped vault's directory, or
+/// online through the Admin service.
+async fn rotate_root(
+    new_passphrase_file: Option<PathBuf>,
+    new_raw_key_file: Option<&Path>,
+    connect: &client::ConnectArgs,
+    secret: SecretArgs,
+) -> Result<(), CliError> {
+    use crate::grpc::proto::{self, admin_client::AdminClient};
+    let new_secret = SecretArgs { passphrase_file: new_passphrase_file };
+    if let Some(dir) = connect.offline_dir() {
+        let unlock = match new_raw_key_file {
+            Some(path) => {
+                let bytes = zeroize::Zeroizing::new(std::fs::read(path).or_fail(Failure::Config)?);
+                Unlock::RawKey(RawKey::parse(&bytes).or_fail(Failure::Usage)?)
+            }
+            None => Unlock::Passphrase(read_new_passphrase(&new_secret)?),
+        };
+        let vault = open_offline(dir, secret).await?;
+        let who = crate::vault::Requester::named("(offline rotate-root)");
+        let count = vault
+            .rotate_root(&who, &unlock, root::DEFAULT_KDF)
+            .await
+            .map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
+        // A dev directory keeps its passphrase beside the vault:
+        // keep it in step, or `piivault dev` could not start again.
+        let dev_file = dir.join(DEV_PASSPHRASE_FILE);
+        if let (Unlock::Passphrase(p), true) = (&unlock, dev_file.exists()) {
+            std::fs::remove_file(&dev_file).or_fail(Failure::Other)?;
+            datadir::write_private_file(&dev_file, p.expose_secret().as_bytes()).or_fail(Failure::Other)?;
+        }
+        say(&format!("root key rotated: {count} keys re-wrapped; the old secret no longer opens this vault"));
+    } else {
+        let mut request = proto::RotateRootKeyRequest::default();
+        match new_raw_key_file {
+            Some(path) => {
+                let bytes = zeroize::Zeroizing::new(std::fs::read(path).or_fail(Failure::Config)?);
+                request.new_raw_key_hex = String::from_utf8_lossy(bytes.trim_ascii()).into_owned();
+            }
+            None => read_new_passphrase(&new_secret)?.expose_secret().clone_into(&mut request.new_passphrase),
+        }
+        let mut admin = AdminClient::new(client::channel(connect).await?);
+        let count =
+            admin.rotate_root_key(request).await.map_err(|s| client::status_error(&s))?.into_inner().keys_rewrapped;
+        say(&format!("root key rotated: {count} keys re-wrapped; the old secret no longer opens this vault"));
+    }
+    Ok(())
+}
+
 /// `piivault keys …`: the Admin service as a client.
 async fn keys(command: KeysCommand) -> Result<(), CliError> {
     use crate::grpc::proto::{self, admin_client::AdminClient};
@@ -870,6 +963,9 @@ async fn keys(command: KeysCommand) -> Result<(), CliError> {
                     say(&format!("{collection}: {} moved", p.moved));
                 }
             }
+        }
+        KeysCommand::RotateRoot { new_passphrase_file, new_raw_key_file, connect, secret } => {
+            rotate_root(new_passphrase_file, new_raw_key_file.as_deref(), &connect, secret).await?;
         }
         KeysCommand::Retire { collection, key_version: version, connect } => {
             let mut admin = AdminClient::new(client::channel(&connect).await?);

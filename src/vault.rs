@@ -641,7 +641,7 @@ impl Vault {
     /// at any point leaves a vault that opens with the old secret (before
     /// the transaction) or the new one (after it); see
     /// [`PENDING_SEALED_SUFFIX`].
-    pub async fn rotate_root(&self, who: &Requester, unlock: &Unlock, params: KdfParams) -> Result<(), VaultError> {
+    pub async fn rotate_root(&self, who: &Requester, unlock: &Unlock, params: KdfParams) -> Result<usize, VaultError> {
         let _one_at_a_time = self.inner.key_ops.lock().await;
         let (new_root, sealed) = crypto_root::create(unlock, params)?;
         let pending = pending_sealed_path(&self.inner.sealed_root);
@@ -678,7 +678,7 @@ impl Vault {
         }
         *self.inner.root.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new_root;
         tracing::warn!(keys = count, "root key rotated; the previous passphrase or raw key no longer opens this vault");
-        Ok(())
+        Ok(count)
     }
 
     /// Destroys `version` of `collection`'s data key: refused while any

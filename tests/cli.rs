@@ -419,3 +419,70 @@ fn json_logs_carry_the_rpc_fields_and_no_values() {
     assert_eq!(rpc["outcome"], "OK");
     assert!(rpc["latency_ms"].as_f64().unwrap() >= 0.0);
 }
+
+/// Offline `keys rotate-root`: the old passphrase stops working, the new one
+/// opens everything; and both halves of an interrupted rotation recover.
+#[test]
+fn rotate_root_offline_and_recovery_from_an_interruption() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(init(tmp.path()).status.success());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let token = runtime.block_on(async {
+        let (config, root) = open_config(tmp.path());
+        let vault = Vault::open(&config, &root).await.unwrap();
+        let t = vault.tokenize(&who(), "ssn", vec![PiiValue::from("078-05-1120")]).await.unwrap();
+        t.into_iter().next().unwrap().unwrap().into_string()
+    });
+    let sealed_path = tmp.path().join("root.sealed");
+    let old_sealed = std::fs::read(&sealed_path).unwrap();
+    let new_pass = tmp.path().join("new-pass");
+    std::fs::write(&new_pass, "a brand new passphrase\n").unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let out = piivault(
+        &["keys", "rotate-root", "--data-dir", dir, "--new-passphrase-file", new_pass.to_str().unwrap()],
+        &[("PIIVAULT_PASSPHRASE", PASSPHRASE)],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("root key rotated: 6 keys re-wrapped"), "{}", stdout(&out));
+    let new_sealed = std::fs::read(&sealed_path).unwrap();
+    assert_ne!(new_sealed, old_sealed);
+    assert!(!tmp.path().join("root.sealed.new").exists());
+
+    let (code, err) = failure(&check(tmp.path(), PASSPHRASE));
+    assert_eq!(code, 78, "{err}");
+    assert!(check(tmp.path(), "a brand new passphrase").status.success());
+    let read_back = |passphrase: &str| {
+        runtime.block_on(async {
+            let config = Config::load(&tmp.path().join("config.toml")).unwrap();
+            let unlock = Unlock::Passphrase(Passphrase::new(passphrase.to_owned()).unwrap());
+            let root = root::unseal(&std::fs::read(&config.sealed_root).unwrap(), &unlock).unwrap();
+            let vault = Vault::open(&config, &root).await.unwrap();
+            let back = vault.detokenize(&who(), "ssn", vec![token.clone()]).await.unwrap();
+            assert!(vault.verify_audit().await.unwrap().is_ok());
+            back.into_iter().next().unwrap().unwrap().expose_secret().to_owned()
+        })
+    };
+    assert_eq!(read_back("a brand new passphrase"), "078-05-1120");
+
+    // Interrupted after the keys were re-wrapped, before the rename: the new
+    // file is still beside the old one. The new passphrase finishes it.
+    std::fs::write(tmp.path().join("root.sealed.new"), &new_sealed).unwrap();
+    std::fs::write(&sealed_path, &old_sealed).unwrap();
+    let (code, err) = failure(&check(tmp.path(), PASSPHRASE));
+    assert_eq!(code, 78);
+    assert!(err.contains("an interrupted root-key rotation left"), "{err}");
+    assert!(check(tmp.path(), "a brand new passphrase").status.success());
+    assert_eq!(std::fs::read(&sealed_path).unwrap(), new_sealed);
+    assert!(!tmp.path().join("root.sealed.new").exists());
+
+    // Interrupted before the keys were re-wrapped: the leftover new file is
+    // discarded once the (still valid) current passphrase opens the vault.
+    let (_, stray) =
+        root::create(&Unlock::Passphrase(Passphrase::new("never committed".into()).unwrap()), root::MIN_KDF).unwrap();
+    std::fs::write(tmp.path().join("root.sealed.new"), &stray).unwrap();
+    let (code, _) = failure(&check(tmp.path(), "never committed"));
+    assert_eq!(code, 78);
+    assert!(check(tmp.path(), "a brand new passphrase").status.success());
+    assert!(!tmp.path().join("root.sealed.new").exists());
+    assert_eq!(read_back("a brand new passphrase"), "078-05-1120");
+}

@@ -1011,3 +1011,60 @@ async fn key_management_through_the_admin_api() {
     assert!(table.starts_with("COLLECTION"), "{table}");
     assert!(table.lines().any(|l| l.starts_with("card") && l.contains("retired")), "{table}");
 }
+
+/// `keys rotate-root` online, as the admin: values keep flowing, and after a
+/// restart only the new passphrase opens the vault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_key_rotation_online() {
+    let server = DevServer::start();
+    let dir = server.dir.clone();
+    let mut writer = server.client("writer").await;
+    let mut reader = server.client("reader").await;
+    let before = tokens(&mut writer, "name", &["Ada Lovelace"]).await;
+    let new_pass = dir.join("new-passphrase");
+    std::fs::write(&new_pass, "rotated online passphrase").unwrap();
+    let rotate = |who: &str| {
+        std::process::Command::new(common::server::BIN)
+            .args(["keys", "rotate-root", "--new-passphrase-file", new_pass.to_str().unwrap()])
+            .args(["--data-dir", dir.to_str().unwrap(), "--as", who, "--addr", &server.addr.to_string()])
+            .output()
+            .unwrap()
+    };
+    let refused = rotate("writer");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("PERMISSION_DENIED"));
+    let out = rotate("admin");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("root key rotated: 6 keys re-wrapped"));
+    // Traffic is unaffected, including new keys wrapped under the new root.
+    let after = tokens(&mut writer, "name", &["Grace Hopper"]).await;
+    let mut admin = proto::admin_client::AdminClient::new(server.channel("admin").await);
+    admin
+        .rotate_data_key(proto::RotateDataKeyRequest { collection: "name".into(), compromised_version: 0 })
+        .await
+        .unwrap();
+    let latest = tokens(&mut writer, "name", &["Katherine Johnson"]).await;
+    let all: Vec<String> = before.iter().chain(&after).chain(&latest).cloned().collect();
+    let back: Vec<String> =
+        detokenize(&mut reader, "name", &all).await.unwrap().into_iter().map(|(v, _)| v.unwrap()).collect();
+    assert_eq!(back, ["Ada Lovelace", "Grace Hopper", "Katherine Johnson"]);
+    assert!(!server.output().contains("rotated online passphrase"));
+
+    let (status, _keep) = tokio::task::spawn_blocking(move || server.stop()).await.unwrap();
+    assert!(status.success());
+    let check = |pass_file: &std::path::Path| {
+        std::process::Command::new(common::server::BIN)
+            .args(["check", "--config", dir.join("config.toml").to_str().unwrap(), "--passphrase-file"])
+            .arg(pass_file)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(
+        check(&dir.join("dev-passphrase")).status.code(),
+        Some(78),
+        "the old passphrase must not open the vault"
+    );
+    let ok = check(&new_pass);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("name=3"));
+}

@@ -111,6 +111,14 @@ impl Passphrase {
     }
 }
 
+impl Passphrase {
+    /// The passphrase in clear, to hand it to whoever must keep it (the dev
+    /// directory's own file, a request to the server). Greppable on purpose.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A raw 256-bit key-encryption key from a secret manager.
 pub struct RawKey(SecretKey);
 

@@ -13,6 +13,7 @@ use super::proto::admin_server::Admin;
 use super::proto::{self, ReencryptProgress};
 use super::server::Live;
 use super::{EdgeError, Failure};
+use crate::crypto::root::{Passphrase, RawKey, Unlock};
 use crate::policy::Action;
 use crate::vault::Vault;
 
@@ -25,12 +26,14 @@ const MAX_REENCRYPT_BATCH: usize = 10_000;
 pub struct AdminService {
     vault: Vault,
     live: Arc<Live>,
+    passphrase_provider: bool,
 }
 
 impl AdminService {
-    /// A service acting on `vault`, deciding access with `live`.
-    pub fn new(vault: Vault, live: Arc<Live>) -> Self {
-        Self { vault, live }
+    /// A service acting on `vault`, deciding access with `live`;
+    /// `passphrase_provider` says which secret a new root key is sealed with.
+    pub fn new(vault: Vault, live: Arc<Live>, passphrase_provider: bool) -> Self {
+        Self { vault, live, passphrase_provider }
     }
 }
 
@@ -154,6 +157,44 @@ impl Admin for AdminService {
             let proto::RetireKeyVersionRequest { collection, version } = request.into_inner();
             self.vault.retire_key_version(&call.who, &collection, version).await?;
             Ok::<_, Failure>(Response::new(proto::RetireKeyVersionResponse {}))
+        }
+        .await;
+        call.finish(&self.vault, &self.live, result).await
+    }
+
+    async fn rotate_root_key(
+        &self,
+        request: Request<proto::RotateRootKeyRequest>,
+    ) -> Result<Response<proto::RotateRootKeyResponse>, Status> {
+        let mut call = Call::start("RotateRootKey", "rotate_root_key", &request, "", 0);
+        let result = async {
+            call.admit(&self.live, &request, &[Action::Admin])?;
+            let proto::RotateRootKeyRequest { new_passphrase, new_raw_key_hex } = request.into_inner();
+            let (passphrase, raw) = (zeroize::Zeroizing::new(new_passphrase), zeroize::Zeroizing::new(new_raw_key_hex));
+            let unlock = match (self.passphrase_provider, passphrase.is_empty(), raw.is_empty()) {
+                (true, false, true) => Unlock::Passphrase(
+                    Passphrase::new(passphrase.to_string()).map_err(|e| EdgeError::InvalidArgument(e.to_string()))?,
+                ),
+                (false, true, false) => Unlock::RawKey(
+                    RawKey::parse(raw.as_bytes()).map_err(|e| EdgeError::InvalidArgument(e.to_string()))?,
+                ),
+                (true, ..) => {
+                    return Err(EdgeError::InvalidArgument(
+                        "this vault is sealed with a passphrase: set new_passphrase only".into(),
+                    )
+                    .into());
+                }
+                (false, ..) => {
+                    return Err(EdgeError::InvalidArgument(
+                        "this vault is sealed with a raw key: set new_raw_key_hex only".into(),
+                    )
+                    .into());
+                }
+            };
+            let keys = self.vault.rotate_root(&call.who, &unlock, crate::crypto::root::DEFAULT_KDF).await?;
+            Ok::<_, Failure>(Response::new(proto::RotateRootKeyResponse {
+                keys_rewrapped: u32::try_from(keys).unwrap_or(u32::MAX),
+            }))
         }
         .await;
         call.finish(&self.vault, &self.live, result).await

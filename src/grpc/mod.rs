@@ -59,6 +59,9 @@ pub fn status_of(error: &Failure) -> Status {
             Status::failed_precondition(e.to_string())
         }
         Failure::Vault(e @ VaultError::KeyConflict) => Status::aborted(e.to_string()),
+        Failure::Vault(VaultError::Crypto(
+            crate::crypto::CryptoError::WeakKdfParams | crate::crypto::CryptoError::EmptyPassphrase,
+        )) => Status::invalid_argument("the new secret is not acceptable"),
         Failure::Edge(EdgeError::Precondition(message)) => Status::failed_precondition(message.clone()),
         Failure::Vault(VaultError::Store(e)) if e.is_unavailable() => {
             Status::unavailable("the vault's store is unavailable; retry later")

@@ -41,6 +41,12 @@ impl fmt::Debug for detokenize_result::Outcome {
     }
 }
 
+impl fmt::Debug for RotateRootKeyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RotateRootKeyRequest { <redacted> }")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
