@@ -193,3 +193,33 @@ async fn a_compromised_version_is_replaced_and_emptied() {
     assert!(matches!(vault.rotate_compromised(&who(), "email", 1).await.unwrap_err(), VaultError::NoSuchKeyVersion(1)));
     assert_all_readable(&vault, "email", &old).await;
 }
+
+/// The live-record counts stay exact through deletes and re-encryption.
+#[tokio::test]
+async fn live_counts_follow_deletes_and_reencryption() {
+    let fx = Fixture::new();
+    let vault = fx.create().await;
+    let pairs = tokenize_many(&vault, "name", "count", 10).await;
+    let gone: Vec<String> = pairs[..3].iter().map(|(t, _)| t.clone()).collect();
+    vault.delete(&who(), "name", gone.clone()).await.unwrap();
+    vault.delete(&who(), "name", gone).await.unwrap(); // already gone: no change
+    assert_eq!(states(&vault.list_keys(&who(), "name").await.unwrap()), [(1, KeyState::Primary, 7, 10)]);
+    vault.rotate_data_key(&who(), "name").await.unwrap();
+    vault.reencrypt(&who(), "name", 4, &mut |_| {}).await.unwrap();
+    vault.delete(&who(), "name", vec![pairs[3].0.clone()]).await.unwrap();
+    assert_eq!(
+        states(&vault.list_keys(&who(), "name").await.unwrap()),
+        [(1, KeyState::Active, 0, 10), (2, KeyState::Primary, 6, 7)]
+    );
+    // The counters agree with the records themselves.
+    let db = rusqlite::Connection::open(fx.db_path()).unwrap();
+    let live: i64 = db
+        .query_row(
+            "SELECT count(*) FROM records WHERE key_version = 2 AND ciphertext IS NOT NULL
+             AND collection_id = (SELECT id FROM collections WHERE name = 'name')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(live, 6);
+}

@@ -482,10 +482,7 @@ impl Store {
     pub async fn list_keys(&self, collection: CollectionId) -> Result<Vec<KeyInfo>, StoreError> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT k.version, k.state, k.created_at, k.encryptions,
-                        (SELECT count(*) FROM records r
-                         WHERE r.collection_id = k.collection_id AND r.key_version = k.version
-                           AND r.ciphertext IS NOT NULL)
+                "SELECT k.version, k.state, k.created_at, k.encryptions, k.live
                  FROM keys k WHERE k.collection_id = ?1 AND k.purpose = 'data' ORDER BY k.version",
             )?;
             let rows = stmt.query_map([collection.0], |row| {
@@ -589,15 +586,18 @@ impl Store {
                  WHERE collection_id = ?3 AND token = ?4 AND key_version = ?5 AND ciphertext IS NOT NULL",
             )?;
             let mut replaced = 0;
-            let mut per_version: std::collections::BTreeMap<u32, i64> = std::collections::BTreeMap::new();
+            let mut sealed: std::collections::BTreeMap<u32, i64> = std::collections::BTreeMap::new();
+            let mut removed: std::collections::BTreeMap<u32, i64> = std::collections::BTreeMap::new();
             for r in &records {
                 if stmt.execute(params![r.to_version, r.ciphertext, collection.0, r.token, r.from_version])? == 1 {
                     replaced += 1;
-                    *per_version.entry(r.to_version).or_default() += 1;
+                    *sealed.entry(r.to_version).or_default() += 1;
+                    *removed.entry(r.from_version).or_default() += 1;
                 }
             }
             drop(stmt);
-            count_encryptions(tx.conn, collection, &per_version)?;
+            count_sealed(tx.conn, collection, &sealed)?;
+            count_removed(tx.conn, collection, &removed)?;
             tx.append_audit(&audit)?;
             Ok(replaced)
         })
@@ -629,8 +629,7 @@ impl Store {
                     let records: i64 = tx
                         .conn
                         .prepare_cached(
-                            "SELECT count(*) FROM records
-                             WHERE collection_id = ?1 AND key_version = ?2 AND ciphertext IS NOT NULL",
+                            "SELECT live FROM keys WHERE collection_id = ?1 AND purpose = 'data' AND version = ?2",
                         )?
                         .query_row(params![collection.0, version], |row| row.get(0))?;
                     (records > 0).then(|| RetireRefused::InUse(u64::try_from(records).unwrap_or(0)))
@@ -834,7 +833,7 @@ impl Store {
                     *per_version.entry(r.key_version).or_default() += 1;
                 }
             }
-            count_encryptions(tx.conn, collection, &per_version)?;
+            count_sealed(tx.conn, collection, &per_version)?;
             audit.tokens = records
                 .iter()
                 .zip(&outcomes)
@@ -1000,15 +999,28 @@ impl Store {
     ) -> Result<Vec<bool>, StoreError> {
         self.write(move |tx| {
             let now = now_micros();
-            let mut stmt = tx.conn.prepare_cached(
+            let mut find = tx.conn.prepare_cached(
+                "SELECT key_version FROM records WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL",
+            )?;
+            let mut clear = tx.conn.prepare_cached(
                 "UPDATE records SET ciphertext = NULL, key_version = NULL, deleted_at = ?3
                  WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL",
             )?;
-            let deleted = tokens
-                .iter()
-                .map(|token| Ok(stmt.execute(params![collection.0, token, now])? == 1))
-                .collect::<Result<Vec<bool>, StoreError>>()?;
-            drop(stmt);
+            let mut removed: std::collections::BTreeMap<u32, i64> = std::collections::BTreeMap::new();
+            let mut deleted = Vec::with_capacity(tokens.len());
+            for token in &tokens {
+                let version: Option<u32> = find.query_row(params![collection.0, token], |row| row.get(0)).optional()?;
+                let cleared = match version {
+                    Some(version) if clear.execute(params![collection.0, token, now])? == 1 => {
+                        *removed.entry(version).or_default() += 1;
+                        true
+                    }
+                    _ => false,
+                };
+                deleted.push(cleared);
+            }
+            drop((find, clear));
+            count_removed(tx.conn, collection, &removed)?;
             audit.tokens = tokens.into_iter().zip(&deleted).filter(|(_, d)| **d).map(|(t, _)| t).collect();
             tx.append_audit(&audit)?;
             Ok(deleted)
@@ -1054,14 +1066,32 @@ impl Drop for Store {
     }
 }
 
-/// Adds to the persisted encryption counters of `collection`'s versions.
-fn count_encryptions(
+/// Records newly sealed under versions of `collection`: adds to each
+/// version's encryption counter and live-record count.
+fn count_sealed(
     conn: &Connection,
     collection: CollectionId,
     per_version: &std::collections::BTreeMap<u32, i64>,
 ) -> Result<(), StoreError> {
     let mut stmt = conn.prepare_cached(
-        "UPDATE keys SET encryptions = encryptions + ?1 WHERE collection_id = ?2 AND purpose = 'data' AND version = ?3",
+        "UPDATE keys SET encryptions = encryptions + ?1, live = live + ?1
+         WHERE collection_id = ?2 AND purpose = 'data' AND version = ?3",
+    )?;
+    for (version, n) in per_version {
+        stmt.execute(params![n, collection.0, version])?;
+    }
+    Ok(())
+}
+
+/// Records that left versions of `collection` (deleted, or re-encrypted
+/// onto another version): subtracts from each version's live count.
+fn count_removed(
+    conn: &Connection,
+    collection: CollectionId,
+    per_version: &std::collections::BTreeMap<u32, i64>,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE keys SET live = live - ?1 WHERE collection_id = ?2 AND purpose = 'data' AND version = ?3",
     )?;
     for (version, n) in per_version {
         stmt.execute(params![n, collection.0, version])?;
