@@ -670,13 +670,15 @@ impl Vault {
             let _ = std::fs::remove_file(&pending);
             return Err(e.into());
         }
-        // Committed: the database now needs the new root. Put its sealed
-        // file in place (atomic rename), then use it.
+        // Committed: the database now needs the new root, in memory at once
+        // (so nothing is ever wrapped under the old one again), and on disk
+        // by an atomic rename. If the rename fails, the pending file holds
+        // the new root and the next open completes the rotation.
+        *self.inner.root.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new_root;
         std::fs::rename(&pending, &self.inner.sealed_root).map_err(|e| VaultError::SealedRoot(e.to_string()))?;
         if let Some(dir) = self.inner.sealed_root.parent() {
             let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
         }
-        *self.inner.root.write().unwrap_or_else(std::sync::PoisonError::into_inner) = new_root;
         tracing::warn!(keys = count, "root key rotated; the previous passphrase or raw key no longer opens this vault");
         Ok(count)
     }

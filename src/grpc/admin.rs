@@ -207,8 +207,10 @@ impl Admin for AdminService {
         let mut call = Call::start("ReloadPolicy", "reload_policy", &request, "", 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::Admin])?;
+            // On the record before anything changes (a failed reload adds
+            // its own failure record).
+            self.vault.record(call.who.record("reload_policy", "", 0, "REQUESTED")).await?;
             self.live.reload().map_err(EdgeError::Precondition)?;
-            self.vault.record(call.who.record("reload_policy", "", 0, "OK")).await?;
             Ok::<_, Failure>(Response::new(proto::ReloadPolicyResponse {}))
         }
         .await;
