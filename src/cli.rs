@@ -702,6 +702,16 @@ async fn run_server(
             let _ = reloader.reload();
         }
     });
+    let rotation_vault = vault.clone();
+    let key_check = config.server.key_check_interval;
+    let auto_rotation = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(key_check).await;
+            if let Err(e) = rotation_vault.rotate_due().await {
+                tracing::error!(error = %e, "automatic key rotation check failed");
+            }
+        }
+    });
     let head_vault = vault.clone();
     let interval = config.audit.head_log_interval;
     let head_logger = tokio::spawn(async move {
@@ -742,6 +752,7 @@ async fn run_server(
     };
     hangups.abort();
     head_logger.abort();
+    auto_rotation.abort();
     served.or_fail(Failure::Other)?;
     tracing::info!("stopped");
     Ok(())

@@ -160,6 +160,8 @@ pub struct ServerSettings {
     pub max_message_bytes: usize,
     /// How long a TLS handshake may take.
     pub handshake_timeout: std::time::Duration,
+    /// How often the server checks collections for automatic key rotation.
+    pub key_check_interval: std::time::Duration,
 }
 
 /// Where committed audit records are also written.
@@ -191,6 +193,11 @@ pub struct AuditSettings {
 pub struct CollectionConfig {
     /// Prefix of this collection's tokens.
     pub prefix: TokenPrefix,
+    /// Rotate the data key automatically once the primary is this old.
+    pub rotate_after: Option<std::time::Duration>,
+    /// Rotate the data key automatically once the primary has sealed this
+    /// many records.
+    pub max_encryptions: Option<u64>,
 }
 
 /// The checked configuration.
@@ -273,6 +280,7 @@ struct RawServer {
     log_format: Option<String>,
     max_message_bytes: Option<i64>,
     handshake_timeout_ms: Option<i64>,
+    key_check_interval_s: Option<i64>,
 }
 
 /// Default listen address.
@@ -319,6 +327,10 @@ fn parse_server(raw: RawServer, data_dir: &Path) -> Result<ServerSettings, Confi
         log_format,
         max_message_bytes: bounded("server.max_message_bytes", raw.max_message_bytes, 8 << 20, 1024, 64 << 20)?,
         handshake_timeout: std::time::Duration::from_millis(u64::try_from(handshake_ms).unwrap_or(10_000)),
+        key_check_interval: std::time::Duration::from_secs(
+            u64::try_from(bounded("server.key_check_interval_s", raw.key_check_interval_s, 60, 1, 86_400)?)
+                .unwrap_or(60),
+        ),
     })
 }
 
@@ -355,6 +367,22 @@ struct RawStore {
 #[serde(deny_unknown_fields)]
 struct RawCollection {
     prefix: Option<String>,
+    rotate_after: Option<String>,
+    max_encryptions: Option<i64>,
+}
+
+/// `90d`, `12h`, `30m`, `45s`: a whole number and a unit.
+fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = number.parse().ok().filter(|n| *n > 0)?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(seconds))
 }
 
 fn bounded(key: &str, value: Option<i64>, default: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
@@ -433,7 +461,22 @@ impl Config {
                     format!("prefix {:?} is already used by collection {other:?}", prefix.as_str()),
                 ));
             }
-            collections.insert(parsed, CollectionConfig { prefix });
+            let rotate_after = match &settings.rotate_after {
+                None => None,
+                Some(text) => Some(parse_duration(text).ok_or_else(|| {
+                    invalid(
+                        format!("{key}.rotate_after"),
+                        format!("{text:?} is not a duration such as \"90d\", \"12h\", \"30m\" or \"45s\""),
+                    )
+                })?),
+            };
+            let max_encryptions = match settings.max_encryptions {
+                None => None,
+                Some(n) => Some(u64::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                    invalid(format!("{key}.max_encryptions"), format!("must be a positive number, got {n}"))
+                })?),
+            };
+            collections.insert(parsed, CollectionConfig { prefix, rotate_after, max_encryptions });
         }
         if collections.is_empty() {
             return Err(invalid("collections", "declare at least one collection"));
@@ -492,6 +535,8 @@ impl Config {
              log_format = \"text\"          # or \"json\"\n\
              max_message_bytes = 8388608\n\
              handshake_timeout_ms = 10000\n\
+             # How often collections are checked for automatic key rotation.\n\
+             key_check_interval_s = 60\n\
              \n\
              [audit]\n\
              # Also write each committed record as a JSON line: \"stdout\", a file path\n\
@@ -503,7 +548,9 @@ impl Config {
              alert_window_s = 60\n\
              alert_threshold = 5\n\
              \n\
-             # Tokens look like <prefix>_<22 random characters>.\n\
+             # Tokens look like <prefix>_<22 random characters>. Optional per collection:\n\
+             # rotate_after = \"90d\" and max_encryptions = 1000000000 rotate the data key\n\
+             # automatically when the primary is that old or has sealed that many records.\n\
              [collections.card]\n\
              prefix = \"card\"\n\
              \n\
@@ -614,6 +661,24 @@ mod tests {
         let unknown = err("[collections.a]\ncolour = 1\n");
         assert!(unknown.contains("unknown field `colour`"), "{unknown}");
         assert!(!unknown.contains('\n'));
+    }
+
+    #[test]
+    fn rotation_settings() {
+        let config = parse("[collections.a]\nrotate_after = \"90d\"\nmax_encryptions = 1000\n").unwrap();
+        let a = config.collections.values().next().unwrap();
+        assert_eq!(a.rotate_after, Some(std::time::Duration::from_hours(90 * 24)));
+        assert_eq!(a.max_encryptions, Some(1000));
+        assert_eq!(parse_duration("12h"), Some(std::time::Duration::from_hours(12)));
+        assert_eq!(parse_duration("45s"), Some(std::time::Duration::from_secs(45)));
+        for bad in ["", "d", "0d", "90", "1w", "-1d", "1.5h"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+        assert!(err("[collections.a]\nrotate_after = \"soon\"\n").starts_with("collections.a.rotate_after: "));
+        assert_eq!(
+            err("[collections.a]\nmax_encryptions = 0\n"),
+            "collections.a.max_encryptions: must be a positive number, got 0"
+        );
     }
 
     #[test]

@@ -91,6 +91,8 @@ struct Collection {
     id: CollectionId,
     name: CollectionName,
     prefix: TokenPrefix,
+    rotate_after: Option<std::time::Duration>,
+    max_encryptions: Option<u64>,
 }
 
 struct Inner {
@@ -183,7 +185,13 @@ impl Vault {
             };
             collections.insert(
                 name.as_str().to_owned(),
-                Collection { id, name: name.clone(), prefix: settings.prefix.clone() },
+                Collection {
+                    id,
+                    name: name.clone(),
+                    prefix: settings.prefix.clone(),
+                    rotate_after: settings.rotate_after,
+                    max_encryptions: settings.max_encryptions,
+                },
             );
         }
 
@@ -508,6 +516,32 @@ impl Vault {
     /// decrypting. Returns the new version.
     pub async fn rotate_data_key(&self, who: &Requester, collection: &str) -> Result<u32, VaultError> {
         self.rotate(who, collection, None).await
+    }
+
+    /// Rotates the data key of every collection whose primary has reached
+    /// its configured age (`rotate_after`) or count (`max_encryptions`).
+    /// Returns the collections rotated, with their new versions.
+    pub async fn rotate_due(&self) -> Result<Vec<(String, u32)>, VaultError> {
+        let now = crate::store::now_micros();
+        let mut rotated = Vec::new();
+        for name in self.collection_names() {
+            let coll = self.collection(&name)?;
+            if coll.rotate_after.is_none() && coll.max_encryptions.is_none() {
+                continue;
+            }
+            let keys = self.inner.store.list_keys(coll.id).await?;
+            let Some(primary) = keys.iter().find(|k| k.state == KeyState::Primary) else { continue };
+            let age = std::time::Duration::from_micros(u64::try_from(now - primary.created_at).unwrap_or(0));
+            let reason = match (coll.rotate_after, coll.max_encryptions) {
+                (Some(limit), _) if age >= limit => "age",
+                (_, Some(limit)) if primary.encryptions >= limit => "encryptions",
+                _ => continue,
+            };
+            let version = self.rotate_data_key(&Requester::named("(automatic rotation)"), &name).await?;
+            tracing::info!(collection = %name, version, reason, "automatic data-key rotation");
+            rotated.push((name, version));
+        }
+        Ok(rotated)
     }
 
     /// Responds to a suspected leak of `version`: marks it compromised (it

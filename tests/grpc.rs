@@ -895,8 +895,16 @@ async fn sink_alerts_and_refused_handshakes() {
     assert!(output.contains("repeated refused requests"), "{output}");
     assert!(output.contains("subject=\"writer\""), "{output}");
 
-    // Rotate the sink file away, SIGHUP, and the next record lands in a new file.
+    // The refusal's audit record is written just after its log line: wait
+    // for it in the sink before rotating the file.
     let sink = dir.join("audit.jsonl");
+    for _ in 0..200 {
+        if std::fs::read_to_string(&sink).unwrap_or_default().contains("\"handshake\"") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    // Rotate the sink file away, SIGHUP, and the next record lands in a new file.
     let rotated = dir.join("audit.jsonl.1");
     std::fs::rename(&sink, &rotated).unwrap();
     server.reload();

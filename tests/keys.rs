@@ -223,3 +223,35 @@ async fn live_counts_follow_deletes_and_reencryption() {
         .unwrap();
     assert_eq!(live, 6);
 }
+
+/// Automatic rotation by count and by age; the count never goes backwards.
+#[tokio::test]
+async fn automatic_rotation_by_count_and_age() {
+    let fx =
+        Fixture::with_config("[collections.iban]\nmax_encryptions = 5\n[collections.otp]\nrotate_after = \"1s\"\n");
+    let vault = fx.create().await;
+    tokenize_many(&vault, "iban", "count", 4).await;
+    tokenize_many(&vault, "otp", "age", 1).await;
+    assert_eq!(vault.rotate_due().await.unwrap(), []);
+    tokenize_many(&vault, "iban", "count-more", 1).await;
+    assert_eq!(vault.rotate_due().await.unwrap(), [("iban".to_owned(), 2)]);
+    assert_eq!(vault.rotate_due().await.unwrap(), [], "the new primary has sealed nothing yet");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(vault.rotate_due().await.unwrap(), [("otp".to_owned(), 2)]);
+    // Collections without a policy are never rotated.
+    assert_eq!(vault.list_keys(&who(), "card").await.unwrap().len(), 1);
+    drop(vault);
+    let vault = fx.open().await;
+    assert_eq!(
+        states(&vault.list_keys(&who(), "iban").await.unwrap()),
+        [(1, KeyState::Active, 5, 5), (2, KeyState::Primary, 0, 0)]
+    );
+    let automatic = vault
+        .audit_records(0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(_, r)| r.action == "rotate_data_key" && r.caller == "(automatic rotation)")
+        .count();
+    assert_eq!(automatic, 2);
+}
