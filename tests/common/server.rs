@@ -117,6 +117,14 @@ impl DevServer {
         panic!("the server did not stop on SIGTERM");
     }
 
+    /// SIGKILL: no shutdown, no checkpoint, nothing flushed but what was
+    /// already durable. The data directory outlives it.
+    pub fn kill(mut self) -> TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.tmp.take().unwrap()
+    }
+
     pub fn ca(&self) -> Ca {
         Ca::load(&self.dir).unwrap()
     }
