@@ -608,6 +608,7 @@ impl Vault {
     ) -> Result<ReencryptProgress, VaultError> {
         let coll = self.collection(collection)?;
         self.record(who.record("reencrypt", collection, 0, "STARTED")).await?;
+        self.inner.store.mark_retiring(coll.id).await?;
         let mut done = ReencryptProgress::default();
         let mut after = String::new();
         loop {

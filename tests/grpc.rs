@@ -990,7 +990,7 @@ async fn key_management_through_the_admin_api() {
     assert_eq!(progress.iter().map(|p| p["moved"].as_u64().unwrap()).collect::<Vec<_>>(), [16, 32, 40, 40]);
     assert_eq!(progress.last().unwrap()["done"], true);
     assert_eq!(progress.last().unwrap()["remaining"], 0);
-    assert_eq!(list("admin"), [(1, "active".into(), 0), (2, "primary".into(), 41)]);
+    assert_eq!(list("admin"), [(1, "retiring".into(), 0), (2, "primary".into(), 41)]);
 
     let out = keys("admin", &["retire", "--collection", "card", "--key-version", "1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

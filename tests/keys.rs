@@ -66,7 +66,7 @@ async fn rotate_reencrypt_retire() {
     assert_eq!(batches, [128, 256, 300]);
     assert_eq!(
         states(&vault.list_keys(&who(), "card").await.unwrap()),
-        [(1, KeyState::Active, 0, 300), (2, KeyState::Primary, 305, 305)]
+        [(1, KeyState::Retiring, 0, 300), (2, KeyState::Primary, 305, 305)]
     );
     // Idempotent: a second run finds nothing to do.
     let again = vault.reencrypt(&who(), "card", 128, &mut |_| {}).await.unwrap();
@@ -209,7 +209,7 @@ async fn live_counts_follow_deletes_and_reencryption() {
     vault.delete(&who(), "name", vec![pairs[3].0.clone()]).await.unwrap();
     assert_eq!(
         states(&vault.list_keys(&who(), "name").await.unwrap()),
-        [(1, KeyState::Active, 0, 10), (2, KeyState::Primary, 6, 7)]
+        [(1, KeyState::Retiring, 0, 10), (2, KeyState::Primary, 6, 7)]
     );
     // The counters agree with the records themselves.
     let db = rusqlite::Connection::open(fx.db_path()).unwrap();

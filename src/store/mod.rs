@@ -548,6 +548,18 @@ impl Store {
         .await
     }
 
+    /// Marks every `active` version of `collection` `retiring`: a
+    /// re-encryption is emptying them.
+    pub async fn mark_retiring(&self, collection: CollectionId) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            tx.conn
+                .prepare_cached("UPDATE keys SET state = 'retiring' WHERE collection_id = ?1 AND purpose = 'data' AND state = 'active'")?
+                .execute([collection.0])?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Live records of `collection` not under `primary`, after `after_token`
     /// in token order: `(token, ciphertext)`, at most `limit`.
     pub async fn records_not_under(
