@@ -493,11 +493,11 @@ impl Vault {
     /// the first bad record.
     pub async fn verify_audit(&self) -> Result<Result<Head, VerifyError>, VaultError> {
         let mut rows = Vec::new();
-        let mut after = 0;
+        let mut filter = AuditFilter::default();
         loop {
-            let page = self.inner.store.audit_rows(after, 10_000).await?;
+            let page = self.inner.store.query_audit(filter.clone(), 10_000).await?;
             let Some(last) = page.last() else { break };
-            after = last.seq;
+            filter.after_seq = last.seq;
             rows.extend(page);
         }
         Ok(verify_rows(&self.inner.audit_key, &rows))
@@ -745,20 +745,16 @@ impl Vault {
 
     /// The stored MAC of audit record `seq` (hex), if it exists.
     pub async fn audit_mac(&self, seq: u64) -> Result<Option<String>, VaultError> {
-        let rows = self.inner.store.audit_rows(seq.saturating_sub(1), 1).await?;
+        let after = AuditFilter { after_seq: seq.saturating_sub(1), ..AuditFilter::default() };
+        let rows = self.inner.store.query_audit(after, 1).await?;
         Ok(rows.into_iter().find(|r| r.seq == seq).map(|r| hex::encode(r.mac)))
     }
 
     /// Audit records with `seq > after`, in order, at most `limit`, decoded.
     /// A row that does not decode is returned as an error naming it.
     pub async fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>, VaultError> {
-        let rows = self.inner.store.audit_rows(after, limit).await?;
-        rows.iter()
-            .map(|row| {
-                AuditRecord::decode(&row.record)
-                    .map_err(|_| VaultError::Audit(VerifyError { seq: row.seq, reason: "malformed record" }))
-            })
-            .collect()
+        let after = AuditFilter { after_seq: after, ..AuditFilter::default() };
+        Ok(self.query_audit(after, limit).await?.into_iter().map(|(seq, record, _)| (seq, record)).collect())
     }
 
     /// Live records per collection name.

@@ -172,12 +172,6 @@ impl Keyring {
         let map = self.collections.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         map.get(&collection)?.versions.get(&version).map(f)
     }
-
-    /// Whether `collection` has any key loaded.
-    pub fn has_collection(&self, collection: i64) -> bool {
-        let map = self.collections.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.contains_key(&collection)
-    }
 }
 
 #[cfg(test)]
@@ -218,7 +212,5 @@ mod tests {
         assert_eq!(ring.with_primary(1, |v, k| (v, k.expose_secret()[0])), Some((2, 2)));
         assert_eq!(ring.with_version(1, 1, |k| k.expose_secret()[0]), Some(1));
         assert!(ring.with_version(1, 3, |_| ()).is_none());
-        assert!(ring.has_collection(1));
-        assert!(!ring.has_collection(2));
     }
 }

@@ -608,8 +608,8 @@ impl Store {
                 }
             }
             drop(stmt);
-            count_sealed(tx.conn, collection, &sealed)?;
-            count_removed(tx.conn, collection, &removed)?;
+            count(tx.conn, COUNT_SEALED, collection, &sealed)?;
+            count(tx.conn, COUNT_REMOVED, collection, &removed)?;
             tx.append_audit(&audit)?;
             Ok(replaced)
         })
@@ -845,7 +845,7 @@ impl Store {
                     *per_version.entry(r.key_version).or_default() += 1;
                 }
             }
-            count_sealed(tx.conn, collection, &per_version)?;
+            count(tx.conn, COUNT_SEALED, collection, &per_version)?;
             audit.tokens = records
                 .iter()
                 .zip(&outcomes)
@@ -868,16 +868,7 @@ impl Store {
     /// Until then, every write that must be audited fails.
     pub async fn install_audit_key(&self, key: AuditKey) -> Result<Head, StoreError> {
         self.write(move |tx| {
-            let head = tx
-                .conn
-                .query_row("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1", [], |row| {
-                    Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
-                })
-                .optional()?
-                .map_or(Ok(Head::GENESIS), |(seq, mac)| {
-                    let mac: [u8; MAC_LEN] = mac.try_into().map_err(|_| StoreError::Corrupt)?;
-                    Ok::<_, StoreError>(Head { seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt)?, mac })
-                })?;
+            let head = last_head(tx.conn)?;
             tx.audit.key = Some(key);
             tx.audit.committed = head;
             tx.audit.tentative = head;
@@ -886,38 +877,9 @@ impl Store {
         .await
     }
 
-    /// Audit rows with `seq > after`, in order, at most `limit`: `(seq,
-    /// encoded record, mac, stored columns)`.
-    pub async fn audit_rows(&self, after: u64, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
-        self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT seq, record, mac, at, caller, action, collection, outcome,
-                        (SELECT group_concat(token, ',') FROM audit_tokens t WHERE t.seq = audit.seq)
-                 FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let after = i64::try_from(after).unwrap_or(i64::MAX);
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = stmt.query_map(params![after, limit], audit_row)?;
-            rows.map(|r| r.map_err(StoreError::from)).collect()
-        })
-        .await
-    }
-
     /// The last committed audit record's number and MAC.
     pub async fn audit_head(&self) -> Result<Head, StoreError> {
-        self.read(|conn| {
-            let last = conn
-                .query_row("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1", [], |row| {
-                    Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
-                })
-                .optional()?;
-            let Some((seq, mac)) = last else { return Ok(Head::GENESIS) };
-            Ok(Head {
-                seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt)?,
-                mac: mac.try_into().map_err(|_| StoreError::Corrupt)?,
-            })
-        })
-        .await
+        self.read(last_head).await
     }
 
     /// Audit rows matching `filter`, oldest first, at most `limit`.
@@ -1032,7 +994,7 @@ impl Store {
                 deleted.push(cleared);
             }
             drop((find, clear));
-            count_removed(tx.conn, collection, &removed)?;
+            count(tx.conn, COUNT_REMOVED, collection, &removed)?;
             audit.tokens = tokens.into_iter().zip(&deleted).filter(|(_, d)| **d).map(|(t, _)| t).collect();
             tx.append_audit(&audit)?;
             Ok(deleted)
@@ -1080,35 +1042,37 @@ impl Drop for Store {
 
 /// Records newly sealed under versions of `collection`: adds to each
 /// version's encryption counter and live-record count.
-fn count_sealed(
+const COUNT_SEALED: &str = "UPDATE keys SET encryptions = encryptions + ?1, live = live + ?1
+     WHERE collection_id = ?2 AND purpose = 'data' AND version = ?3";
+
+/// Records that left versions of `collection` (deleted, or re-encrypted
+/// onto another version): subtracts from each version's live count.
+const COUNT_REMOVED: &str =
+    "UPDATE keys SET live = live - ?1 WHERE collection_id = ?2 AND purpose = 'data' AND version = ?3";
+
+/// Applies one of the counter updates above to each version's count.
+fn count(
     conn: &Connection,
+    sql: &str,
     collection: CollectionId,
     per_version: &std::collections::BTreeMap<u32, i64>,
 ) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "UPDATE keys SET encryptions = encryptions + ?1, live = live + ?1
-         WHERE collection_id = ?2 AND purpose = 'data' AND version = ?3",
-    )?;
+    let mut stmt = conn.prepare_cached(sql)?;
     for (version, n) in per_version {
         stmt.execute(params![n, collection.0, version])?;
     }
     Ok(())
 }
 
-/// Records that left versions of `collection` (deleted, or re-encrypted
-/// onto another version): subtracts from each version's live count.
-fn count_removed(
-    conn: &Connection,
-    collection: CollectionId,
-    per_version: &std::collections::BTreeMap<u32, i64>,
-) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "UPDATE keys SET live = live - ?1 WHERE collection_id = ?2 AND purpose = 'data' AND version = ?3",
-    )?;
-    for (version, n) in per_version {
-        stmt.execute(params![n, collection.0, version])?;
-    }
-    Ok(())
+/// The last audit record's number and MAC (the genesis head when empty).
+fn last_head(conn: &Connection) -> Result<Head, StoreError> {
+    let last = conn
+        .prepare_cached("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)))
+        .optional()?;
+    let Some((seq, mac)) = last else { return Ok(Head::GENESIS) };
+    let mac: [u8; MAC_LEN] = mac.try_into().map_err(|_| StoreError::Corrupt)?;
+    Ok(Head { seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt)?, mac })
 }
 
 /// An `audit` row selected as `seq, record, mac, at, caller, action,
