@@ -160,7 +160,8 @@ enum AuditCommand {
 
 #[derive(Debug, Subcommand)]
 enum KeysCommand {
-    /// Data-key versions with state, live records and encryptions.
+    /// Key versions (data keys, then blind-index keys) with state, live
+    /// records (index entries) and encryptions.
     List {
         /// Only this collection.
         #[arg(long)]
@@ -181,6 +182,19 @@ enum KeysCommand {
         /// again), replaced by a new primary, and re-encryption starts.
         #[arg(long, value_name = "VERSION")]
         compromised: Option<u32>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: client::ConnectArgs,
+    },
+    /// A new primary blind-index key for a deterministic collection; the
+    /// index is rebuilt under it in the background while lookups go on,
+    /// then the older index keys are destroyed.
+    RotateIndex {
+        /// The collection.
+        #[arg(long)]
+        collection: String,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -712,6 +726,17 @@ async fn run_server(
             }
         }
     });
+    let purge_vault = vault.clone();
+    let (purge_every, purge_batch) = (config.store.purge_interval, config.store.purge_batch);
+    let purger = tokio::spawn(async move {
+        loop {
+            if let Err(e) = purge_vault.purge_expired(purge_batch).await {
+                tracing::error!(error = %e, "purging expired records failed; retrying at the next interval");
+            }
+            tokio::time::sleep(purge_every).await;
+        }
+    });
+    vault.resume_background_work().await.or_fail(Failure::Other)?;
     let head_vault = vault.clone();
     let interval = config.audit.head_log_interval;
     let head_logger = tokio::spawn(async move {
@@ -753,6 +778,7 @@ async fn run_server(
     hangups.abort();
     head_logger.abort();
     auto_rotation.abort();
+    purger.abort();
     served.or_fail(Failure::Other)?;
     tracing::info!("stopped");
     Ok(())
@@ -897,6 +923,44 @@ async fn rotate_root(
     Ok(())
 }
 
+/// Prints `keys list` output: a table, or JSON.
+fn print_keys(listed: &crate::grpc::proto::ListKeysResponse, json: bool) {
+    if json {
+        let value: Vec<serde_json::Value> = listed
+            .collections
+            .iter()
+            .flat_map(|c| {
+                c.versions.iter().map(|v| {
+                    serde_json::json!({
+                        "collection": c.collection, "purpose": v.purpose, "version": v.version, "state": v.state,
+                        "created_at_micros": v.created_at_micros, "records": v.records, "encryptions": v.encryptions,
+                    })
+                })
+            })
+            .collect();
+        say(&serde_json::Value::Array(value).to_string());
+    } else {
+        say(&format!(
+            "{:<16} {:<7} {:>7} {:<12} {:<20} {:>10} {:>12}",
+            "COLLECTION", "PURPOSE", "VERSION", "STATE", "CREATED", "RECORDS", "ENCRYPTIONS"
+        ));
+        for c in &listed.collections {
+            for v in &c.versions {
+                say(&format!(
+                    "{:<16} {:<7} {:>7} {:<12} {:<20} {:>10} {:>12}",
+                    c.collection,
+                    v.purpose,
+                    v.version,
+                    v.state,
+                    crate::pki::format_time(v.created_at_micros / 1_000_000),
+                    v.records,
+                    v.encryptions
+                ));
+            }
+        }
+    }
+}
+
 /// `piivault keys …`: the Admin service as a client.
 async fn keys(command: KeysCommand) -> Result<(), CliError> {
     use crate::grpc::proto::{self, admin_client::AdminClient};
@@ -906,39 +970,7 @@ async fn keys(command: KeysCommand) -> Result<(), CliError> {
             let mut admin = AdminClient::new(client::channel(&connect).await?);
             let request = proto::ListKeysRequest { collection: collection.unwrap_or_default() };
             let listed = admin.list_keys(request).await.map_err(failed)?.into_inner();
-            if json {
-                let value: Vec<serde_json::Value> = listed
-                    .collections
-                    .iter()
-                    .flat_map(|c| {
-                        c.versions.iter().map(|v| {
-                            serde_json::json!({
-                                "collection": c.collection, "version": v.version, "state": v.state,
-                                "created_at_micros": v.created_at_micros, "records": v.records, "encryptions": v.encryptions,
-                            })
-                        })
-                    })
-                    .collect();
-                say(&serde_json::Value::Array(value).to_string());
-            } else {
-                say(&format!(
-                    "{:<16} {:>7} {:<12} {:<20} {:>10} {:>12}",
-                    "COLLECTION", "VERSION", "STATE", "CREATED", "RECORDS", "ENCRYPTIONS"
-                ));
-                for c in &listed.collections {
-                    for v in &c.versions {
-                        say(&format!(
-                            "{:<16} {:>7} {:<12} {:<20} {:>10} {:>12}",
-                            c.collection,
-                            v.version,
-                            v.state,
-                            crate::pki::format_time(v.created_at_micros / 1_000_000),
-                            v.records,
-                            v.encryptions
-                        ));
-                    }
-                }
-            }
+            print_keys(&listed, json);
         }
         KeysCommand::Rotate { collection, compromised, json, connect } => {
             let mut admin = AdminClient::new(client::channel(&connect).await?);
@@ -952,6 +984,18 @@ async fn keys(command: KeysCommand) -> Result<(), CliError> {
             } else {
                 say(&format!(
                     "{collection}: version {version} is now primary; run `piivault keys reencrypt --collection {collection}` to move older records onto it"
+                ));
+            }
+        }
+        KeysCommand::RotateIndex { collection, json, connect } => {
+            let mut admin = AdminClient::new(client::channel(&connect).await?);
+            let request = proto::RotateIndexKeyRequest { collection: collection.clone() };
+            let version = admin.rotate_index_key(request).await.map_err(failed)?.into_inner().version;
+            if json {
+                say(&serde_json::json!({ "collection": collection, "index_version": version }).to_string());
+            } else {
+                say(&format!(
+                    "{collection}: index key version {version} is now primary; the index is being rebuilt in the background"
                 ));
             }
         }

@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+use crate::format::{Format, Luhn, MAX_PRESERVED_LEN, MIN_TOKEN_SPACE, Mask, Normalize};
 use crate::token::TokenPrefix;
 
 /// Name of the configuration file inside a data directory.
@@ -123,11 +124,20 @@ pub struct StoreSettings {
     pub read_connections: usize,
     /// Most write requests committed in one transaction.
     pub max_group_commit: usize,
+    /// How often expired records are purged.
+    pub purge_interval: std::time::Duration,
+    /// Most expired records purged per transaction.
+    pub purge_batch: usize,
 }
 
 impl Default for StoreSettings {
     fn default() -> Self {
-        Self { read_connections: 4, max_group_commit: 256 }
+        Self {
+            read_connections: 4,
+            max_group_commit: 256,
+            purge_interval: std::time::Duration::from_mins(1),
+            purge_batch: 500,
+        }
     }
 }
 
@@ -191,8 +201,18 @@ pub struct AuditSettings {
 /// One collection's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CollectionConfig {
-    /// Prefix of this collection's tokens.
-    pub prefix: TokenPrefix,
+    /// What its tokens look like (a `random` format carries the prefix).
+    pub format: Format,
+    /// The same (normalized) value always gets the same token.
+    pub deterministic: bool,
+    /// Applied to every value before it is tokenized and stored.
+    pub normalize: Normalize,
+    /// Records expire this long after they are written.
+    pub ttl: Option<std::time::Duration>,
+    /// What `detokenize_masked` shows.
+    pub mask: Mask,
+    /// Longest value accepted, in bytes.
+    pub max_value_len: usize,
     /// Rotate the data key automatically once the primary is this old.
     pub rotate_after: Option<std::time::Duration>,
     /// Rotate the data key automatically once the primary has sealed this
@@ -361,6 +381,8 @@ struct RawLimits {
 struct RawStore {
     read_connections: Option<i64>,
     max_group_commit: Option<i64>,
+    purge_interval_s: Option<i64>,
+    purge_batch: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -369,6 +391,183 @@ struct RawCollection {
     prefix: Option<String>,
     rotate_after: Option<String>,
     max_encryptions: Option<i64>,
+    format: Option<String>,
+    keep_first: Option<i64>,
+    keep_last: Option<i64>,
+    min_len: Option<i64>,
+    luhn: Option<String>,
+    keep_domain: Option<bool>,
+    deterministic: Option<bool>,
+    normalize: Option<OneOrMany>,
+    ttl: Option<String>,
+    mask: Option<String>,
+    max_value_len: Option<i64>,
+}
+
+/// `normalize = "lowercase"` or `normalize = ["trim", "lowercase"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn items(&self) -> Vec<&str> {
+        match self {
+            Self::One(one) => vec![one.as_str()],
+            Self::Many(many) => many.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// Options that only some formats take: the key and the formats.
+const FORMAT_OPTIONS: [(&str, &[&str]); 5] = [
+    ("prefix", &["random"]),
+    ("keep_first", &["card"]),
+    ("keep_last", &["digits", "alphanumeric", "card"]),
+    ("min_len", &["digits", "alphanumeric"]),
+    ("luhn", &["card"]),
+];
+
+fn duration_setting(key: &str, text: Option<&String>) -> Result<Option<std::time::Duration>, ConfigError> {
+    text.map(|text| {
+        parse_duration(text).ok_or_else(|| {
+            invalid(key, format!("{text:?} is not a duration such as \"90d\", \"12h\", \"30m\" or \"45s\""))
+        })
+    })
+    .transpose()
+}
+
+/// A collection's format, normalization, mask and lengths, checked against
+/// each other and against the token-space floor.
+#[allow(clippy::too_many_lines)] // one check per option, in the order documented
+fn parse_collection(
+    key: &str,
+    name: &str,
+    raw: &RawCollection,
+    limits: &Limits,
+) -> Result<(Format, Normalize, Mask, usize), ConfigError> {
+    let format_name = raw.format.as_deref().unwrap_or("random");
+    let given: [(&str, bool); 5] = [
+        ("prefix", raw.prefix.is_some()),
+        ("keep_first", raw.keep_first.is_some()),
+        ("keep_last", raw.keep_last.is_some()),
+        ("min_len", raw.min_len.is_some()),
+        ("luhn", raw.luhn.is_some()),
+    ];
+    for ((option, formats), (_, set)) in FORMAT_OPTIONS.iter().zip(given) {
+        if set && !formats.contains(&format_name) {
+            return Err(invalid(
+                format!("{key}.{option}"),
+                format!("{option} does not apply to format = {format_name:?} (only to {})", formats.join(", ")),
+            ));
+        }
+    }
+    if raw.keep_domain.is_some() && format_name != "email" {
+        return Err(invalid(
+            format!("{key}.keep_domain"),
+            format!("keep_domain does not apply to format = {format_name:?} (only to email)"),
+        ));
+    }
+    let count = |option: &str, value: Option<i64>| -> Result<usize, ConfigError> {
+        value.map_or(Ok(0), |n| {
+            usize::try_from(n).ok().filter(|n| *n <= MAX_PRESERVED_LEN).ok_or_else(|| {
+                invalid(format!("{key}.{option}"), format!("must be between 0 and {MAX_PRESERVED_LEN}, got {n}"))
+            })
+        })
+    };
+    let keep_last = count("keep_last", raw.keep_last)?;
+    let format = match format_name {
+        "random" => {
+            let prefix_text = raw.prefix.clone().unwrap_or_else(|| name.to_owned());
+            let prefix: TokenPrefix = prefix_text.parse().map_err(|_| {
+                invalid(
+                    format!("{key}.prefix"),
+                    "a token prefix is 1 to 8 characters of a-z and 0-9 (set one explicitly when the collection name is not)",
+                )
+            })?;
+            Format::Random { prefix }
+        }
+        "digits" | "alphanumeric" => {
+            let min_len = match raw.min_len {
+                None => keep_last + 6,
+                Some(_) => count("min_len", raw.min_len)?,
+            };
+            if min_len == 0 {
+                return Err(invalid(format!("{key}.min_len"), "must be at least 1"));
+            }
+            if format_name == "digits" {
+                Format::Digits { keep_last, min_len }
+            } else {
+                Format::Alphanumeric { keep_last, min_len }
+            }
+        }
+        "card" => {
+            let luhn = match raw.luhn.as_deref() {
+                None => Luhn::Invalid,
+                Some(text) => Luhn::parse(text).ok_or_else(|| {
+                    invalid(
+                        format!("{key}.luhn"),
+                        format!("unknown rule {text:?}; expected \"valid\", \"invalid\" or \"any\""),
+                    )
+                })?,
+            };
+            Format::Card { keep_first: count("keep_first", raw.keep_first)?, keep_last, luhn }
+        }
+        "email" => Format::Email { keep_domain: raw.keep_domain.unwrap_or(true) },
+        other => {
+            return Err(invalid(
+                format!("{key}.format"),
+                format!("unknown format {other:?}; expected random, digits, alphanumeric, card or email"),
+            ));
+        }
+    };
+    let space = format.token_space();
+    if space < MIN_TOKEN_SPACE {
+        return Err(invalid(
+            key,
+            format!(
+                "format {format_name:?} leaves {space} possible tokens for its shortest value; at least {MIN_TOKEN_SPACE} are needed (keep fewer characters, or raise min_len)"
+            ),
+        ));
+    }
+
+    let normalize = match &raw.normalize {
+        None => Normalize::default(),
+        Some(steps) => Normalize::parse(steps.items()).map_err(|e| invalid(format!("{key}.normalize"), e))?,
+    };
+    if normalize.digits_only && matches!(format, Format::Email { .. } | Format::Alphanumeric { .. }) {
+        return Err(invalid(format!("{key}.normalize"), format!("digits_only contradicts format = {format_name:?}")));
+    }
+
+    let mask = match raw.mask.as_deref() {
+        None => Mask::default_for(&format),
+        Some(text) => Mask::parse(text).ok_or_else(|| {
+            invalid(
+                format!("{key}.mask"),
+                format!(
+                    "unknown mask {text:?}; expected \"full\", \"email\", \"last:N\", \"first:N\" or \"first:N,last:M\""
+                ),
+            )
+        })?,
+    };
+    if mask == Mask::Email && !matches!(format, Format::Email { .. } | Format::Random { .. }) {
+        return Err(invalid(format!("{key}.mask"), format!("the email mask contradicts format = {format_name:?}")));
+    }
+
+    let ceiling =
+        if format.preserves_shape() { limits.max_value_bytes.min(MAX_PRESERVED_LEN) } else { limits.max_value_bytes };
+    let max_value_len = match raw.max_value_len {
+        None => ceiling,
+        Some(n) => usize::try_from(n).ok().filter(|n| (1..=ceiling).contains(n)).ok_or_else(|| {
+            invalid(
+                format!("{key}.max_value_len"),
+                format!("must be between 1 and {ceiling} bytes for format = {format_name:?}, got {n}"),
+            )
+        })?,
+    };
+    Ok((format, normalize, mask, max_value_len))
 }
 
 /// `90d`, `12h`, `30m`, `45s`: a whole number and a unit.
@@ -438,6 +637,14 @@ impl Config {
         let store = StoreSettings {
             read_connections: bounded("store.read_connections", raw.store.read_connections, 4, 1, 64)?,
             max_group_commit: bounded("store.max_group_commit", raw.store.max_group_commit, 256, 1, 10_000)?,
+            purge_interval: std::time::Duration::from_secs(bounded(
+                "store.purge_interval_s",
+                raw.store.purge_interval_s,
+                60,
+                1,
+                86_400,
+            )? as u64),
+            purge_batch: bounded("store.purge_batch", raw.store.purge_batch, 500, 1, 100_000)?,
         };
 
         let server = parse_server(raw.server, data_dir)?;
@@ -448,35 +655,36 @@ impl Config {
         for (name, settings) in raw.collections {
             let key = format!("collections.{name}");
             let parsed: CollectionName = name.parse().map_err(|e: BadCollectionName| invalid(&key, e.to_string()))?;
-            let prefix_text = settings.prefix.unwrap_or_else(|| name.clone());
-            let prefix: TokenPrefix = prefix_text.parse().map_err(|_| {
-                invalid(
-                    format!("{key}.prefix"),
-                    "a token prefix is 1 to 8 characters of a-z and 0-9 (set one explicitly when the collection name is not)",
-                )
-            })?;
-            if let Some(other) = prefixes.insert(prefix.as_str().to_owned(), name.clone()) {
+            let (format, normalize, mask, max_value_len) = parse_collection(&key, &name, &settings, &limits)?;
+            if let Format::Random { prefix } = &format
+                && let Some(other) = prefixes.insert(prefix.as_str().to_owned(), name.clone())
+            {
                 return Err(invalid(
                     format!("{key}.prefix"),
                     format!("prefix {:?} is already used by collection {other:?}", prefix.as_str()),
                 ));
             }
-            let rotate_after = match &settings.rotate_after {
-                None => None,
-                Some(text) => Some(parse_duration(text).ok_or_else(|| {
-                    invalid(
-                        format!("{key}.rotate_after"),
-                        format!("{text:?} is not a duration such as \"90d\", \"12h\", \"30m\" or \"45s\""),
-                    )
-                })?),
-            };
+            let rotate_after = duration_setting(&format!("{key}.rotate_after"), settings.rotate_after.as_ref())?;
+            let ttl = duration_setting(&format!("{key}.ttl"), settings.ttl.as_ref())?;
             let max_encryptions = match settings.max_encryptions {
                 None => None,
                 Some(n) => Some(u64::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
                     invalid(format!("{key}.max_encryptions"), format!("must be a positive number, got {n}"))
                 })?),
             };
-            collections.insert(parsed, CollectionConfig { prefix, rotate_after, max_encryptions });
+            collections.insert(
+                parsed,
+                CollectionConfig {
+                    format,
+                    deterministic: settings.deterministic.unwrap_or(false),
+                    normalize,
+                    ttl,
+                    mask,
+                    max_value_len,
+                    rotate_after,
+                    max_encryptions,
+                },
+            );
         }
         if collections.is_empty() {
             return Err(invalid("collections", "declare at least one collection"));
@@ -524,6 +732,9 @@ impl Config {
              [store]\n\
              read_connections = 4\n\
              max_group_commit = 256\n\
+             # Expired records (collections with a ttl) are purged this often, in batches.\n\
+             purge_interval_s = 60\n\
+             purge_batch = 500\n\
              \n\
              [server]\n\
              listen = \"{DEFAULT_LISTEN}\"\n\
@@ -548,22 +759,31 @@ impl Config {
              alert_window_s = 60\n\
              alert_threshold = 5\n\
              \n\
-             # Tokens look like <prefix>_<22 random characters>. Optional per collection:\n\
-             # rotate_after = \"90d\" and max_encryptions = 1000000000 rotate the data key\n\
-             # automatically when the primary is that old or has sealed that many records.\n\
+             # Collections. format: random (default, <prefix>_<22 random characters>),\n\
+             # digits, alphanumeric, card or email (tokens shaped like the value; see the\n\
+             # README). Optional: deterministic = true (same value, same token),\n\
+             # normalize = [\"trim\", \"lowercase\"], ttl = \"30d\", mask = \"last:4\",\n\
+             # max_value_len = 64, and rotate_after = \"90d\" / max_encryptions = 1000000000\n\
+             # to rotate the data key automatically.\n\
              [collections.card]\n\
-             prefix = \"card\"\n\
+             format = \"card\"\n\
+             keep_last = 4\n\
+             luhn = \"invalid\"            # tokens never pass the Luhn check\n\
              \n\
              [collections.ssn]\n\
-             prefix = \"ssn\"\n\
+             format = \"digits\"\n\
+             deterministic = true\n\
              \n\
              [collections.email]\n\
-             prefix = \"email\"\n\
+             format = \"email\"\n\
+             deterministic = true\n\
+             normalize = [\"trim\", \"lowercase\"]\n\
              \n\
              [collections.phone]\n\
-             prefix = \"phone\"\n\
+             format = \"digits\"\n\
              \n\
              [collections.name]\n\
+             format = \"random\"\n\
              prefix = \"name\"\n"
         )
     }
@@ -621,7 +841,9 @@ mod tests {
         let config = parse("[collections.iban]\n").unwrap();
         let (name, settings) = config.collections.iter().next().unwrap();
         assert_eq!(name.as_str(), "iban");
-        assert_eq!(settings.prefix.as_str(), "iban");
+        assert_eq!(settings.format, Format::Random { prefix: "iban".parse().unwrap() });
+        assert_eq!(settings.mask, Mask::Keep { first: 0, last: 4 });
+        assert!(!settings.deterministic);
     }
 
     #[test]
@@ -679,6 +901,113 @@ mod tests {
             err("[collections.a]\nmax_encryptions = 0\n"),
             "collections.a.max_encryptions: must be a positive number, got 0"
         );
+    }
+
+    #[test]
+    fn collection_formats() {
+        let config = parse(&Config::sample(&RootKeySource::Passphrase)).unwrap();
+        let get = |name: &str| config.collections.iter().find(|(n, _)| n.as_str() == name).unwrap().1.clone();
+        assert_eq!(get("card").format, Format::Card { keep_first: 0, keep_last: 4, luhn: Luhn::Invalid });
+        assert_eq!(get("ssn").format, Format::Digits { keep_last: 0, min_len: 6 });
+        assert!(get("ssn").deterministic);
+        let email = get("email");
+        assert_eq!(email.format, Format::Email { keep_domain: true });
+        assert!(email.deterministic);
+        assert_eq!(email.normalize, Normalize::parse(["trim", "lowercase"]).unwrap());
+        assert_eq!(email.mask, Mask::Email);
+        assert_eq!(email.max_value_len, 256);
+        assert_eq!(get("phone").format, Format::Digits { keep_last: 0, min_len: 6 });
+        assert_eq!(get("name").format, Format::Random { prefix: "name".parse().unwrap() });
+        assert_eq!(get("name").max_value_len, 4096);
+
+        let one = parse(
+            "[collections.iban]\nformat = \"alphanumeric\"\nkeep_last = 4\nmin_len = 15\nnormalize = \"uppercase\"\n\
+             ttl = \"1h\"\nmask = \"first:2,last:4\"\nmax_value_len = 34\n",
+        )
+        .unwrap();
+        let iban = one.collections.values().next().unwrap();
+        assert_eq!(iban.format, Format::Alphanumeric { keep_last: 4, min_len: 15 });
+        assert_eq!(iban.ttl, Some(std::time::Duration::from_hours(1)));
+        assert_eq!(iban.mask, Mask::Keep { first: 2, last: 4 });
+        assert_eq!(iban.max_value_len, 34);
+        assert_eq!(iban.normalize.case, Some(crate::format::Case::Upper));
+    }
+
+    #[test]
+    fn collection_format_refusals() {
+        let cases = [
+            // A token space too small to be safe, with its size.
+            (
+                "format = \"card\"\nkeep_first = 6\nkeep_last = 4\nluhn = \"valid\"",
+                "collections.c: format \"card\" leaves 100000 possible tokens for its shortest value; at least 1000000 are needed (keep fewer characters, or raise min_len)",
+            ),
+            (
+                "format = \"digits\"\nmin_len = 4",
+                "collections.c: format \"digits\" leaves 10000 possible tokens for its shortest value; at least 1000000 are needed (keep fewer characters, or raise min_len)",
+            ),
+            (
+                "format = \"digits\"\nkeep_last = 4\nmin_len = 9",
+                "collections.c: format \"digits\" leaves 100000 possible tokens for its shortest value; at least 1000000 are needed (keep fewer characters, or raise min_len)",
+            ),
+            // Unknown names.
+            (
+                "format = \"fpe\"",
+                "collections.c.format: unknown format \"fpe\"; expected random, digits, alphanumeric, card or email",
+            ),
+            (
+                "format = \"card\"\nluhn = \"maybe\"",
+                "collections.c.luhn: unknown rule \"maybe\"; expected \"valid\", \"invalid\" or \"any\"",
+            ),
+            (
+                "normalize = [\"nfc\"]",
+                "collections.c.normalize: unknown step \"nfc\"; expected trim, lowercase, uppercase or digits_only",
+            ),
+            (
+                "mask = \"middle:2\"",
+                "collections.c.mask: unknown mask \"middle:2\"; expected \"full\", \"email\", \"last:N\", \"first:N\" or \"first:N,last:M\"",
+            ),
+            // Contradictions.
+            (
+                "format = \"digits\"\nprefix = \"c\"",
+                "collections.c.prefix: prefix does not apply to format = \"digits\" (only to random)",
+            ),
+            (
+                "format = \"digits\"\nluhn = \"valid\"",
+                "collections.c.luhn: luhn does not apply to format = \"digits\" (only to card)",
+            ),
+            (
+                "keep_last = 4",
+                "collections.c.keep_last: keep_last does not apply to format = \"random\" (only to digits, alphanumeric, card)",
+            ),
+            (
+                "format = \"digits\"\nkeep_first = 2",
+                "collections.c.keep_first: keep_first does not apply to format = \"digits\" (only to card)",
+            ),
+            (
+                "format = \"card\"\nkeep_domain = true",
+                "collections.c.keep_domain: keep_domain does not apply to format = \"card\" (only to email)",
+            ),
+            (
+                "normalize = [\"lowercase\", \"uppercase\"]",
+                "collections.c.normalize: lowercase and uppercase contradict each other",
+            ),
+            (
+                "format = \"email\"\nnormalize = \"digits_only\"",
+                "collections.c.normalize: digits_only contradicts format = \"email\"",
+            ),
+            ("format = \"card\"\nmask = \"email\"", "collections.c.mask: the email mask contradicts format = \"card\""),
+            (
+                "format = \"email\"\nmax_value_len = 1000",
+                "collections.c.max_value_len: must be between 1 and 256 bytes for format = \"email\", got 1000",
+            ),
+            (
+                "ttl = \"forever\"",
+                "collections.c.ttl: \"forever\" is not a duration such as \"90d\", \"12h\", \"30m\" or \"45s\"",
+            ),
+        ];
+        for (settings, expected) in cases {
+            assert_eq!(err(&format!("[collections.c]\n{settings}\n")), expected, "{settings}");
+        }
     }
 
     #[test]

@@ -51,6 +51,18 @@ pub enum VaultError {
     /// The audit trail failed verification.
     #[error("audit trail: {0}")]
     Audit(crate::audit::VerifyError),
+    /// An index-key operation on a collection that is not deterministic.
+    #[error("the collection is not deterministic: it has no blind index")]
+    NotDeterministic,
+    /// The collection holds a tenth of its token space: new values are
+    /// refused rather than drawn against ever more collisions.
+    #[error("the collection has issued {issued} of its {space} possible tokens; new values are refused")]
+    TokenSpaceFull {
+        /// Tokens issued (live, expired or deleted: none is reissued).
+        issued: u64,
+        /// The format's token space at its shortest value.
+        space: u128,
+    },
     /// A collection's keys could not be loaded at startup.
     #[error("the keyring of collection {collection} cannot be loaded: {reason}")]
     Keyring {
@@ -94,6 +106,9 @@ pub enum ItemError {
         /// The limit.
         max: usize,
     },
+    /// The value does not fit the collection's format (fixed text only).
+    #[error(transparent)]
+    Misfit(#[from] crate::format::Misfit),
     /// See [`ItemErrorCode::Unreadable`].
     #[error("the stored record cannot be read")]
     Unreadable,
@@ -107,7 +122,7 @@ impl ItemError {
     pub fn code(&self) -> ItemErrorCode {
         match self {
             Self::NotFound => ItemErrorCode::NotFound,
-            Self::EmptyValue | Self::ValueTooLong { .. } => ItemErrorCode::InvalidValue,
+            Self::EmptyValue | Self::ValueTooLong { .. } | Self::Misfit(_) => ItemErrorCode::InvalidValue,
             Self::Unreadable => ItemErrorCode::Unreadable,
             Self::TokenSpaceExhausted => ItemErrorCode::TokenSpaceExhausted,
         }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod crypto;
 pub mod datadir;
 pub mod error;
+pub mod format;
 pub mod grpc;
 pub mod pki;
 pub mod policy;

@@ -21,9 +21,12 @@ pub const TOKEN_RANDOM_BYTES: usize = 16;
 const BODY_LEN: usize = 22;
 /// Longest prefix a collection may use.
 pub const MAX_PREFIX_LEN: usize = 8;
-/// Longest token string any format produces; longer input is refused before
-/// it is parsed.
-pub const MAX_TOKEN_LEN: usize = MAX_PREFIX_LEN + 1 + BODY_LEN;
+/// Longest default (random) token; longer input is refused before it is
+/// parsed.
+const MAX_RANDOM_TOKEN_LEN: usize = MAX_PREFIX_LEN + 1 + BODY_LEN;
+/// Longest token string any format produces (format-preserving tokens are
+/// as long as their values, which are bounded by this).
+pub const MAX_TOKEN_LEN: usize = 256;
 
 /// Why a string is not a token or a prefix. Carries no part of the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +83,12 @@ impl Token {
     pub fn into_string(self) -> String {
         self.text
     }
+
+    /// A format-preserving token (no prefix), already checked by its
+    /// collection's format.
+    pub(crate) fn preserved(text: String) -> Self {
+        Self { text, prefix_len: 0 }
+    }
 }
 
 impl fmt::Display for Token {
@@ -92,7 +101,7 @@ impl FromStr for Token {
     type Err = TokenParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() > MAX_TOKEN_LEN || s.len() < BODY_LEN + 2 || !s.is_ascii() {
+        if s.len() > MAX_RANDOM_TOKEN_LEN || s.len() < BODY_LEN + 2 || !s.is_ascii() {
             return Err(TokenParseError::Malformed);
         }
         let split = s.len() - BODY_LEN - 1;
@@ -109,23 +118,30 @@ impl FromStr for Token {
     }
 }
 
-/// Where new tokens come from. Production uses [`RandomTokens`]; tests can
-/// supply a generator that repeats itself to exercise collision handling.
+/// Where the randomness of new tokens comes from. Production uses
+/// [`RandomTokens`] (the OS CSPRNG); tests can supply a source that repeats
+/// itself to exercise collision handling. Each token drawn calls
+/// [`TokenGenerator::fill`] at least once.
 pub trait TokenGenerator: Send + Sync {
-    /// A new token for a collection with `prefix`.
-    fn generate(&self, prefix: &TokenPrefix) -> Result<Token, CryptoError>;
+    /// Fills `buf` with random bytes.
+    fn fill(&self, buf: &mut [u8]) -> Result<(), CryptoError>;
 }
 
-/// 128 bits from the OS CSPRNG per token.
+/// The OS CSPRNG.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RandomTokens;
 
 impl TokenGenerator for RandomTokens {
-    fn generate(&self, prefix: &TokenPrefix) -> Result<Token, CryptoError> {
-        let mut raw = [0u8; TOKEN_RANDOM_BYTES];
-        fill_random(&mut raw)?;
-        Ok(token_from_bytes(prefix, &raw))
+    fn fill(&self, buf: &mut [u8]) -> Result<(), CryptoError> {
+        fill_random(buf)
     }
+}
+
+/// A new default token for `prefix`: 128 bits from `source`.
+pub fn random_token(prefix: &TokenPrefix, source: &dyn TokenGenerator) -> Result<Token, CryptoError> {
+    let mut raw = [0u8; TOKEN_RANDOM_BYTES];
+    source.fill(&mut raw)?;
+    Ok(token_from_bytes(prefix, &raw))
 }
 
 /// The token with `prefix` whose random body is `raw`.
@@ -154,7 +170,7 @@ mod tests {
         let p = prefix("card");
         let mut seen = HashSet::new();
         for _ in 0..1000 {
-            let token = RandomTokens.generate(&p).unwrap();
+            let token = random_token(&p, &RandomTokens).unwrap();
             assert_eq!(token.as_str().len(), 4 + 1 + BODY_LEN);
             assert_eq!(token.prefix(), "card");
             assert_eq!(token.as_str().parse::<Token>().unwrap(), token);

@@ -14,17 +14,26 @@ use crate::crypto::keyring::{self, DataKey, KeyPurpose, Keyring};
 use crate::crypto::root::{self as crypto_root, KdfParams, RootKey, Unlock};
 use crate::crypto::{CryptoError, envelope};
 use crate::error::{ItemError, VaultError};
+use crate::format::{Format, Mask, Normalize};
 use crate::store::{
-    AuditFilter, AuditRow, CollectionId, InsertOutcome, KeyInfo, KeyState, NewRecord, OpenMode, Reencrypted, Store,
-    StoreOptions,
+    AuditFilter, AuditRow, CollectionId, DATA_PURPOSE, INDEX_PURPOSE, IndexEntry, InsertOutcome, KeyInfo, KeyState,
+    NewRecord, OpenMode, Pending, Reencrypted, Store, StoreOptions,
 };
-use crate::token::{RandomTokens, Token, TokenGenerator, TokenPrefix};
+use crate::token::{RandomTokens, Token, TokenGenerator};
 use crate::value::PiiValue;
 
 /// How many tokens are drawn for one value before giving up. With 128-bit
 /// tokens a single collision is already beyond belief; the bound exists for
 /// small format-preserving token spaces.
 const MAX_TOKEN_ATTEMPTS: usize = 8;
+
+/// Share of its token space a collection may issue before new values are
+/// refused (a tenth), and before the server warns (a hundredth).
+const SPACE_REFUSE_DIVISOR: u128 = 10;
+const SPACE_WARN_DIVISOR: u128 = 100;
+
+/// Records per transaction when the blind index is rebuilt.
+const INDEX_BATCH: usize = 500;
 
 /// The outcome of one item.
 pub type ItemResult<T> = Result<T, ItemError>;
@@ -90,9 +99,58 @@ impl Requester {
 struct Collection {
     id: CollectionId,
     name: CollectionName,
-    prefix: TokenPrefix,
+    format: Format,
+    deterministic: bool,
+    normalize: Normalize,
+    ttl: Option<std::time::Duration>,
+    mask: Mask,
+    max_value_len: usize,
     rotate_after: Option<std::time::Duration>,
     max_encryptions: Option<u64>,
+    /// Tokens issued so far (format-preserving collections only: a random
+    /// token space cannot fill up).
+    issued: std::sync::atomic::AtomicU64,
+    /// Whether the 1% warning has been logged.
+    crowded: std::sync::atomic::AtomicBool,
+}
+
+impl Collection {
+    /// The error for a collection without a primary `purpose` key.
+    fn no_primary(&self, purpose: KeyPurpose) -> VaultError {
+        VaultError::Keyring {
+            collection: self.name.to_string(),
+            reason: if purpose == KeyPurpose::Index {
+                "it has no primary index key"
+            } else {
+                "it has no primary data key"
+            },
+        }
+    }
+
+    /// `Err` when the collection has issued a tenth of its token space;
+    /// warns once past a hundredth.
+    fn check_space(&self, new: usize) -> Result<(), VaultError> {
+        if !self.format.preserves_shape() {
+            return Ok(());
+        }
+        let space = self.format.token_space();
+        let issued = self.issued.load(std::sync::atomic::Ordering::Relaxed);
+        let after = u128::from(issued) + new as u128;
+        if after > space / SPACE_REFUSE_DIVISOR {
+            tracing::error!(alert = true, collection = %self.name, issued, space, "token space a tenth full: new values refused");
+            return Err(VaultError::TokenSpaceFull { issued, space });
+        }
+        if after > space / SPACE_WARN_DIVISOR && !self.crowded.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                alert = true,
+                collection = %self.name,
+                issued,
+                space,
+                "the collection holds more than 1% of its token space; new values are refused at 10%"
+            );
+        }
+        Ok(())
+    }
 }
 
 struct Inner {
@@ -174,25 +232,7 @@ impl Vault {
         // created under it.
         let mut collections = HashMap::new();
         for (name, settings) in &config.collections {
-            let id = if let Some(id) = store.collection_id(name.as_str()).await? {
-                id
-            } else {
-                let key = DataKey::generate()?;
-                let wrapped = keyring::wrap(root, KeyPurpose::Data, name.as_str(), 1, &key)?;
-                let id = store.create_collection(name.as_str(), KeyPurpose::Data.as_str(), wrapped).await?;
-                tracing::info!(collection = %name, "created collection with data key version 1");
-                id
-            };
-            collections.insert(
-                name.as_str().to_owned(),
-                Collection {
-                    id,
-                    name: name.clone(),
-                    prefix: settings.prefix.clone(),
-                    rotate_after: settings.rotate_after,
-                    max_encryptions: settings.max_encryptions,
-                },
-            );
+            collections.insert(name.as_str().to_owned(), open_collection(&store, root, name, settings).await?);
         }
 
         let keyring = Keyring::new();
@@ -214,15 +254,12 @@ impl Vault {
                     collection: collection.name.to_string(),
                     reason: "a wrapped key does not open with this root key",
                 })?;
-            keyring.insert(stored.collection.0, stored.version, key, stored.state == KeyState::Primary);
+            keyring.insert(stored.collection.0, purpose, stored.version, key, stored.state == KeyState::Primary);
         }
 
         for collection in collections.values() {
-            if keyring.with_primary(collection.id.0, |_, _| ()).is_none() {
-                return Err(VaultError::Keyring {
-                    collection: collection.name.to_string(),
-                    reason: "it has no primary data key",
-                });
+            if keyring.with_primary(collection.id.0, KeyPurpose::Data, |_, _| ()).is_none() {
+                return Err(collection.no_primary(KeyPurpose::Data));
             }
         }
 
@@ -267,8 +304,10 @@ impl Vault {
         names
     }
 
-    /// Swaps each value for a new random token. Answers item by item, in
-    /// order; an answer is given only once its record is durable.
+    /// Swaps each value for a token of the collection's format: a new one,
+    /// or, in a deterministic collection, the one its (normalized) value
+    /// already has. Answers item by item, in order; an answer is given only
+    /// once its record is durable.
     pub async fn tokenize(
         &self,
         who: &Requester,
@@ -277,13 +316,15 @@ impl Vault {
     ) -> Result<Vec<ItemResult<Token>>, VaultError> {
         let coll = self.collection(collection)?;
         self.check_count(values.len())?;
-        let max = self.inner.limits.max_value_bytes;
+        coll.check_space(values.len())?;
+        let max = coll.max_value_len;
+        let values: Vec<PiiValue> = values.into_iter().map(|v| coll.normalize.apply(v)).collect();
         let mut results: Vec<Option<ItemResult<Token>>> = values
             .iter()
             .map(|v| match v.len() {
                 0 => Some(Err(ItemError::EmptyValue)),
                 n if n > max => Some(Err(ItemError::ValueTooLong { max })),
-                _ => None,
+                _ => coll.format.check_value(v.expose_secret()).err().map(|e| Err(e.into())),
             })
             .collect();
         let mut pending: Vec<usize> = (0..values.len()).filter(|&i| results[i].is_none()).collect();
@@ -292,6 +333,14 @@ impl Vault {
             // Nothing to store, but the request is still on the record.
             self.inner.store.append_audit(audit.clone()).await?;
         }
+        let expires_at = coll
+            .ttl
+            .map(|ttl| crate::store::now_micros().saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX)));
+        let indexes: Vec<Option<IndexEntry>> = if coll.deterministic {
+            values.iter().map(|v| self.index_entry(coll, v).map(Some)).collect::<Result<_, _>>()?
+        } else {
+            values.iter().map(|_| None).collect()
+        };
 
         for _ in 0..MAX_TOKEN_ATTEMPTS {
             if pending.is_empty() {
@@ -299,36 +348,50 @@ impl Vault {
             }
             let mut records = Vec::with_capacity(pending.len());
             let mut tokens = Vec::with_capacity(pending.len());
+            let mut drawn = Vec::with_capacity(pending.len());
             for &i in &pending {
-                let token = self.inner.tokens.generate(&coll.prefix)?;
+                let value = values[i].expose_secret();
+                let Some(token) = coll.format.generate(value, self.inner.tokens.as_ref())? else {
+                    results[i] = Some(Err(ItemError::TokenSpaceExhausted));
+                    continue;
+                };
                 let (key_version, ciphertext) = self
                     .inner
                     .keyring
-                    .with_primary(coll.id.0, |version, key| {
-                        envelope::seal(
-                            key,
-                            version,
-                            coll.name.as_str(),
-                            token.as_str(),
-                            values[i].expose_secret().as_bytes(),
-                        )
-                        .map(|ct| (version, ct))
+                    .with_primary(coll.id.0, KeyPurpose::Data, |version, key| {
+                        envelope::seal(key, version, coll.name.as_str(), token.as_str(), value.as_bytes())
+                            .map(|ct| (version, ct))
                     })
-                    .ok_or(VaultError::Keyring {
-                        collection: coll.name.to_string(),
-                        reason: "it has no primary data key",
-                    })??;
-                records.push(NewRecord { token: token.as_str().to_owned(), key_version, ciphertext });
+                    .ok_or_else(|| coll.no_primary(KeyPurpose::Data))??;
+                records.push(NewRecord {
+                    token: token.as_str().to_owned(),
+                    key_version,
+                    ciphertext,
+                    expires_at,
+                    index: indexes[i].clone(),
+                });
                 tokens.push(token);
+                drawn.push(i);
+            }
+            if records.is_empty() {
+                break;
             }
             let outcomes = self.inner.store.insert_records(coll.id, records, audit.clone()).await?;
             let mut retry = Vec::new();
-            for ((i, token), outcome) in pending.into_iter().zip(tokens).zip(outcomes) {
+            let mut inserted = 0u64;
+            for ((i, token), outcome) in drawn.into_iter().zip(tokens).zip(outcomes) {
                 match outcome {
-                    InsertOutcome::Inserted => results[i] = Some(Ok(token)),
+                    InsertOutcome::Inserted => {
+                        inserted += 1;
+                        results[i] = Some(Ok(token));
+                    }
+                    InsertOutcome::Existing(existing) => {
+                        results[i] = Some(coll.format.parse_token(&existing).ok_or(ItemError::Unreadable));
+                    }
                     InsertOutcome::Collision => retry.push(i),
                 }
             }
+            coll.issued.fetch_add(inserted, std::sync::atomic::Ordering::Relaxed);
             if !retry.is_empty() {
                 tracing::debug!(collection = %coll.name, collisions = retry.len(), "token collisions; drawing again");
             }
@@ -338,6 +401,29 @@ impl Vault {
             tracing::warn!(collection = %coll.name, items = pending.len(), "no free token after {MAX_TOKEN_ATTEMPTS} draws");
         }
         Ok(results.into_iter().map(|r| r.unwrap_or(Err(ItemError::TokenSpaceExhausted))).collect())
+    }
+
+    /// The version of `coll`'s primary `purpose` key.
+    fn primary_version(&self, coll: &Collection, purpose: KeyPurpose) -> Result<u32, VaultError> {
+        self.inner
+            .keyring
+            .with_primary(coll.id.0, purpose, |version, _| version)
+            .ok_or_else(|| coll.no_primary(purpose))
+    }
+
+    /// The blind index of a normalized value: its digest under every live
+    /// index-key version, primary first.
+    fn index_entry(&self, coll: &Collection, value: &PiiValue) -> Result<IndexEntry, VaultError> {
+        let lookups = self
+            .inner
+            .keyring
+            .map_versions(coll.id.0, KeyPurpose::Index, |version, key| {
+                keyring::blind_index(key, coll.name.as_str(), value.expose_secret().as_bytes()).map(|d| (version, d))
+            })
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let &(version, digest) = lookups.first().ok_or_else(|| coll.no_primary(KeyPurpose::Index))?;
+        Ok(IndexEntry { version, digest, lookups })
     }
 
     /// Swaps each token back for its value. Unknown, deleted, malformed and
@@ -380,9 +466,9 @@ impl Vault {
             .map(|token| {
                 let token = token.ok_or(ItemError::NotFound)?;
                 let record = found.next().flatten().ok_or(ItemError::NotFound)?;
-                let value = self.open_record(coll, &token, &record.ciphertext)?;
+                let value = self.open_record(coll, token.as_str(), &record.ciphertext)?;
                 revealed.push(token.into_string());
-                Ok(if masked { mask(&value) } else { value })
+                Ok(if masked { coll.mask.apply(&value) } else { value })
             })
             .collect();
         let action = if masked { "detokenize_masked" } else { "detokenize" };
@@ -437,12 +523,12 @@ impl Vault {
             .collect()
     }
 
-    fn open_record(&self, coll: &Collection, token: &Token, ciphertext: &[u8]) -> ItemResult<PiiValue> {
+    fn open_record(&self, coll: &Collection, token: &str, ciphertext: &[u8]) -> ItemResult<PiiValue> {
         let opened = envelope::key_version(ciphertext).and_then(|version| {
             self.inner
                 .keyring
-                .with_version(coll.id.0, version, |key| {
-                    envelope::open(key, coll.name.as_str(), token.as_str(), ciphertext)
+                .with_version(coll.id.0, KeyPurpose::Data, version, |key| {
+                    envelope::open(key, coll.name.as_str(), token, ciphertext)
                 })
                 .unwrap_or(Err(CryptoError::Decrypt))
         });
@@ -450,7 +536,7 @@ impl Vault {
             tracing::error!(
                 alert = true,
                 collection = %coll.name,
-                token = %token,
+                token,
                 "stored record failed to decrypt: corruption, tampering, or a missing key version"
             );
             ItemError::Unreadable
@@ -504,10 +590,12 @@ impl Vault {
     }
 
     /// The data-key versions of `collection`, oldest first, with state,
-    /// live records and encryptions. Audited.
+    /// live records and encryptions, then its blind-index key versions (if
+    /// deterministic). Audited.
     pub async fn list_keys(&self, who: &Requester, collection: &str) -> Result<Vec<KeyInfo>, VaultError> {
         let coll = self.collection(collection)?;
-        let keys = self.inner.store.list_keys(coll.id).await?;
+        let mut keys = self.inner.store.list_keys(coll.id, DATA_PURPOSE).await?;
+        keys.extend(self.inner.store.list_keys(coll.id, INDEX_PURPOSE).await?);
         self.record(who.record("list_keys", collection, 0, "OK")).await?;
         Ok(keys)
     }
@@ -515,7 +603,144 @@ impl Vault {
     /// A new random primary data key for `collection`; older versions keep
     /// decrypting. Returns the new version.
     pub async fn rotate_data_key(&self, who: &Requester, collection: &str) -> Result<u32, VaultError> {
-        self.rotate(who, collection, None).await
+        self.rotate(who, collection, KeyPurpose::Data, None).await
+    }
+
+    /// A new primary blind-index key for deterministic `collection`: new
+    /// values are indexed under it at once, lookups keep trying the older
+    /// versions, and the index is rebuilt under it in the background (then
+    /// the older versions are destroyed). Returns the new version.
+    pub async fn rotate_index_key(&self, who: &Requester, collection: &str) -> Result<u32, VaultError> {
+        let coll = self.collection(collection)?;
+        if !coll.deterministic {
+            return Err(VaultError::NotDeterministic);
+        }
+        let version = self.rotate(who, collection, KeyPurpose::Index, None).await?;
+        let (vault, who, collection) = (self.clone(), who.clone(), collection.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = vault.rebuild_index(&who, &collection).await {
+                tracing::error!(error = %e, collection, "blind-index rebuild stopped; it resumes at the next start");
+            }
+        });
+        Ok(version)
+    }
+
+    /// Indexes every live record of deterministic `collection` under the
+    /// primary index key (moving it off older versions), `INDEX_BATCH` per
+    /// transaction while traffic goes on, then destroys the index-key
+    /// versions nothing uses any more. Resumable: the state is the index
+    /// itself. Returns how many records were (re)indexed.
+    pub async fn rebuild_index(&self, who: &Requester, collection: &str) -> Result<u64, VaultError> {
+        let coll = self.collection(collection)?;
+        if !coll.deterministic {
+            return Err(VaultError::NotDeterministic);
+        }
+        let mut done = 0u64;
+        let mut after = String::new();
+        loop {
+            let primary = self.primary_version(coll, KeyPurpose::Index)?;
+            let page = self
+                .inner
+                .store
+                .records_needing(coll.id, Pending::Indexing { version: primary }, after.clone(), INDEX_BATCH)
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            after.clone_from(last);
+            let mut entries = Vec::with_capacity(page.len());
+            for (token, ciphertext) in &page {
+                // An unreadable record was alerted by open_record; it keeps
+                // its old entry (if any) and is retried next time.
+                let Ok(value) = self.open_record(coll, token, ciphertext) else { continue };
+                let digest = self
+                    .inner
+                    .keyring
+                    .with_version(coll.id.0, KeyPurpose::Index, primary, |key| {
+                        keyring::blind_index(
+                            key,
+                            coll.name.as_str(),
+                            coll.normalize.apply(value).expose_secret().as_bytes(),
+                        )
+                    })
+                    .ok_or_else(|| coll.no_primary(KeyPurpose::Index))??;
+                entries.push((token.clone(), digest));
+            }
+            let audit = who.record("reindex", collection, entries.len(), "OK");
+            done += self.inner.store.index_records(coll.id, primary, entries, audit).await? as u64;
+        }
+        let retired = self
+            .inner
+            .store
+            .retire_unused_index_keys(coll.id, who.record("retire_index_keys", collection, 0, "OK"))
+            .await?;
+        for version in &retired {
+            self.inner.keyring.remove(coll.id.0, KeyPurpose::Index, *version);
+        }
+        tracing::info!(collection, indexed = done, retired = ?retired, "blind index rebuilt");
+        Ok(done)
+    }
+
+    /// Starts what a previous run left unfinished: a blind-index rebuild of
+    /// each deterministic collection that has records not indexed under its
+    /// primary index key (after an index-key rotation, a crash, or a
+    /// collection made deterministic).
+    pub async fn resume_background_work(&self) -> Result<(), VaultError> {
+        for name in self.collection_names() {
+            let coll = self.collection(&name)?;
+            if !coll.deterministic {
+                continue;
+            }
+            let primary = self.primary_version(coll, KeyPurpose::Index)?;
+            let unindexed = self
+                .inner
+                .store
+                .records_needing(coll.id, Pending::Indexing { version: primary }, String::new(), 1)
+                .await?;
+            let retiring = self
+                .inner
+                .store
+                .list_keys(coll.id, INDEX_PURPOSE)
+                .await?
+                .iter()
+                .any(|k| !matches!(k.state, KeyState::Primary | KeyState::Retired));
+            if unindexed.is_empty() && !retiring {
+                continue;
+            }
+            tracing::info!(collection = %name, "resuming the blind-index rebuild");
+            let vault = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = vault.rebuild_index(&Requester::named("(startup)"), &name).await {
+                    tracing::error!(error = %e, collection = %name, "blind-index rebuild stopped");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Erases the records of every collection with a `ttl` that have
+    /// expired, `batch` per transaction, each batch audited. Returns how
+    /// many.
+    pub async fn purge_expired(&self, batch: usize) -> Result<u64, VaultError> {
+        let who = Requester::named("(expiry)");
+        let now = crate::store::now_micros();
+        let mut purged = 0u64;
+        for name in self.collection_names() {
+            let coll = self.collection(&name)?;
+            if coll.ttl.is_none() {
+                continue;
+            }
+            loop {
+                let audit = who.record("purge", &name, 0, "OK");
+                let n = self.inner.store.purge_expired(coll.id, now, batch.max(1), audit).await?;
+                purged += n as u64;
+                if n < batch.max(1) {
+                    break;
+                }
+            }
+        }
+        if purged > 0 {
+            tracing::info!(purged, "expired records purged");
+        }
+        Ok(purged)
     }
 
     /// Rotates the data key of every collection whose primary has reached
@@ -529,7 +754,7 @@ impl Vault {
             if coll.rotate_after.is_none() && coll.max_encryptions.is_none() {
                 continue;
             }
-            let keys = self.inner.store.list_keys(coll.id).await?;
+            let keys = self.inner.store.list_keys(coll.id, DATA_PURPOSE).await?;
             let Some(primary) = keys.iter().find(|k| k.state == KeyState::Primary) else { continue };
             let age = std::time::Duration::from_micros(u64::try_from(now - primary.created_at).unwrap_or(0));
             let reason = match (coll.rotate_after, coll.max_encryptions) {
@@ -548,7 +773,7 @@ impl Vault {
     /// never encrypts again), makes a new primary, and starts re-encrypting
     /// the collection in the background. Returns the new version.
     pub async fn rotate_compromised(&self, who: &Requester, collection: &str, version: u32) -> Result<u32, VaultError> {
-        let new = self.rotate(who, collection, Some(version)).await?;
+        let new = self.rotate(who, collection, KeyPurpose::Data, Some(version)).await?;
         tracing::warn!(
             alert = true,
             collection,
@@ -565,10 +790,17 @@ impl Vault {
         Ok(new)
     }
 
-    async fn rotate(&self, who: &Requester, collection: &str, compromised: Option<u32>) -> Result<u32, VaultError> {
+    async fn rotate(
+        &self,
+        who: &Requester,
+        collection: &str,
+        purpose: KeyPurpose,
+        compromised: Option<u32>,
+    ) -> Result<u32, VaultError> {
         let coll = self.collection(collection)?;
         let _one_at_a_time = self.inner.key_ops.lock().await;
-        let keys = self.inner.store.list_keys(coll.id).await?;
+        let stored_purpose = if purpose == KeyPurpose::Index { INDEX_PURPOSE } else { DATA_PURPOSE };
+        let keys = self.inner.store.list_keys(coll.id, stored_purpose).await?;
         if let Some(bad) = compromised
             && !keys.iter().any(|k| k.version == bad && k.state != KeyState::Retired)
         {
@@ -579,19 +811,26 @@ impl Vault {
         let key = DataKey::generate()?;
         let wrapped = {
             let root = self.inner.root.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            keyring::wrap(&root, KeyPurpose::Data, collection, version, &key)?
+            keyring::wrap(&root, purpose, collection, version, &key)?
         };
-        let mut audit = who.record("rotate_data_key", collection, 0, "OK");
+        let (action, what) = if purpose == KeyPurpose::Index {
+            ("rotate_index_key", "index key")
+        } else {
+            ("rotate_data_key", "data key")
+        };
+        let mut audit = who.record(action, collection, 0, "OK");
         audit.error_code = match compromised {
             Some(bad) => format!("new primary version {version}; version {bad} compromised"),
-            None => format!("new primary version {version}"),
+            None => format!("new primary {what} version {version}"),
         };
-        self.inner.store.add_primary_key(coll.id, version, wrapped, compromised, audit).await.map_err(|e| match e {
-            crate::store::StoreError::Sqlite(_) => VaultError::KeyConflict,
-            other => VaultError::Store(other),
-        })?;
-        self.inner.keyring.insert(coll.id.0, version, key, true);
-        tracing::info!(collection, version, "data key rotated");
+        self.inner.store.add_primary_key(coll.id, stored_purpose, version, wrapped, compromised, audit).await.map_err(
+            |e| match e {
+                crate::store::StoreError::Sqlite(_) => VaultError::KeyConflict,
+                other => VaultError::Store(other),
+            },
+        )?;
+        self.inner.keyring.insert(coll.id.0, purpose, version, key, true);
+        tracing::info!(collection, version, "{what} rotated");
         Ok(version)
     }
 
@@ -612,23 +851,23 @@ impl Vault {
         let mut done = ReencryptProgress::default();
         let mut after = String::new();
         loop {
-            let primary =
-                self.inner.keyring.with_primary(coll.id.0, |version, _| version).ok_or(VaultError::Keyring {
-                    collection: coll.name.to_string(),
-                    reason: "it has no primary data key",
-                })?;
-            let page = self.inner.store.records_not_under(coll.id, primary, after.clone(), batch.max(1)).await?;
+            let primary = self.primary_version(coll, KeyPurpose::Data)?;
+            let page = self
+                .inner
+                .store
+                .records_needing(coll.id, Pending::Reencryption { primary }, after.clone(), batch.max(1))
+                .await?;
             let Some((last, _)) = page.last() else { break };
             after.clone_from(last);
             let mut moved = Vec::with_capacity(page.len());
             for (text, ciphertext) in &page {
-                let reopened = text.parse::<Token>().ok().and_then(|token| {
+                let reopened = (|| {
                     let from = envelope::key_version(ciphertext).ok()?;
-                    let value = self.open_record(coll, &token, ciphertext).ok()?;
+                    let value = self.open_record(coll, text, ciphertext).ok()?;
                     let sealed = self
                         .inner
                         .keyring
-                        .with_primary(coll.id.0, |version, key| {
+                        .with_primary(coll.id.0, KeyPurpose::Data, |version, key| {
                             envelope::seal(key, version, collection, text, value.expose_secret().as_bytes())
                                 .map(|ct| (version, ct))
                         })?
@@ -639,7 +878,7 @@ impl Vault {
                         to_version: sealed.0,
                         ciphertext: sealed.1,
                     })
-                });
+                })();
                 match reopened {
                     Some(record) => moved.push(record),
                     None => done.unreadable += 1,
@@ -652,7 +891,7 @@ impl Vault {
         done.remaining = self
             .inner
             .store
-            .list_keys(coll.id)
+            .list_keys(coll.id, DATA_PURPOSE)
             .await?
             .iter()
             .filter(|k| k.state != KeyState::Primary)
@@ -726,7 +965,7 @@ impl Vault {
         let mut audit = who.record("retire_key_version", collection, 0, "OK");
         audit.error_code = format!("version {version}");
         self.inner.store.retire_key(coll.id, version, audit).await?.map_err(VaultError::RetireRefused)?;
-        self.inner.keyring.remove(coll.id.0, version);
+        self.inner.keyring.remove(coll.id.0, KeyPurpose::Data, version);
         tracing::info!(collection, version, "data key version retired and destroyed");
         Ok(())
     }
@@ -757,6 +996,15 @@ impl Vault {
         Ok(self.query_audit(after, limit).await?.into_iter().map(|(seq, record, _)| (seq, record)).collect())
     }
 
+    /// Whether `token` was ever issued by this vault (in any collection):
+    /// every issued token is on the audit trail.
+    pub async fn was_issued(&self, token: &str) -> Result<bool, VaultError> {
+        if token.is_empty() || token.len() > crate::token::MAX_TOKEN_LEN {
+            return Ok(false);
+        }
+        Ok(self.inner.store.token_audited(token.to_owned()).await?)
+    }
+
     /// Live records per collection name.
     pub async fn record_counts(&self) -> Result<Vec<(String, u64)>, VaultError> {
         let counts = self.inner.store.record_counts().await?;
@@ -769,6 +1017,47 @@ impl Vault {
         out.sort();
         Ok(out)
     }
+}
+
+/// Finds (or creates, with data key version 1) collection `name` in the
+/// store, gives a deterministic collection its first index key if it has
+/// none, and counts the tokens it has issued.
+async fn open_collection(
+    store: &Store,
+    root: &RootKey,
+    name: &CollectionName,
+    settings: &crate::config::CollectionConfig,
+) -> Result<Collection, VaultError> {
+    let id = if let Some(id) = store.collection_id(name.as_str()).await? {
+        id
+    } else {
+        let key = DataKey::generate()?;
+        let wrapped = keyring::wrap(root, KeyPurpose::Data, name.as_str(), 1, &key)?;
+        let id = store.create_collection(name.as_str(), KeyPurpose::Data.as_str(), wrapped).await?;
+        tracing::info!(collection = %name, "created collection with data key version 1");
+        id
+    };
+    if settings.deterministic && store.list_keys(id, INDEX_PURPOSE).await?.is_empty() {
+        let key = DataKey::generate()?;
+        let wrapped = keyring::wrap(root, KeyPurpose::Index, name.as_str(), 1, &key)?;
+        store.add_first_key(id, INDEX_PURPOSE, wrapped).await?;
+        tracing::info!(collection = %name, "created blind-index key version 1");
+    }
+    let issued = if settings.format.preserves_shape() { store.issued_tokens(id).await? } else { 0 };
+    Ok(Collection {
+        id,
+        name: name.clone(),
+        format: settings.format.clone(),
+        deterministic: settings.deterministic,
+        normalize: settings.normalize,
+        ttl: settings.ttl,
+        mask: settings.mask,
+        max_value_len: settings.max_value_len,
+        rotate_after: settings.rotate_after,
+        max_encryptions: settings.max_encryptions,
+        issued: std::sync::atomic::AtomicU64::new(issued),
+        crowded: std::sync::atomic::AtomicBool::new(false),
+    })
 }
 
 /// Verifies stored audit rows: the chain over the encoded records, and the
@@ -799,40 +1088,11 @@ fn verify_rows(key: &AuditKey, rows: &[AuditRow]) -> Result<Head, VerifyError> {
     }
 }
 
-/// How many trailing letters and digits a masked value keeps.
-const MASK_KEEP_LAST: usize = 4;
-/// A value with fewer letters and digits than this is masked entirely.
-const MASK_MIN_ALNUM: usize = 8;
-
-/// The default mask: every letter and digit becomes `*` except the last
-/// four; separators stay where they are (`4111 1111 1111 1111` →
-/// `**** **** **** 1111`, `078-05-1120` → `***-**-1120`). A value with
-/// fewer than eight letters and digits is masked entirely.
-pub fn mask(value: &PiiValue) -> PiiValue {
-    let text = value.expose_secret();
-    let alnum = text.chars().filter(|c| c.is_alphanumeric()).count();
-    let keep_from = if alnum >= MASK_MIN_ALNUM { alnum - MASK_KEEP_LAST } else { alnum };
-    let mut seen = 0;
-    let masked: String = text
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() {
-                seen += 1;
-                if seen > keep_from { c } else { '*' }
-            } else {
-                c
-            }
-        })
-        .collect();
-    PiiValue::new(masked)
-}
-
 /// Parses each token for `coll`; returns, per input, the parsed token (or
-/// `None` when malformed or of another collection's prefix) and the list of
-/// token strings worth looking up, in the same order as the `Some`s.
+/// `None` when it is not one `coll`'s format can have issued) and the list
+/// of token strings worth looking up, in the same order as the `Some`s.
 fn parse_tokens(coll: &Collection, tokens: &[String]) -> (Vec<Option<Token>>, Vec<String>) {
-    let parsed: Vec<Option<Token>> =
-        tokens.iter().map(|t| t.parse::<Token>().ok().filter(|t| t.prefix() == coll.prefix.as_str())).collect();
+    let parsed: Vec<Option<Token>> = tokens.iter().map(|t| coll.format.parse_token(t)).collect();
     let lookups = parsed.iter().flatten().map(|t| t.as_str().to_owned()).collect();
     (parsed, lookups)
 }

@@ -178,10 +178,15 @@ fn a_bad_config_or_store_exits_78() {
     let config = tmp.path().join("config.toml");
     let text = std::fs::read_to_string(&config).unwrap();
 
-    std::fs::write(&config, text.replace("prefix = \"ssn\"", "prefix = \"SSN!\"")).unwrap();
+    std::fs::write(&config, text.replace("prefix = \"name\"", "prefix = \"NAME!\"")).unwrap();
     let (code, err) = failure(&check(tmp.path(), PASSPHRASE));
     assert_eq!(code, 78);
-    assert!(err.contains("collections.ssn.prefix:"), "{err}");
+    assert!(err.contains("collections.name.prefix:"), "{err}");
+
+    std::fs::write(&config, text.replace("luhn = \"invalid\"", "luhn = \"invalid\"\nkeep_first = 6")).unwrap();
+    let (code, err) = failure(&check(tmp.path(), PASSPHRASE));
+    assert_eq!(code, 78);
+    assert!(err.ends_with("collections.card: format \"card\" leaves 900000 possible tokens for its shortest value; at least 1000000 are needed (keep fewer characters, or raise min_len)\n"), "{err}");
 
     std::fs::write(&config, text.replace("[limits]", "[limits]\nmax_widgets = 3")).unwrap();
     let (code, err) = failure(&check(tmp.path(), PASSPHRASE));
@@ -396,7 +401,7 @@ fn json_logs_carry_the_rpc_fields_and_no_values() {
             "--as",
             "app",
             "--collection",
-            "card",
+            "name",
             value,
         ],
         &[],
@@ -414,7 +419,7 @@ fn json_logs_carry_the_rpc_fields_and_no_values() {
         .expect("an rpc log line");
     assert_eq!(rpc["caller"], "app");
     assert_eq!(rpc["method"], "Tokenize");
-    assert_eq!(rpc["collection"], "card");
+    assert_eq!(rpc["collection"], "name");
     assert_eq!(rpc["items"], 1);
     assert_eq!(rpc["outcome"], "OK");
     assert!(rpc["latency_ms"].as_f64().unwrap() >= 0.0);
@@ -443,7 +448,7 @@ fn rotate_root_offline_and_recovery_from_an_interruption() {
         &[("PIIVAULT_PASSPHRASE", PASSPHRASE)],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).starts_with("root key rotated: 6 keys re-wrapped"), "{}", stdout(&out));
+    assert!(stdout(&out).starts_with("root key rotated: 8 keys re-wrapped"), "{}", stdout(&out));
     let new_sealed = std::fs::read(&sealed_path).unwrap();
     assert_ne!(new_sealed, old_sealed);
     assert!(!tmp.path().join("root.sealed.new").exists());

@@ -21,12 +21,15 @@ fn keys(server: &DevServer, args: &[&str]) -> std::process::Output {
 }
 
 async fn check_invariants(server: &DevServer, acknowledged: &[(String, String)]) {
-    // Exactly one primary per collection.
+    // Exactly one primary per collection and key purpose.
     let mut admin = proto::admin_client::AdminClient::new(server.channel("admin").await);
     let listed = admin.list_keys(proto::ListKeysRequest { collection: String::new() }).await.unwrap().into_inner();
     for c in &listed.collections {
-        let primaries = c.versions.iter().filter(|v| v.state == "primary").count();
-        assert_eq!(primaries, 1, "collection {} has {primaries} primaries", c.collection);
+        for purpose in ["data", "index"] {
+            let primaries = c.versions.iter().filter(|v| v.purpose == purpose && v.state == "primary").count();
+            let expected = usize::from(purpose == "data" || ["ssn", "email"].contains(&c.collection.as_str()));
+            assert_eq!(primaries, expected, "collection {} has {primaries} primary {purpose} keys", c.collection);
+        }
     }
     // Every acknowledged value comes back.
     let mut reader = server.client("reader").await;

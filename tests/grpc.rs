@@ -6,6 +6,7 @@
 mod common;
 
 use common::server::{DevServer, tls};
+use piivault::format::luhn_valid;
 use piivault::grpc::proto::{
     self, DeleteRequest, DetokenizeRequest, ItemErrorCode, TokenizeRequest, delete_result, detokenize_result,
     tokenize_result,
@@ -81,28 +82,72 @@ async fn delete(
 
 const NOT_FOUND: i32 = ItemErrorCode::NotFound as i32;
 
+/// Whether a token has its collection's format, given the value.
+type Shape = fn(&str, &str) -> bool;
+
+/// Same length; digits stay digits; everything else stays where it is.
+fn same_shape(value: &str, token: &str) -> bool {
+    value.len() == token.len()
+        && value.bytes().zip(token.bytes()).all(|(v, t)| if v.is_ascii_digit() { t.is_ascii_digit() } else { v == t })
+}
+
 #[tokio::test]
 async fn every_sample_collection_round_trips_over_mtls() {
     let server = DevServer::start();
     let mut writer = server.client("writer").await;
     let mut reader = server.client("reader").await;
-    let samples: [(&str, &[&str]); 5] = [
-        ("card", &["4111 1111 1111 1111", "5500-0000-0000-0004"]),
-        ("ssn", &["078-05-1120"]),
-        ("email", &["zoë.ångström@exämple.org", "jane@example.org"]),
-        ("phone", &["+81 3-1234-5678"]),
-        ("name", &["李小龍", "محمد", "Zoë 🙂"]),
+    let mut support = server.client("support").await;
+    // Each collection's values, what its tokens look like, and what support
+    // (detokenize_masked) sees.
+    let samples: [(&str, &[&str], Shape, &[&str]); 5] = [
+        (
+            "card",
+            &["4111 1111 1111 1111", "5500-0000-0000-0004"],
+            |v, t| same_shape(v, t) && t.ends_with(&v[v.len() - 4..]) && !luhn_valid(t),
+            &["**** **** **** 1111", "****-****-****-0004"],
+        ),
+        ("ssn", &["078-05-1120"], same_shape, &["***-**-1120"]),
+        (
+            "email",
+            &["zoë.ångström@exämple.org", "jane@example.org"],
+            |v, t| t.len() == 16 + v.len() - v.find('@').unwrap() && t.ends_with(&v[v.find('@').unwrap()..]),
+            &["z***@exämple.org", "j***@example.org"],
+        ),
+        ("phone", &["+81 3-1234-5678"], same_shape, &["+** *-****-5678"]),
+        (
+            "name",
+            &["李小龍", "محمد", "Zoë Ångström 🙂"],
+            |_, t| t.starts_with("name_") && t.len() == 27,
+            &["***", "****", "*** ****tröm 🙂"],
+        ),
     ];
     let mut all_values = Vec::new();
-    for (collection, values) in samples {
+    for (collection, values, shape, masked) in samples {
         let tokens = tokens(&mut writer, collection, values).await;
         assert_eq!(tokens.len(), values.len());
-        assert!(tokens.iter().all(|t| t.starts_with(&format!("{collection}_"))));
+        for (value, token) in values.iter().zip(&tokens) {
+            assert!(shape(value, token), "{collection}: {token:?} does not have the collection's format");
+            assert_ne!(value, token);
+        }
         let back = detokenize(&mut reader, collection, &tokens).await.unwrap();
         let expected: Vec<_> = values.iter().map(|v| (Ok((*v).to_owned()), false)).collect();
         assert_eq!(back, expected, "{collection}");
+        let shown = detokenize(&mut support, collection, &tokens).await.unwrap();
+        let expected: Vec<_> = masked.iter().map(|v| (Ok((*v).to_owned()), true)).collect();
+        assert_eq!(shown, expected, "{collection}");
         all_values.extend_from_slice(values);
     }
+    // ssn and email are deterministic; email normalizes to lower case.
+    let again = tokens(&mut writer, "ssn", &["078-05-1120", "219-09-9999"]).await;
+    let first = tokens(&mut writer, "ssn", &["078-05-1120"]).await;
+    assert_eq!(again[0], first[0]);
+    assert_ne!(again[0], again[1]);
+    let email = tokens(&mut writer, "email", &["  Jane@Example.ORG", "jane@example.org"]).await;
+    assert_eq!(email[0], email[1]);
+    assert_eq!(detokenize(&mut reader, "email", &email[..1]).await.unwrap()[0].0, Ok("jane@example.org".into()));
+    // Random collections are not deterministic.
+    let names = tokens(&mut writer, "name", &["Zoë", "Zoë"]).await;
+    assert_ne!(names[0], names[1]);
     let output = server.output();
     assert!(output.contains("method=\"Tokenize\""), "{output}");
     for value in all_values {
@@ -130,7 +175,7 @@ const DENIED: Answer = Answer::Denied;
 
 async fn call(client: &mut Client, rpc: Rpc, collection: &str, token: &str) -> Answer {
     let status = match rpc {
-        Rpc::Tokenize => tokenize(client, collection, &["matrix value"]).await.map(|r| {
+        Rpc::Tokenize => tokenize(client, collection, &["4000 0566 5566 5556"]).await.map(|r| {
             assert!(matches!(r[0], tokenize_result::Outcome::Token(_)));
             Answer::Ok { masked: false }
         }),
@@ -306,7 +351,7 @@ async fn handshakes_without_a_valid_client_certificate_are_refused() {
         &std::fs::read(out.join("key.pem")).unwrap(),
     );
     let mut open_before = server.connect(revokee_tls.clone()).await.unwrap();
-    assert_eq!(tokens(&mut open_before, "card", &["before revocation"]).await.len(), 1);
+    assert_eq!(tokens(&mut open_before, "name", &["before revocation"]).await.len(), 1);
     let revoke = std::process::Command::new(common::server::BIN)
         .args(["certs", "revoke", "--data-dir", server.dir.to_str().unwrap()])
         .arg(
@@ -330,7 +375,7 @@ async fn handshakes_without_a_valid_client_certificate_are_refused() {
     assert_eq!(server.record_count(), before + 1, "only the pre-revocation value was stored");
     // The dev writer is unaffected by all this.
     let mut writer = server.client("writer").await;
-    assert_eq!(tokens(&mut writer, "card", &["still fine"]).await.len(), 1);
+    assert_eq!(tokens(&mut writer, "name", &["still fine"]).await.len(), 1);
 }
 
 #[tokio::test]
@@ -419,12 +464,24 @@ async fn bad_items_fail_alone_and_bad_requests_change_nothing() {
     }
     // Oversized and empty values fail alone.
     let big = "9".repeat(4097);
-    let result = tokenize(&mut writer, "card", &["ok value", &big, ""]).await.unwrap();
+    let result = tokenize(&mut writer, "name", &["ok value", &big, ""]).await.unwrap();
     assert!(matches!(result[0], tokenize_result::Outcome::Token(_)));
     for (outcome, message) in result[1..].iter().zip(["the value is longer than 4096 bytes", "the value is empty"]) {
         let tokenize_result::Outcome::Error(e) = outcome else { panic!("expected an item error") };
         assert_eq!((e.code, e.message.as_str()), (ItemErrorCode::InvalidValue as i32, message));
     }
+    // A value that does not fit its collection's format fails alone, and
+    // the message does not repeat it.
+    let result = tokenize(&mut writer, "card", &["4111-1111-1111", "5105 1051 0510 5100"]).await.unwrap();
+    let tokenize_result::Outcome::Error(e) = &result[0] else { panic!("expected an item error") };
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (
+            ItemErrorCode::InvalidValue as i32,
+            "the value does not fit the collection's format (card): a card number is 16 to 19 digits, optionally grouped by spaces or dashes"
+        )
+    );
+    assert!(matches!(result[1], tokenize_result::Outcome::Token(_)));
     // A message over max_message_bytes (8 MiB): 2,100 values of 4 KiB.
     let chunk = "8".repeat(4096);
     let huge: Vec<&str> = vec![chunk.as_str(); 2100];
@@ -433,7 +490,7 @@ async fn bad_items_fail_alone_and_bad_requests_change_nothing() {
         (status.code(), status.message()),
         (Code::ResourceExhausted, "the message is larger than the server's max_message_bytes")
     );
-    assert_eq!(server.record_count(), before + 1, "only the one valid value was stored");
+    assert_eq!(server.record_count(), before + 2, "only the two valid values were stored");
     assert_eq!(detokenize(&mut reader, "card", &[card]).await.unwrap()[0].0, Ok("4000056655665556".into()));
     let output = server.output();
     assert!(!output.contains(&big[..64]));
@@ -574,7 +631,7 @@ fn the_cli_client_against_piivault_dev() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let tokens = stdout_lines(&out);
     assert_eq!(tokens.len(), 2);
-    assert!(tokens.iter().all(|t| t.starts_with("card_")));
+    assert!(tokens[0].ends_with(" 5556") && tokens[0].len() == 19 && tokens[1].ends_with("5100"), "{tokens:?}");
 
     // Tokens on stdin, one per line, plus an unknown one: exit 1, every item printed.
     let input = format!("{}\ncard_AAAAAAAAAAAAAAAAAAAAAA\n{}\n", tokens[0], tokens[1]);
@@ -1043,7 +1100,7 @@ async fn root_key_rotation_online() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("PERMISSION_DENIED"));
     let out = rotate("admin");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("root key rotated: 6 keys re-wrapped"));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("root key rotated: 8 keys re-wrapped"));
     // Traffic is unaffected, including new keys wrapped under the new root.
     let after = tokens(&mut writer, "name", &["Grace Hopper"]).await;
     let mut admin = proto::admin_client::AdminClient::new(server.channel("admin").await);

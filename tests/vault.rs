@@ -273,11 +273,12 @@ struct Repeating {
 }
 
 impl TokenGenerator for Repeating {
-    fn generate(&self, prefix: &TokenPrefix) -> Result<Token, CryptoError> {
+    fn fill(&self, buf: &mut [u8]) -> Result<(), CryptoError> {
         if self.calls.fetch_add(1, Ordering::SeqCst) < self.repeats {
-            Ok(token_from_bytes(prefix, &[0xab; 16]))
+            buf.fill(0xab);
+            Ok(())
         } else {
-            RandomTokens.generate(prefix)
+            RandomTokens.fill(buf)
         }
     }
 }
@@ -286,8 +287,8 @@ impl TokenGenerator for Repeating {
 struct Shared(Arc<Repeating>);
 
 impl TokenGenerator for Shared {
-    fn generate(&self, prefix: &TokenPrefix) -> Result<Token, CryptoError> {
-        self.0.generate(prefix)
+    fn fill(&self, buf: &mut [u8]) -> Result<(), CryptoError> {
+        self.0.fill(buf)
     }
 }
 

@@ -1,5 +1,5 @@
-//! The keyring: per-collection, versioned data keys, stored wrapped by the
-//! root key and cached unwrapped in memory.
+//! The keyring: per-collection, versioned data and blind-index keys, stored
+//! wrapped by the root key and cached unwrapped in memory.
 //!
 //! Wrapped key layout, format version 1:
 //!
@@ -32,6 +32,8 @@ pub enum KeyPurpose {
     Data,
     /// Keys the audit trail's HMAC chain (global: bound to collection "").
     Audit,
+    /// Keys the blind index of a deterministic collection (HMAC).
+    Index,
 }
 
 impl KeyPurpose {
@@ -40,6 +42,7 @@ impl KeyPurpose {
         match self {
             Self::Data => "data",
             Self::Audit => "audit",
+            Self::Index => "index",
         }
     }
 
@@ -48,6 +51,7 @@ impl KeyPurpose {
         match name {
             "data" => Some(Self::Data),
             "audit" => Some(Self::Audit),
+            "index" => Some(Self::Index),
             _ => None,
         }
     }
@@ -124,11 +128,11 @@ struct CollectionKeys {
     versions: BTreeMap<u32, DataKey>,
 }
 
-/// In-memory cache of unwrapped data keys, by collection id. Cheap to read
-/// from many tasks at once; keys are only reachable inside a closure.
+/// In-memory cache of unwrapped keys, by collection id and purpose. Cheap to
+/// read from many tasks at once; keys are only reachable inside a closure.
 #[derive(Default)]
 pub struct Keyring {
-    collections: RwLock<HashMap<i64, CollectionKeys>>,
+    collections: RwLock<HashMap<(i64, KeyPurpose), CollectionKeys>>,
 }
 
 impl Keyring {
@@ -139,10 +143,11 @@ impl Keyring {
 
     /// Adds an unwrapped key version; `primary` makes it the version new
     /// records are encrypted with.
-    pub fn insert(&self, collection: i64, version: u32, key: DataKey, primary: bool) {
+    pub fn insert(&self, collection: i64, purpose: KeyPurpose, version: u32, key: DataKey, primary: bool) {
         let mut map = self.collections.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry =
-            map.entry(collection).or_insert_with(|| CollectionKeys { primary: version, versions: BTreeMap::new() });
+        let entry = map
+            .entry((collection, purpose))
+            .or_insert_with(|| CollectionKeys { primary: version, versions: BTreeMap::new() });
         entry.versions.insert(version, key);
         if primary {
             entry.primary = version;
@@ -150,28 +155,72 @@ impl Keyring {
     }
 
     /// Forgets a destroyed version (its key is zeroized as it drops).
-    pub fn remove(&self, collection: i64, version: u32) {
+    pub fn remove(&self, collection: i64, purpose: KeyPurpose, version: u32) {
         let mut map = self.collections.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(keys) = map.get_mut(&collection) {
+        if let Some(keys) = map.get_mut(&(collection, purpose)) {
             keys.versions.remove(&version);
         }
     }
 
-    /// Runs `f` with the primary key of `collection` and its version, or
-    /// returns `None` when the collection has no key.
-    pub fn with_primary<T>(&self, collection: i64, f: impl FnOnce(u32, &DataKey) -> T) -> Option<T> {
+    /// Runs `f` with the primary `purpose` key of `collection` and its
+    /// version, or returns `None` when the collection has no such key.
+    pub fn with_primary<T>(
+        &self,
+        collection: i64,
+        purpose: KeyPurpose,
+        f: impl FnOnce(u32, &DataKey) -> T,
+    ) -> Option<T> {
         let map = self.collections.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let keys = map.get(&collection)?;
+        let keys = map.get(&(collection, purpose))?;
         let key = keys.versions.get(&keys.primary)?;
         Some(f(keys.primary, key))
     }
 
     /// Runs `f` with version `version` of `collection`'s key, or returns
     /// `None` when there is no such version.
-    pub fn with_version<T>(&self, collection: i64, version: u32, f: impl FnOnce(&DataKey) -> T) -> Option<T> {
+    pub fn with_version<T>(
+        &self,
+        collection: i64,
+        purpose: KeyPurpose,
+        version: u32,
+        f: impl FnOnce(&DataKey) -> T,
+    ) -> Option<T> {
         let map = self.collections.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.get(&collection)?.versions.get(&version).map(f)
+        map.get(&(collection, purpose))?.versions.get(&version).map(f)
     }
+
+    /// `f(version, key)` for every version of `collection`'s `purpose` keys,
+    /// the primary first, then newest to oldest.
+    pub fn map_versions<T>(
+        &self,
+        collection: i64,
+        purpose: KeyPurpose,
+        mut f: impl FnMut(u32, &DataKey) -> T,
+    ) -> Vec<T> {
+        let map = self.collections.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(keys) = map.get(&(collection, purpose)) else { return Vec::new() };
+        let primary = keys.versions.get(&keys.primary).map(|key| f(keys.primary, key));
+        primary
+            .into_iter()
+            .chain(keys.versions.iter().rev().filter(|(v, _)| **v != keys.primary).map(|(v, key)| f(*v, key)))
+            .collect()
+    }
+}
+
+/// Domain-separation label of blind-index digests.
+const INDEX_LABEL: &[u8] = b"piivault/v1/index";
+
+/// The blind index of a (normalized) value in `collection`:
+/// HMAC-SHA256(index key, len‖label ‖ len‖collection ‖ value). The value
+/// comes last and unprefixed, so values of any length are unambiguous.
+pub fn blind_index(key: &DataKey, collection: &str, value: &[u8]) -> Result<[u8; 32], CryptoError> {
+    use hmac::{Hmac, Mac as _};
+    let mut prefix = Vec::with_capacity(64);
+    bind(&mut prefix, &[INDEX_LABEL, collection.as_bytes()]).ok_or(CryptoError::Encrypt)?;
+    let mut mac = <Hmac<sha2::Sha256>>::new_from_slice(key.expose_secret()).map_err(|_| CryptoError::Encrypt)?;
+    mac.update(&prefix);
+    mac.update(value);
+    Ok(mac.finalize().into_bytes().into())
 }
 
 #[cfg(test)]
@@ -203,14 +252,30 @@ mod tests {
         assert!(unwrap(&root, KeyPurpose::Data, "card", 1, &wrapped[..WRAPPED_LEN - 1]).is_err());
     }
 
+    /// Cross-checked with Python's `hmac` over the same bytes.
+    #[test]
+    fn blind_index_known_answer() {
+        let key = DataKey::from_bytes([7; 32]);
+        let digest = blind_index(&key, "email", b"jane@example.org").unwrap();
+        assert_eq!(hex::encode(digest), "8f45d75d1b90dc930650519389abeb9d8d034cd02c4a50875322be07f55e51de");
+        assert_ne!(blind_index(&key, "email2", b"jane@example.org").unwrap(), digest);
+        assert_ne!(blind_index(&DataKey::from_bytes([8; 32]), "email", b"jane@example.org").unwrap(), digest);
+    }
+
     #[test]
     fn keyring_primary_and_versions() {
         let ring = Keyring::new();
-        assert!(ring.with_primary(1, |v, _| v).is_none());
-        ring.insert(1, 1, DataKey::from_bytes([1; 32]), true);
-        ring.insert(1, 2, DataKey::from_bytes([2; 32]), true);
-        assert_eq!(ring.with_primary(1, |v, k| (v, k.expose_secret()[0])), Some((2, 2)));
-        assert_eq!(ring.with_version(1, 1, |k| k.expose_secret()[0]), Some(1));
-        assert!(ring.with_version(1, 3, |_| ()).is_none());
+        let data = KeyPurpose::Data;
+        assert!(ring.with_primary(1, data, |v, _| v).is_none());
+        ring.insert(1, data, 1, DataKey::from_bytes([1; 32]), true);
+        ring.insert(1, data, 2, DataKey::from_bytes([2; 32]), true);
+        ring.insert(1, data, 3, DataKey::from_bytes([3; 32]), false);
+        ring.insert(1, KeyPurpose::Index, 1, DataKey::from_bytes([9; 32]), true);
+        assert_eq!(ring.with_primary(1, data, |v, k| (v, k.expose_secret()[0])), Some((2, 2)));
+        assert_eq!(ring.with_version(1, data, 1, |k| k.expose_secret()[0]), Some(1));
+        assert!(ring.with_version(1, data, 4, |_| ()).is_none());
+        assert_eq!(ring.map_versions(1, data, |v, _| v), vec![2, 3, 1]);
+        assert_eq!(ring.with_primary(1, KeyPurpose::Index, |v, k| (v, k.expose_secret()[0])), Some((1, 9)));
+        assert!(ring.map_versions(2, data, |v, _| v).is_empty());
     }
 }

@@ -65,6 +65,7 @@ impl Admin for AdminService {
                         created_at_micros: k.created_at,
                         records: k.records,
                         encryptions: k.encryptions,
+                        purpose: k.purpose,
                     })
                     .collect();
                 collections.push(proto::CollectionKeys { collection: name, versions });
@@ -89,6 +90,21 @@ impl Admin for AdminService {
                 self.vault.rotate_compromised(&call.who, &collection, compromised_version).await?
             };
             Ok::<_, Failure>(Response::new(proto::RotateDataKeyResponse { version }))
+        }
+        .await;
+        call.finish(&self.vault, &self.live, result).await
+    }
+
+    async fn rotate_index_key(
+        &self,
+        request: Request<proto::RotateIndexKeyRequest>,
+    ) -> Result<Response<proto::RotateIndexKeyResponse>, Status> {
+        let mut call = Call::start("RotateIndexKey", "rotate_index_key", &request, &request.get_ref().collection, 0);
+        let result = async {
+            call.admit(&self.live, &request, &[Action::Admin])?;
+            let collection = request.into_inner().collection;
+            let version = self.vault.rotate_index_key(&call.who, &collection).await?;
+            Ok::<_, Failure>(Response::new(proto::RotateIndexKeyResponse { version }))
         }
         .await;
         call.finish(&self.vault, &self.live, result).await

@@ -16,7 +16,6 @@ use super::server::Live;
 use crate::audit::AuditRecord;
 use crate::policy::Action;
 use crate::store::AuditFilter;
-use crate::token::Token;
 use crate::vault::Vault;
 
 /// Records sent per page of a query stream.
@@ -80,11 +79,16 @@ impl Audit for AuditService {
             };
             let limit = if q.limit == 0 { usize::MAX } else { usize::try_from(q.limit).unwrap_or(usize::MAX) };
             // The auditor's own query goes on the record first (with the
-            // token it asked about, if that is a token at all: the field is
-            // free text): no record, no answer.
+            // token it asked about, if the vault ever issued it: the field
+            // is free text, and a format-preserving token looks like the
+            // value it stands for): no record, no answer.
             let collection = filter.collection.as_deref().filter(|c| self.vault.has_collection(c)).unwrap_or("");
             let mut record = call.who.record("audit_query", collection, 0, "OK");
-            record.tokens = filter.token.iter().filter(|t| t.parse::<Token>().is_ok()).cloned().collect();
+            if let Some(token) = &filter.token
+                && self.vault.was_issued(token).await?
+            {
+                record.tokens.push(token.clone());
+            }
             self.vault.record(record).await?;
             let (tx, rx) = tokio::sync::mpsc::channel(PAGE);
             let vault = self.vault.clone();

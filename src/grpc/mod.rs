@@ -54,10 +54,12 @@ pub fn status_of(error: &Failure) -> Status {
         }
         Failure::Edge(EdgeError::InvalidArgument(message)) => Status::invalid_argument(message.clone()),
         Failure::Vault(VaultError::EmptyRequest) => Status::invalid_argument("the request has no items"),
-        Failure::Vault(e @ VaultError::TooManyItems { .. }) => Status::resource_exhausted(e.to_string()),
-        Failure::Vault(e @ (VaultError::RetireRefused(_) | VaultError::NoSuchKeyVersion(_))) => {
-            Status::failed_precondition(e.to_string())
+        Failure::Vault(e @ (VaultError::TooManyItems { .. } | VaultError::TokenSpaceFull { .. })) => {
+            Status::resource_exhausted(e.to_string())
         }
+        Failure::Vault(
+            e @ (VaultError::RetireRefused(_) | VaultError::NoSuchKeyVersion(_) | VaultError::NotDeterministic),
+        ) => Status::failed_precondition(e.to_string()),
         Failure::Vault(e @ VaultError::KeyConflict) => Status::aborted(e.to_string()),
         Failure::Vault(VaultError::Crypto(
             crate::crypto::CryptoError::WeakKdfParams | crate::crypto::CryptoError::EmptyPassphrase,

@@ -165,18 +165,27 @@ pub struct StoredKey {
     pub wrapped: Vec<u8>,
 }
 
-/// One data-key version as operators see it.
+/// The purpose of keys that encrypt records.
+pub const DATA_PURPOSE: &str = "data";
+/// The purpose of keys that compute a deterministic collection's blind index.
+pub const INDEX_PURPOSE: &str = "index";
+
+/// One key version as operators see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyInfo {
+    /// `data` (encrypts records) or `index` (blind index).
+    pub purpose: String,
     /// Version, from 1.
     pub version: u32,
     /// Lifecycle state.
     pub state: KeyState,
     /// Creation time, unix microseconds.
     pub created_at: i64,
-    /// Live records sealed under this version.
+    /// Data keys: live records sealed under this version. Index keys:
+    /// index entries under it.
     pub records: u64,
-    /// Records ever sealed under this version (never goes backwards).
+    /// Records ever sealed under this version (never goes backwards; 0 for
+    /// index keys).
     pub encryptions: u64,
 }
 
@@ -200,16 +209,50 @@ pub struct NewRecord {
     pub key_version: u32,
     /// The sealed value.
     pub ciphertext: Vec<u8>,
+    /// When it stops answering (unix microseconds), if it expires.
+    pub expires_at: Option<i64>,
+    /// Deterministic collections: the value's blind index.
+    pub index: Option<IndexEntry>,
+}
+
+/// A value's blind index: its digest under the primary index key, and its
+/// digests under every live index version to look for first.
+#[derive(Clone)]
+pub struct IndexEntry {
+    /// The primary index-key version.
+    pub version: u32,
+    /// The digest under it.
+    pub digest: [u8; 32],
+    /// `(version, digest)` under every live index version, primary first.
+    pub lookups: Vec<(u32, [u8; 32])>,
+}
+
+/// Background work a record may still need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// Its ciphertext is not under the primary data-key version.
+    Reencryption {
+        /// The primary data-key version.
+        primary: u32,
+    },
+    /// It has no blind-index entry under this index-key version.
+    Indexing {
+        /// The primary index-key version.
+        version: u32,
+    },
 }
 
 /// What happened to one inserted record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InsertOutcome {
     /// Stored.
     Inserted,
     /// The token already exists (live or deleted) in the collection; nothing
     /// was written. The caller draws a new token.
     Collision,
+    /// Deterministic collections: the value already has this live token;
+    /// nothing was written.
+    Existing(String),
 }
 
 /// Which audit records a query wants. Empty fields match everything.
@@ -311,6 +354,9 @@ struct AuditCursor {
 pub(crate) struct WriteTx<'a> {
     conn: &'a Connection,
     audit: &'a mut AuditCursor,
+    /// Set by jobs that erase ciphertext: the WAL is checkpointed and
+    /// truncated soon after, so no old page image keeps it.
+    erased: &'a mut bool,
 }
 
 impl WriteTx<'_> {
@@ -478,14 +524,18 @@ impl Store {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// The data-key versions of `collection`, oldest first.
-    pub async fn list_keys(&self, collection: CollectionId) -> Result<Vec<KeyInfo>, StoreError> {
+    /// The key versions of `collection` for `purpose`, oldest first.
+    pub async fn list_keys(&self, collection: CollectionId, purpose: &'static str) -> Result<Vec<KeyInfo>, StoreError> {
         self.read(move |conn| {
+            // Index keys count their entries; data keys keep a counter.
             let mut stmt = conn.prepare_cached(
-                "SELECT k.version, k.state, k.created_at, k.encryptions, k.live
-                 FROM keys k WHERE k.collection_id = ?1 AND k.purpose = 'data' ORDER BY k.version",
+                "SELECT k.version, k.state, k.created_at, k.encryptions,
+                        CASE k.purpose WHEN 'index' THEN
+                            (SELECT count(*) FROM blind_index b WHERE b.collection_id = k.collection_id AND b.version = k.version)
+                        ELSE k.live END
+                 FROM keys k WHERE k.collection_id = ?1 AND k.purpose = ?2 ORDER BY k.version",
             )?;
-            let rows = stmt.query_map([collection.0], |row| {
+            let rows = stmt.query_map(params![collection.0, purpose], |row| {
                 Ok((
                     row.get::<_, i64>(0)?,
                     row.get::<_, String>(1)?,
@@ -497,6 +547,7 @@ impl Store {
             rows.map(|row| {
                 let (version, state, created_at, encryptions, records) = row?;
                 Ok(KeyInfo {
+                    purpose: purpose.to_owned(),
                     version: u32::try_from(version).map_err(|_| StoreError::Corrupt)?,
                     state: KeyState::parse(&state).ok_or(StoreError::Corrupt)?,
                     created_at,
@@ -516,18 +567,22 @@ impl Store {
     pub async fn add_primary_key(
         &self,
         collection: CollectionId,
+        purpose: &'static str,
         version: u32,
         wrapped: Vec<u8>,
         compromised: Option<u32>,
         audit: AuditRecord,
     ) -> Result<(), StoreError> {
         self.write(move |tx| {
+            // An old index key only serves lookups until the rebuild has
+            // moved its entries: it is retiring from the start.
+            let demoted = if purpose == INDEX_PURPOSE { "retiring" } else { "active" };
             tx.conn
                 .prepare_cached(
-                    "UPDATE keys SET state = 'active'
-                     WHERE collection_id = ?1 AND purpose = 'data' AND state = 'primary'",
+                    "UPDATE keys SET state = ?3
+                     WHERE collection_id = ?1 AND purpose = ?2 AND state = 'primary'",
                 )?
-                .execute([collection.0])?;
+                .execute(params![collection.0, purpose, demoted])?;
             if let Some(bad) = compromised {
                 tx.conn
                     .prepare_cached(
@@ -539,9 +594,9 @@ impl Store {
             tx.conn
                 .prepare_cached(
                     "INSERT INTO keys (collection_id, purpose, version, state, wrapped, created_at)
-                     VALUES (?1, 'data', ?2, 'primary', ?3, ?4)",
+                     VALUES (?1, ?2, ?3, 'primary', ?4, ?5)",
                 )?
-                .execute(params![collection.0, version, wrapped, now_micros()])?;
+                .execute(params![collection.0, purpose, version, wrapped, now_micros()])?;
             tx.append_audit(&audit)?;
             Ok(())
         })
@@ -560,24 +615,39 @@ impl Store {
         .await
     }
 
-    /// Live records of `collection` not under `primary`, after `after_token`
-    /// in token order: `(token, ciphertext)`, at most `limit`.
-    pub async fn records_not_under(
+    /// Live records of `collection` that still need `work`, after
+    /// `after_token` in token order: `(token, ciphertext)`, at most `limit`.
+    pub async fn records_needing(
         &self,
         collection: CollectionId,
-        primary: u32,
+        work: Pending,
         after_token: String,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT token, ciphertext FROM records
-                 WHERE collection_id = ?1 AND key_version != ?2 AND ciphertext IS NOT NULL AND token > ?3
-                 ORDER BY token LIMIT ?4",
-            )?;
+            let (mut stmt, version) = match work {
+                Pending::Reencryption { primary } => (
+                    conn.prepare_cached(
+                        "SELECT token, ciphertext FROM records
+                         WHERE collection_id = ?1 AND key_version != ?2 AND ciphertext IS NOT NULL AND token > ?3
+                         ORDER BY token LIMIT ?4",
+                    )?,
+                    primary,
+                ),
+                Pending::Indexing { version } => (
+                    conn.prepare_cached(
+                        "SELECT r.token, r.ciphertext FROM records r
+                         WHERE r.collection_id = ?1 AND r.ciphertext IS NOT NULL AND r.token > ?3
+                           AND NOT EXISTS (SELECT 1 FROM blind_index b
+                                           WHERE b.collection_id = r.collection_id AND b.token = r.token AND b.version = ?2)
+                         ORDER BY r.token LIMIT ?4",
+                    )?,
+                    version,
+                ),
+            };
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
             let rows = stmt
-                .query_map(params![collection.0, primary, after_token, limit], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                .query_map(params![collection.0, version, after_token, limit], |row| Ok((row.get(0)?, row.get(1)?)))?;
             rows.map(|r| r.map_err(StoreError::from)).collect()
         })
         .await
@@ -816,8 +886,12 @@ impl Store {
     }
 
     /// Inserts records; a token that already exists in the collection (live
-    /// or deleted) is reported as a collision and not written. `audit`, with
-    /// the tokens actually inserted, is appended in the same transaction.
+    /// or deleted) is reported as a collision and not written. A record with
+    /// a blind index whose value already has a live token answers that token
+    /// instead (checked here, in the writer, so two concurrent requests for
+    /// one value get one token); an expired one is erased and replaced.
+    /// `audit`, with the tokens handed out, is appended in the same
+    /// transaction.
     pub async fn insert_records(
         &self,
         collection: CollectionId,
@@ -826,31 +900,46 @@ impl Store {
     ) -> Result<Vec<InsertOutcome>, StoreError> {
         self.write(move |tx| {
             let now = now_micros();
-            let mut stmt = tx.conn.prepare_cached(
-                "INSERT INTO records (collection_id, token, key_version, ciphertext, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (collection_id, token) DO NOTHING",
-            )?;
-            let outcomes = records
-                .iter()
-                .map(|r| {
-                    let changed = stmt.execute(params![collection.0, r.token, r.key_version, r.ciphertext, now])?;
-                    Ok(if changed == 1 { InsertOutcome::Inserted } else { InsertOutcome::Collision })
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            drop(stmt);
+            let mut outcomes = Vec::with_capacity(records.len());
             let mut per_version: std::collections::BTreeMap<u32, i64> = std::collections::BTreeMap::new();
-            for (r, o) in records.iter().zip(&outcomes) {
-                if *o == InsertOutcome::Inserted {
-                    *per_version.entry(r.key_version).or_default() += 1;
+            for r in &records {
+                if let Some(index) = &r.index
+                    && let Some(token) = indexed_token(tx, collection, index, now)?
+                {
+                    outcomes.push(InsertOutcome::Existing(token));
+                    continue;
                 }
+                let changed = tx
+                    .conn
+                    .prepare_cached(
+                        "INSERT INTO records (collection_id, token, key_version, ciphertext, created_at, expires_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (collection_id, token) DO NOTHING",
+                    )?
+                    .execute(params![collection.0, r.token, r.key_version, r.ciphertext, now, r.expires_at])?;
+                if changed != 1 {
+                    outcomes.push(InsertOutcome::Collision);
+                    continue;
+                }
+                if let Some(index) = &r.index {
+                    tx.conn
+                        .prepare_cached(
+                            "INSERT INTO blind_index (collection_id, version, digest, token) VALUES (?1, ?2, ?3, ?4)",
+                        )?
+                        .execute(params![collection.0, index.version, index.digest.as_slice(), r.token])?;
+                }
+                *per_version.entry(r.key_version).or_default() += 1;
+                outcomes.push(InsertOutcome::Inserted);
             }
             count(tx.conn, COUNT_SEALED, collection, &per_version)?;
             audit.tokens = records
                 .iter()
                 .zip(&outcomes)
-                .filter(|(_, o)| **o == InsertOutcome::Inserted)
-                .map(|(r, _)| r.token.clone())
+                .filter_map(|(r, o)| match o {
+                    InsertOutcome::Inserted => Some(r.token.clone()),
+                    InsertOutcome::Existing(token) => Some(token.clone()),
+                    InsertOutcome::Collision => None,
+                })
                 .collect();
             tx.append_audit(&audit)?;
             Ok(outcomes)
@@ -945,15 +1034,17 @@ impl Store {
         tokens: Vec<String>,
     ) -> Result<Vec<Option<StoredRecord>>, StoreError> {
         self.read(move |conn| {
+            let now = now_micros();
             let mut stmt = conn.prepare_cached(
                 "SELECT ciphertext FROM records
-                 WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL",
+                 WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL
+                   AND (expires_at IS NULL OR expires_at > ?3)",
             )?;
             tokens
                 .iter()
                 .map(|token| {
                     let found =
-                        stmt.query_row(params![collection.0, token], |row| row.get::<_, Vec<u8>>(0)).optional()?;
+                        stmt.query_row(params![collection.0, token, now], |row| row.get::<_, Vec<u8>>(0)).optional()?;
                     Ok(found.map(|ciphertext| StoredRecord { ciphertext }))
                 })
                 .collect()
@@ -962,9 +1053,11 @@ impl Store {
     }
 
     /// Deletes live records: the ciphertext is cleared (and overwritten on
-    /// disk by `secure_delete`), the token row stays so the token is never
-    /// issued again. Answers, in order, whether each token was live.
-    /// `audit`, with the tokens deleted, is appended in the same transaction.
+    /// disk by `secure_delete`, then the WAL is truncated), the token row
+    /// stays so the token is never issued again, and its blind-index entries
+    /// go. Answers, in order, whether each token was live (an expired token
+    /// is not). `audit`, with the tokens deleted, is appended in the same
+    /// transaction.
     pub async fn delete_records(
         &self,
         collection: CollectionId,
@@ -973,31 +1066,177 @@ impl Store {
     ) -> Result<Vec<bool>, StoreError> {
         self.write(move |tx| {
             let now = now_micros();
-            let mut find = tx.conn.prepare_cached(
-                "SELECT key_version FROM records WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL",
-            )?;
-            let mut clear = tx.conn.prepare_cached(
-                "UPDATE records SET ciphertext = NULL, key_version = NULL, deleted_at = ?3
-                 WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL",
-            )?;
-            let mut removed: std::collections::BTreeMap<u32, i64> = std::collections::BTreeMap::new();
             let mut deleted = Vec::with_capacity(tokens.len());
             for token in &tokens {
-                let version: Option<u32> = find.query_row(params![collection.0, token], |row| row.get(0)).optional()?;
-                let cleared = match version {
-                    Some(version) if clear.execute(params![collection.0, token, now])? == 1 => {
-                        *removed.entry(version).or_default() += 1;
-                        true
-                    }
-                    _ => false,
-                };
-                deleted.push(cleared);
+                deleted.push(erase(tx, collection, token, Some(now))?);
             }
-            drop((find, clear));
-            count(tx.conn, COUNT_REMOVED, collection, &removed)?;
             audit.tokens = tokens.into_iter().zip(&deleted).filter(|(_, d)| **d).map(|(t, _)| t).collect();
             tx.append_audit(&audit)?;
             Ok(deleted)
+        })
+        .await
+    }
+
+    /// Erases up to `limit` records of `collection` that expired by `now`,
+    /// like a delete; `audit` (with the tokens purged) is appended in the
+    /// same transaction if any was. Returns how many.
+    pub async fn purge_expired(
+        &self,
+        collection: CollectionId,
+        now: i64,
+        limit: usize,
+        mut audit: AuditRecord,
+    ) -> Result<usize, StoreError> {
+        self.write(move |tx| {
+            let expired: Vec<String> = {
+                let mut stmt = tx.conn.prepare_cached(
+                    "SELECT token FROM records
+                     WHERE collection_id = ?1 AND ciphertext IS NOT NULL AND expires_at IS NOT NULL AND expires_at <= ?2
+                     LIMIT ?3",
+                )?;
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let rows = stmt.query_map(params![collection.0, now, limit], |row| row.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut purged = Vec::with_capacity(expired.len());
+            for token in expired {
+                if erase(tx, collection, &token, None)? {
+                    purged.push(token);
+                }
+            }
+            let n = purged.len();
+            if n > 0 {
+                audit.items = u32::try_from(n).unwrap_or(u32::MAX);
+                audit.tokens = purged;
+                tx.append_audit(&audit)?;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Tokens ever issued in `collection` (live, expired or deleted: none is
+    /// issued again).
+    pub async fn issued_tokens(&self, collection: CollectionId) -> Result<u64, StoreError> {
+        self.read(move |conn| {
+            let n: i64 = conn
+                .prepare_cached("SELECT count(*) FROM records WHERE collection_id = ?1")?
+                .query_row([collection.0], |row| row.get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+
+    /// Moves each `(token, digest)` to index version `version`: its entries
+    /// under other versions go, the new one is added (unless another token
+    /// of the same value holds it, or the record is gone meanwhile). Returns
+    /// how many were indexed.
+    pub async fn index_records(
+        &self,
+        collection: CollectionId,
+        version: u32,
+        entries: Vec<(String, [u8; 32])>,
+        audit: AuditRecord,
+    ) -> Result<usize, StoreError> {
+        self.write(move |tx| {
+            let mut indexed = 0;
+            for (token, digest) in &entries {
+                let live: bool = tx
+                    .conn
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM records
+                         WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL)",
+                    )?
+                    .query_row(params![collection.0, token], |row| row.get(0))?;
+                if !live {
+                    continue;
+                }
+                tx.conn
+                    .prepare_cached(
+                        "DELETE FROM blind_index WHERE collection_id = ?1 AND token = ?2 AND version != ?3",
+                    )?
+                    .execute(params![collection.0, token, version])?;
+                indexed += tx
+                    .conn
+                    .prepare_cached(
+                        "INSERT INTO blind_index (collection_id, version, digest, token) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT DO NOTHING",
+                    )?
+                    .execute(params![collection.0, version, digest.as_slice(), token])?;
+            }
+            tx.append_audit(&audit)?;
+            Ok(indexed)
+        })
+        .await
+    }
+
+    /// Retires (destroys) every non-primary index-key version of
+    /// `collection` that no index entry uses any more; returns them.
+    pub async fn retire_unused_index_keys(
+        &self,
+        collection: CollectionId,
+        audit: AuditRecord,
+    ) -> Result<Vec<u32>, StoreError> {
+        self.write(move |tx| {
+            let unused: Vec<u32> = {
+                let mut stmt = tx.conn.prepare_cached(
+                    "SELECT k.version FROM keys k
+                     WHERE k.collection_id = ?1 AND k.purpose = 'index' AND k.state NOT IN ('primary', 'retired')
+                       AND NOT EXISTS (SELECT 1 FROM blind_index b WHERE b.collection_id = k.collection_id AND b.version = k.version)",
+                )?;
+                let rows = stmt.query_map([collection.0], |row| row.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            if unused.is_empty() {
+                return Ok(unused);
+            }
+            for version in &unused {
+                tx.conn
+                    .prepare_cached(
+                        "UPDATE keys SET state = 'retired', wrapped = X'', retired_at = ?3
+                         WHERE collection_id = ?1 AND purpose = 'index' AND version = ?2",
+                    )?
+                    .execute(params![collection.0, version, now_micros()])?;
+            }
+            let mut audit = audit;
+            audit.error_code = format!(
+                "index key versions {} retired",
+                unused.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+            );
+            tx.append_audit(&audit)?;
+            Ok(unused)
+        })
+        .await
+    }
+
+    /// Whether any audit record involves `token`.
+    pub async fn token_audited(&self, token: String) -> Result<bool, StoreError> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM audit_tokens WHERE token = ?1)")?
+                .query_row([token], |row| row.get(0))?)
+        })
+        .await
+    }
+
+    /// Adds version 1 of a `purpose` key to `collection`, as primary, unless
+    /// it has a key of that purpose already (like creating a collection,
+    /// this is setup, not an audited operation).
+    pub async fn add_first_key(
+        &self,
+        collection: CollectionId,
+        purpose: &'static str,
+        wrapped: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            tx.conn
+                .prepare_cached(
+                    "INSERT INTO keys (collection_id, purpose, version, state, wrapped, created_at)
+                     SELECT ?1, ?2, 1, 'primary', ?3, ?4
+                     WHERE NOT EXISTS (SELECT 1 FROM keys WHERE collection_id = ?1 AND purpose = ?2)",
+                )?
+                .execute(params![collection.0, purpose, wrapped, now_micros()])?;
+            Ok(())
         })
         .await
     }
@@ -1038,6 +1277,79 @@ impl Drop for Store {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The live token a blind index points to, looked up under every live index
+/// version. An entry whose record is gone is dropped; one whose record has
+/// expired erases it, so the value gets a new token.
+fn indexed_token(
+    tx: &mut WriteTx<'_>,
+    collection: CollectionId,
+    index: &IndexEntry,
+    now: i64,
+) -> Result<Option<String>, StoreError> {
+    for (version, digest) in &index.lookups {
+        let token: Option<String> = tx
+            .conn
+            .prepare_cached("SELECT token FROM blind_index WHERE collection_id = ?1 AND version = ?2 AND digest = ?3")?
+            .query_row(params![collection.0, version, digest.as_slice()], |row| row.get(0))
+            .optional()?;
+        let Some(token) = token else { continue };
+        let expires_at: Option<Option<i64>> = tx
+            .conn
+            .prepare_cached(
+                "SELECT expires_at FROM records WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL",
+            )?
+            .query_row(params![collection.0, token], |row| row.get(0))
+            .optional()?;
+        match expires_at {
+            Some(None) => return Ok(Some(token)),
+            Some(Some(at)) if at > now => return Ok(Some(token)),
+            Some(Some(_)) => {
+                erase(tx, collection, &token, None)?;
+            }
+            None => {
+                tx.conn
+                    .prepare_cached("DELETE FROM blind_index WHERE collection_id = ?1 AND token = ?2")?
+                    .execute(params![collection.0, token])?;
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Erases the record behind `token` if it is live (and, with `unexpired_at`,
+/// not expired at that time): the ciphertext is cleared, the token row kept,
+/// its index entries removed, its key version's live count lowered. Returns
+/// whether it erased.
+fn erase(
+    tx: &mut WriteTx<'_>,
+    collection: CollectionId,
+    token: &str,
+    unexpired_at: Option<i64>,
+) -> Result<bool, StoreError> {
+    let version: Option<u32> = tx
+        .conn
+        .prepare_cached(
+            "SELECT key_version FROM records
+             WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL
+               AND (?3 IS NULL OR expires_at IS NULL OR expires_at > ?3)",
+        )?
+        .query_row(params![collection.0, token, unexpired_at], |row| row.get(0))
+        .optional()?;
+    let Some(version) = version else { return Ok(false) };
+    tx.conn
+        .prepare_cached(
+            "UPDATE records SET ciphertext = NULL, key_version = NULL, deleted_at = ?3
+             WHERE collection_id = ?1 AND token = ?2",
+        )?
+        .execute(params![collection.0, token, now_micros()])?;
+    tx.conn
+        .prepare_cached("DELETE FROM blind_index WHERE collection_id = ?1 AND token = ?2")?
+        .execute(params![collection.0, token])?;
+    count(tx.conn, COUNT_REMOVED, collection, &std::iter::once((version, 1)).collect())?;
+    *tx.erased = true;
+    Ok(true)
 }
 
 /// Records newly sealed under versions of `collection`: adds to each
@@ -1115,7 +1427,31 @@ fn reader_loop(conn: &Connection, jobs: &Receiver<ReadJob>) {
 fn writer_loop(conn: &Connection, jobs: &Receiver<Box<dyn WriteJob>>, max_batch: usize, sink: Option<Arc<AuditSink>>) {
     let mut audit =
         AuditCursor { key: None, committed: Head::GENESIS, tentative: Head::GENESIS, pending: Vec::new(), sink };
-    while let Ok(first) = jobs.recv() {
+    // Since when erased ciphertext may still sit in the WAL.
+    let mut erased_since: Option<std::time::Instant> = None;
+    loop {
+        let first = match erased_since {
+            None => match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => break,
+            },
+            Some(since) => match jobs.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(job) if since.elapsed() < ERASE_CHECKPOINT_DELAY => job,
+                Ok(job) => {
+                    if truncate_wal(conn) {
+                        erased_since = None;
+                    }
+                    job
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if truncate_wal(conn) {
+                        erased_since = None;
+                    }
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            },
+        };
         let mut batch = vec![first];
         while batch.len() < max_batch {
             match jobs.try_recv() {
@@ -1123,7 +1459,9 @@ fn writer_loop(conn: &Connection, jobs: &Receiver<Box<dyn WriteJob>>, max_batch:
                 Err(_) => break,
             }
         }
-        commit_batch(conn, &mut audit, batch);
+        if commit_batch(conn, &mut audit, batch) && erased_since.is_none() {
+            erased_since = Some(std::time::Instant::now());
+        }
     }
 }
 
@@ -1131,15 +1469,16 @@ fn writer_loop(conn: &Connection, jobs: &Receiver<Box<dyn WriteJob>>, max_batch:
 /// then every answer. A job's own failure rolls back only that job. If the
 /// transaction as a whole fails (COMMIT refused, or SQLite rolled everything
 /// back, as it may on a full disk), every job fails and nothing is written.
-fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<dyn WriteJob>>) {
+fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<dyn WriteJob>>) -> bool {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let error = StoreError::from(e);
         tracing::error!(error = %error, "store: cannot begin a write transaction");
         for job in batch {
             job.finish(Err(error.clone()));
         }
-        return;
+        return false;
     }
+    let mut erased = false;
     let mut outcomes: Vec<(Box<dyn WriteJob>, Result<(), StoreError>)> = Vec::with_capacity(batch.len());
     let mut aborted: Option<StoreError> = None;
     for mut job in batch {
@@ -1152,7 +1491,7 @@ fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<dyn W
         let result = conn
             .execute_batch("SAVEPOINT job")
             .map_err(StoreError::from)
-            .and_then(|()| job.apply(&mut WriteTx { conn, audit: &mut *audit }));
+            .and_then(|()| job.apply(&mut WriteTx { conn, audit: &mut *audit, erased: &mut erased }));
         if result.is_err() {
             audit.tentative = before;
             audit.pending.truncate(pending_before);
@@ -1203,5 +1542,24 @@ fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<dyn W
             (Err(error), _) => Err(error.clone()),
         };
         job.finish(outcome);
+    }
+    erased && committed.is_ok()
+}
+
+/// How long erased ciphertext may linger in the WAL under steady write
+/// traffic before a checkpoint is forced.
+const ERASE_CHECKPOINT_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Copies the WAL into the database and truncates it to zero bytes, so that
+/// page images written before an erasure are gone from disk. `false` if a
+/// reader kept it from completing (it is retried).
+fn truncate_wal(conn: &Connection) -> bool {
+    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get::<_, i64>(0)) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "store: WAL checkpoint after an erasure failed; retrying");
+            false
+        }
     }
 }

@@ -1,0 +1,892 @@
+//! Collection formats: what a collection's tokens look like, how its values
+//! are normalized before they are tokenized, and what a masked reveal shows.
+//!
+//! Format-preserving tokens are *vaulted random tokens*, not format-preserving
+//! encryption: every character that is not kept is drawn from the token
+//! source, and the value is only reachable through the vault's record. A
+//! token never equals its value (it is drawn again if it does).
+//!
+//! Nothing here logs or formats a value; errors carry fixed text only.
+
+use std::fmt;
+
+use crate::crypto::CryptoError;
+use crate::token::{MAX_TOKEN_LEN, Token, TokenGenerator, TokenPrefix, random_token};
+use crate::value::PiiValue;
+
+/// The fewest possible tokens a collection's format may offer for its
+/// shortest value. Below this, guessing a token is cheap and collisions are
+/// frequent; such a configuration is refused at load.
+pub const MIN_TOKEN_SPACE: u128 = 1_000_000;
+
+/// Longest value (in bytes) a format-preserving collection accepts: its
+/// tokens are as long as its values.
+pub const MAX_PRESERVED_LEN: usize = MAX_TOKEN_LEN;
+
+/// Digits in a card number.
+const CARD_DIGITS: std::ops::RangeInclusive<usize> = 16..=19;
+/// Random characters in an email token's local part (`[a-z0-9]`).
+const EMAIL_LOCAL_RANDOM: usize = 16;
+/// Random characters in a tokenized email domain's label.
+const EMAIL_DOMAIN_RANDOM: usize = 12;
+/// The reserved top-level domain (RFC 2606) of tokenized email domains: a
+/// token never routes mail anywhere.
+const EMAIL_TOKEN_TLD: &str = "invalid";
+/// Draws of one token before giving up (only reachable with a broken
+/// random source, or a value so short its only tokens equal it).
+const MAX_DRAWS: usize = 256;
+
+/// Lowercase letters and digits, the alphabet of email tokens.
+const LOWER_ALNUM: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+const DIGITS: &[u8] = b"0123456789";
+const LOWER: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
+const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+/// The Luhn rule of card-shaped tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Luhn {
+    /// Tokens pass the Luhn check (for columns that validate it).
+    Valid,
+    /// Tokens fail the Luhn check: they can never be mistaken for a real
+    /// card number.
+    Invalid,
+    /// Either.
+    Any,
+}
+
+impl Luhn {
+    /// Parses a configuration name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "valid" => Some(Self::Valid),
+            "invalid" => Some(Self::Invalid),
+            "any" => Some(Self::Any),
+            _ => None,
+        }
+    }
+}
+
+/// What a collection's tokens look like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Format {
+    /// `<prefix>_<22 base64url characters>`: 128 random bits.
+    Random {
+        /// The collection's token prefix.
+        prefix: TokenPrefix,
+    },
+    /// Same length; digits stay digits, anything else (separators such as
+    /// `-`, spaces, parentheses) stays where it is.
+    Digits {
+        /// Trailing digits copied from the value.
+        keep_last: usize,
+        /// Fewest digits a value may have.
+        min_len: usize,
+    },
+    /// Same length; each letter or digit is replaced by one of its class
+    /// (upper, lower, digit); separators stay.
+    Alphanumeric {
+        /// Trailing letters and digits copied from the value.
+        keep_last: usize,
+        /// Fewest letters and digits a value may have.
+        min_len: usize,
+    },
+    /// 16 to 19 digits (with optional spaces or dashes), optionally keeping
+    /// the leading and trailing digits, with a configured Luhn rule.
+    Card {
+        /// Leading digits copied from the value (the issuer number).
+        keep_first: usize,
+        /// Trailing digits copied from the value.
+        keep_last: usize,
+        /// Whether tokens pass, fail or ignore the Luhn check.
+        luhn: Luhn,
+    },
+    /// A syntactically valid address with a random local part; the domain is
+    /// kept or replaced by a random one under `.invalid`.
+    Email {
+        /// Whether the value's domain is kept.
+        keep_domain: bool,
+    },
+}
+
+/// Why a value does not fit its collection's format. Fixed text only: no
+/// part of the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the value does not fit the collection's format ({format}): {reason}")]
+pub struct Misfit {
+    /// The format's name.
+    pub format: &'static str,
+    /// What is wrong, in fixed words.
+    pub reason: &'static str,
+}
+
+/// The character class of one position of a format-preserving value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Digit,
+    Lower,
+    Upper,
+    /// Kept as it is.
+    Separator,
+}
+
+impl Class {
+    fn alphabet(self) -> &'static [u8] {
+        match self {
+            Self::Digit => DIGITS,
+            Self::Lower => LOWER,
+            Self::Upper => UPPER,
+            Self::Separator => &[],
+        }
+    }
+}
+
+impl Format {
+    /// The configuration name of the format.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Random { .. } => "random",
+            Self::Digits { .. } => "digits",
+            Self::Alphanumeric { .. } => "alphanumeric",
+            Self::Card { .. } => "card",
+            Self::Email { .. } => "email",
+        }
+    }
+
+    /// How many tokens the format offers for the shortest value it accepts
+    /// (saturating). Compared with [`MIN_TOKEN_SPACE`] at load, and with the
+    /// number of tokens issued while serving.
+    pub fn token_space(&self) -> u128 {
+        let pow =
+            |base: u128, exp: usize| u32::try_from(exp).ok().and_then(|e| base.checked_pow(e)).unwrap_or(u128::MAX);
+        match *self {
+            Self::Random { .. } => u128::MAX,
+            Self::Digits { keep_last, min_len } | Self::Alphanumeric { keep_last, min_len } => {
+                // The worst case of an alphanumeric value is all digits.
+                pow(10, min_len.saturating_sub(keep_last))
+            }
+            Self::Card { keep_first, keep_last, luhn } => {
+                let free = CARD_DIGITS.start().saturating_sub(keep_first + keep_last);
+                if free == 0 {
+                    return 1;
+                }
+                // Any one free digit can be chosen to satisfy (or break) the
+                // check, so exactly a tenth of the completions pass it.
+                let all = pow(10, free);
+                match luhn {
+                    Luhn::Any => all,
+                    Luhn::Valid => all / 10,
+                    Luhn::Invalid => all / 10 * 9,
+                }
+            }
+            Self::Email { keep_domain } => {
+                let random = EMAIL_LOCAL_RANDOM + if keep_domain { 0 } else { EMAIL_DOMAIN_RANDOM };
+                pow(36, random)
+            }
+        }
+    }
+
+    /// Whether the format copies the value's shape into its tokens (every
+    /// format but `random`).
+    pub fn preserves_shape(&self) -> bool {
+        !matches!(self, Self::Random { .. })
+    }
+
+    /// Checks that `value` fits the format.
+    pub fn check_value(&self, value: &str) -> Result<(), Misfit> {
+        let misfit = |reason| Misfit { format: self.name(), reason };
+        match *self {
+            Self::Random { .. } => Ok(()),
+            Self::Digits { keep_last: _, min_len } => {
+                let classes =
+                    classify(value, false).ok_or(misfit("only digits, spaces and punctuation are allowed"))?;
+                if slots(&classes) < min_len {
+                    return Err(misfit("it has fewer digits than the collection's min_len"));
+                }
+                Ok(())
+            }
+            Self::Alphanumeric { keep_last: _, min_len } => {
+                let classes = classify(value, true)
+                    .ok_or(misfit("only ASCII letters, digits, spaces and punctuation are allowed"))?;
+                if slots(&classes) < min_len {
+                    return Err(misfit("it has fewer letters and digits than the collection's min_len"));
+                }
+                Ok(())
+            }
+            Self::Card { .. } => {
+                if !is_card_shaped(value) {
+                    return Err(misfit("a card number is 16 to 19 digits, optionally grouped by spaces or dashes"));
+                }
+                Ok(())
+            }
+            Self::Email { .. } => {
+                if split_email(value).is_none() {
+                    return Err(misfit("not an email address of the form local@domain.tld"));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Draws a token for `value` (which [`Format::check_value`] accepted).
+    /// `Ok(None)` if no acceptable token came out of [`MAX_DRAWS`] draws.
+    pub fn generate(&self, value: &str, source: &dyn TokenGenerator) -> Result<Option<Token>, CryptoError> {
+        let mut draw = Draw::new(source);
+        for _ in 0..MAX_DRAWS {
+            let text = match self {
+                Self::Random { prefix } => return random_token(prefix, source).map(Some),
+                Self::Digits { keep_last, .. } | Self::Alphanumeric { keep_last, .. } => {
+                    replace_free(value, 0, *keep_last, &mut draw)?
+                }
+                Self::Card { keep_first, keep_last, luhn } => {
+                    let text = replace_free(value, *keep_first, *keep_last, &mut draw)?;
+                    let passes = luhn_valid(&text);
+                    match luhn {
+                        Luhn::Valid if !passes => continue,
+                        Luhn::Invalid if passes => continue,
+                        _ => text,
+                    }
+                }
+                Self::Email { keep_domain } => {
+                    let Some((_, domain)) = split_email(value) else { return Ok(None) };
+                    let mut text = draw.string(LOWER_ALNUM, EMAIL_LOCAL_RANDOM)?;
+                    text.push('@');
+                    if *keep_domain {
+                        text.push_str(domain);
+                    } else {
+                        text.push_str(&draw.string(LOWER_ALNUM, EMAIL_DOMAIN_RANDOM)?);
+                        text.push('.');
+                        text.push_str(EMAIL_TOKEN_TLD);
+                    }
+                    text
+                }
+            };
+            if text != value {
+                return Ok(Some(Token::preserved(text)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Parses `text` as a token of this format. `None` for anything this
+    /// format can never have issued.
+    pub fn parse_token(&self, text: &str) -> Option<Token> {
+        if text.len() > MAX_TOKEN_LEN {
+            return None;
+        }
+        let ok = match self {
+            Self::Random { prefix } => {
+                return text.parse::<Token>().ok().filter(|t| t.prefix() == prefix.as_str());
+            }
+            Self::Digits { .. } => classify(text, false).is_some_and(|c| slots(&c) > 0),
+            Self::Alphanumeric { .. } => classify(text, true).is_some_and(|c| slots(&c) > 0),
+            Self::Card { luhn, .. } => {
+                is_card_shaped(text)
+                    && match luhn {
+                        Luhn::Valid => luhn_valid(text),
+                        Luhn::Invalid => !luhn_valid(text),
+                        Luhn::Any => true,
+                    }
+            }
+            Self::Email { .. } => split_email(text).is_some(),
+        };
+        ok.then(|| Token::preserved(text.to_owned()))
+    }
+}
+
+/// Classes of each character of a format-preserving value, or `None` if a
+/// character is not allowed (non-ASCII, control; letters unless `letters`).
+fn classify(value: &str, letters: bool) -> Option<Vec<Class>> {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'0'..=b'9' => Some(Class::Digit),
+            b'a'..=b'z' if letters => Some(Class::Lower),
+            b'A'..=b'Z' if letters => Some(Class::Upper),
+            b' ' => Some(Class::Separator),
+            _ if b.is_ascii_punctuation() => Some(Class::Separator),
+            _ => None,
+        })
+        .collect()
+}
+
+fn slots(classes: &[Class]) -> usize {
+    classes.iter().filter(|c| **c != Class::Separator).count()
+}
+
+/// 16 to 19 digits, grouped by single spaces or dashes if at all.
+fn is_card_shaped(value: &str) -> bool {
+    let digits = value.bytes().filter(u8::is_ascii_digit).count();
+    CARD_DIGITS.contains(&digits)
+        && value.bytes().all(|b| b.is_ascii_digit() || b == b' ' || b == b'-')
+        && value.bytes().next().is_some_and(|b| b.is_ascii_digit())
+        && value.bytes().last().is_some_and(|b| b.is_ascii_digit())
+}
+
+/// Whether the digits of `text` pass the Luhn check.
+pub fn luhn_valid(text: &str) -> bool {
+    let mut sum = 0u32;
+    for (i, d) in text.bytes().rev().filter(u8::is_ascii_digit).map(|b| u32::from(b - b'0')).enumerate() {
+        sum += if i % 2 == 1 {
+            let doubled = d * 2;
+            if doubled > 9 { doubled - 9 } else { doubled }
+        } else {
+            d
+        };
+    }
+    sum.is_multiple_of(10)
+}
+
+/// `value` with every letter or digit outside the first `keep_first` and
+/// the last `keep_last` replaced by a random one of its class.
+fn replace_free(value: &str, keep_first: usize, keep_last: usize, draw: &mut Draw<'_>) -> Result<String, CryptoError> {
+    let classes = classify(value, true).unwrap_or_default();
+    let total = slots(&classes);
+    let mut out = Vec::with_capacity(value.len());
+    let mut seen = 0;
+    for (byte, class) in value.bytes().zip(classes) {
+        if class == Class::Separator {
+            out.push(byte);
+            continue;
+        }
+        seen += 1;
+        if seen <= keep_first || seen > total.saturating_sub(keep_last) {
+            out.push(byte);
+        } else {
+            out.push(draw.pick(class.alphabet())?);
+        }
+    }
+    // Every byte is ASCII: either copied from an ASCII value or drawn.
+    Ok(String::from_utf8(out).unwrap_or_default())
+}
+
+/// `(local, domain)` of a syntactically valid address: a local part of 1 to
+/// 64 bytes without spaces, controls, `@` or the characters RFC 5322 only
+/// allows quoted; a domain of at least two dot-separated labels of letters,
+/// digits and inner hyphens (internationalized letters allowed), at most
+/// 253 bytes.
+fn split_email(value: &str) -> Option<(&str, &str)> {
+    let (local, domain) = value.split_once('@')?;
+    let local_ok = (1..=64).contains(&local.len())
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local.chars().all(|c| !c.is_whitespace() && !c.is_control() && !"@\"(),:;<>[]\\".contains(c));
+    let labels: Vec<&str> = domain.split('.').collect();
+    let domain_ok = domain.len() <= 253
+        && labels.len() >= 2
+        && labels.iter().all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+        });
+    (local_ok && domain_ok).then_some((local, domain))
+}
+
+/// Uniform draws from an alphabet, by rejection sampling over random bytes.
+struct Draw<'a> {
+    source: &'a dyn TokenGenerator,
+    buf: [u8; 64],
+    used: usize,
+}
+
+impl<'a> Draw<'a> {
+    fn new(source: &'a dyn TokenGenerator) -> Self {
+        Self { source, buf: [0; 64], used: 64 }
+    }
+
+    fn byte(&mut self) -> Result<u8, CryptoError> {
+        if self.used == self.buf.len() {
+            self.source.fill(&mut self.buf)?;
+            self.used = 0;
+        }
+        self.used += 1;
+        Ok(self.buf[self.used - 1])
+    }
+
+    /// One character of `alphabet` (at most 256 long), uniformly.
+    fn pick(&mut self, alphabet: &[u8]) -> Result<u8, CryptoError> {
+        let n = alphabet.len();
+        // The largest multiple of n that fits in a byte: bytes at or above
+        // it would bias the draw and are thrown away.
+        let limit = 256 - 256 % n;
+        for _ in 0..MAX_DRAWS {
+            let b = usize::from(self.byte()?);
+            if b < limit {
+                return Ok(alphabet[b % n]);
+            }
+        }
+        Err(CryptoError::Rng)
+    }
+
+    fn string(&mut self, alphabet: &[u8], len: usize) -> Result<String, CryptoError> {
+        (0..len).map(|_| self.pick(alphabet).map(char::from)).collect()
+    }
+}
+
+/// Value normalization, applied before a value is tokenized, indexed and
+/// stored: the vault stores the normalized value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Normalize {
+    /// Strip leading and trailing whitespace.
+    pub trim: bool,
+    /// Change letter case (Unicode).
+    pub case: Option<Case>,
+    /// Drop everything but ASCII digits.
+    pub digits_only: bool,
+}
+
+/// A letter-case normalization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Case {
+    /// `Alice@Example.ORG` → `alice@example.org`.
+    Lower,
+    /// `ab123` → `AB123`.
+    Upper,
+}
+
+impl Normalize {
+    /// Parses the configuration's list of steps (`trim`, `lowercase`,
+    /// `uppercase`, `digits_only`).
+    pub fn parse<'a>(steps: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut out = Self::default();
+        for step in steps {
+            match step {
+                "trim" => out.trim = true,
+                "digits_only" => out.digits_only = true,
+                "lowercase" | "uppercase" => {
+                    let case = if step == "lowercase" { Case::Lower } else { Case::Upper };
+                    if out.case.is_some_and(|c| c != case) {
+                        return Err("lowercase and uppercase contradict each other".to_owned());
+                    }
+                    out.case = Some(case);
+                }
+                other => {
+                    return Err(format!("unknown step {other:?}; expected trim, lowercase, uppercase or digits_only"));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether any step is configured.
+    pub fn is_identity(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The normalized value (the input is zeroized as it drops).
+    pub fn apply(&self, value: PiiValue) -> PiiValue {
+        if self.is_identity() {
+            return value;
+        }
+        let mut text = value.expose_secret();
+        if self.trim {
+            text = text.trim();
+        }
+        let mut out: String =
+            if self.digits_only { text.chars().filter(char::is_ascii_digit).collect() } else { text.to_owned() };
+        match self.case {
+            Some(Case::Lower) => out = replace_zeroizing(out, str::to_lowercase),
+            Some(Case::Upper) => out = replace_zeroizing(out, str::to_uppercase),
+            None => {}
+        }
+        PiiValue::new(out)
+    }
+}
+
+fn replace_zeroizing(old: String, f: impl FnOnce(&str) -> String) -> String {
+    let new = f(&old);
+    zeroize::Zeroize::zeroize(&mut zeroize::Zeroizing::new(old));
+    new
+}
+
+/// Letters and digits that stay hidden at the least: a rule that would
+/// leave fewer hidden masks the whole value instead.
+pub const MASK_MIN_HIDDEN: usize = 4;
+/// Fewest characters in an email's local part for its first letter to be
+/// shown.
+const MASK_EMAIL_MIN_LOCAL: usize = 3;
+
+/// What a masked reveal (`detokenize_masked`) shows of a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mask {
+    /// Every letter and digit becomes `*`; separators stay.
+    Full,
+    /// The first `first` and last `last` letters and digits stay, the rest
+    /// become `*`, separators stay: `4111 1111 1111 1111` with `last = 4` →
+    /// `**** **** **** 1111`. If fewer than [`MASK_MIN_HIDDEN`] would stay
+    /// hidden, everything is masked.
+    Keep {
+        /// Leading letters and digits shown.
+        first: usize,
+        /// Trailing letters and digits shown.
+        last: usize,
+    },
+    /// The first letter of the local part and the domain:
+    /// `jane@example.org` → `j***@example.org`. A value that is not an
+    /// address is masked fully.
+    Email,
+}
+
+impl Mask {
+    /// The default of a format: the email rule for emails, the last four
+    /// otherwise.
+    pub fn default_for(format: &Format) -> Self {
+        match format {
+            Format::Email { .. } => Self::Email,
+            _ => Self::Keep { first: 0, last: 4 },
+        }
+    }
+
+    /// Parses `full`, `email`, `last:N`, `first:N` or `first:N,last:M`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "full" => return Some(Self::Full),
+            "email" => return Some(Self::Email),
+            _ => {}
+        }
+        let (mut first, mut last) = (None, None);
+        for part in text.split(',') {
+            let (name, n) = part.trim().split_once(':')?;
+            let n: usize = n.trim().parse().ok().filter(|n| *n <= MAX_TOKEN_LEN)?;
+            let slot = match name.trim() {
+                "first" => &mut first,
+                "last" => &mut last,
+                _ => return None,
+            };
+            if slot.replace(n).is_some() {
+                return None;
+            }
+        }
+        Some(Self::Keep { first: first.unwrap_or(0), last: last.unwrap_or(0) })
+    }
+
+    /// The masked value.
+    pub fn apply(&self, value: &PiiValue) -> PiiValue {
+        let text = value.expose_secret();
+        PiiValue::new(match *self {
+            Self::Full => mask_alnum(text, 0, 0),
+            Self::Keep { first, last } => mask_alnum(text, first, last),
+            Self::Email => match text.rsplit_once('@') {
+                Some((local, domain)) if !local.is_empty() && !domain.is_empty() => {
+                    let mut out = String::with_capacity(domain.len() + 5);
+                    match local.chars().next() {
+                        Some(c) if local.chars().count() >= MASK_EMAIL_MIN_LOCAL && c.is_alphanumeric() => out.push(c),
+                        _ => out.push('*'),
+                    }
+                    out.push_str("***@");
+                    out.push_str(domain);
+                    out
+                }
+                _ => mask_alnum(text, 0, 0),
+            },
+        })
+    }
+}
+
+impl fmt::Display for Mask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Full => f.write_str("full"),
+            Self::Email => f.write_str("email"),
+            Self::Keep { first, last } => write!(f, "first:{first},last:{last}"),
+        }
+    }
+}
+
+/// Every letter and digit of `text` becomes `*`, except the first `first`
+/// and last `last` when at least [`MASK_MIN_HIDDEN`] stay hidden.
+fn mask_alnum(text: &str, first: usize, last: usize) -> String {
+    let alnum = text.chars().filter(|c| c.is_alphanumeric()).count();
+    let (first, last) = if alnum >= first + last + MASK_MIN_HIDDEN { (first, last) } else { (0, 0) };
+    let mut seen = 0;
+    text.chars()
+        .map(|c| {
+            if !c.is_alphanumeric() {
+                return c;
+            }
+            seen += 1;
+            if seen <= first || seen > alnum - last { c } else { '*' }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::token::RandomTokens;
+
+    fn digits(keep_last: usize) -> Format {
+        Format::Digits { keep_last, min_len: keep_last + 6 }
+    }
+
+    fn card(keep_first: usize, keep_last: usize, luhn: Luhn) -> Format {
+        Format::Card { keep_first, keep_last, luhn }
+    }
+
+    fn token(format: &Format, value: &str) -> String {
+        format.check_value(value).unwrap();
+        format.generate(value, &RandomTokens).unwrap().unwrap().into_string()
+    }
+
+    /// Position by position: separators equal, letters and digits of the
+    /// same class.
+    fn same_shape(value: &str, token: &str) -> bool {
+        value.len() == token.len()
+            && value.bytes().zip(token.bytes()).all(|(v, t)| match v {
+                b'0'..=b'9' => t.is_ascii_digit(),
+                b'a'..=b'z' => t.is_ascii_lowercase(),
+                b'A'..=b'Z' => t.is_ascii_uppercase(),
+                _ => v == t,
+            })
+    }
+
+    fn alnum_positions(text: &str) -> Vec<usize> {
+        text.char_indices().filter(|(_, c)| c.is_alphanumeric()).map(|(i, _)| i).collect()
+    }
+
+    #[test]
+    fn luhn_known_answers() {
+        for valid in ["4111 1111 1111 1111", "5500-0000-0000-0004", "4000056655665556", "79927398713"] {
+            assert!(luhn_valid(valid), "{valid}");
+        }
+        for invalid in ["4111 1111 1111 1112", "79927398710", "1234567812345678"] {
+            assert!(!luhn_valid(invalid), "{invalid}");
+        }
+    }
+
+    #[test]
+    fn token_spaces() {
+        assert_eq!(digits(0).token_space(), 1_000_000);
+        assert_eq!(Format::Digits { keep_last: 4, min_len: 9 }.token_space(), 100_000);
+        assert_eq!(card(0, 4, Luhn::Any).token_space(), 10u128.pow(12));
+        assert_eq!(card(0, 4, Luhn::Invalid).token_space(), 9 * 10u128.pow(11));
+        // The issuer number and the last four leave six free digits, one of
+        // which the Luhn rule constrains: too few.
+        assert_eq!(card(6, 4, Luhn::Valid).token_space(), 100_000);
+        assert_eq!(card(6, 4, Luhn::Invalid).token_space(), 900_000);
+        assert_eq!(card(8, 8, Luhn::Any).token_space(), 1);
+        assert_eq!(Format::Email { keep_domain: true }.token_space(), 36u128.pow(16));
+    }
+
+    #[test]
+    fn values_that_do_not_fit_are_refused_without_echoing_them() {
+        let cases: [(Format, &str); 7] = [
+            (digits(0), "12345a"),
+            (digits(0), "12345"),
+            (Format::Alphanumeric { keep_last: 0, min_len: 6 }, "Zoë123456"),
+            (card(0, 4, Luhn::Invalid), "4111 1111 1111 111"),
+            (card(0, 4, Luhn::Invalid), "4111_1111_1111_1111"),
+            (Format::Email { keep_domain: true }, "jane.example.org"),
+            (Format::Email { keep_domain: true }, "jane@localhost"),
+        ];
+        for (format, value) in cases {
+            let err = format.check_value(value).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("the value does not fit the collection's format ({})", format.name())));
+            assert!(!err.contains(value), "{err}");
+        }
+    }
+
+    #[test]
+    fn examples() {
+        let t = token(&card(0, 4, Luhn::Invalid), "4111 1111 1111 1111");
+        assert!(t.ends_with(" 1111") && same_shape("4111 1111 1111 1111", &t) && !luhn_valid(&t), "{t}");
+        let t = token(&card(6, 0, Luhn::Valid), "5500-0000-0000-0004");
+        assert!(t.starts_with("5500-00") && luhn_valid(&t), "{t}");
+        let t = token(&digits(0), "078-05-1120");
+        assert!(same_shape("078-05-1120", &t), "{t}");
+        let t = token(&Format::Email { keep_domain: true }, "jane@example.org");
+        assert!(t.ends_with("@example.org") && t.len() == 16 + 12, "{t}");
+        let t = token(&Format::Email { keep_domain: false }, "jane@example.org");
+        assert!(t.ends_with(".invalid") && split_email(&t).is_some(), "{t}");
+        let t = token(&Format::Alphanumeric { keep_last: 2, min_len: 8 }, "AB-123456-cd");
+        assert!(same_shape("AB-123456-cd", &t) && t.ends_with("cd"), "{t}");
+    }
+
+    #[test]
+    fn tokens_parse_as_their_format_only() {
+        let c = card(0, 4, Luhn::Invalid);
+        let t = token(&c, "4111111111111111");
+        assert_eq!(c.parse_token(&t).unwrap().as_str(), t);
+        assert!(c.parse_token("4111111111111111").is_none(), "a Luhn-valid number is never an invalid-rule token");
+        assert!(c.parse_token("card_AAAAAAAAAAAAAAAAAAAAAA").is_none());
+        assert!(digits(0).parse_token("--").is_none());
+        assert!(digits(0).parse_token(&"1".repeat(MAX_TOKEN_LEN + 1)).is_none());
+        let random = Format::Random { prefix: "name".parse().unwrap() };
+        assert!(random.parse_token("4111111111111111").is_none());
+        assert!(random.parse_token("name_AAAAAAAAAAAAAAAAAAAAAA").is_some());
+        assert!(random.parse_token("card_AAAAAAAAAAAAAAAAAAAAAA").is_none());
+    }
+
+    /// Always the same bytes: every draw of a digit is the same digit.
+    struct Constant(AtomicU8);
+
+    impl TokenGenerator for Constant {
+        fn fill(&self, buf: &mut [u8]) -> Result<(), CryptoError> {
+            buf.fill(self.0.load(Ordering::SeqCst));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_token_equal_to_its_value_is_never_returned() {
+        // 0x31 draws '9' (49 % 10) for every digit: the only token of
+        // "999999" would be the value itself.
+        let source = Constant(AtomicU8::new(49));
+        assert!(digits(0).generate("999999", &source).unwrap().is_none());
+        assert_eq!(digits(0).generate("123456", &source).unwrap().unwrap().as_str(), "999999");
+        // A source that only ever yields bytes the rejection sampler throws
+        // away is a broken source, not a token.
+        let biased = Constant(AtomicU8::new(255));
+        assert!(matches!(digits(0).generate("123456", &biased), Err(CryptoError::Rng)));
+    }
+
+    #[test]
+    fn normalization() {
+        let apply = |n: &Normalize, v: &str| n.apply(PiiValue::from(v)).expose_secret().to_owned();
+        let email = Normalize::parse(["trim", "lowercase"]).unwrap();
+        assert_eq!(apply(&email, "  Jane.Doe@Example.ORG "), "jane.doe@example.org");
+        assert_eq!(apply(&Normalize::parse(["digits_only"]).unwrap(), "078-05-1120"), "078051120");
+        assert_eq!(apply(&Normalize::parse(["uppercase"]).unwrap(), "ab12cd"), "AB12CD");
+        assert_eq!(apply(&Normalize::default(), " As Is "), " As Is ");
+        assert_eq!(
+            Normalize::parse(["lowercase", "uppercase"]).unwrap_err(),
+            "lowercase and uppercase contradict each other"
+        );
+        assert!(Normalize::parse(["nfc"]).unwrap_err().starts_with("unknown step \"nfc\""));
+    }
+
+    #[test]
+    fn masks() {
+        let apply = |m: Mask, v: &str| m.apply(&PiiValue::from(v)).expose_secret().to_owned();
+        let last4 = Mask::Keep { first: 0, last: 4 };
+        assert_eq!(apply(last4, "4111 1111 1111 1111"), "**** **** **** 1111");
+        assert_eq!(apply(last4, "078-05-1120"), "***-**-1120");
+        assert_eq!(apply(last4, "1234567"), "*******");
+        assert_eq!(apply(Mask::Keep { first: 6, last: 4 }, "4111111111111111"), "411111******1111");
+        assert_eq!(apply(Mask::Full, "Zoë Ångström"), "*** ********");
+        assert_eq!(apply(Mask::Email, "jane@example.org"), "j***@example.org");
+        assert_eq!(apply(Mask::Email, "jo@example.org"), "****@example.org");
+        assert_eq!(apply(Mask::Email, "not an address"), "*** ** *******");
+        assert_eq!(Mask::parse("first:6,last:4"), Some(Mask::Keep { first: 6, last: 4 }));
+        assert_eq!(Mask::parse("last:4"), Some(Mask::Keep { first: 0, last: 4 }));
+        for bad in ["", "last", "last:x", "last:4,last:2", "middle:3", "none"] {
+            assert_eq!(Mask::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn digits_tokens_keep_shape(value in "[0-9]{6,20}|[0-9 ()+-]{0,4}[0-9]{6,12}[0-9 -]{0,6}", keep in 0usize..4) {
+            let format = digits(keep);
+            prop_assume!(format.check_value(&value).is_ok());
+            let t = token(&format, &value);
+            prop_assert!(same_shape(&value, &t));
+            prop_assert_ne!(&t, &value);
+            let v: Vec<u8> = value.bytes().filter(u8::is_ascii_digit).collect();
+            let k: Vec<u8> = t.bytes().filter(u8::is_ascii_digit).collect();
+            prop_assert_eq!(&v[v.len() - keep..], &k[k.len() - keep..]);
+            prop_assert!(format.parse_token(&t).is_some());
+        }
+
+        #[test]
+        fn alphanumeric_tokens_keep_each_class(value in "[A-Za-z0-9]{8,30}([ ._-][A-Za-z0-9]{1,5})?", keep in 0usize..3) {
+            let format = Format::Alphanumeric { keep_last: keep, min_len: keep + 6 };
+            let t = token(&format, &value);
+            prop_assert!(same_shape(&value, &t));
+            prop_assert_ne!(&t, &value);
+            prop_assert_eq!(&value[value.len() - keep..], &t[t.len() - keep..]);
+        }
+
+        #[test]
+        fn card_tokens_honour_kept_digits_and_luhn(
+            body in "[0-9]{16,19}",
+            grouped in any::<bool>(),
+            keep_first in prop_oneof![Just(0usize), Just(6)],
+            keep_last in prop_oneof![Just(0usize), Just(4)],
+            luhn in prop_oneof![Just(Luhn::Valid), Just(Luhn::Invalid), Just(Luhn::Any)],
+        ) {
+            let format = card(keep_first, keep_last, luhn);
+            let value = if grouped {
+                body.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join(" ")
+            } else {
+                body.clone()
+            };
+            let t = token(&format, &value);
+            prop_assert!(same_shape(&value, &t));
+            prop_assert_ne!(&t, &value);
+            let v: String = value.chars().filter(char::is_ascii_digit).collect();
+            let k: String = t.chars().filter(char::is_ascii_digit).collect();
+            prop_assert_eq!(&v[..keep_first], &k[..keep_first]);
+            prop_assert_eq!(&v[v.len() - keep_last..], &k[k.len() - keep_last..]);
+            match luhn {
+                Luhn::Valid => prop_assert!(luhn_valid(&t)),
+                Luhn::Invalid => prop_assert!(!luhn_valid(&t)),
+                Luhn::Any => {}
+            }
+            prop_assert!(format.parse_token(&t).is_some());
+        }
+
+        #[test]
+        fn email_tokens_are_addresses(local in "[a-zA-Z0-9._%+-]{1,20}", domain in "[a-z0-9]{1,10}\\.[a-z]{2,6}", keep_domain in any::<bool>()) {
+            let value = format!("{local}@{domain}");
+            prop_assume!(split_email(&value).is_some());
+            let format = Format::Email { keep_domain };
+            let t = token(&format, &value);
+            let (tl, td) = split_email(&t).unwrap();
+            prop_assert_eq!(tl.len(), EMAIL_LOCAL_RANDOM);
+            prop_assert!(tl.bytes().all(|b| LOWER_ALNUM.contains(&b)));
+            if keep_domain {
+                prop_assert_eq!(td, domain.as_str());
+            } else {
+                prop_assert!(td.ends_with(".invalid"));
+            }
+            prop_assert_ne!(&t, &value);
+            prop_assert!(format.parse_token(&t).is_some());
+        }
+
+        #[test]
+        fn masks_never_reveal_more_than_their_rule(value in "\\PC{0,40}", first in 0usize..7, last in 0usize..7) {
+            let rule = Mask::Keep { first, last };
+            let masked = rule.apply(&PiiValue::from(value.as_str()));
+            let masked = masked.expose_secret();
+            prop_assert_eq!(masked.chars().count(), value.chars().count());
+            let alnum = alnum_positions(&value).len();
+            let mut shown = 0;
+            for (v, m) in value.chars().zip(masked.chars()) {
+                if v.is_alphanumeric() {
+                    prop_assert!(m == '*' || m == v);
+                    shown += usize::from(m != '*');
+                } else {
+                    prop_assert_eq!(m, v);
+                }
+            }
+            prop_assert!(shown <= first + last);
+            prop_assert!(shown == 0 || alnum - shown >= MASK_MIN_HIDDEN);
+            let full = Mask::Full.apply(&PiiValue::from(value.as_str()));
+            prop_assert!(full.expose_secret().chars().all(|c| !c.is_alphanumeric()));
+        }
+
+        #[test]
+        fn email_mask_shows_at_most_one_letter_and_the_domain(local in "\\PC{1,20}", domain in "[a-z]{1,10}\\.[a-z]{2,4}") {
+            let value = format!("{local}@{domain}");
+            let masked = Mask::Email.apply(&PiiValue::from(value.as_str()));
+            let (shown_local, shown_domain) = masked.expose_secret().rsplit_once('@').unwrap();
+            prop_assert_eq!(shown_domain, domain.as_str());
+            prop_assert_eq!(shown_local.chars().count(), 4);
+            prop_assert!(shown_local.chars().skip(1).all(|c| c == '*'));
+        }
+
+        #[test]
+        fn parsing_tokens_never_panics(text in "\\PC{0,300}") {
+            for format in [digits(0), card(0, 4, Luhn::Invalid), Format::Email { keep_domain: true }] {
+                let _ = format.parse_token(&text);
+                let _ = format.check_value(&text);
+            }
+        }
+    }
+}
