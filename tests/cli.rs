@@ -365,24 +365,21 @@ fn serve_refuses_a_bad_policy_or_a_wrong_passphrase_with_78() {
     assert!(err.contains("cannot unseal the root key"), "{err}");
 }
 
-/// `log_format = "json"`: one JSON object per line, with the RPC fields.
-#[test]
-fn json_logs_carry_the_rpc_fields_and_no_values() {
+/// `piivault serve` on an initialised `dir` whose config and policy are
+/// edited by `config` and `policy`, with caller `app` certified: the child,
+/// its address.
+fn serve_edited(dir: &Path, config: impl FnOnce(String) -> String, policy: &str) -> (std::process::Child, String) {
     use std::io::BufRead as _;
 
-    let tmp = tempfile::tempdir().unwrap();
-    assert!(init(tmp.path()).status.success());
-    let config = tmp.path().join("config.toml");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("127.0.0.1:7443", "127.0.0.1:0")
-        .replace("log_format = \"text\"", "log_format = \"json\"");
-    std::fs::write(&config, text).unwrap();
-    std::fs::write(tmp.path().join("policy.toml"), "[callers.app]\ntokenize = [\"*\"]\n").unwrap();
-    let ca = piivault::pki::Ca::load(tmp.path()).unwrap();
-    ca.issue(&"app".parse().unwrap(), "piivault.local", 1, &tmp.path().join("clients/app")).unwrap();
+    assert!(init(dir).status.success());
+    let path = dir.join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap().replace("127.0.0.1:7443", "127.0.0.1:0");
+    std::fs::write(&path, config(text)).unwrap();
+    std::fs::write(dir.join("policy.toml"), policy).unwrap();
+    let ca = piivault::pki::Ca::load(dir).unwrap();
+    ca.issue(&"app".parse().unwrap(), "piivault.local", 1, &dir.join("clients/app")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_piivault"))
-        .args(["serve", "--config", config.to_str().unwrap()])
+        .args(["serve", "--config", path.to_str().unwrap()])
         .env("PIIVAULT_PASSPHRASE", PASSPHRASE)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -390,27 +387,37 @@ fn json_logs_carry_the_rpc_fields_and_no_values() {
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let addr = lines.next().unwrap().unwrap().strip_prefix("piivault: listening on ").unwrap().to_owned();
-    let value = "json-log-secret-4111";
-    let out = piivault(
-        &[
-            "tokenize",
-            "--addr",
-            &addr,
-            "--data-dir",
-            tmp.path().to_str().unwrap(),
-            "--as",
-            "app",
-            "--collection",
-            "name",
-            value,
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    (child, addr)
+}
+
+/// Stops a served child with SIGTERM; its log (stderr).
+fn stop_served(child: std::process::Child) -> String {
     Command::new("kill").args(["-s", "TERM", &child.id().to_string()]).status().unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success());
-    let logs = String::from_utf8(output.stderr).unwrap();
+    String::from_utf8(output.stderr).unwrap()
+}
+
+/// The command-line client as `app` against a served `dir`.
+fn as_app(dir: &Path, addr: &str, args: &[&str]) -> Output {
+    let mut all = vec![args[0], "--addr", addr, "--data-dir", dir.to_str().unwrap(), "--as", "app"];
+    all.extend_from_slice(&args[1..]);
+    piivault(&all, &[])
+}
+
+/// `log_format = "json"`: one JSON object per line, with the RPC fields.
+#[test]
+fn json_logs_carry_the_rpc_fields_and_no_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, addr) = serve_edited(
+        tmp.path(),
+        |text| text.replace("log_format = \"text\"", "log_format = \"json\""),
+        "[callers.app]\ntokenize = [\"*\"]\n",
+    );
+    let value = "json-log-secret-4111";
+    let out = as_app(tmp.path(), &addr, &["tokenize", "--collection", "name", value]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let logs = stop_served(child);
     assert!(!logs.contains(value));
     let rpc = logs
         .lines()
@@ -423,6 +430,34 @@ fn json_logs_carry_the_rpc_fields_and_no_values() {
     assert_eq!(rpc["items"], 1);
     assert_eq!(rpc["outcome"], "OK");
     assert!(rpc["latency_ms"].as_f64().unwrap() >= 0.0);
+}
+
+/// A collection with a `ttl`: the server's background purge erases its
+/// expired records (and says so), and an expired token is not found.
+#[test]
+fn serve_purges_expired_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, addr) = serve_edited(
+        tmp.path(),
+        |text| {
+            text.replace("purge_interval_s = 60", "purge_interval_s = 1")
+                + "\n[collections.otp]\nformat = \"digits\"\nttl = \"1s\"\n"
+        },
+        "[callers.app]\ntokenize = [\"otp\"]\ndetokenize = [\"otp\"]\n",
+    );
+    let out = as_app(tmp.path(), &addr, &["tokenize", "--collection", "otp", "481516"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = stdout(&out).trim().to_owned();
+    assert_eq!(token.len(), 6);
+    let out = as_app(tmp.path(), &addr, &["detokenize", "--collection", "otp", &token]);
+    assert_eq!(stdout(&out).trim(), "481516");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let out = as_app(tmp.path(), &addr, &["detokenize", "--collection", "otp", &token]);
+    assert_eq!((out.status.code(), stdout(&out).trim()), (Some(1), "error: NOT_FOUND: token not found"));
+    let logs = stop_served(child);
+    let purged = logs.lines().find(|l| l.contains("expired records purged")).unwrap_or_else(|| panic!("{logs}"));
+    assert!(purged.contains("purged=1"), "{purged}");
+    assert!(!logs.contains("481516"));
 }
 
 /// Offline `keys rotate-root`: the old passphrase stops working, the new one

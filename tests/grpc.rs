@@ -1003,14 +1003,15 @@ async fn key_management_through_the_admin_api() {
             .output()
             .unwrap()
     };
-    let list = |who: &str| -> Vec<(u64, String, u64)> {
-        let out = keys(who, &["list", "--collection", "card", "--json"]);
+    let list_of = |who: &str, collection: &str, purpose: &str| -> Vec<(u64, String, u64)> {
+        let out = keys(who, &["list", "--collection", collection, "--json"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         value
             .as_array()
             .unwrap()
             .iter()
+            .filter(|v| v["purpose"] == purpose)
             .map(|v| {
                 (
                     v["version"].as_u64().unwrap(),
@@ -1020,6 +1021,7 @@ async fn key_management_through_the_admin_api() {
             })
             .collect()
     };
+    let list = |who: &str| list_of(who, "card", "data");
     let mut writer = server.client("writer").await;
     let mut reader = server.client("reader").await;
     let values: Vec<String> = (0..40).map(|i| format!("5105 1051 0510 {i:04}")).collect();
@@ -1063,6 +1065,31 @@ async fn key_management_through_the_admin_api() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"), "{who}");
     }
     assert_eq!(list("admin").len(), 2, "the refused rotations changed nothing");
+
+    // The blind index of a deterministic collection: its key rotates online
+    // and the index is rebuilt under the new one in the background.
+    let emails = tokens(&mut writer, "email", &["a@example.org", "b@example.org"]).await;
+    assert_eq!(list_of("admin", "email", "index"), [(1, "primary".into(), 2)]);
+    let out = keys("admin", &["rotate-index", "--collection", "email"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "email: index key version 2 is now primary; the index is being rebuilt in the background"
+    );
+    let mut index = list_of("admin", "email", "index");
+    for _ in 0..100 {
+        if index[0].1 == "retired" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        index = list_of("admin", "email", "index");
+    }
+    assert_eq!(index, [(1, "retired".into(), 0), (2, "primary".into(), 2)]);
+    assert_eq!(tokens(&mut writer, "email", &["A@Example.org", "b@example.org"]).await, emails);
+    let refused = keys("admin", &["rotate-index", "--collection", "card"]);
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stderr).trim(),
+        "piivault: FAILED_PRECONDITION: the collection is not deterministic: it has no blind index"
+    );
     let mut admin = proto::admin_client::AdminClient::new(server.channel("admin").await);
     admin.reload_policy(proto::ReloadPolicyRequest {}).await.unwrap();
     let mut writer_admin = proto::admin_client::AdminClient::new(server.channel("writer").await);
