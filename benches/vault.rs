@@ -26,7 +26,13 @@ fn main() {
     let duration = Duration::from_secs(secs);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let dir = tempfile::tempdir_in(std::env::var("PIIVAULT_BENCH_DIR").unwrap_or_else(|_| "target".into())).unwrap();
-    let config = Config::parse("[collections.card]\n", dir.path()).unwrap();
+    let config = Config::parse(
+        "[collections.card]\n\
+         [collections.shaped]\nformat = \"card\"\nkeep_last = 4\nluhn = \"invalid\"\n\
+         [collections.det]\nformat = \"digits\"\ndeterministic = true\nmin_len = 9\n",
+        dir.path(),
+    )
+    .unwrap();
     let unlock = Unlock::RawKey(RawKey::parse(&[0x11; 32]).unwrap());
     let (root_key, _) = root::create(&unlock, root::MIN_KDF).unwrap();
     let vault = runtime.block_on(Vault::create(&config, &root_key)).unwrap();
@@ -43,23 +49,30 @@ fn main() {
         tokens
     }));
     println!("piivault in-process benchmark: {} s per scenario, {} tokens seeded", secs, seeded.len());
-    println!("{:<44} {:>12} {:>14} {:>10}", "scenario", "requests/s", "values/s", "p99 ms");
-    for (op, batch, concurrency) in [
-        ("tokenize", 1, 1),
-        ("tokenize", 1, 64),
-        ("tokenize", 100, 1),
-        ("tokenize", 100, 8),
-        ("detokenize", 1, 1),
-        ("detokenize", 1, 64),
-        ("detokenize", 100, 1),
-        ("detokenize", 100, 8),
+    println!("{:<60} {:>12} {:>14} {:>10}", "scenario", "requests/s", "values/s", "p99 ms");
+    // `card` is a random-format collection; `shaped` is format = "card"
+    // (keep_last = 4, Luhn invalid); `det` is a deterministic digits
+    // collection (every value new: an index miss, then an insert).
+    for (op, collection, batch, concurrency) in [
+        ("tokenize", COLLECTION, 1, 1),
+        ("tokenize", COLLECTION, 1, 64),
+        ("tokenize", COLLECTION, 100, 1),
+        ("tokenize", COLLECTION, 100, 8),
+        ("tokenize", "shaped", 1, 64),
+        ("tokenize", "shaped", 100, 8),
+        ("tokenize", "det", 1, 64),
+        ("tokenize", "det", 100, 8),
+        ("detokenize", COLLECTION, 1, 1),
+        ("detokenize", COLLECTION, 1, 64),
+        ("detokenize", COLLECTION, 100, 1),
+        ("detokenize", COLLECTION, 100, 8),
     ] {
-        let (requests, p99) = runtime.block_on(run(&vault, &seeded, op, batch, concurrency, duration));
+        let (requests, p99) = runtime.block_on(run(&vault, &seeded, (op, collection), batch, concurrency, duration));
         #[allow(clippy::cast_precision_loss)] // rates, not money
         let rate = requests as f64 / duration.as_secs_f64();
         println!(
-            "{:<44} {:>12.0} {:>14.0} {:>10.2}",
-            format!("{op} batch={batch} concurrency={concurrency}"),
+            "{:<60} {:>12.0} {:>14.0} {:>10.2}",
+            format!("{op} {collection} batch={batch} concurrency={concurrency}"),
             rate,
             rate * f64::from(batch),
             p99.as_secs_f64() * 1000.0
@@ -90,7 +103,7 @@ async fn reencryption_rate(vault: &Vault, seeded: usize) {
 async fn run(
     vault: &Vault,
     seeded: &Arc<Vec<String>>,
-    op: &'static str,
+    (op, collection): (&'static str, &'static str),
     batch: u32,
     concurrency: usize,
     duration: Duration,
@@ -102,16 +115,17 @@ async fn run(
         let (vault, seeded, stop, count) = (vault.clone(), seeded.clone(), stop.clone(), count.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
-            let mut n = worker * 7919;
+            // Each worker its own range of values, so none repeats.
+            let mut n = worker * 1_000_000;
             while !stop.load(Ordering::Relaxed) {
                 let started = Instant::now();
                 if op == "tokenize" {
                     let values = (0..batch).map(|i| PiiValue::new(format!("5500{n:08}{i:04}"))).collect();
-                    let out = vault.tokenize(&who(), COLLECTION, values).await.unwrap();
+                    let out = vault.tokenize(&who(), collection, values).await.unwrap();
                     assert!(out.iter().all(Result::is_ok));
                 } else {
                     let tokens = (0..batch as usize).map(|i| seeded[(n + i * 31) % seeded.len()].clone()).collect();
-                    let out = vault.detokenize(&who(), COLLECTION, tokens).await.unwrap();
+                    let out = vault.detokenize(&who(), collection, tokens).await.unwrap();
                     assert!(out.iter().all(Result::is_ok));
                 }
                 latencies.push(started.elapsed());
