@@ -1,6 +1,13 @@
 -- piivault schema, version 4: collection formats, deterministic tokens and
 -- expiry.
 
+-- What a collection's tokens look like, as far as parsing them goes
+-- (`random:<prefix>`, `digits`, `alphanumeric`, `card:<luhn rule>`,
+-- `email`). A configuration that changes it is refused at start: the tokens
+-- already issued would stop answering. NULL: the collection predates
+-- formats; the first start records the configured kind.
+ALTER TABLE collections ADD COLUMN token_kind TEXT;
+
 -- When a record stops answering (unix microseconds); NULL: never. An
 -- expired record answers like an unknown token at once and is erased by
 -- the background purge, which finds it through this partial index.

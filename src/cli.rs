@@ -376,7 +376,7 @@ fn store_failure(error: &StoreError) -> Failure {
 fn vault_failure(error: &VaultError) -> Failure {
     match error {
         VaultError::Store(e) => store_failure(e),
-        VaultError::Keyring { .. } => Failure::Config,
+        VaultError::Keyring { .. } | VaultError::FormatChanged { .. } => Failure::Config,
         _ => Failure::Other,
     }
 }

@@ -51,6 +51,18 @@ pub enum VaultError {
     /// The audit trail failed verification.
     #[error("audit trail: {0}")]
     Audit(crate::audit::VerifyError),
+    /// The configuration changes what a collection's tokens look like.
+    #[error(
+        "collection {collection} issues {stored} tokens; the configuration says {configured}, and the tokens already issued would stop answering (restore the collection's format, or declare a new collection)"
+    )]
+    FormatChanged {
+        /// The collection.
+        collection: String,
+        /// The kind recorded with it.
+        stored: String,
+        /// The kind the configuration gives.
+        configured: String,
+    },
     /// An index-key operation on a collection that is not deterministic.
     #[error("the collection is not deterministic: it has no blind index")]
     NotDeterministic,

@@ -185,6 +185,25 @@ impl Format {
         }
     }
 
+    /// What decides which strings are this format's tokens: the format, and
+    /// the prefix of random tokens or the Luhn rule of card tokens. Stored
+    /// with the collection; a configuration that changes it is refused,
+    /// since the tokens already issued would stop answering.
+    pub fn token_kind(&self) -> String {
+        match self {
+            Self::Random { prefix } => format!("random:{}", prefix.as_str()),
+            Self::Card { luhn, .. } => format!(
+                "card:{}",
+                match luhn {
+                    Luhn::Valid => "valid",
+                    Luhn::Invalid => "invalid",
+                    Luhn::Any => "any",
+                }
+            ),
+            other => other.name().to_owned(),
+        }
+    }
+
     /// Whether the format copies the value's shape into its tokens (every
     /// format but `random`).
     pub fn preserves_shape(&self) -> bool {

@@ -1037,6 +1037,11 @@ async fn open_collection(
         tracing::info!(collection = %name, "created collection with data key version 1");
         id
     };
+    let configured = settings.format.token_kind();
+    let stored = store.token_kind(id, configured.clone()).await?;
+    if stored != configured {
+        return Err(VaultError::FormatChanged { collection: name.to_string(), stored, configured });
+    }
     if settings.deterministic && store.list_keys(id, INDEX_PURPOSE).await?.is_empty() {
         let key = DataKey::generate()?;
         let wrapped = keyring::wrap(root, KeyPurpose::Index, name.as_str(), 1, &key)?;

@@ -290,34 +290,79 @@ async fn erased_ciphertext_is_gone_from_the_database_and_the_wal() {
     assert_eq!(reveal(&vault, "mail", &kept).await, vec![Ok("someone-else@example.org".to_owned())]);
 }
 
-#[tokio::test]
-async fn a_collection_a_tenth_full_refuses_new_values() {
-    // The smallest token space a configuration may have: 10^6.
-    let fx = Fixture::with_config("[collections.pin]\nformat = \"digits\"\nmin_len = 6\n");
-    let vault = fx.create().await;
-    let first = tokenize_ok(&vault, "pin", &["123456"]).await;
-    drop(vault);
-    // Fill the store to just under a tenth with tombstones (rows that are
-    // never issued again count as taken), written directly.
+/// Log lines written while the returned guard lives (on this thread).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// Adds `n` tombstones (deleted rows: tokens that are never issued again
+/// and so count as taken) to collection `name`, directly in the file.
+fn add_tombstones(fx: &Fixture, name: &str, from: usize, n: usize) {
     let mut raw = rusqlite::Connection::open(fx.db_path()).unwrap();
     let tx = raw.transaction().unwrap();
     {
         let mut insert = tx
             .prepare(
                 "INSERT INTO records (collection_id, token, created_at, deleted_at)
-                 SELECT id, printf('9%06d', ?1), 0, 0 FROM collections WHERE name = 'pin'",
+                 SELECT id, printf('9%06d', ?1), 0, 0 FROM collections WHERE name = ?2",
             )
             .unwrap();
-        for i in 0..99_998 {
-            insert.execute([i]).unwrap();
+        for i in from..from + n {
+            insert.execute(rusqlite::params![i, name]).unwrap();
         }
     }
     tx.commit().unwrap();
-    drop(raw);
+}
 
+// Current-thread runtime: the vault logs on the test's thread, where the
+// capturing subscriber is installed.
+#[tokio::test(flavor = "current_thread")]
+async fn a_crowded_collection_warns_at_one_percent_and_refuses_at_ten() {
+    // The smallest token space a configuration may have: 10^6.
+    let fx = Fixture::with_config("[collections.pin]\nformat = \"digits\"\nmin_len = 6\n");
+    let vault = fx.create().await;
+    let first = tokenize_ok(&vault, "pin", &["123456"]).await;
+    drop(vault);
+
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish(),
+    );
+    // 10,000 taken: the next value crosses 1%, with one warning.
+    add_tombstones(&fx, "pin", 0, 9_999);
     let vault = fx.open().await;
-    // 99,999 issued: one more fits, two do not.
-    let refused = vault.tokenize(&who(), "pin", values(&["111111", "222222"])).await.unwrap_err();
+    tokenize_ok(&vault, "pin", &["222222"]).await;
+    tokenize_ok(&vault, "pin", &["333333"]).await;
+    let warnings: Vec<String> = logs.text().lines().filter(|l| l.contains("WARN")).map(String::from).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("the collection holds more than 1% of its token space; new values are refused at 10%")
+            && warnings[0].contains("collection=pin issued=10000 space=1000000"),
+        "{warnings:?}"
+    );
+    drop(vault);
+
+    // 99,999 taken: one more fits, two do not.
+    add_tombstones(&fx, "pin", 9_999, 89_997);
+    let vault = fx.open().await;
+    let refused = vault.tokenize(&who(), "pin", values(&["111111", "444444"])).await.unwrap_err();
     assert!(matches!(refused, VaultError::TokenSpaceFull { issued: 99_999, space: 1_000_000 }), "{refused:?}");
     let status = status_of(&Failure::Vault(refused));
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
@@ -327,7 +372,7 @@ async fn a_collection_a_tenth_full_refuses_new_values() {
     );
     let last = tokenize_ok(&vault, "pin", &["111111"]).await;
     assert!(matches!(
-        vault.tokenize(&who(), "pin", values(&["222222"])).await,
+        vault.tokenize(&who(), "pin", values(&["444444"])).await,
         Err(VaultError::TokenSpaceFull { issued: 100_000, .. })
     ));
     // What is stored keeps answering.

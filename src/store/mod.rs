@@ -1209,6 +1209,26 @@ impl Store {
         .await
     }
 
+    /// The token kind recorded for `collection`, recording `configured` if
+    /// there is none yet (a write only then).
+    pub async fn token_kind(&self, collection: CollectionId, configured: String) -> Result<String, StoreError> {
+        let read = move |conn: &Connection| -> Result<Option<String>, StoreError> {
+            Ok(conn
+                .prepare_cached("SELECT token_kind FROM collections WHERE id = ?1")?
+                .query_row([collection.0], |row| row.get(0))?)
+        };
+        if let Some(stored) = self.read(read).await? {
+            return Ok(stored);
+        }
+        self.write(move |tx| {
+            tx.conn
+                .prepare_cached("UPDATE collections SET token_kind = ?2 WHERE id = ?1 AND token_kind IS NULL")?
+                .execute(params![collection.0, configured])?;
+            read(tx.conn)?.ok_or(StoreError::Corrupt)
+        })
+        .await
+    }
+
     /// Whether any audit record involves `token`.
     pub async fn token_audited(&self, token: String) -> Result<bool, StoreError> {
         self.read(move |conn| {
