@@ -465,10 +465,16 @@ async fn a_collection_added_to_the_config_later_gets_its_own_key() {
 
 #[tokio::test]
 async fn a_full_disk_fails_the_write_and_keeps_earlier_data_readable() {
-    let fs = Tmpfs::mount("2m");
+    let fs = Tmpfs::mount("4m");
     let fx = Fixture::in_dir(fs.dir.path(), "[limits]\nmax_value_bytes = 65536\n");
     let vault = fx.create().await;
     let kept = tokenize_ok(&vault, "name", &["kept before the disk filled"]).await;
+    // Room to give back once the disk is full: reading is audited, and an
+    // audit record needs a little space (without it, reads fail closed);
+    // closing checkpoints the WAL into the database, which needs as much
+    // again as the WAL holds.
+    let ballast = fs.dir.path().join("ballast");
+    std::fs::write(&ballast, vec![0u8; 2 << 20]).unwrap();
     let big = "z".repeat(60_000);
     let mut full = None;
     for _ in 0..128 {
@@ -480,9 +486,10 @@ async fn a_full_disk_fails_the_write_and_keeps_earlier_data_readable() {
             }
         }
     }
-    let full = full.expect("a 2 MiB filesystem must fill up");
+    let full = full.expect("a 4 MiB filesystem must fill up");
     assert!(matches!(full, VaultError::Store(StoreError::Full)), "{full}");
     assert_eq!(full.to_string(), "store unavailable: the database disk is full");
+    std::fs::remove_file(&ballast).unwrap();
     assert_eq!(detokenize_strings(&vault, "name", &kept).await, vec![Ok("kept before the disk filled".into())]);
     drop(vault);
     // The store still opens and holds what was acknowledged.
