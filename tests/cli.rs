@@ -461,7 +461,7 @@ fn serve_purges_expired_records() {
     assert_eq!(token.len(), 6);
     let out = as_app(tmp.path(), &addr, &["detokenize", "--collection", "otp", &token]);
     assert_eq!(stdout(&out).trim(), "481516");
-    std::thread::sleep(std::time::Duration::from_millis(2500));
+    std::thread::sleep(std::time::Duration::from_secs(3));
     let out = as_app(tmp.path(), &addr, &["detokenize", "--collection", "otp", &token]);
     assert_eq!((out.status.code(), stdout(&out).trim()), (Some(1), "error: NOT_FOUND: token not found"));
     let logs = stop_served(child);

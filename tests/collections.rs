@@ -183,7 +183,7 @@ async fn a_collection_made_deterministic_indexes_its_existing_records() {
 async fn expired_tokens_answer_like_unknown_ones_and_are_purged() {
     let fx = Fixture::with_config(
         "[collections.otp]\nformat = \"digits\"\nttl = \"1s\"\n\
-         [collections.sess]\nformat = \"alphanumeric\"\ndeterministic = true\nttl = \"2s\"\n",
+         [collections.sess]\nformat = \"alphanumeric\"\ndeterministic = true\nttl = \"3s\"\n",
     );
     let vault = fx.create().await;
     let otp = tokenize_ok(&vault, "otp", &["481516", "234223"]).await;
@@ -205,7 +205,7 @@ async fn expired_tokens_answer_like_unknown_ones_and_are_purged() {
     // A deterministic value keeps its token until it expires, then gets a
     // new one.
     assert_eq!(tokenize_ok(&vault, "sess", &["AB12-cd34-EF56"]).await, sess);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let renewed = tokenize_ok(&vault, "sess", &["AB12-cd34-EF56"]).await;
     assert_ne!(renewed, sess);
     assert_eq!(reveal(&vault, "sess", &renewed).await, vec![Ok("AB12-cd34-EF56".to_owned())]);
