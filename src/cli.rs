@@ -23,6 +23,7 @@ use crate::policy::{CallerId, EMPTY_POLICY};
 use crate::store::StoreError;
 use crate::vault::Vault;
 
+mod bench;
 mod client;
 
 /// Environment variable holding the passphrase that seals the root key.
@@ -105,6 +106,11 @@ enum Command {
     Detokenize(client::ItemsArgs),
     /// Delete the values behind tokens.
     Delete(client::ItemsArgs),
+    /// Load-test a running vault over mutual TLS: seed N tokens, run one
+    /// operation from many concurrent callers for a bounded time, report
+    /// throughput, latency percentiles, errors and (with --server-pid) the
+    /// server's CPU per request and peak RSS.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -462,6 +468,7 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Audit { command } => audit(command).await,
         Command::Keys { command } => keys(command).await,
         Command::Tokenize(args) => client::run(client::Op::Tokenize, args).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::Detokenize(args) => client::run(client::Op::Detokenize, args).await,
         Command::Delete(args) => client::run(client::Op::Delete, args).await,
     }

@@ -43,7 +43,7 @@ pub struct ItemsArgs {
 }
 
 /// How to reach and authenticate to a vault.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ConnectArgs {
     /// The vault's address, host:port.
     #[arg(long, env = "PIIVAULT_ADDR", value_name = "HOST:PORT")]
@@ -77,6 +77,11 @@ fn missing(what: &str, flag: &str, env: &str) -> CliError {
 }
 
 impl ConnectArgs {
+    /// The same vault, as caller `name` of the same data directory.
+    pub fn acting_as(&self, name: &str) -> Self {
+        Self { as_name: Some(name.to_owned()), ..self.clone() }
+    }
+
     /// A local data directory to read directly: `--data-dir` given, and
     /// nothing that says "connect" (`--as`, `--addr`, a certificate).
     pub fn offline_dir(&self) -> Option<&std::path::Path> {
