@@ -1160,3 +1160,67 @@ async fn root_key_rotation_online() {
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     assert!(String::from_utf8_lossy(&ok.stdout).contains("name=3"));
 }
+
+/// `piivault bench` against `piivault dev`: it seeds, loads, and reports
+/// numbers that agree with each other and with the store.
+#[test]
+fn the_load_generator_reports_a_mixed_run() {
+    let server = DevServer::start();
+    let dir = server.dir.to_str().unwrap();
+    let pid = server.pid().to_string();
+    let before = server.record_count();
+    let args = [
+        "bench",
+        "--data-dir",
+        dir,
+        "--as",
+        "writer",
+        "--reader",
+        "reader",
+        "--op",
+        "mixed",
+        "--collection",
+        "card",
+        "--seed",
+        "300",
+        "--batch",
+        "5",
+        "--concurrency",
+        "4",
+        "--connections",
+        "2",
+        "--duration",
+        "1",
+        "--server-pid",
+        &pid,
+        "--json",
+    ];
+    let out = cli(&server, &args, &[], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let number =
+        |path: &[&str]| path.iter().fold(&report, |v, k| &v[*k]).as_f64().unwrap_or_else(|| panic!("{path:?}"));
+    assert_eq!((report["op"].as_str(), report["collection"].as_str()), (Some("mixed"), Some("card")));
+    assert_eq!((number(&["errors"]), number(&["seeded"]), number(&["batch"])), (0.0, 300.0, 5.0));
+    let requests = number(&["requests"]);
+    assert!(requests >= 10.0, "{report}");
+    let duration = number(&["duration_s"]);
+    assert!((1.0..3.0).contains(&duration), "{report}");
+    assert!((number(&["requests_per_s"]) - requests / duration).abs() < 1.0, "{report}");
+    assert!((number(&["values_per_s"]) - 5.0 * requests / duration).abs() < 5.0, "{report}");
+    let latency: Vec<f64> = ["p50", "p90", "p99", "max"].iter().map(|p| number(&["latency_ms", p])).collect();
+    assert!(latency[0] > 0.0 && latency.windows(2).all(|w| w[0] <= w[1]), "{report}");
+    assert!(number(&["server", "cpu_us_per_request"]) > 0.0, "{report}");
+    assert!(number(&["server", "peak_rss_mib"]) >= number(&["server", "rss_mib"]), "{report}");
+    // One request in five tokenizes 5 new values (each of the 4 callers
+    // starts with one); the seed stored 300.
+    let stored = server.record_count() - before;
+    let whole = report["requests"].as_i64().unwrap();
+    assert!((300 + 5 * (whole / 5)..=300 + 5 * (whole / 5 + 4)).contains(&stored), "{stored} {report}");
+
+    // Reading needs tokens to read.
+    let out =
+        cli(&server, &["bench", "--data-dir", dir, "--as", "reader", "--op", "detokenize", "--seed", "0"], &[], None);
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "piivault: --op Detokenize needs --seed of at least 1");
+}

@@ -519,8 +519,7 @@ impl Store {
             checkpoints: Some(stop_tx),
             checkpoint_thread: None,
         };
-        store.checkpoint_thread =
-            Some(spawn("piivault-checkpoint", move || checkpoint_loop(&checkpointer, &stop_rx))?);
+        store.checkpoint_thread = Some(spawn("piivault-checkpoint", move || checkpoint_loop(&checkpointer, &stop_rx))?);
         let max_batch = options.max_group_commit.max(1);
         let sink = options.sink;
         store.writer_thread =
