@@ -772,6 +772,7 @@ impl Config {
              \n\
              [collections.ssn]\n\
              format = \"digits\"\n\
+             min_len = 9                   # the token space is counted at the shortest value\n\
              deterministic = true\n\
              \n\
              [collections.email]\n\
@@ -781,6 +782,7 @@ impl Config {
              \n\
              [collections.phone]\n\
              format = \"digits\"\n\
+             min_len = 8\n\
              \n\
              [collections.name]\n\
              format = \"random\"\n\
@@ -908,7 +910,7 @@ mod tests {
         let config = parse(&Config::sample(&RootKeySource::Passphrase)).unwrap();
         let get = |name: &str| config.collections.iter().find(|(n, _)| n.as_str() == name).unwrap().1.clone();
         assert_eq!(get("card").format, Format::Card { keep_first: 0, keep_last: 4, luhn: Luhn::Invalid });
-        assert_eq!(get("ssn").format, Format::Digits { keep_last: 0, min_len: 6 });
+        assert_eq!(get("ssn").format, Format::Digits { keep_last: 0, min_len: 9 });
         assert!(get("ssn").deterministic);
         let email = get("email");
         assert_eq!(email.format, Format::Email { keep_domain: true });
@@ -916,7 +918,7 @@ mod tests {
         assert_eq!(email.normalize, Normalize::parse(["trim", "lowercase"]).unwrap());
         assert_eq!(email.mask, Mask::Email);
         assert_eq!(email.max_value_len, 256);
-        assert_eq!(get("phone").format, Format::Digits { keep_last: 0, min_len: 6 });
+        assert_eq!(get("phone").format, Format::Digits { keep_last: 0, min_len: 8 });
         assert_eq!(get("name").format, Format::Random { prefix: "name".parse().unwrap() });
         assert_eq!(get("name").max_value_len, 4096);
 
