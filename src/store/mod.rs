@@ -460,31 +460,6 @@ pub struct Store {
     readers: Option<Sender<ReadJob>>,
     writer_thread: Option<JoinHandle<()>>,
     reader_threads: Vec<JoinHandle<()>>,
-    /// Dropping it stops the checkpointer.
-    checkpoints: Option<Sender<()>>,
-    checkpoint_thread: Option<JoinHandle<()>>,
-}
-
-/// How often the checkpointer copies committed WAL frames into the database.
-const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
-/// WAL pages (4 KiB) at which the writer's own checkpoint runs.
-const WRITER_CHECKPOINT_PAGES: i64 = 8192;
-
-/// Copies the WAL into the database file in the background (PASSIVE: never
-/// blocks the writer or readers), so that the checkpoint the writer still
-/// runs when the WAL reaches [`WRITER_CHECKPOINT_PAGES`] (which lets the
-/// next transaction restart the WAL, bounding its size) finds little left
-/// to copy.
-fn checkpoint_loop(conn: &Connection, stop: &Receiver<()>) {
-    loop {
-        match stop.recv_timeout(CHECKPOINT_INTERVAL) {
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-        }
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "store: background checkpoint failed; retrying");
-        }
-    }
 }
 
 /// Now, in microseconds since the Unix epoch.
@@ -497,12 +472,6 @@ impl Store {
     /// starts its threads.
     pub fn open(path: &Path, mode: OpenMode, options: StoreOptions) -> Result<Self, StoreError> {
         let writer_conn = schema::open_writer(path, mode)?;
-        // The writer checkpoints itself only when the WAL is large (so that
-        // SQLite can restart it from the beginning); the background
-        // checkpointer below copies frames continuously, so that checkpoint
-        // finds them copied already.
-        writer_conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
-        let checkpointer = schema::open_checkpointer(path)?;
         let mut readers = Vec::with_capacity(options.read_connections);
         for _ in 0..options.read_connections.max(1) {
             readers.push(schema::open_reader(path)?);
@@ -510,16 +479,8 @@ impl Store {
 
         let (write_tx, write_rx) = crossbeam_channel::unbounded::<Box<dyn WriteJob>>();
         let (read_tx, read_rx) = crossbeam_channel::unbounded::<ReadJob>();
-        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
-        let mut store = Self {
-            writer: Some(write_tx),
-            readers: Some(read_tx),
-            writer_thread: None,
-            reader_threads: Vec::new(),
-            checkpoints: Some(stop_tx),
-            checkpoint_thread: None,
-        };
-        store.checkpoint_thread = Some(spawn("piivault-checkpoint", move || checkpoint_loop(&checkpointer, &stop_rx))?);
+        let mut store =
+            Self { writer: Some(write_tx), readers: Some(read_tx), writer_thread: None, reader_threads: Vec::new() };
         let max_batch = options.max_group_commit.max(1);
         let sink = options.sink;
         store.writer_thread =
@@ -1321,10 +1282,6 @@ impl Store {
     /// writer's connection is the last one and its close checkpoints the WAL
     /// into the database file.
     pub fn shutdown(&mut self) {
-        self.checkpoints = None;
-        if let Some(thread) = self.checkpoint_thread.take() {
-            join(thread);
-        }
         self.readers = None;
         for thread in std::mem::take(&mut self.reader_threads) {
             join(thread);

@@ -101,16 +101,6 @@ pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// Opens the background checkpointer's connection to a store the writer
-/// has already opened: read-write (a checkpoint writes the database file),
-/// but it never starts a transaction.
-pub fn open_checkpointer(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    apply_pragmas(&conn)?;
-    Ok(conn)
-}
-
 fn apply_pragmas(conn: &Connection) -> Result<(), StoreError> {
     // Acknowledged means durable: every commit reaches the disk.
     conn.pragma_update(None, "synchronous", "FULL")?;
