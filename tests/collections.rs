@@ -9,34 +9,10 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{Fixture, all_files, contains, who};
+use common::{Fixture, all_files, contains, detokenize_strings as reveal, tokenize_ok, values, who};
 use piivault::grpc::{Failure, status_of};
 use piivault::store::AuditFilter;
-use piivault::{ItemError, PiiValue, Vault, VaultError};
-
-fn values(items: &[&str]) -> Vec<PiiValue> {
-    items.iter().map(|v| PiiValue::from(*v)).collect()
-}
-
-async fn tokenize_ok(vault: &Vault, collection: &str, items: &[&str]) -> Vec<String> {
-    vault
-        .tokenize(&who(), collection, values(items))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.unwrap().into_string())
-        .collect()
-}
-
-async fn reveal(vault: &Vault, collection: &str, tokens: &[String]) -> Vec<Result<String, ItemError>> {
-    vault
-        .detokenize(&who(), collection, tokens.to_vec())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.map(|v| v.expose_secret().to_owned()))
-        .collect()
-}
+use piivault::{ItemError, Vault, VaultError};
 
 /// Index keys of `collection` as `(version, state, entries)`.
 async fn index_keys(vault: &Vault, collection: &str) -> Vec<(u32, String, u64)> {

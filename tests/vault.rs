@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::who;
+use common::{detokenize_strings, tokenize_ok, values, who};
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,30 +17,6 @@ use piivault::token::{RandomTokens, Token, TokenGenerator, TokenPrefix, token_fr
 use piivault::{ItemError, ItemErrorCode, PiiValue, Vault, VaultError};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-
-fn values(items: &[&str]) -> Vec<PiiValue> {
-    items.iter().map(|v| PiiValue::from(*v)).collect()
-}
-
-async fn tokenize_ok(vault: &Vault, collection: &str, items: &[&str]) -> Vec<String> {
-    vault
-        .tokenize(&who(), collection, values(items))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.unwrap().into_string())
-        .collect()
-}
-
-async fn detokenize_strings(vault: &Vault, collection: &str, tokens: &[String]) -> Vec<Result<String, ItemError>> {
-    vault
-        .detokenize(&who(), collection, tokens.to_vec())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.map(|v| v.expose_secret().to_owned()))
-        .collect()
-}
 
 #[tokio::test]
 async fn every_sample_collection_round_trips_in_order() {

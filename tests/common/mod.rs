@@ -5,12 +5,39 @@
 
 use std::path::{Path, PathBuf};
 
-use piivault::Config;
 use piivault::crypto::root::{self, RawKey, RootKey, Unlock};
 use piivault::store::OpenMode;
 use piivault::token::{RandomTokens, TokenGenerator};
 use piivault::vault::{Requester, Vault};
+use piivault::{Config, ItemError, PiiValue};
 use tempfile::TempDir;
+
+/// Values from strings.
+pub fn values(items: &[&str]) -> Vec<PiiValue> {
+    items.iter().map(|v| PiiValue::from(*v)).collect()
+}
+
+/// Tokenizes `items`, every one of which must succeed.
+pub async fn tokenize_ok(vault: &Vault, collection: &str, items: &[&str]) -> Vec<String> {
+    vault
+        .tokenize(&who(), collection, values(items))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap().into_string())
+        .collect()
+}
+
+/// Detokenizes `tokens`, item by item, as strings.
+pub async fn detokenize_strings(vault: &Vault, collection: &str, tokens: &[String]) -> Vec<Result<String, ItemError>> {
+    vault
+        .detokenize(&who(), collection, tokens.to_vec())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.map(|v| v.expose_secret().to_owned()))
+        .collect()
+}
 
 /// The requester in-process tests act as.
 pub fn who() -> Requester {
