@@ -743,7 +743,14 @@ async fn run_server(
             tokio::time::sleep(purge_every).await;
         }
     });
-    vault.resume_background_work().await.or_fail(Failure::Other)?;
+    // Finding unfinished work scans deterministic collections: in the
+    // background, not before the server answers.
+    let resume_vault = vault.clone();
+    tokio::spawn(async move {
+        if let Err(e) = resume_vault.resume_background_work().await {
+            tracing::error!(error = %e, "cannot resume background work (blind-index rebuilds)");
+        }
+    });
     let head_vault = vault.clone();
     let interval = config.audit.head_log_interval;
     let head_logger = tokio::spawn(async move {
