@@ -38,10 +38,58 @@ impl AdminService {
 }
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<ReencryptProgress, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
+
+/// Bytes per streamed backup chunk.
+const BACKUP_CHUNK: usize = 1 << 20;
+
+/// Streams the file at `path` in chunks, then removes it (also when the
+/// caller goes away).
+fn stream_file(path: std::path::PathBuf) -> ChunkStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt as _;
+        let sent = async {
+            let mut file = tokio::fs::File::open(&path).await?;
+            loop {
+                let mut data = vec![0u8; BACKUP_CHUNK];
+                let n = file.read(&mut data).await?;
+                if n == 0 {
+                    return Ok::<_, std::io::Error>(());
+                }
+                data.truncate(n);
+                if tx.send(Ok(proto::BackupChunk { data })).await.is_err() {
+                    return Ok(()); // the caller went away
+                }
+            }
+        }
+        .await;
+        if let Err(e) = sent {
+            tracing::error!(error = %e, "cannot stream the backup");
+            let _ = tx.send(Err(Status::unavailable("the backup cannot be read back"))).await;
+        }
+        if let Err(e) = tokio::fs::remove_file(&path).await {
+            tracing::error!(error = %e, path = %path.display(), "cannot remove a streamed backup file");
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
 
 #[tonic::async_trait]
 impl Admin for AdminService {
     type ReencryptStream = ProgressStream;
+    type BackupStream = ChunkStream;
+
+    async fn backup(&self, request: Request<proto::BackupRequest>) -> Result<Response<ChunkStream>, Status> {
+        let mut call = Call::start("Backup", "backup", &request, "", 0);
+        let result = async {
+            call.admit(&self.live, &request, &[Action::Admin])?;
+            let path = self.vault.backup(&call.who).await?;
+            Ok::<_, Failure>(Response::new(stream_file(path)))
+        }
+        .await;
+        call.finish(&self.vault, &self.live, result).await
+    }
 
     async fn list_keys(
         &self,

@@ -29,7 +29,19 @@ use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{Connection, ErrorCode, OptionalExtension as _, params};
 use tokio::sync::oneshot;
 
-pub use schema::{APPLICATION_ID, OpenMode, schema_version};
+pub use schema::{APPLICATION_ID, OpenMode, create_private_file, schema_version};
+
+/// Checks that the file at `path` is a whole piivault store: its
+/// application id, and SQLite's `integrity_check`.
+pub fn check_backup(path: &Path) -> Result<(), StoreError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let id: i64 = conn.query_row("PRAGMA application_id", [], |row| row.get(0))?;
+    if id != APPLICATION_ID {
+        return Err(StoreError::NotAVault);
+    }
+    let check: String = conn.query_row("PRAGMA integrity_check", [], |row| row.get(0))?;
+    if check == "ok" { Ok(()) } else { Err(StoreError::Corrupt) }
+}
 
 /// Errors of the store. Messages name the condition, never data.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -1225,6 +1237,27 @@ impl Store {
                 .prepare_cached("UPDATE collections SET token_kind = ?2 WHERE id = ?1 AND token_kind IS NULL")?
                 .execute(params![collection.0, configured])?;
             read(tx.conn)?.ok_or(StoreError::Corrupt)
+        })
+        .await
+    }
+
+    /// Copies the whole store into a new file at `dest` (0600, refused if it
+    /// exists) with SQLite's online backup API, in one step inside one read
+    /// transaction: a consistent snapshot while writes go on. Returns the
+    /// pages copied.
+    pub async fn backup(&self, dest: std::path::PathBuf) -> Result<u64, StoreError> {
+        self.read(move |conn| {
+            schema::create_private_file(&dest)?;
+            let mut out = Connection::open(&dest)?;
+            let backup = rusqlite::backup::Backup::new(conn, &mut out)?;
+            match backup.step(-1)? {
+                rusqlite::backup::StepResult::Done => {}
+                _ => return Err(StoreError::Busy),
+            }
+            let pages = u64::try_from(backup.progress().pagecount).unwrap_or(0);
+            drop(backup);
+            out.pragma_update(None, "journal_mode", "DELETE")?;
+            Ok(pages)
         })
         .await
     }

@@ -48,17 +48,7 @@ pub enum OpenMode {
 /// the durability pragmas.
 pub fn open_writer(path: &Path, mode: OpenMode) -> Result<Connection, StoreError> {
     match mode {
-        OpenMode::Create => {
-            // Created here, 0600, so SQLite's -wal and -shm files (which copy
-            // the database file's mode) are private too.
-            OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    StoreError::AlreadyExists
-                } else {
-                    StoreError::from_io(&e)
-                }
-            })?;
-        }
+        OpenMode::Create => create_private_file(path)?,
         OpenMode::Existing => {
             if !path.exists() {
                 return Err(StoreError::Missing);
@@ -90,6 +80,16 @@ pub fn open_writer(path: &Path, mode: OpenMode) -> Result<Connection, StoreError
         other => StoreError::Sqlite(other.to_string()),
     })?;
     Ok(conn)
+}
+
+/// Creates an empty file at `path`, 0600, refusing one that exists: SQLite's
+/// -wal and -shm files copy the database file's mode, so they are private
+/// too.
+pub fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists { StoreError::AlreadyExists } else { StoreError::from_io(&e) }
+    })?;
+    Ok(())
 }
 
 /// Opens a read-only connection to a store the writer has already opened.
