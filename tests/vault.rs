@@ -467,6 +467,9 @@ async fn a_full_disk_fails_the_write_and_keeps_earlier_data_readable() {
     assert_eq!(full.to_string(), "store unavailable: the database disk is full");
     std::fs::remove_file(&ballast).unwrap();
     assert_eq!(detokenize_strings(&vault, "name", &kept).await, vec![Ok("kept before the disk filled".into())]);
+    // With space back, writes work again without a restart.
+    let after = tokenize_ok(&vault, "name", &["written once space returned"]).await;
+    assert_eq!(detokenize_strings(&vault, "name", &after).await, vec![Ok("written once space returned".into())]);
     drop(vault);
     // The store still opens and holds what was acknowledged.
     let vault = fx.open().await;
