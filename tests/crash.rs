@@ -32,18 +32,7 @@ async fn check_invariants(server: &DevServer, acknowledged: &[(String, String)])
         }
     }
     // Every acknowledged value comes back.
-    let mut reader = server.client("reader").await;
-    for chunk in acknowledged.chunks(500) {
-        let tokens = chunk.iter().map(|(t, _)| t.clone()).collect();
-        let back =
-            reader.detokenize(DetokenizeRequest { collection: "card".into(), tokens }).await.unwrap().into_inner();
-        for ((_, value), result) in chunk.iter().zip(back.results) {
-            match result.outcome.unwrap() {
-                detokenize_result::Outcome::Value(v) => assert!(v == *value, "a value came back wrong"),
-                detokenize_result::Outcome::Error(e) => panic!("an acknowledged token is lost: {e:?}"),
-            }
-        }
-    }
+    assert_acknowledged_readable(server, "card", acknowledged).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
