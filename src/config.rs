@@ -172,6 +172,14 @@ pub struct ServerSettings {
     pub handshake_timeout: std::time::Duration,
     /// How often the server checks collections for automatic key rotation.
     pub key_check_interval: std::time::Duration,
+    /// Open connections (TLS handshakes included) at most; more are closed
+    /// at accept.
+    pub max_connections: usize,
+    /// Concurrent requests (HTTP/2 streams) per connection at most.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 pings on idle connections this often; a peer that does not
+    /// answer within 20 s is disconnected.
+    pub keepalive_interval: std::time::Duration,
 }
 
 /// Where committed audit records are also written.
@@ -301,6 +309,9 @@ struct RawServer {
     max_message_bytes: Option<i64>,
     handshake_timeout_ms: Option<i64>,
     key_check_interval_s: Option<i64>,
+    max_connections: Option<i64>,
+    max_concurrent_streams: Option<i64>,
+    keepalive_interval_s: Option<i64>,
 }
 
 /// Default listen address.
@@ -350,6 +361,18 @@ fn parse_server(raw: RawServer, data_dir: &Path) -> Result<ServerSettings, Confi
         key_check_interval: std::time::Duration::from_secs(
             u64::try_from(bounded("server.key_check_interval_s", raw.key_check_interval_s, 60, 1, 86_400)?)
                 .unwrap_or(60),
+        ),
+        max_connections: bounded("server.max_connections", raw.max_connections, 1024, 1, 100_000)?,
+        max_concurrent_streams: u32::try_from(bounded(
+            "server.max_concurrent_streams",
+            raw.max_concurrent_streams,
+            256,
+            1,
+            10_000,
+        )?)
+        .unwrap_or(256),
+        keepalive_interval: std::time::Duration::from_secs(
+            u64::try_from(bounded("server.keepalive_interval_s", raw.keepalive_interval_s, 30, 1, 3600)?).unwrap_or(30),
         ),
     })
 }
@@ -746,6 +769,9 @@ impl Config {
              log_format = \"text\"          # or \"json\"\n\
              max_message_bytes = 8388608\n\
              handshake_timeout_ms = 10000\n\
+             max_connections = 1024          # more are closed at accept\n\
+             max_concurrent_streams = 256    # requests in flight per connection\n\
+             keepalive_interval_s = 30       # HTTP/2 pings; no answer within 20 s closes\n\
              # How often collections are checked for automatic key rotation.\n\
              key_check_interval_s = 60\n\
              \n\

@@ -536,3 +536,40 @@ fn rotate_root_offline_and_recovery_from_an_interruption() {
     assert!(!tmp.path().join("root.sealed.new").exists());
     assert_eq!(read_back("a brand new passphrase"), "078-05-1120");
 }
+
+/// `server.max_connections = 2`: a third connection is closed at accept
+/// (and logged) while two are open; once one closes, a new one gets in.
+#[test]
+fn connections_over_the_cap_are_closed_at_accept() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, addr) = serve_edited(
+        tmp.path(),
+        |text| text.replace("max_connections = 1024", "max_connections = 2"),
+        "[callers.app]\ntokenize = [\"name\"]\n",
+    );
+    let read = |p: &str| std::fs::read(tmp.path().join(p)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("pki/ca.pem")))
+        .identity(Identity::from_pem(read("clients/app/cert.pem"), read("clients/app/key.pem")));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let endpoint = Endpoint::from_shared(format!("https://{addr}")).unwrap().tls_config(tls).unwrap();
+    let mut held: Vec<_> = (0..2).map(|_| runtime.block_on(endpoint.connect()).unwrap()).collect();
+    for channel in &held {
+        let mut client = piivault::grpc::proto::tokenizer_client::TokenizerClient::new(channel.clone());
+        let request = piivault::grpc::proto::TokenizeRequest { collection: "name".into(), values: vec!["held".into()] };
+        assert_eq!(runtime.block_on(client.tokenize(request)).unwrap().into_inner().results.len(), 1);
+    }
+    let over = as_app(tmp.path(), &addr, &["tokenize", "--collection", "name", "third"]);
+    assert_eq!(over.status.code(), Some(1));
+    assert!(stderr(&over).starts_with(&format!("piivault: cannot connect to {addr}")), "{}", stderr(&over));
+    held.pop();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let after = as_app(tmp.path(), &addr, &["tokenize", "--collection", "name", "fourth"]);
+    assert!(after.status.success(), "{}", stderr(&after));
+    drop(held);
+    drop(runtime);
+    let logs = stop_served(child);
+    assert_eq!(logs.matches("connection refused: server.max_connections reached").count(), 1, "{logs}");
+}

@@ -198,6 +198,9 @@ impl Live {
 struct AuthenticatedStream {
     inner: TlsStream<TcpStream>,
     info: ConnInfo,
+    /// This connection's place under `server.max_connections`, given back
+    /// when the connection closes.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connected for AuthenticatedStream {
@@ -246,9 +249,11 @@ fn accept_loop(
     listener: TcpListener,
     live: Arc<Live>,
     vault: Vault,
-    handshake_timeout: std::time::Duration,
+    settings: &crate::config::ServerSettings,
 ) -> ReceiverStream<Result<AuthenticatedStream, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(128);
+    let handshake_timeout = settings.handshake_timeout;
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     tokio::spawn(async move {
         loop {
             // Once the gRPC server stops taking connections (shutdown), stop
@@ -264,6 +269,15 @@ fn accept_loop(
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            // Over the cap, the connection is closed before any TLS work. Not
+            // audited: that would turn a connection flood into a write flood;
+            // logged, and counted towards an alert for the address.
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "connection refused: server.max_connections reached");
+                live.alerts.note(&peer.ip().to_string(), "connections over the cap");
+                drop(tcp);
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(live.tls().config.clone());
@@ -285,7 +299,7 @@ fn accept_loop(
                             );
                         }
                         let info = ConnInfo { peer, cert: Arc::new(cert) };
-                        let _ = tx.send(Ok(AuthenticatedStream { inner: stream, info })).await;
+                        let _ = tx.send(Ok(AuthenticatedStream { inner: stream, info, _slot: slot })).await;
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(%peer, error = %e, "TLS handshake refused");
@@ -301,6 +315,9 @@ fn accept_loop(
     });
     ReceiverStream::new(rx)
 }
+
+/// How long a peer has to answer an HTTP/2 keepalive ping.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A refused handshake goes on the record and counts towards an alert for
 /// its address.
@@ -362,8 +379,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError::Transport(e.to_string()))?;
-    let incoming = accept_loop(listener, live, audit_vault, config.server.handshake_timeout);
+    let incoming = accept_loop(listener, live, audit_vault, &config.server);
     tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(config.server.max_concurrent_streams))
+        .http2_keepalive_interval(Some(config.server.keepalive_interval))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(tower::util::MapResponseLayer::new(oversized_message_status))
         .add_service(health_service)
         .add_service(reflection)
