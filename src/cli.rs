@@ -735,50 +735,7 @@ async fn run_server(
             let _ = reloader.reload();
         }
     });
-    let rotation_vault = vault.clone();
-    let key_check = config.server.key_check_interval;
-    let auto_rotation = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(key_check).await;
-            if let Err(e) = rotation_vault.rotate_due().await {
-                tracing::error!(error = %e, "automatic key rotation check failed");
-            }
-        }
-    });
-    let purge_vault = vault.clone();
-    let (purge_every, purge_batch) = (config.store.purge_interval, config.store.purge_batch);
-    let purger = tokio::spawn(async move {
-        loop {
-            if let Err(e) = purge_vault.purge_expired(purge_batch).await {
-                tracing::error!(error = %e, "purging expired records failed; retrying at the next interval");
-            }
-            tokio::time::sleep(purge_every).await;
-        }
-    });
-    // Finding unfinished work scans deterministic collections: in the
-    // background, not before the server answers.
-    let resume_vault = vault.clone();
-    tokio::spawn(async move {
-        if let Err(e) = resume_vault.resume_background_work().await {
-            tracing::error!(error = %e, "cannot resume background work (blind-index rebuilds)");
-        }
-    });
-    let head_vault = vault.clone();
-    let interval = config.audit.head_log_interval;
-    let head_logger = tokio::spawn(async move {
-        let mut last = None;
-        loop {
-            tokio::time::sleep(interval).await;
-            match head_vault.audit_head().await {
-                Ok(head) if last != Some(head.seq) => {
-                    tracing::info!(seq = head.seq, mac = %hex::encode(head.mac), "audit trail head");
-                    last = Some(head.seq);
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "cannot read the audit trail head"),
-            }
-        }
-    });
+    let upkeep = spawn_upkeep(config, &vault, &live);
     let (stop, stopping) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         termination(terminate, interrupt).await;
@@ -802,12 +759,79 @@ async fn run_server(
         }
     };
     hangups.abort();
-    head_logger.abort();
-    auto_rotation.abort();
-    purger.abort();
+    for task in upkeep {
+        task.abort();
+    }
     served.or_fail(Failure::Other)?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The server's periodic work, until aborted: reloading changed policy and
+/// TLS files, automatic key rotation, the expiry purge, resuming unfinished
+/// index rebuilds, and the audit head log line.
+fn spawn_upkeep(config: &Config, vault: &Vault, live: &std::sync::Arc<Live>) -> Vec<tokio::task::JoinHandle<()>> {
+    // The same reload when policy.toml or a file in pki/ changes, without
+    // a signal (a watcher by polling: no platform-specific notification).
+    let reload_live = live.clone();
+    let watch_every = config.server.reload_check_interval;
+    let file_watch = tokio::spawn(async move {
+        let mut last = reload_live.files_stamp();
+        loop {
+            tokio::time::sleep(watch_every).await;
+            let now = reload_live.files_stamp();
+            if now != last {
+                tracing::info!("policy or TLS files changed: reloading");
+                let _ = reload_live.reload();
+                last = now;
+            }
+        }
+    });
+    let rotation_vault = vault.clone();
+    let key_check = config.server.key_check_interval;
+    let auto_rotation = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(key_check).await;
+            if let Err(e) = rotation_vault.rotate_due().await {
+                tracing::error!(error = %e, "automatic key rotation check failed");
+            }
+        }
+    });
+    let purge_vault = vault.clone();
+    let (purge_every, purge_batch) = (config.store.purge_interval, config.store.purge_batch);
+    let purger = tokio::spawn(async move {
+        loop {
+            if let Err(e) = purge_vault.purge_expired(purge_batch).await {
+                tracing::error!(error = %e, "purging expired records failed; retrying at the next interval");
+            }
+            tokio::time::sleep(purge_every).await;
+        }
+    });
+    // Finding unfinished work scans deterministic collections: in the
+    // background, not before the server answers.
+    let resume_vault = vault.clone();
+    let resume = tokio::spawn(async move {
+        if let Err(e) = resume_vault.resume_background_work().await {
+            tracing::error!(error = %e, "cannot resume background work (blind-index rebuilds)");
+        }
+    });
+    let head_vault = vault.clone();
+    let interval = config.audit.head_log_interval;
+    let head_logger = tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            tokio::time::sleep(interval).await;
+            match head_vault.audit_head().await {
+                Ok(head) if last != Some(head.seq) => {
+                    tracing::info!(seq = head.seq, mac = %hex::encode(head.mac), "audit trail head");
+                    last = Some(head.seq);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cannot read the audit trail head"),
+            }
+        }
+    });
+    vec![file_watch, auto_rotation, purger, resume, head_logger]
 }
 
 /// How long requests in flight get to finish after SIGTERM/SIGINT.

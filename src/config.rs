@@ -180,6 +180,9 @@ pub struct ServerSettings {
     /// HTTP/2 pings on idle connections this often; a peer that does not
     /// answer within 20 s is disconnected.
     pub keepalive_interval: std::time::Duration,
+    /// How often policy.toml and pki/ are checked for changes (reloaded
+    /// like on SIGHUP).
+    pub reload_check_interval: std::time::Duration,
 }
 
 /// Where committed audit records are also written.
@@ -312,6 +315,7 @@ struct RawServer {
     max_connections: Option<i64>,
     max_concurrent_streams: Option<i64>,
     keepalive_interval_s: Option<i64>,
+    reload_check_interval_s: Option<i64>,
 }
 
 /// Default listen address.
@@ -373,6 +377,10 @@ fn parse_server(raw: RawServer, data_dir: &Path) -> Result<ServerSettings, Confi
         .unwrap_or(256),
         keepalive_interval: std::time::Duration::from_secs(
             u64::try_from(bounded("server.keepalive_interval_s", raw.keepalive_interval_s, 30, 1, 3600)?).unwrap_or(30),
+        ),
+        reload_check_interval: std::time::Duration::from_secs(
+            u64::try_from(bounded("server.reload_check_interval_s", raw.reload_check_interval_s, 2, 1, 3600)?)
+                .unwrap_or(2),
         ),
     })
 }
@@ -772,6 +780,7 @@ impl Config {
              max_connections = 1024          # more are closed at accept\n\
              max_concurrent_streams = 256    # requests in flight per connection\n\
              keepalive_interval_s = 30       # HTTP/2 pings; no answer within 20 s closes\n\
+             reload_check_interval_s = 2     # policy.toml and pki/ changes reload (as SIGHUP does)\n\
              # How often collections are checked for automatic key rotation.\n\
              key_check_interval_s = 60\n\
              \n\

@@ -573,3 +573,34 @@ fn connections_over_the_cap_are_closed_at_accept() {
     let logs = stop_served(child);
     assert_eq!(logs.matches("connection refused: server.max_connections reached").count(), 1, "{logs}");
 }
+
+/// A changed policy.toml is reloaded without a signal; a malformed one
+/// keeps the previous policy and says why in the log.
+#[test]
+fn a_changed_policy_file_is_reloaded_and_a_broken_one_is_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, addr) = serve_edited(
+        tmp.path(),
+        |text| text.replace("reload_check_interval_s = 2", "reload_check_interval_s = 1"),
+        "[callers.app]\ntokenize = [\"name\"]\n",
+    );
+    let card = |value: &str| as_app(tmp.path(), &addr, &["tokenize", "--collection", "card", value]);
+    let denied = card("4000 0566 5566 5556");
+    assert_eq!(stderr(&denied).trim(), "piivault: PERMISSION_DENIED: permission denied for this collection");
+
+    std::fs::write(tmp.path().join("policy.toml"), "[callers.app]\ntokenize = [\"name\", \"card\"]\n").unwrap();
+    let granted = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        card("4000 0566 5566 5556").status.success()
+    });
+    assert!(granted, "the new grant never took effect");
+
+    std::fs::write(tmp.path().join("policy.toml"), "[callers.app]\ntokenize = [\"passport\"]\n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let still = card("5105 1051 0510 5100");
+    assert!(still.status.success(), "the previous policy was not kept: {}", stderr(&still));
+    let logs = stop_served(child);
+    assert!(logs.contains("policy or TLS files changed: reloading"), "{logs}");
+    assert!(logs.contains("policy reload failed; keeping the previous policy"), "{logs}");
+    assert!(logs.contains("unknown collection \"passport\""), "{logs}");
+}

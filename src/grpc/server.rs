@@ -170,6 +170,25 @@ impl Live {
         if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
     }
 
+    /// What the files `reload` reads look like now (name, size and
+    /// modification time of the policy and of every file in the PKI
+    /// directory): a change means a reload is due.
+    pub fn files_stamp(&self) -> Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)> {
+        let mut paths = vec![self.policy_path.clone()];
+        if let Ok(entries) = std::fs::read_dir(&self.pki_dir) {
+            paths.extend(entries.filter_map(Result::ok).map(|e| e.path()));
+        }
+        paths.sort();
+        paths
+            .into_iter()
+            .map(|path| {
+                let meta = std::fs::metadata(&path).ok();
+                let (len, modified) = meta.map_or((0, None), |m| (m.len(), m.modified().ok()));
+                (path, len, modified)
+            })
+            .collect()
+    }
+
     fn tls(&self) -> Arc<ServerTls> {
         self.tls.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
