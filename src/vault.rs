@@ -802,8 +802,7 @@ impl Vault {
     ) -> Result<u32, VaultError> {
         let coll = self.collection(collection)?;
         let _one_at_a_time = self.inner.key_ops.lock().await;
-        let stored_purpose = if purpose == KeyPurpose::Index { INDEX_PURPOSE } else { DATA_PURPOSE };
-        let keys = self.inner.store.list_keys(coll.id, stored_purpose).await?;
+        let keys = self.inner.store.list_keys(coll.id, purpose.as_str()).await?;
         if let Some(bad) = compromised
             && !keys.iter().any(|k| k.version == bad && k.state != KeyState::Retired)
         {
@@ -826,12 +825,14 @@ impl Vault {
             Some(bad) => format!("new primary version {version}; version {bad} compromised"),
             None => format!("new primary {what} version {version}"),
         };
-        self.inner.store.add_primary_key(coll.id, stored_purpose, version, wrapped, compromised, audit).await.map_err(
-            |e| match e {
+        self.inner
+            .store
+            .add_primary_key(coll.id, purpose.as_str(), version, wrapped, compromised, audit)
+            .await
+            .map_err(|e| match e {
                 crate::store::StoreError::Sqlite(_) => VaultError::KeyConflict,
                 other => VaultError::Store(other),
-            },
-        )?;
+            })?;
         self.inner.keyring.insert(coll.id.0, purpose, version, key, true);
         tracing::info!(collection, version, "{what} rotated");
         Ok(version)
