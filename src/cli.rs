@@ -72,6 +72,10 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         secret: SecretArgs,
+        /// Serve Prometheus metrics here instead of `server.metrics_listen`
+        /// (`none`: no metrics endpoint).
+        #[arg(long, value_name = "ADDR", value_parser = MetricsAddr::parse)]
+        metrics_listen: Option<MetricsAddr>,
     },
     /// One command to a working development vault on 127.0.0.1: creates the
     /// data directory if needed (sample collections, callers writer, reader,
@@ -84,6 +88,10 @@ enum Command {
         /// Address to listen on (port 0 picks a free port).
         #[arg(long, value_name = "ADDR")]
         listen: Option<std::net::SocketAddr>,
+        /// Serve Prometheus metrics here instead of `server.metrics_listen`
+        /// (port 0 picks a free port; `none`: no metrics endpoint).
+        #[arg(long, value_name = "ADDR", value_parser = MetricsAddr::parse)]
+        metrics_listen: Option<MetricsAddr>,
     },
     /// Manage caller certificates issued by the vault CA.
     Certs {
@@ -473,8 +481,8 @@ async fn run(command: Command) -> Result<(), CliError> {
             init(&data_dir, &source, &secret, true).await
         }
         Command::Check { config, secret } => check(&config, &secret).await,
-        Command::Serve { config, secret } => serve(&config, &secret).await,
-        Command::Dev { data_dir, listen } => dev(&data_dir, listen).await,
+        Command::Serve { config, secret, metrics_listen } => serve(&config, &secret, metrics_listen).await,
+        Command::Dev { data_dir, listen, metrics_listen } => dev(&data_dir, listen, metrics_listen).await,
         Command::Certs { command } => certs(command),
         Command::Audit { command } => audit(command).await,
         Command::Keys { command } => keys(command).await,
@@ -711,19 +719,59 @@ async fn termination(mut terminate: tokio::signal::unix::Signal, mut interrupt: 
     tracing::info!("shutting down: no new connections; finishing requests in flight");
 }
 
+/// `--metrics-listen`: an address, or none at all.
+#[derive(Debug, Clone, Copy)]
+struct MetricsAddr(Option<std::net::SocketAddr>);
+
+impl MetricsAddr {
+    fn parse(text: &str) -> Result<Self, String> {
+        crate::config::parse_metrics_listen(text).map(Self)
+    }
+}
+
+/// Where to listen, when the command line says otherwise than the config.
+#[derive(Debug, Clone, Copy, Default)]
+struct ListenOverride {
+    grpc: Option<std::net::SocketAddr>,
+    metrics: Option<MetricsAddr>,
+}
+
 /// Opens the vault, binds, and serves until SIGTERM/SIGINT; SIGHUP reloads
-/// policy and CRL. `on_ready` is told the bound address.
+/// policy and CRL. `on_ready` is told the bound address. The metrics
+/// endpoint comes up first, saying `sealed 1` until the vault is open.
 async fn run_server(
     config: &Config,
     secret: &SecretArgs,
-    listen: Option<std::net::SocketAddr>,
+    listen: ListenOverride,
     on_ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), CliError> {
     // Policy and TLS material first: a configuration error stops the start
     // before the store is touched.
     let live = std::sync::Arc::new(Live::load(config).or_fail(Failure::Config)?);
+    let exporter = crate::metrics::Exporter::new();
+    let metrics_task = match listen.metrics.map_or(config.server.metrics_listen, |m| m.0) {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr} (server.metrics_listen)"))
+                .or_fail(Failure::Other)?;
+            let bound = listener.local_addr().or_fail(Failure::Other)?;
+            if !bound.ip().is_loopback() {
+                tracing::warn!(%bound, "metrics are served on a non-loopback address, over plain HTTP");
+            }
+            say(&format!("piivault: metrics on http://{bound}/metrics"));
+            let exporter = exporter.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(listener, exporter).await {
+                    tracing::error!(error = %e, "the metrics endpoint stopped");
+                }
+            }))
+        }
+    };
     let vault = open_vault(config, secret).await?;
-    let listener = grpc_server::bind(listen.unwrap_or(config.server.listen)).await.or_fail(Failure::Other)?;
+    exporter.unsealed(vault.clone());
+    let listener = grpc_server::bind(listen.grpc.unwrap_or(config.server.listen)).await.or_fail(Failure::Other)?;
     let addr = listener.local_addr().or_fail(Failure::Other)?;
     let Signals { mut hangup, terminate, interrupt } = Signals::register().or_fail(Failure::Other)?;
     let reloader = live.clone();
@@ -759,7 +807,7 @@ async fn run_server(
         }
     };
     hangups.abort();
-    for task in upkeep {
+    for task in upkeep.into_iter().chain(metrics_task) {
         task.abort();
     }
     served.or_fail(Failure::Other)?;
@@ -838,10 +886,11 @@ fn spawn_upkeep(config: &Config, vault: &Vault, live: &std::sync::Arc<Live>) -> 
 const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `piivault serve`.
-async fn serve(config_path: &Path, secret: &SecretArgs) -> Result<(), CliError> {
+async fn serve(config_path: &Path, secret: &SecretArgs, metrics: Option<MetricsAddr>) -> Result<(), CliError> {
     let config = load_config(config_path)?;
     init_logging("info", config.server.log_format);
-    run_server(&config, secret, None, |addr| say(&format!("piivault: listening on {addr}"))).await
+    let listen = ListenOverride { grpc: None, metrics };
+    run_server(&config, secret, listen, |addr| say(&format!("piivault: listening on {addr}"))).await
 }
 
 /// Dev mode's passphrase file: the one place a passphrase is ever stored.
@@ -868,7 +917,11 @@ audit = true
 ";
 
 /// `piivault dev`.
-async fn dev(data_dir: &Path, listen: Option<std::net::SocketAddr>) -> Result<(), CliError> {
+async fn dev(
+    data_dir: &Path,
+    listen: Option<std::net::SocketAddr>,
+    metrics: Option<MetricsAddr>,
+) -> Result<(), CliError> {
     init_logging("info", LogFormat::Text);
     let passphrase_path = data_dir.join(DEV_PASSPHRASE_FILE);
     let config_path = data_dir.join(CONFIG_FILE);
@@ -909,7 +962,7 @@ async fn dev(data_dir: &Path, listen: Option<std::net::SocketAddr>) -> Result<()
     let config = load_config(&config_path)?;
     let exe = std::env::current_exe().map_or_else(|_| "piivault".to_owned(), |p| p.display().to_string());
     let dir = data_dir.display().to_string();
-    run_server(&config, &secret, listen, |addr| {
+    run_server(&config, &secret, ListenOverride { grpc: listen, metrics }, |addr| {
         let addr_flag = if addr == config.server.listen { String::new() } else { format!(" --addr {addr}") };
         say(&format!("piivault: listening on {addr}"));
         say(&format!(

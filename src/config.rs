@@ -183,6 +183,9 @@ pub struct ServerSettings {
     /// How often policy.toml and pki/ are checked for changes (reloaded
     /// like on SIGHUP).
     pub reload_check_interval: std::time::Duration,
+    /// Where Prometheus metrics are served over plain HTTP (`None`: not at
+    /// all).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where committed audit records are also written.
@@ -316,10 +319,23 @@ struct RawServer {
     max_concurrent_streams: Option<i64>,
     keepalive_interval_s: Option<i64>,
     reload_check_interval_s: Option<i64>,
+    metrics_listen: Option<String>,
 }
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+/// Default address of the metrics endpoint.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+/// A metrics address: `address:port`, or `none` for no metrics endpoint.
+pub fn parse_metrics_listen(text: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if text == "none" {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|_| format!("{text:?} is neither an address:port such as {DEFAULT_METRICS_LISTEN} nor \"none\""))
+}
 /// Default SPIFFE trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "piivault.local";
 
@@ -353,7 +369,10 @@ fn parse_server(raw: RawServer, data_dir: &Path) -> Result<ServerSettings, Confi
         }
     };
     let handshake_ms = bounded("server.handshake_timeout_ms", raw.handshake_timeout_ms, 10_000, 100, 120_000)?;
+    let metrics_listen = parse_metrics_listen(raw.metrics_listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN))
+        .map_err(|problem| invalid("server.metrics_listen", problem))?;
     Ok(ServerSettings {
+        metrics_listen,
         listen,
         trust_domain: check_trust_domain(raw.trust_domain.as_deref().unwrap_or(DEFAULT_TRUST_DOMAIN))?,
         server_names,
@@ -602,7 +621,7 @@ fn parse_collection(
 }
 
 /// `90d`, `12h`, `30m`, `45s`: a whole number and a unit.
-fn parse_duration(text: &str) -> Option<std::time::Duration> {
+pub(crate) fn parse_duration(text: &str) -> Option<std::time::Duration> {
     let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
     let n: u64 = number.parse().ok().filter(|n| *n > 0)?;
     let seconds = match unit {
@@ -781,6 +800,9 @@ impl Config {
              max_concurrent_streams = 256    # requests in flight per connection\n\
              keepalive_interval_s = 30       # HTTP/2 pings; no answer within 20 s closes\n\
              reload_check_interval_s = 2     # policy.toml and pki/ changes reload (as SIGHUP does)\n\
+             # Prometheus metrics over plain HTTP (no values, no tokens): keep it on\n\
+             # loopback or a private network; \"none\" turns it off.\n\
+             metrics_listen = \"{DEFAULT_METRICS_LISTEN}\"\n\
              # How often collections are checked for automatic key rotation.\n\
              key_check_interval_s = 60\n\
              \n\
@@ -866,6 +888,13 @@ mod tests {
         assert_eq!(config.server.max_message_bytes, 8 << 20);
         assert_eq!(config.server.handshake_timeout, std::time::Duration::from_secs(10));
         assert_eq!(config.server.server_names, ["localhost", "127.0.0.1"]);
+        assert_eq!(config.server.metrics_listen.map(|a| a.to_string()).as_deref(), Some(DEFAULT_METRICS_LISTEN));
+        let off = parse("[server]\nmetrics_listen = \"none\"\n[collections.a]\n").unwrap();
+        assert_eq!(off.server.metrics_listen, None);
+        assert_eq!(
+            err("[server]\nmetrics_listen = \"9464\"\n[collections.a]\n"),
+            "server.metrics_listen: \"9464\" is neither an address:port such as 127.0.0.1:9464 nor \"none\""
+        );
 
         let raw = parse(&Config::sample(&RootKeySource::RawKeyEnv("KEY".into()))).unwrap();
         assert_eq!(raw.root_key, RootKeySource::RawKeyEnv("KEY".into()));

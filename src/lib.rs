@@ -18,6 +18,7 @@ pub mod datadir;
 pub mod error;
 pub mod format;
 pub mod grpc;
+pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod store;

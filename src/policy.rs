@@ -18,12 +18,23 @@
 //! [callers.ops]
 //! admin = true
 //! audit = true
+//!
+//! [defaults]                       # limits for callers that set none
+//! requests_per_second = 500        # token bucket: refill rate ...
+//! burst = 1000                     # ... and size (default: the rate)
+//! detokenize_max_values = 100000   # values read back (clear or masked) ...
+//! detokenize_window = "1h"         # ... within any such sliding window
 //! ```
+//!
+//! A caller's own table may set the same four limits; each one it sets
+//! replaces the default. Callers the policy does not name get the defaults
+//! too (their requests are refused, but refusing is work as well).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -164,12 +175,42 @@ struct Grants {
     collections: BTreeMap<Action, Scope>,
     admin: bool,
     audit: bool,
+    limits: CallerLimits,
+}
+
+/// A token bucket on a caller's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestRate {
+    /// Requests per second the bucket refills with.
+    pub per_second: u32,
+    /// The bucket's size: requests allowed at once after a quiet time.
+    pub burst: u32,
+}
+
+/// The bulk-detokenize guard: values a caller may read back (clear or
+/// masked) within any sliding window of this length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DetokenizeQuota {
+    /// Values at most.
+    pub max_values: u64,
+    /// The window.
+    pub window: Duration,
+}
+
+/// The limits on one caller's traffic; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallerLimits {
+    /// Requests of every kind.
+    pub requests: Option<RequestRate>,
+    /// Values detokenized.
+    pub detokenize: Option<DetokenizeQuota>,
 }
 
 /// The checked policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     callers: BTreeMap<CallerId, Grants>,
+    defaults: CallerLimits,
 }
 
 /// Errors loading a policy. Each names the line at fault.
@@ -208,8 +249,25 @@ pub enum PolicyError {
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     #[serde(default)]
+    defaults: RawLimits,
+    #[serde(default)]
     callers: BTreeMap<Spanned<String>, RawGrants>,
 }
+
+/// The four limit settings, in `[defaults]` or a caller's table.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    requests_per_second: Option<Spanned<i64>>,
+    burst: Option<Spanned<i64>>,
+    detokenize_max_values: Option<Spanned<i64>>,
+    detokenize_window: Option<Spanned<String>>,
+}
+
+/// Largest accepted request rate or burst.
+const MAX_RATE: i64 = 1_000_000;
+/// Default `detokenize_window`.
+const DEFAULT_DETOKENIZE_WINDOW: Duration = Duration::from_hours(1);
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -222,6 +280,10 @@ struct RawGrants {
     admin: bool,
     #[serde(default)]
     audit: bool,
+    requests_per_second: Option<Spanned<i64>>,
+    burst: Option<Spanned<i64>>,
+    detokenize_max_values: Option<Spanned<i64>>,
+    detokenize_window: Option<Spanned<String>>,
 }
 
 impl Policy {
@@ -247,11 +309,28 @@ impl Policy {
                 |span| format!("line {}: {}", line_of(span.start), e.message()),
             ),
         })?;
+        let defaults = parse_limits(&raw.defaults, "defaults", &invalid)?;
         let mut callers = BTreeMap::new();
         for (name, raw_grants) in raw.callers {
             let caller: CallerId =
                 name.get_ref().parse().map_err(|e: BadCallerName| invalid(name.span().start, e.to_string()))?;
-            let mut grants = Grants { admin: raw_grants.admin, audit: raw_grants.audit, ..Grants::default() };
+            // Each limit the caller sets replaces the default one; the pair
+            // it belongs to is checked as a whole.
+            let own = RawLimits {
+                requests_per_second: raw_grants.requests_per_second,
+                burst: raw_grants.burst,
+                detokenize_max_values: raw_grants.detokenize_max_values,
+                detokenize_window: raw_grants.detokenize_window,
+            };
+            let rate_set = own.requests_per_second.is_some() || own.burst.is_some();
+            let quota_set = own.detokenize_max_values.is_some() || own.detokenize_window.is_some();
+            let mine = parse_limits(&own, &format!("caller {caller}"), &invalid)?;
+            let caller_limits = CallerLimits {
+                requests: if rate_set { mine.requests } else { defaults.requests },
+                detokenize: if quota_set { mine.detokenize } else { defaults.detokenize },
+            };
+            let mut grants =
+                Grants { admin: raw_grants.admin, audit: raw_grants.audit, limits: caller_limits, ..Grants::default() };
             for (action, list) in [
                 (Action::Tokenize, raw_grants.tokenize),
                 (Action::Detokenize, raw_grants.detokenize),
@@ -281,7 +360,13 @@ impl Policy {
             }
             callers.insert(caller, grants);
         }
-        Ok(Self { callers })
+        Ok(Self { callers, defaults })
+    }
+
+    /// The limits on `caller`'s traffic: its own, or the defaults (also for
+    /// callers the policy does not name).
+    pub fn limits(&self, caller: &CallerId) -> CallerLimits {
+        self.callers.get(caller).map_or(self.defaults, |grants| grants.limits)
     }
 
     /// Whether `caller` may perform `action` on `collection` (ignored for the
@@ -305,6 +390,64 @@ impl Policy {
     }
 }
 
+/// Checks one table's limit settings; `context` names the table in errors
+/// and `invalid` turns an offset into an error naming its line.
+fn parse_limits(
+    raw: &RawLimits,
+    context: &str,
+    invalid: &dyn Fn(usize, String) -> PolicyError,
+) -> Result<CallerLimits, PolicyError> {
+    // A positive whole number up to `max`, or the line it is on.
+    let positive = |setting: &Spanned<i64>, key: &str, max: i64| {
+        let n = *setting.get_ref();
+        if (1..=max).contains(&n) {
+            Ok(n.unsigned_abs())
+        } else {
+            Err(invalid(setting.span().start, format!("{key} must be between 1 and {max}, got {n}")))
+        }
+    };
+    let requests = match (&raw.requests_per_second, &raw.burst) {
+        (None, None) => None,
+        (None, Some(burst)) => {
+            return Err(invalid(burst.span().start, format!("{context}: burst needs requests_per_second")));
+        }
+        (Some(rate), burst) => {
+            let per_second = positive(rate, "requests_per_second", MAX_RATE)?;
+            let burst = burst.as_ref().map_or(Ok(per_second), |b| positive(b, "burst", MAX_RATE))?;
+            Some(RequestRate {
+                per_second: u32::try_from(per_second).unwrap_or(u32::MAX),
+                burst: u32::try_from(burst).unwrap_or(u32::MAX),
+            })
+        }
+    };
+    let detokenize = match (&raw.detokenize_max_values, &raw.detokenize_window) {
+        (None, None) => None,
+        (None, Some(window)) => {
+            return Err(invalid(
+                window.span().start,
+                format!("{context}: detokenize_window needs detokenize_max_values"),
+            ));
+        }
+        (Some(max), window) => {
+            let max_values = positive(max, "detokenize_max_values", i64::MAX)?;
+            let window = match window {
+                None => DEFAULT_DETOKENIZE_WINDOW,
+                Some(w) => crate::config::parse_duration(w.get_ref()).ok_or_else(|| {
+                    invalid(
+                        w.span().start,
+                        format!(
+                            "detokenize_window must be a whole number and a unit (s, m, h, d), got {:?}",
+                            w.get_ref()
+                        ),
+                    )
+                })?,
+            };
+            Some(DetokenizeQuota { max_values, window })
+        }
+    };
+    Ok(CallerLimits { requests, detokenize })
+}
+
 /// The `policy.toml` written by `piivault init`: nobody is granted anything.
 pub const EMPTY_POLICY: &str = "\
 # piivault policy: which caller may do what. Anything not granted is denied.
@@ -318,6 +461,15 @@ pub const EMPTY_POLICY: &str = "\
 #
 # [callers.shipping]
 # detokenize = [\"name\", \"phone\"]
+# requests_per_second = 200        # token bucket: refill rate ...
+# burst = 400                      # ... and size (default: the rate)
+# detokenize_max_values = 50000    # bulk-detokenize guard: values per window
+# detokenize_window = \"1h\"
+#
+# Limits for every caller without its own (also callers not listed here):
+# [defaults]
+# requests_per_second = 1000
+# detokenize_max_values = 100000
 ";
 
 #[cfg(test)]
@@ -362,6 +514,47 @@ mod tests {
         }
         // A collection-scoped action without a collection is never granted.
         assert!(!policy.allows(&writer, Action::Tokenize, None));
+    }
+
+    #[test]
+    fn limits_come_from_the_caller_else_the_defaults() {
+        let policy = parse(
+            "[defaults]\nrequests_per_second = 100\ndetokenize_max_values = 5000\n\
+             [callers.batch]\ntokenize = [\"*\"]\nrequests_per_second = 10\nburst = 40\n\
+             [callers.bulk]\ndetokenize = [\"*\"]\ndetokenize_max_values = 9\ndetokenize_window = \"30m\"\n",
+        )
+        .unwrap();
+        let default_quota = Some(DetokenizeQuota { max_values: 5000, window: Duration::from_hours(1) });
+        assert_eq!(
+            policy.limits(&caller("batch")),
+            CallerLimits { requests: Some(RequestRate { per_second: 10, burst: 40 }), detokenize: default_quota }
+        );
+        assert_eq!(
+            policy.limits(&caller("bulk")),
+            CallerLimits {
+                requests: Some(RequestRate { per_second: 100, burst: 100 }),
+                detokenize: Some(DetokenizeQuota { max_values: 9, window: Duration::from_mins(30) }),
+            }
+        );
+        // Callers the policy does not name get the defaults.
+        assert_eq!(policy.limits(&caller("stranger")), policy.limits(&caller("nobody")));
+        assert_eq!(policy.limits(&caller("stranger")).requests, Some(RequestRate { per_second: 100, burst: 100 }));
+        // No limits anywhere: unlimited.
+        assert_eq!(parse("[callers.a]\n").unwrap().limits(&caller("a")), CallerLimits::default());
+    }
+
+    #[test]
+    fn bad_limits_name_the_line() {
+        let err = parse("[defaults]\nburst = 5\n").unwrap_err().to_string();
+        assert_eq!(err, "policy.toml: line 2: defaults: burst needs requests_per_second");
+        let err = parse("[callers.a]\n\nrequests_per_second = 0\n").unwrap_err().to_string();
+        assert_eq!(err, "policy.toml: line 3: requests_per_second must be between 1 and 1000000, got 0");
+        let err = parse("[callers.a]\ndetokenize_window = \"1h\"\n").unwrap_err().to_string();
+        assert_eq!(err, "policy.toml: line 2: caller a: detokenize_window needs detokenize_max_values");
+        let err = parse("[defaults]\ndetokenize_max_values = 5\ndetokenize_window = \"soon\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("policy.toml: line 3: detokenize_window must be"), "{err}");
+        let err = parse("[defaults]\nrate = 5\n").unwrap_err().to_string();
+        assert!(err.contains("unknown field `rate`"), "{err}");
     }
 
     #[test]

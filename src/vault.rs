@@ -1032,6 +1032,12 @@ impl Vault {
         Ok(self.inner.store.token_audited(token.to_owned()).await?)
     }
 
+    /// Key versions per collection, purpose and state, with live records
+    /// (for metrics; not audited: it reveals counts, never a value).
+    pub async fn key_summary(&self) -> Result<Vec<crate::store::KeySummary>, VaultError> {
+        Ok(self.inner.store.key_summary().await?)
+    }
+
     /// Live records per collection name.
     pub async fn record_counts(&self) -> Result<Vec<(String, u64)>, VaultError> {
         let counts = self.inner.store.record_counts().await?;

@@ -360,7 +360,10 @@ fn serve_refuses_a_bad_policy_or_a_wrong_passphrase_with_78() {
     let tmp = tempfile::tempdir().unwrap();
     assert!(init(tmp.path()).status.success());
     let config = tmp.path().join("config.toml");
-    let text = std::fs::read_to_string(&config).unwrap().replace("127.0.0.1:7443", "127.0.0.1:0");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("127.0.0.1:7443", "127.0.0.1:0")
+        .replace("127.0.0.1:9464", "127.0.0.1:0");
     std::fs::write(&config, text).unwrap();
     std::fs::write(tmp.path().join("policy.toml"), "[callers.app]\ntokenize = [\"card\", \"passport\"]\n").unwrap();
     let serve = |passphrase: &str| {
@@ -383,7 +386,10 @@ fn serve_edited(dir: &Path, config: impl FnOnce(String) -> String, policy: &str)
 
     assert!(init(dir).status.success());
     let path = dir.join("config.toml");
-    let text = std::fs::read_to_string(&path).unwrap().replace("127.0.0.1:7443", "127.0.0.1:0");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("127.0.0.1:7443", "127.0.0.1:0")
+        .replace("127.0.0.1:9464", "127.0.0.1:0");
     std::fs::write(&path, config(text)).unwrap();
     std::fs::write(dir.join("policy.toml"), policy).unwrap();
     let ca = piivault::pki::Ca::load(dir).unwrap();
@@ -395,8 +401,11 @@ fn serve_edited(dir: &Path, config: impl FnOnce(String) -> String, policy: &str)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = lines.next().unwrap().unwrap().strip_prefix("piivault: listening on ").unwrap().to_owned();
+    let addr = std::io::BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| line.strip_prefix("piivault: listening on ").map(str::to_owned))
+        .unwrap();
     (child, addr)
 }
 

@@ -6,8 +6,9 @@ use std::time::Instant;
 use tonic::{Request, Status};
 
 use super::server::{ConnInfo, Live};
-use super::{Failure, code_name};
-use crate::policy::Action;
+use super::{EdgeError, Failure, code_name};
+use crate::metrics::{Metrics, metrics};
+use crate::policy::{Action, CallerId};
 use crate::vault::{Requester, Vault};
 
 /// One RPC in progress: who asked, from where, and what for. It leaves one
@@ -19,9 +20,24 @@ pub(super) struct Call {
     action: &'static str,
     started: Instant,
     pub(super) who: Requester,
-    authenticated: bool,
+    caller: Option<CallerId>,
     collection: String,
     items: usize,
+}
+
+/// How long a refusal by the rate limit is held before it is sent: 0.5 s
+/// plus up to 1 s at random. A client that floods with many requests in
+/// flight then waits on its own refusals instead of having them answered as
+/// fast as it can send (each answer costs the server TLS and HTTP/2 work
+/// that other callers need), and the random part spreads its retries out
+/// instead of letting them arrive together. The held call keeps no request
+/// body and no place in the store's queue; HTTP/2's
+/// `max_concurrent_streams` bounds how many one connection can have held.
+fn rate_limit_hold() -> std::time::Duration {
+    let mut jitter = [0u8; 2];
+    // A failing CSPRNG leaves no jitter; the hold still applies.
+    let _ = crate::crypto::fill_random(&mut jitter);
+    std::time::Duration::from_millis(500 + u64::from(u16::from_le_bytes(jitter) % 1000))
 }
 
 /// Request ids longer than this, or with other characters than
@@ -59,14 +75,16 @@ impl Call {
             action,
             started: Instant::now(),
             who: Requester { caller: String::new(), peer, request_id: request_id(request) },
-            authenticated: false,
+            caller: None,
             collection: collection.to_owned(),
             items,
         }
     }
 
-    /// Authenticates and authorizes; from here on the caller is known to the
-    /// log line and the audit record.
+    /// Authenticates, applies the caller's request rate limit, and
+    /// authorizes; from here on the caller is known to the log line and the
+    /// audit record. The rate limit comes before the grants: refusing is
+    /// work too (an audit record each).
     pub(super) fn admit<T>(
         &mut self,
         live: &Live,
@@ -75,30 +93,51 @@ impl Call {
     ) -> Result<Action, Failure> {
         let caller = live.authenticate(request.extensions().get::<ConnInfo>())?;
         caller.as_str().clone_into(&mut self.who.caller);
-        self.authenticated = true;
-        let action = live.authorize(&caller, actions, &self.collection)?;
+        let caller = self.caller.insert(caller);
+        live.limit_request(caller)?;
+        let action = live.authorize(caller, actions, &self.collection)?;
         self.action = action.as_str();
         Ok(action)
     }
 
+    /// Applies the caller's bulk-detokenize guard to this call's items.
+    pub(super) fn limit_detokenize(&self, live: &Live) -> Result<(), Failure> {
+        let caller = self.caller.as_ref().ok_or_else(|| EdgeError::Unauthenticated("no caller".into()))?;
+        Ok(live.limit_detokenize(caller, self.items)?)
+    }
+
     pub(super) async fn finish<T>(self, vault: &Vault, live: &Live, result: Result<T, Failure>) -> Result<T, Status> {
-        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let latency = self.started.elapsed();
+        let latency_ms = latency.as_secs_f64() * 1000.0;
+        let authenticated = self.caller.is_some();
+        let rate_limited = matches!(&result, Err(Failure::Edge(EdgeError::RateLimited)));
         let (result, outcome) = match result {
             Ok(value) => (Ok(value), "OK"),
             Err(failure) => {
                 let detail = failure.to_string();
                 let status = Status::from(failure);
                 let outcome = code_name(status.code());
-                if matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) {
+                let denial = match status.code() {
+                    tonic::Code::PermissionDenied => Some("permission_denied"),
+                    tonic::Code::Unauthenticated => Some("unauthenticated"),
+                    _ => None,
+                };
+                if let Some(reason) = denial {
+                    Metrics::count(&metrics().denials, reason);
                     let peer_ip = self.who.peer.rsplit_once(':').map_or(self.who.peer.as_str(), |(ip, _)| ip);
-                    let subject = if self.authenticated { self.who.caller.as_str() } else { peer_ip };
+                    let subject = if authenticated { self.who.caller.as_str() } else { peer_ip };
                     live.alerts.note(subject, "refused requests");
                 }
-                vault.audit_failure(&self.who, self.action, &self.collection, self.items, outcome, &detail).await;
+                // Refusals by the rate limit are counted, not audited: see
+                // `Live::limit_request`.
+                if !rate_limited {
+                    vault.audit_failure(&self.who, self.action, &self.collection, self.items, outcome, &detail).await;
+                }
                 (Err(status), outcome)
             }
         };
-        let caller = if self.authenticated { self.who.caller.as_str() } else { "-" };
+        metrics().request(self.method, outcome, latency);
+        let caller = if authenticated { self.who.caller.as_str() } else { "-" };
         // Only a configured collection's name is logged: the field is caller
         // input, and a misbehaving client could put anything in it.
         let collection = if vault.has_collection(&self.collection) { self.collection.as_str() } else { "-" };
@@ -113,6 +152,9 @@ impl Call {
             request_id = %self.who.request_id,
             "rpc"
         );
+        if rate_limited {
+            tokio::time::sleep(rate_limit_hold()).await;
+        }
         result
     }
 }

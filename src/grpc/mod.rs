@@ -9,6 +9,7 @@
 mod admin;
 mod audit;
 mod call;
+pub mod limits;
 pub mod proto;
 pub mod server;
 mod tokenizer;
@@ -42,6 +43,17 @@ pub enum EdgeError {
     /// The system is not in a state that allows the operation.
     #[error("{0}")]
     Precondition(String),
+    /// The caller's request rate limit (policy) is reached.
+    #[error("this caller's request rate limit is reached; retry later")]
+    RateLimited,
+    /// The request would take the caller over its bulk-detokenize guard.
+    #[error("this caller may detokenize at most {max_values} values per {window_s} s; the limit is reached")]
+    DetokenizeQuota {
+        /// Values per window.
+        max_values: u64,
+        /// The window, seconds.
+        window_s: u64,
+    },
 }
 
 /// The single mapping from everything the edge and the core can fail with
@@ -54,6 +66,9 @@ pub fn status_of(error: &Failure) -> Status {
         }
         Failure::Edge(EdgeError::InvalidArgument(message)) => Status::invalid_argument(message.clone()),
         Failure::Vault(VaultError::EmptyRequest) => Status::invalid_argument("the request has no items"),
+        Failure::Edge(e @ (EdgeError::RateLimited | EdgeError::DetokenizeQuota { .. })) => {
+            Status::resource_exhausted(e.to_string())
+        }
         Failure::Vault(e @ (VaultError::TooManyItems { .. } | VaultError::TokenSpaceFull { .. })) => {
             Status::resource_exhausted(e.to_string())
         }
@@ -146,6 +161,8 @@ mod tests {
             (Failure::Vault(VaultError::Store(StoreError::NotAVault)), Code::Internal),
             (Failure::Edge(EdgeError::Unauthenticated("x".into())), Code::Unauthenticated),
             (Failure::Edge(EdgeError::InvalidArgument("x".into())), Code::InvalidArgument),
+            (Failure::Edge(EdgeError::RateLimited), Code::ResourceExhausted),
+            (Failure::Edge(EdgeError::DetokenizeQuota { max_values: 5, window_s: 60 }), Code::ResourceExhausted),
         ];
         for (failure, code) in cases {
             assert_eq!(status_of(&failure).code(), code, "{failure:?}");

@@ -15,11 +15,13 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
+use super::limits::Limiter;
 use super::proto::admin_server::AdminServer;
 use super::proto::audit_server::AuditServer;
 use super::proto::tokenizer_server::TokenizerServer;
 use super::{AdminService, AuditService, EdgeError, TokenizerService};
 use crate::config::{CollectionName, Config};
+use crate::metrics::{Metrics, metrics};
 use crate::policy::{Action, CallerId, Policy, PolicyError};
 use crate::tls::{PeerCert, ServerTls, TlsError};
 use crate::vault::Vault;
@@ -122,6 +124,7 @@ pub struct Live {
     tls: RwLock<Arc<ServerTls>>,
     /// Repeated refusals.
     pub alerts: Alerts,
+    limiter: Limiter,
 }
 
 impl Live {
@@ -138,6 +141,7 @@ impl Live {
             policy: RwLock::new(Arc::new(policy)),
             tls: RwLock::new(Arc::new(tls)),
             alerts: Alerts::new(config.audit.alert_window, config.audit.alert_threshold),
+            limiter: Limiter::default(),
         })
     }
 
@@ -150,9 +154,11 @@ impl Live {
             Ok(policy) => {
                 *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
                 tracing::info!(path = %self.policy_path.display(), "policy reloaded");
+                metrics().reloaded("policy", true);
             }
             Err(e) => {
                 tracing::error!(error = %e, "policy reload failed; keeping the previous policy");
+                metrics().reloaded("policy", false);
                 problems.push(e.to_string());
             }
         }
@@ -161,9 +167,11 @@ impl Live {
                 let revoked = tls.revoked.len();
                 *self.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(tls);
                 tracing::info!(revoked, "TLS material and CRL reloaded");
+                metrics().reloaded("tls", true);
             }
             Err(e) => {
                 tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates and CRL");
+                metrics().reloaded("tls", false);
                 problems.push(e.to_string());
             }
         }
@@ -204,11 +212,47 @@ impl Live {
         Ok(caller)
     }
 
+    fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
     /// The one authorization decision: the first of `actions` the policy
     /// grants `caller` on `collection`.
     pub fn authorize(&self, caller: &CallerId, actions: &[Action], collection: &str) -> Result<Action, EdgeError> {
-        let policy = self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let policy = self.policy();
         actions.iter().copied().find(|action| policy.allows(caller, *action, Some(collection))).ok_or(EdgeError::Denied)
+    }
+
+    /// One request by `caller`, under its request rate limit. A refusal is
+    /// counted and, repeated, raises an alert; it is not audited (a flood of
+    /// refusals must not become a flood of writes).
+    pub fn limit_request(&self, caller: &CallerId) -> Result<(), EdgeError> {
+        let rate = self.policy().limits(caller).requests;
+        if self.limiter.request(caller, rate, std::time::Instant::now()) {
+            return Ok(());
+        }
+        Metrics::count(&metrics().rate_limited, "requests");
+        self.alerts.note(caller.as_str(), "rate-limited requests");
+        Err(EdgeError::RateLimited)
+    }
+
+    /// `values` detokenized by `caller`, under its bulk-detokenize guard. A
+    /// refusal is counted and logged as an alert (and audited by the call).
+    pub fn limit_detokenize(&self, caller: &CallerId, values: usize) -> Result<(), EdgeError> {
+        let quota = self.policy().limits(caller).detokenize;
+        self.limiter.detokenize(caller, values, quota, std::time::Instant::now()).map_err(|quota| {
+            Metrics::count(&metrics().rate_limited, "detokenize_values");
+            let (max_values, window_s) = (quota.max_values, quota.window.as_secs());
+            tracing::warn!(
+                alert = true,
+                caller = %caller,
+                requested = values,
+                max_values,
+                window_s,
+                "bulk-detokenize guard: request refused"
+            );
+            EdgeError::DetokenizeQuota { max_values, window_s }
+        })
     }
 }
 
@@ -294,6 +338,7 @@ fn accept_loop(
             // logged, and counted towards an alert for the address.
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, "connection refused: server.max_connections reached");
+                metrics().connections_refused.inc();
                 live.alerts.note(&peer.ip().to_string(), "connections over the cap");
                 drop(tcp);
                 continue;
@@ -308,6 +353,7 @@ fn accept_loop(
                     Ok(Ok(stream)) => {
                         let Some(der) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
                             tracing::warn!(%peer, "TLS handshake completed without a client certificate; dropped");
+                            Metrics::count(&metrics().handshake_failures, "no_client_certificate");
                             return;
                         };
                         let cert = PeerCert::inspect(der.as_ref(), &trust_domain);
@@ -322,10 +368,12 @@ fn accept_loop(
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(%peer, error = %e, "TLS handshake refused");
+                        Metrics::count(&metrics().handshake_failures, "refused");
                         refused(&live, &vault, peer, &e.to_string()).await;
                     }
                     Err(_) => {
                         tracing::warn!(%peer, "TLS handshake timed out");
+                        Metrics::count(&metrics().handshake_failures, "timeout");
                         refused(&live, &vault, peer, "handshake timed out").await;
                     }
                 }

@@ -65,6 +65,7 @@ impl Tokenizer for TokenizerService {
             if masked {
                 call.method = "Detokenize(masked)";
             }
+            call.limit_detokenize(&self.live)?;
             let proto::DetokenizeRequest { collection, tokens } = request.into_inner();
             let results = if masked {
                 self.vault.detokenize_masked(&call.who, &collection, tokens).await?

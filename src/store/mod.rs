@@ -201,6 +201,21 @@ pub struct KeyInfo {
     pub encryptions: u64,
 }
 
+/// Key versions of one collection, purpose and state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySummary {
+    /// The collection's name.
+    pub collection: String,
+    /// `data` or `index`.
+    pub purpose: String,
+    /// The state (`primary`, `active`, `retiring`, `compromised`, `retired`).
+    pub state: String,
+    /// Versions in this state.
+    pub versions: u64,
+    /// Live records sealed under them (data keys; 0 for index keys).
+    pub live: u64,
+}
+
 /// A record whose ciphertext re-encryption replaces.
 pub struct Reencrypted {
     /// The token.
@@ -1294,6 +1309,29 @@ impl Store {
         .await
     }
 
+    /// Key versions per collection name, purpose and state, with the live
+    /// records of data keys: one small query over `keys` (for metrics).
+    pub async fn key_summary(&self) -> Result<Vec<KeySummary>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT c.name, k.purpose, k.state, count(*), sum(CASE k.purpose WHEN 'data' THEN k.live ELSE 0 END)
+                 FROM keys k JOIN collections c ON c.id = k.collection_id
+                 GROUP BY c.name, k.purpose, k.state ORDER BY c.name, k.purpose, k.state",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok(KeySummary {
+                    collection: row.get(0)?,
+                    purpose: row.get(1)?,
+                    state: row.get(2)?,
+                    versions: u64::try_from(row.get::<_, i64>(3)?).unwrap_or(0),
+                    live: u64::try_from(row.get::<_, i64>(4)?).unwrap_or(0),
+                })
+            })?;
+            rows.collect::<Result<_, _>>().map_err(StoreError::from)
+        })
+        .await
+    }
+
     /// Number of live records per collection id.
     pub async fn record_counts(&self) -> Result<Vec<(CollectionId, u64)>, StoreError> {
         self.read(|conn| {
@@ -1523,6 +1561,8 @@ fn writer_loop(conn: &Connection, jobs: &Receiver<Box<dyn WriteJob>>, max_batch:
 /// transaction as a whole fails (COMMIT refused, or SQLite rolled everything
 /// back, as it may on a full disk), every job fails and nothing is written.
 fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<dyn WriteJob>>) -> bool {
+    #[allow(clippy::cast_precision_loss)] // batch sizes are small
+    crate::metrics::metrics().commit_batch.observe(batch.len() as f64);
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let error = StoreError::from(e);
         tracing::error!(error = %error, "store: cannot begin a write transaction");

@@ -19,6 +19,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_piivault");
 pub struct DevServer {
     pub dir: PathBuf,
     pub addr: SocketAddr,
+    /// Where its Prometheus metrics are served.
+    pub metrics_addr: SocketAddr,
     child: Child,
     output: Arc<Mutex<Vec<u8>>>,
     tmp: Option<TempDir>,
@@ -35,6 +37,7 @@ impl DevServer {
     pub fn start_in(tmp: TempDir, dir: PathBuf) -> Self {
         let mut child = Command::new(BIN)
             .args(["dev", "--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .env_remove("PIIVAULT_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -45,10 +48,15 @@ impl DevServer {
         let (tx, rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         let out = output.clone();
+        let metrics = Arc::new(Mutex::new(None));
+        let metrics_out = metrics.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("piivault: listening on ") {
                     let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+                if let Some(addr) = line.strip_prefix("piivault: metrics on http://") {
+                    *metrics_out.lock().unwrap() = addr.strip_suffix("/metrics").unwrap().parse().ok();
                 }
                 let mut out = out.lock().unwrap();
                 out.extend_from_slice(line.as_bytes());
@@ -70,12 +78,33 @@ impl DevServer {
             let _ = child.kill();
             panic!("piivault dev did not start: {}", String::from_utf8_lossy(&output.lock().unwrap()))
         });
-        Self { dir, addr, child, output, tmp: Some(tmp) }
+        let metrics_addr = metrics.lock().unwrap().expect("the metrics address is printed before the gRPC one");
+        Self { dir, addr, metrics_addr, child, output, tmp: Some(tmp) }
     }
 
     /// Everything the process printed so far (stdout and stderr).
     pub fn output(&self) -> String {
         String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    /// The metrics endpoint's answer: status line and body.
+    pub fn scrape(&self) -> (String, String) {
+        use std::io::Write as _;
+        let mut tcp = std::net::TcpStream::connect(self.metrics_addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(tcp, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_owned(), body.to_owned())
+    }
+
+    /// One sample from the metrics, by its name and labels as printed
+    /// (`piivault_sealed`, `piivault_tokens{collection="card"}`); `None` if
+    /// absent.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.scrape();
+        body.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,215 @@
+//! Per-caller traffic limits: a token bucket on requests and a sliding
+//! window on detokenized values (the bulk-detokenize guard). The limits
+//! themselves come from the policy, so a reload changes them at once; the
+//! use so far is kept here, per caller.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::policy::{CallerId, DetokenizeQuota, RequestRate};
+
+/// Callers tracked at once; beyond it, the ones idle longest are forgotten
+/// (a forgotten caller starts again with a full bucket and an empty window).
+const MAX_TRACKED: usize = 10_000;
+
+/// Slots a detokenize window is cut into: the window slides by 1/SLOTS.
+const SLOTS: usize = 60;
+
+/// One caller's use of its limits.
+struct Use {
+    /// Requests left in the bucket, and when it was last refilled.
+    tokens: f64,
+    refilled: Instant,
+    /// Values detokenized per slot of the current window.
+    window: SlidingWindow,
+    last_seen: Instant,
+}
+
+/// Counts in the last `SLOTS` slots of `window / SLOTS` each.
+struct SlidingWindow {
+    length: Duration,
+    counts: [u64; SLOTS],
+    /// The absolute number (since `Limiter::epoch`) of the newest slot.
+    newest: u128,
+}
+
+impl SlidingWindow {
+    fn new(length: Duration) -> Self {
+        Self { length, counts: [0; SLOTS], newest: 0 }
+    }
+
+    /// Adds `n` if the window's total stays within `max`.
+    fn take(&mut self, n: u64, quota: DetokenizeQuota, since_epoch: Duration) -> bool {
+        if quota.window != self.length {
+            // The policy changed the window: count afresh under the new one.
+            *self = Self::new(quota.window);
+        }
+        let slot_nanos = (quota.window.as_nanos() / SLOTS as u128).max(1);
+        let now = since_epoch.as_nanos() / slot_nanos;
+        let passed = now.saturating_sub(self.newest);
+        if passed >= SLOTS as u128 {
+            self.counts = [0; SLOTS];
+        } else {
+            for step in 1..=passed {
+                self.counts[usize::try_from((self.newest + step) % SLOTS as u128).unwrap_or(0)] = 0;
+            }
+        }
+        self.newest = self.newest.max(now);
+        let used: u64 = self.counts.iter().sum();
+        if used.saturating_add(n) > quota.max_values {
+            return false;
+        }
+        let slot = usize::try_from(self.newest % SLOTS as u128).unwrap_or(0);
+        self.counts[slot] += n;
+        true
+    }
+}
+
+/// Every caller's use of its limits.
+pub struct Limiter {
+    epoch: Instant,
+    callers: Mutex<HashMap<CallerId, Use>>,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Self { epoch: Instant::now(), callers: Mutex::default() }
+    }
+}
+
+impl Limiter {
+    /// One request by `caller` under `rate` (none: unlimited), at `now`:
+    /// whether it may go ahead.
+    pub fn request(&self, caller: &CallerId, rate: Option<RequestRate>, now: Instant) -> bool {
+        let Some(rate) = rate else { return true };
+        self.with(caller, now, |usage| {
+            let burst = f64::from(rate.burst);
+            let elapsed = now.saturating_duration_since(usage.refilled).as_secs_f64();
+            usage.tokens = (usage.tokens + elapsed * f64::from(rate.per_second)).min(burst);
+            usage.refilled = now;
+            let allowed = usage.tokens >= 1.0;
+            if allowed {
+                usage.tokens -= 1.0;
+            }
+            allowed
+        })
+    }
+
+    /// `values` detokenized by `caller` under `quota` (none: unlimited), at
+    /// `now`; refused with the quota it would exceed. A refused request uses
+    /// none of the quota.
+    pub fn detokenize(
+        &self,
+        caller: &CallerId,
+        values: usize,
+        quota: Option<DetokenizeQuota>,
+        now: Instant,
+    ) -> Result<(), DetokenizeQuota> {
+        let Some(quota) = quota else { return Ok(()) };
+        let since_epoch = now.saturating_duration_since(self.epoch);
+        self.with(caller, now, |usage| {
+            if usage.window.take(u64::try_from(values).unwrap_or(u64::MAX), quota, since_epoch) {
+                Ok(())
+            } else {
+                Err(quota)
+            }
+        })
+    }
+
+    fn with<T>(&self, caller: &CallerId, now: Instant, f: impl FnOnce(&mut Use) -> T) -> T {
+        let mut callers = self.callers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if callers.len() >= MAX_TRACKED && !callers.contains_key(caller) {
+            // Forget the half idle longest: O(n log n) once per MAX_TRACKED/2
+            // new callers.
+            let mut seen: Vec<Instant> = callers.values().map(|u| u.last_seen).collect();
+            seen.sort_unstable();
+            let cutoff = seen[seen.len() / 2];
+            callers.retain(|_, u| u.last_seen > cutoff);
+        }
+        let usage = callers.entry(caller.clone()).or_insert_with(|| Use {
+            tokens: f64::INFINITY,
+            refilled: now,
+            window: SlidingWindow::new(Duration::ZERO),
+            last_seen: now,
+        });
+        usage.last_seen = now;
+        f(usage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(name: &str) -> CallerId {
+        name.parse().unwrap()
+    }
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let limiter = Limiter::default();
+        let rate = Some(RequestRate { per_second: 10, burst: 5 });
+        let (a, b) = (caller("a"), caller("b"));
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            assert!(limiter.request(&a, rate, t0));
+        }
+        assert!(!limiter.request(&a, rate, t0));
+        // Another caller has its own bucket.
+        assert!(limiter.request(&b, rate, t0));
+        // 10 per second: one more after 100 ms, not two.
+        let t1 = t0 + Duration::from_millis(100);
+        assert!(limiter.request(&a, rate, t1));
+        assert!(!limiter.request(&a, rate, t1));
+        // A long quiet time refills to the burst, no more.
+        let t2 = t1 + Duration::from_mins(1);
+        for _ in 0..5 {
+            assert!(limiter.request(&a, rate, t2));
+        }
+        assert!(!limiter.request(&a, rate, t2));
+        // No rate: unlimited.
+        for _ in 0..100 {
+            assert!(limiter.request(&a, None, t2));
+        }
+    }
+
+    #[test]
+    fn the_detokenize_window_slides() {
+        let limiter = Limiter::default();
+        let quota = DetokenizeQuota { max_values: 100, window: Duration::from_mins(1) };
+        let a = caller("a");
+        let t0 = limiter.epoch;
+        assert_eq!(limiter.detokenize(&a, 60, Some(quota), t0), Ok(()));
+        assert_eq!(limiter.detokenize(&a, 30, Some(quota), t0 + Duration::from_secs(30)), Ok(()));
+        // 90 used: 11 more would be 101.
+        assert_eq!(limiter.detokenize(&a, 11, Some(quota), t0 + Duration::from_secs(59)), Err(quota));
+        // The refused request used nothing.
+        assert_eq!(limiter.detokenize(&a, 10, Some(quota), t0 + Duration::from_secs(59)), Ok(()));
+        assert_eq!(limiter.detokenize(&a, 1, Some(quota), t0 + Duration::from_secs(59)), Err(quota));
+        // At 60 s the first 60 have left the window; the 30 from 30 s and the
+        // 10 from 59 s have not.
+        assert_eq!(limiter.detokenize(&a, 60, Some(quota), t0 + Duration::from_secs(61)), Ok(()));
+        assert_eq!(limiter.detokenize(&a, 1, Some(quota), t0 + Duration::from_secs(61)), Err(quota));
+        // Long after, the whole quota again; a request over the quota never passes.
+        let later = t0 + Duration::from_hours(2);
+        assert_eq!(limiter.detokenize(&a, 101, Some(quota), later), Err(quota));
+        assert_eq!(limiter.detokenize(&a, 100, Some(quota), later), Ok(()));
+        assert_eq!(limiter.detokenize(&a, 5, None, later), Ok(()));
+    }
+
+    #[test]
+    fn many_callers_are_tracked_within_bounds() {
+        let limiter = Limiter::default();
+        let rate = Some(RequestRate { per_second: 1, burst: 1 });
+        let t0 = Instant::now();
+        for i in 0..(MAX_TRACKED + 10) {
+            assert!(limiter.request(&caller(&format!("c{i}")), rate, t0 + Duration::from_millis(i as u64)));
+        }
+        let tracked = limiter.callers.lock().unwrap().len();
+        assert!(tracked <= MAX_TRACKED, "{tracked}");
+        // The newest caller is still tracked: its bucket is empty.
+        let newest = caller(&format!("c{}", MAX_TRACKED + 9));
+        assert!(!limiter.request(&newest, rate, t0 + Duration::from_millis(MAX_TRACKED as u64 + 9)));
+    }
+}

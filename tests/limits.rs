@@ -1,0 +1,260 @@
+//! Flood limits and metrics, end to end: the real binary, real mTLS clients,
+//! the metrics endpoint scraped over HTTP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::server::DevServer;
+use piivault::grpc::proto::{self, DetokenizeRequest, TokenizeRequest, detokenize_result, tokenize_result};
+use tonic::Code;
+use tonic::transport::Channel;
+
+type Client = proto::tokenizer_client::TokenizerClient<Channel>;
+
+async fn tokenize(client: &mut Client, collection: &str, values: &[String]) -> Result<Vec<String>, tonic::Status> {
+    let request = TokenizeRequest { collection: collection.into(), values: values.to_vec() };
+    let results = client.tokenize(request).await?.into_inner().results;
+    Ok(results
+        .into_iter()
+        .map(|r| match r.outcome.unwrap() {
+            tokenize_result::Outcome::Token(t) => t,
+            tokenize_result::Outcome::Error(e) => panic!("tokenize item failed: {e:?}"),
+        })
+        .collect())
+}
+
+async fn detokenize(client: &mut Client, collection: &str, tokens: &[String]) -> Result<Vec<String>, tonic::Status> {
+    let request = DetokenizeRequest { collection: collection.into(), tokens: tokens.to_vec() };
+    let results = client.detokenize(request).await?.into_inner().results;
+    Ok(results
+        .into_iter()
+        .map(|r| match r.outcome.unwrap() {
+            detokenize_result::Outcome::Value(v) => v,
+            detokenize_result::Outcome::Error(e) => panic!("detokenize item failed: {e:?}"),
+        })
+        .collect())
+}
+
+/// Adds `extra` to the dev policy, issues certificates for `callers`, and
+/// reloads.
+fn extend_policy(server: &DevServer, extra: &str, callers: &[&str]) {
+    let policy = server.dir.join("policy.toml");
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str(extra);
+    std::fs::write(&policy, text).unwrap();
+    let ca = server.ca();
+    for name in callers {
+        ca.issue(&name.parse().unwrap(), "piivault.local", 1, &server.dir.join("clients").join(name)).unwrap();
+    }
+    server.reload();
+}
+
+/// Audit records of `caller` with `outcome`, read from the database file.
+fn audited(server: &DevServer, caller: &str, outcome: &str) -> i64 {
+    let db =
+        rusqlite::Connection::open_with_flags(server.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    db.query_row("SELECT count(*) FROM audit WHERE caller = ?1 AND outcome = ?2", [caller, outcome], |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_rate_limit_refuses_beyond_the_burst_without_auditing_each_refusal() {
+    let server = DevServer::start();
+    extend_policy(
+        &server,
+        "\n[callers.batch]\ntokenize = [\"name\"]\nrequests_per_second = 1\nburst = 3\n",
+        &["batch"],
+    );
+    let mut batch = server.client("batch").await;
+    let values: Vec<String> = vec!["Ada Lovelace".into()];
+    for _ in 0..3 {
+        assert_eq!(tokenize(&mut batch, "name", &values).await.unwrap().len(), 1);
+    }
+    let started = Instant::now();
+    let refused = tokenize(&mut batch, "name", &values).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(refused.message(), "this caller's request rate limit is reached; retry later");
+    // The refusal is held (0.5 to 1.5 s): a flooding client waits on itself.
+    let held = started.elapsed();
+    assert!(held >= Duration::from_millis(500) && held < Duration::from_secs(3), "{held:?}");
+    // Its bucket is its own: the dev writer (no limits) is not affected.
+    let mut writer = server.client("writer").await;
+    for _ in 0..10 {
+        tokenize(&mut writer, "name", &values).await.unwrap();
+    }
+    // The bucket refills at one a second.
+    tokio::time::sleep_until((started + Duration::from_millis(1200)).into()).await;
+    assert_eq!(tokenize(&mut batch, "name", &values).await.unwrap().len(), 1);
+    // Counted, not audited.
+    assert_eq!(server.metric("piivault_rate_limited_total{reason=\"requests\"}"), Some(1.0));
+    assert_eq!(audited(&server, "batch", "OK"), 4);
+    assert_eq!(audited(&server, "batch", "RESOURCE_EXHAUSTED"), 0);
+    assert_eq!(server.metric("piivault_requests_total{method=\"Tokenize\",outcome=\"RESOURCE_EXHAUSTED\"}"), Some(1.0));
+}
+
+#[tokio::test]
+async fn the_bulk_detokenize_guard_refuses_audits_and_alerts() {
+    let server = DevServer::start();
+    extend_policy(
+        &server,
+        "\n[callers.bulk]\ndetokenize = [\"name\"]\ndetokenize_max_values = 10\ndetokenize_window = \"1h\"\n",
+        &["bulk"],
+    );
+    let mut writer = server.client("writer").await;
+    let values: Vec<String> = (0..12).map(|i| format!("Person {i}")).collect();
+    let tokens = tokenize(&mut writer, "name", &values).await.unwrap();
+    let mut bulk = server.client("bulk").await;
+    assert_eq!(detokenize(&mut bulk, "name", &tokens[..8]).await.unwrap(), values[..8]);
+    // 8 + 3 > 10: the whole request is refused and uses none of the quota.
+    let refused = detokenize(&mut bulk, "name", &tokens[8..11]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(refused.message(), "this caller may detokenize at most 10 values per 3600 s; the limit is reached");
+    assert_eq!(detokenize(&mut bulk, "name", &tokens[8..10]).await.unwrap(), values[8..10]);
+    assert_eq!(detokenize(&mut bulk, "name", &tokens[10..11]).await.unwrap_err().code(), Code::ResourceExhausted);
+    // The dev reader has no quota.
+    let mut reader = server.client("reader").await;
+    assert_eq!(detokenize(&mut reader, "name", &tokens).await.unwrap(), values);
+    // Each refusal is on the audit trail, raised a WARN alert and was counted.
+    assert_eq!(audited(&server, "bulk", "RESOURCE_EXHAUSTED"), 2);
+    let output = server.output();
+    assert_eq!(output.matches("bulk-detokenize guard: request refused").count(), 2, "{output}");
+    assert!(output.lines().any(|l| l.contains("bulk-detokenize guard") && l.contains("alert=true")));
+    assert_eq!(server.metric("piivault_rate_limited_total{reason=\"detokenize_values\"}"), Some(2.0));
+    // No value or token in the log.
+    for secret in values.iter().chain(&tokens) {
+        assert!(!output.contains(secret.as_str()), "the log holds {secret}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_requests_denials_tokens_keys_and_failed_reloads() {
+    let server = DevServer::start();
+    let (status, body) = server.scrape();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(server.metric("piivault_sealed"), Some(0.0));
+    let mut writer = server.client("writer").await;
+    let values: Vec<String> = vec!["4111111111111111".into(), "5500005555555559".into(), "4012888888881881".into()];
+    let tokens = tokenize(&mut writer, "card", &values).await.unwrap();
+    let denied = detokenize(&mut writer, "card", &tokens).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    // A connection without a client certificate fails its handshake.
+    let no_cert = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(server.ca_pem()));
+    let refused = match server.connect(no_cert).await {
+        Ok(mut client) => tokenize(&mut client, "card", &values).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused);
+    // The store gauges are read at most every 10 s: wait for a fresh read.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(server.metric("piivault_requests_total{method=\"Tokenize\",outcome=\"OK\"}"), Some(1.0));
+    assert_eq!(
+        server.metric("piivault_requests_total{method=\"Detokenize\",outcome=\"PERMISSION_DENIED\"}"),
+        Some(1.0)
+    );
+    assert_eq!(server.metric("piivault_denials_total{reason=\"permission_denied\"}"), Some(1.0));
+    assert_eq!(server.metric("piivault_request_duration_seconds_count{method=\"Tokenize\"}"), Some(1.0));
+    assert!(server.metric("piivault_tls_handshake_failures_total{reason=\"refused\"}").unwrap() >= 1.0);
+    assert_eq!(server.metric("piivault_tokens{collection=\"card\"}"), Some(3.0));
+    assert_eq!(server.metric("piivault_tokens{collection=\"ssn\"}"), Some(0.0));
+    assert_eq!(
+        server.metric("piivault_key_versions{collection=\"card\",purpose=\"data\",state=\"primary\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        server.metric("piivault_key_versions{collection=\"email\",purpose=\"index\",state=\"primary\"}"),
+        Some(1.0)
+    );
+    // Every request so far went through at least one group commit.
+    assert!(server.metric("piivault_store_commit_batch_requests_count").unwrap() >= 2.0);
+
+    // A broken policy keeps the old one, and the metrics say so.
+    let policy = server.dir.join("policy.toml");
+    let good = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(&policy, "[callers.writer\n").unwrap();
+    server.reload();
+    assert_eq!(server.metric("piivault_reload_failures_total{part=\"policy\"}"), Some(1.0));
+    assert_eq!(server.metric("piivault_reload_failing{part=\"policy\"}"), Some(1.0));
+    assert_eq!(server.metric("piivault_reload_failing{part=\"tls\"}"), Some(0.0));
+    assert_eq!(tokenize(&mut writer, "card", &values[..1]).await.unwrap().len(), 1);
+    std::fs::write(&policy, good).unwrap();
+    server.reload();
+    assert_eq!(server.metric("piivault_reload_failing{part=\"policy\"}"), Some(0.0));
+    assert_eq!(server.metric("piivault_reload_failures_total{part=\"policy\"}"), Some(1.0));
+
+    // No label or sample holds a value or a token.
+    let (_, body_after) = server.scrape();
+    for secret in values.iter().chain(&tokens) {
+        assert!(!body.contains(secret.as_str()) && !body_after.contains(secret.as_str()));
+    }
+    // Anything but /metrics is not found.
+    let mut tcp = std::net::TcpStream::connect(server.metrics_addr).unwrap();
+    std::io::Write::write_all(&mut tcp, b"GET /admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut tcp, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+}
+
+/// p99 of `latencies`.
+fn p99(latencies: &mut [Duration]) -> Duration {
+    latencies.sort();
+    latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]
+}
+
+/// One caller's detokenize latencies, one request at a time, for `span`.
+async fn paced_reads(client: &mut Client, tokens: &[String], span: Duration) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    let end = Instant::now() + span;
+    while Instant::now() < end {
+        let started = Instant::now();
+        detokenize(client, "name", tokens).await.unwrap();
+        latencies.push(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    latencies
+}
+
+/// One identity flooding the vault from another process (`piivault bench`,
+/// 64 requests in flight, far over its rate limit) must not raise another
+/// identity's p99 beyond 2×.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_identity_does_not_slow_another_down() {
+    let server = DevServer::start();
+    extend_policy(&server, "\n[callers.flooder]\ntokenize = [\"name\"]\nrequests_per_second = 50\n", &["flooder"]);
+    let mut writer = server.client("writer").await;
+    let values: Vec<String> = (0..10).map(|i| format!("Victim {i}")).collect();
+    let tokens = tokenize(&mut writer, "name", &values).await.unwrap();
+    let mut reader = server.client("reader").await;
+    // Warm up, then the quiet baseline.
+    paced_reads(&mut reader, &tokens, Duration::from_secs(1)).await;
+    let mut quiet = paced_reads(&mut reader, &tokens, Duration::from_secs(4)).await;
+
+    let flood = std::process::Command::new(common::server::BIN)
+        .args(["bench", "--op", "tokenize", "--seed", "0", "--concurrency", "64", "--connections", "2"])
+        .args(["--duration", "6", "--collection", "name", "--json", "--as", "flooder"])
+        .args(["--data-dir", server.dir.to_str().unwrap(), "--addr", &server.addr.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut flooded = paced_reads(&mut reader, &tokens, Duration::from_secs(4)).await;
+    let report = flood.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let (requests, refused) = (report["requests"].as_u64().unwrap(), report["errors"].as_u64().unwrap());
+    let (quiet_p99, flooded_p99) = (p99(&mut quiet), p99(&mut flooded));
+    println!(
+        "victim p99 quiet {quiet_p99:?} ({} reads), flooded {flooded_p99:?} ({} reads); \
+         flood: {requests} requests, {refused} refused",
+        quiet.len(),
+        flooded.len()
+    );
+    // The flood was far over the limit, and the limit held it to ~50/s.
+    let accepted = requests - refused;
+    assert!(accepted >= 150 && refused >= 64, "{accepted} served, {refused} refused");
+    assert!(accepted <= 50 + 7 * 50, "{accepted} served in ~6 s at 50/s");
+    assert!(flooded_p99 <= quiet_p99 * 2, "victim p99 rose from {quiet_p99:?} to {flooded_p99:?}");
+}
