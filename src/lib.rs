@@ -17,6 +17,7 @@ pub mod crypto;
 pub mod datadir;
 pub mod error;
 pub mod format;
+pub mod fuzz;
 pub mod grpc;
 pub mod metrics;
 pub mod pki;

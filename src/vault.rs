@@ -320,16 +320,13 @@ impl Vault {
         let coll = self.collection(collection)?;
         self.check_count(values.len())?;
         coll.check_space(values.len())?;
-        let max = coll.max_value_len;
-        let values: Vec<PiiValue> = values.into_iter().map(|v| coll.normalize.apply(v)).collect();
-        let mut results: Vec<Option<ItemResult<Token>>> = values
-            .iter()
-            .map(|v| match v.len() {
-                0 => Some(Err(ItemError::EmptyValue)),
-                n if n > max => Some(Err(ItemError::ValueTooLong { max })),
-                _ => coll.format.check_value(v.expose_secret()).err().map(|e| Err(e.into())),
+        let (values, mut results): (Vec<PiiValue>, Vec<Option<ItemResult<Token>>>) = values
+            .into_iter()
+            .map(|v| {
+                let (value, problem) = prepare_value(&coll.normalize, coll.max_value_len, &coll.format, v);
+                (value, problem.map(Err))
             })
-            .collect();
+            .unzip();
         let mut pending: Vec<usize> = (0..values.len()).filter(|&i| results[i].is_none()).collect();
         let audit = who.record("tokenize", collection, values.len(), "OK");
         if pending.is_empty() {
@@ -1124,6 +1121,24 @@ fn verify_rows(key: &AuditKey, rows: &[AuditRow]) -> Result<Head, VerifyError> {
         (Err(error), None) | (Ok(_), Some(error)) => Err(error),
         (Ok(head), None) => Ok(head),
     }
+}
+
+/// What tokenizing does to a value before anything is stored: normalizes
+/// it, then checks that it is not empty, at most `max_len` bytes, and of
+/// `format`. The normalized value, and what is wrong with it if anything.
+pub fn prepare_value(
+    normalize: &Normalize,
+    max_len: usize,
+    format: &Format,
+    value: PiiValue,
+) -> (PiiValue, Option<ItemError>) {
+    let value = normalize.apply(value);
+    let problem = match value.len() {
+        0 => Some(ItemError::EmptyValue),
+        n if n > max_len => Some(ItemError::ValueTooLong { max: max_len }),
+        _ => format.check_value(value.expose_secret()).err().map(Into::into),
+    };
+    (value, problem)
 }
 
 /// Parses each token for `coll`; returns, per input, the parsed token (or

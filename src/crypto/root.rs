@@ -66,7 +66,8 @@ pub const MAX_KDF: KdfParams = KdfParams { m_kib: 1024 * 1024, t: 16, p: 8 };
 pub const DEFAULT_KDF: KdfParams = KdfParams { m_kib: 64 * 1024, t: 3, p: 1 };
 
 impl KdfParams {
-    fn check(self) -> Result<Self, CryptoError> {
+    /// These parameters, if within [`MIN_KDF`]..=[`MAX_KDF`].
+    pub fn check(self) -> Result<Self, CryptoError> {
         if self.m_kib < MIN_KDF.m_kib || self.t < MIN_KDF.t || self.p < MIN_KDF.p {
             return Err(CryptoError::WeakKdfParams);
         }
@@ -206,10 +207,25 @@ fn seal_with(
     Ok(out)
 }
 
-/// Opens a sealed root file. A wrong secret and an altered file give the same
-/// [`CryptoError::Unseal`]; a file that is not in the layout at all gives
-/// [`CryptoError::MalformedSealed`].
-pub fn unseal(file: &[u8], unlock: &Unlock) -> Result<RootKey, CryptoError> {
+/// A sealed root file taken apart, before any secret is used.
+#[derive(Debug)]
+pub struct SealedRoot<'a> {
+    /// Which provider sealed it: `"passphrase"` or `"raw key"`.
+    pub provider: &'static str,
+    /// The Argon2id parameters (passphrase files only), within
+    /// [`MIN_KDF`]..=[`MAX_KDF`].
+    pub kdf: Option<KdfParams>,
+    provider_byte: u8,
+    header: &'a [u8],
+    kdf_string: &'a str,
+    nonce: &'a [u8; NONCE_LEN],
+    sealed: &'a [u8],
+}
+
+/// Checks the layout of a sealed root file, and its KDF string (PHC form,
+/// parameters within bounds, salt long enough) without running the KDF:
+/// everything [`unseal`] checks before it uses a secret.
+pub fn parse_sealed(file: &[u8]) -> Result<SealedRoot<'_>, CryptoError> {
     let fixed = file.get(..FIXED_HEADER_LEN).ok_or(CryptoError::MalformedSealed)?;
     if &fixed[..4] != MAGIC {
         return Err(CryptoError::MalformedSealed);
@@ -228,18 +244,36 @@ pub fn unseal(file: &[u8], unlock: &Unlock) -> Result<RootKey, CryptoError> {
     {
         return Err(CryptoError::MalformedSealed);
     }
-    if provider != unlock.provider() {
+    let (header, rest) = file.split_at(FIXED_HEADER_LEN + kdf_len);
+    let kdf_string = std::str::from_utf8(&header[FIXED_HEADER_LEN..]).map_err(|_| CryptoError::MalformedSealed)?;
+    let kdf = if provider == PROVIDER_PASSPHRASE { Some(parse_kdf_string(kdf_string)?.0) } else { None };
+    let (nonce, sealed) = rest.split_at(NONCE_LEN);
+    let nonce: &[u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::MalformedSealed)?;
+    Ok(SealedRoot {
+        provider: provider_name(provider),
+        kdf,
+        provider_byte: provider,
+        header,
+        kdf_string,
+        nonce,
+        sealed,
+    })
+}
+
+/// Opens a sealed root file. A wrong secret and an altered file give the same
+/// [`CryptoError::Unseal`]; a file that is not in the layout at all gives
+/// [`CryptoError::MalformedSealed`].
+pub fn unseal(file: &[u8], unlock: &Unlock) -> Result<RootKey, CryptoError> {
+    let parsed = parse_sealed(file)?;
+    if parsed.provider_byte != unlock.provider() {
         return Err(CryptoError::WrongUnlockKind {
-            expected: provider_name(provider),
+            expected: parsed.provider,
             given: provider_name(unlock.provider()),
         });
     }
-    let (header, rest) = file.split_at(FIXED_HEADER_LEN + kdf_len);
-    let kdf_string = std::str::from_utf8(&header[FIXED_HEADER_LEN..]).map_err(|_| CryptoError::MalformedSealed)?;
-    let (nonce, sealed) = rest.split_at(NONCE_LEN);
-    let nonce: &[u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::MalformedSealed)?;
-    let kek = key_encryption_key(unlock, kdf_string)?;
-    let plain = aead_open(kek.expose_secret(), nonce, header, sealed).map_err(|_| CryptoError::Unseal)?;
+    let kek = key_encryption_key(unlock, parsed.kdf_string)?;
+    let plain =
+        aead_open(kek.expose_secret(), parsed.nonce, parsed.header, parsed.sealed).map_err(|_| CryptoError::Unseal)?;
     let bytes: [u8; KEY_LEN] = plain.as_slice().try_into().map_err(|_| CryptoError::Unseal)?;
     Ok(RootKey(SecretKey::from_bytes(bytes)))
 }
