@@ -583,6 +583,65 @@ fn connections_over_the_cap_are_closed_at_accept() {
     assert_eq!(logs.matches("connection refused: server.max_connections reached").count(), 1, "{logs}");
 }
 
+/// A peer that completes the TLS handshake and then sends nothing (no
+/// HTTP/2 preface) is disconnected after `handshake_timeout_ms`, giving its
+/// place under `max_connections` back.
+#[test]
+fn a_connection_silent_after_tls_is_closed() {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::AsyncReadExt as _;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, addr) = serve_edited(
+        tmp.path(),
+        |text| {
+            text.replace("max_connections = 1024", "max_connections = 1")
+                .replace("handshake_timeout_ms = 10000", "handshake_timeout_ms = 1000")
+        },
+        "[callers.app]\ntokenize = [\"name\"]\n",
+    );
+    let path = |p: &str| tmp.path().join(p);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(path("pki/ca.pem")).unwrap()).unwrap();
+    let certs: Vec<_> =
+        CertificateDer::pem_file_iter(path("clients/app/cert.pem")).unwrap().map(Result::unwrap).collect();
+    let key = PrivateKeyDer::from_pem_file(path("clients/app/key.pem")).unwrap();
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (closed_after, refused_meanwhile) = runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let mut silent = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+        let started = std::time::Instant::now();
+        // The only slot is taken: another caller is refused meanwhile.
+        let addr = addr.clone();
+        let dir = tmp.path().to_owned();
+        let refused = tokio::task::spawn_blocking(move || {
+            !as_app(&dir, &addr, &["tokenize", "--collection", "name", "meanwhile"]).status.success()
+        });
+        // The server's own HTTP/2 settings arrive; then the connection ends.
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(20), silent.read_to_end(&mut received)).await;
+        assert!(read.is_ok(), "the silent connection was not closed");
+        (started.elapsed(), refused.await.unwrap())
+    });
+    assert!(refused_meanwhile);
+    assert!(closed_after >= std::time::Duration::from_millis(900), "{closed_after:?}");
+    assert!(closed_after < std::time::Duration::from_secs(10), "{closed_after:?}");
+    let after = as_app(tmp.path(), &addr, &["tokenize", "--collection", "name", "after"]);
+    assert!(after.status.success(), "{}", stderr(&after));
+    drop(runtime);
+    let logs = stop_served(child);
+    assert_eq!(logs.matches("connection closed: nothing sent after the TLS handshake").count(), 1, "{logs}");
+}
+
 /// A changed policy.toml is reloaded without a signal; a malformed one
 /// keeps the previous policy and says why in the log.
 #[test]

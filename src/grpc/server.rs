@@ -264,6 +264,11 @@ struct AuthenticatedStream {
     /// This connection's place under `server.max_connections`, given back
     /// when the connection closes.
     _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Until the peer's first bytes after the handshake (the HTTP/2
+    /// preface) arrive: when they must have. A peer that completes TLS and
+    /// then says nothing would otherwise hold its connection slot forever
+    /// (HTTP/2 keepalive only starts once HTTP/2 has).
+    first_bytes_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Connected for AuthenticatedStream {
@@ -276,7 +281,25 @@ impl Connected for AuthenticatedStream {
 
 impl AsyncRead for AuthenticatedStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let filled = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.first_bytes_deadline.is_none() {
+            return read;
+        }
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > filled => {
+                self.first_bytes_deadline = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match self.first_bytes_deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => {
+                    tracing::warn!(peer = %self.info.peer, "connection closed: nothing sent after the TLS handshake");
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "no HTTP/2 preface in time")))
+                }
+                _ => Poll::Pending,
+            },
+            other => other,
+        }
     }
 }
 
@@ -364,7 +387,9 @@ fn accept_loop(
                             );
                         }
                         let info = ConnInfo { peer, cert: Arc::new(cert) };
-                        let _ = tx.send(Ok(AuthenticatedStream { inner: stream, info, _slot: slot })).await;
+                        let first_bytes_deadline = Some(Box::pin(tokio::time::sleep(handshake_timeout)));
+                        let stream = AuthenticatedStream { inner: stream, info, _slot: slot, first_bytes_deadline };
+                        let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(%peer, error = %e, "TLS handshake refused");
