@@ -298,7 +298,7 @@ impl AsyncRead for AuthenticatedStream {
                 }
                 _ => Poll::Pending,
             },
-            other => other,
+            ready @ Poll::Ready(_) => ready,
         }
     }
 }
