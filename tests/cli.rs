@@ -588,8 +588,7 @@ fn connections_over_the_cap_are_closed_at_accept() {
 /// place under `max_connections` back.
 #[test]
 fn a_connection_silent_after_tls_is_closed() {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls::pki_types::ServerName;
     use tokio::io::AsyncReadExt as _;
 
     let tmp = tempfile::tempdir().unwrap();
@@ -601,23 +600,10 @@ fn a_connection_silent_after_tls_is_closed() {
         },
         "[callers.app]\ntokenize = [\"name\"]\n",
     );
-    let path = |p: &str| tmp.path().join(p);
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(path("pki/ca.pem")).unwrap()).unwrap();
-    let certs: Vec<_> =
-        CertificateDer::pem_file_iter(path("clients/app/cert.pem")).unwrap().map(Result::unwrap).collect();
-    let key = PrivateKeyDer::from_pem_file(path("clients/app/key.pem")).unwrap();
-    let config =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)
-            .unwrap();
+    let connector = common::server::raw_tls_connector(tmp.path(), "app");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (closed_after, refused_meanwhile) = runtime.block_on(async {
         let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
         let mut silent = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
         let started = std::time::Instant::now();
         // The only slot is taken: another caller is refused meanwhile.

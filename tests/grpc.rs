@@ -518,6 +518,72 @@ async fn delete_then_detokenize_is_not_found_and_health_reports_serving() {
     assert_eq!(answer.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 }
 
+/// A record altered on disk under a running server: that item alone fails
+/// (UNREADABLE, the same opaque answer whatever the damage), the server logs
+/// an alert naming the token (never the value), and the rest is served.
+#[tokio::test]
+async fn a_corrupted_record_fails_alone_with_an_alert() {
+    let server = DevServer::start();
+    let mut writer = server.client("writer").await;
+    let mut reader = server.client("reader").await;
+    let t = tokens(&mut writer, "name", &["Grace Hopper", "Alan Turing"]).await;
+    {
+        let db = rusqlite::Connection::open(server.db_path()).unwrap();
+        let mut ct: Vec<u8> =
+            db.query_row("SELECT ciphertext FROM records WHERE token = ?1", [&t[0]], |r| r.get(0)).unwrap();
+        ct[20] ^= 0x01;
+        db.execute("UPDATE records SET ciphertext = ?1 WHERE token = ?2", rusqlite::params![ct, t[0]]).unwrap();
+    }
+    let back = detokenize(&mut reader, "name", &t).await.unwrap();
+    assert_eq!(back, vec![(Err(ItemErrorCode::Unreadable as i32), false), (Ok("Alan Turing".into()), false)]);
+    let output = server.output();
+    let alert = output.lines().find(|l| l.contains("stored record failed to decrypt")).expect("an alert line");
+    assert!(alert.contains("alert=true") && alert.contains(&t[0]), "{alert}");
+    assert!(!output.contains("Grace Hopper"));
+}
+
+/// `piivault certs init` on a running vault's directory re-issues the
+/// server certificate; the server loads it (here on SIGHUP; the file
+/// watcher does the same), new handshakes get it, and a connection opened
+/// before keeps serving on the same TCP connection.
+#[tokio::test]
+async fn a_new_server_certificate_is_loaded_without_dropping_connections() {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    let server = DevServer::start();
+    let mut writer = server.client("writer").await;
+    let before = tokens(&mut writer, "name", &["Before Reload"]).await;
+    let old_cert = std::fs::read(server.dir.join("pki/server.pem")).unwrap();
+    let renewed = std::process::Command::new(common::server::BIN)
+        .args(["certs", "init", "--data-dir", server.dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(renewed.status.success(), "{}", String::from_utf8_lossy(&renewed.stderr));
+    assert_ne!(std::fs::read(server.dir.join("pki/server.pem")).unwrap(), old_cert);
+    server.reload();
+    // The held connection still serves, and it is the same one: both
+    // requests are on the audit trail from the same peer address and port.
+    let after = tokens(&mut writer, "name", &["After Reload"]).await;
+    let db = rusqlite::Connection::open(server.db_path()).unwrap();
+    let peers: Vec<String> = db
+        .prepare("SELECT record FROM audit WHERE action = 'tokenize' ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|bytes| piivault::audit::AuditRecord::decode(&bytes.unwrap()).unwrap().1.peer)
+        .collect();
+    assert_eq!(peers.len(), 2, "{before:?} {after:?}");
+    assert_eq!(peers[0], peers[1]);
+    // A new handshake is answered with the new certificate.
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let connector = common::server::raw_tls_connector(&server.dir, "reader");
+    let tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+    let presented = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let new_cert = CertificateDer::from_pem_file(server.dir.join("pki/server.pem")).unwrap();
+    assert_eq!(presented, new_cert);
+}
+
 #[tokio::test]
 async fn a_bad_policy_on_reload_keeps_the_old_one() {
     let server = DevServer::start();

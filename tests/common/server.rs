@@ -232,3 +232,24 @@ pub fn record_count(db: &Path) -> i64 {
     let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     conn.query_row("SELECT count(*) FROM records WHERE ciphertext IS NOT NULL", [], |r| r.get(0)).unwrap()
 }
+
+/// A raw rustls connector trusting `dir`'s vault CA and presenting caller
+/// `caller`'s certificate from `dir/clients/<caller>/`: for tests that look
+/// below gRPC (what the server sends, or does not).
+pub fn raw_tls_connector(dir: &Path, caller: &str) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let client = dir.join("clients").join(caller);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(dir.join("pki/ca.pem")).unwrap()).unwrap();
+    let certs: Vec<_> = CertificateDer::pem_file_iter(client.join("cert.pem")).unwrap().map(Result::unwrap).collect();
+    let key = PrivateKeyDer::from_pem_file(client.join("key.pem")).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
