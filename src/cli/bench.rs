@@ -11,12 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use tonic::transport::Channel;
 
 use super::client::{self, ConnectArgs};
 use super::{Classify as _, CliError, Failure, say};
-use crate::grpc::proto::tokenizer_client::TokenizerClient;
-use crate::grpc::proto::{self, detokenize_result, tokenize_result};
+use piivault_client::Client;
 
 /// The longest run allowed, so a typo cannot load a server for hours.
 const MAX_DURATION_S: u64 = 600;
@@ -168,39 +166,18 @@ fn run_base() -> u64 {
     u64::try_from(nanos % 1_000_000_000_000).unwrap_or(0) * 1000
 }
 
-fn client(channel: Channel) -> TokenizerClient<Channel> {
-    TokenizerClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
-}
-
-/// `connections` channels as one caller.
-async fn channels(args: &ConnectArgs, connections: u32) -> Result<Vec<Channel>, CliError> {
+/// `connections` clients (each its own HTTP/2 connection) as one caller.
+async fn clients(args: &ConnectArgs, connections: u32) -> Result<Vec<Client>, CliError> {
     let mut out = Vec::new();
     for _ in 0..connections {
-        out.push(client::channel(args).await?);
+        out.push(client::connect(args).await?);
     }
     Ok(out)
 }
 
-async fn tokenize_batch(
-    client: &mut TokenizerClient<Channel>,
-    collection: &str,
-    values: Vec<String>,
-) -> Result<Vec<Option<String>>, tonic::Status> {
-    let response = client.tokenize(proto::TokenizeRequest { collection: collection.to_owned(), values }).await?;
-    Ok(response
-        .into_inner()
-        .results
-        .into_iter()
-        .map(|r| match r.outcome {
-            Some(tokenize_result::Outcome::Token(token)) => Some(token),
-            _ => None,
-        })
-        .collect())
-}
-
 /// Stores `args.seed` values; returns up to [`MAX_KEPT_TOKENS`] of their
 /// tokens, and the seeding rate.
-async fn seed(args: &BenchArgs, writers: &[Channel], base: u64) -> Result<(Vec<String>, Option<f64>), CliError> {
+async fn seed(args: &BenchArgs, writers: &[Client], base: u64) -> Result<(Vec<String>, Option<f64>), CliError> {
     if args.seed == 0 {
         return Ok((Vec::new(), None));
     }
@@ -209,7 +186,7 @@ async fn seed(args: &BenchArgs, writers: &[Channel], base: u64) -> Result<(Vec<S
     let keep_every = usize::try_from(args.seed / MAX_KEPT_TOKENS as u64 + 1).unwrap_or(usize::MAX);
     let mut tasks = Vec::new();
     for worker in 0..SEED_CONCURRENCY {
-        let mut client = client(writers[worker % writers.len()].clone());
+        let client = writers[worker % writers.len()].clone();
         let (next, total, collection, shape) = (next.clone(), args.seed, args.collection.clone(), args.shape);
         tasks.push(tokio::spawn(async move {
             let mut kept = Vec::new();
@@ -219,17 +196,17 @@ async fn seed(args: &BenchArgs, writers: &[Channel], base: u64) -> Result<(Vec<S
                     return Ok(kept);
                 }
                 let to = (from + SEED_BATCH as u64).min(total);
-                let values = (from..to).map(|n| value(shape, base + n)).collect();
-                let tokens = tokenize_batch(&mut client, &collection, values).await?;
+                let values: Vec<String> = (from..to).map(|n| value(shape, base + n)).collect();
+                let tokens = client.tokenize(&collection, &values).await?;
                 kept.extend(tokens.into_iter().flatten().step_by(keep_every));
             }
         }));
     }
     let mut kept = Vec::new();
     for task in tasks {
-        let tokens: Result<Vec<String>, tonic::Status> =
+        let tokens: Result<Vec<String>, piivault_client::Error> =
             task.await.map_err(|e| anyhow!("a seeding task failed: {e}")).or_fail(Failure::Other)?;
-        kept.extend(tokens.map_err(|s| client::status_error(&s))?);
+        kept.extend(tokens.map_err(client::client_error)?);
     }
     if kept.is_empty() {
         return Err(anyhow!("seeding stored no value: does the collection accept --shape values?"))
@@ -242,8 +219,8 @@ async fn seed(args: &BenchArgs, writers: &[Channel], base: u64) -> Result<(Vec<S
 
 /// One caller's loop until `stop`: latencies in microseconds, and errors.
 async fn worker(
-    mut writer: TokenizerClient<Channel>,
-    mut reader: TokenizerClient<Channel>,
+    writer: Client,
+    reader: Client,
     args: Arc<(Operation, String, u32, Shape)>,
     tokens: Arc<Vec<String>>,
     stop: Arc<AtomicBool>,
@@ -262,25 +239,19 @@ async fn worker(
         i += 1;
         let started = Instant::now();
         let failed = if tokenize {
-            let values = (0..u64::from(batch)).map(|k| value(shape, n + k)).collect();
+            let values: Vec<String> = (0..u64::from(batch)).map(|k| value(shape, n + k)).collect();
             n += u64::from(batch);
-            match tokenize_batch(&mut writer, collection, values).await {
-                Ok(results) => results.iter().filter(|t| t.is_none()).count() as u64,
+            match writer.tokenize(collection, &values).await {
+                Ok(results) => results.iter().filter(|t| t.is_err()).count() as u64,
                 Err(_) => u64::from(batch),
             }
         } else {
-            let picked = (0..u64::from(batch))
-                .map(|k| tokens[usize::try_from((n + k * 7919) % tokens.len() as u64).unwrap_or(0)].clone())
+            let picked: Vec<&str> = (0..u64::from(batch))
+                .map(|k| tokens[usize::try_from((n + k * 7919) % tokens.len() as u64).unwrap_or(0)].as_str())
                 .collect();
             n += u64::from(batch);
-            let request = proto::DetokenizeRequest { collection: collection.to_owned(), tokens: picked };
-            match reader.detokenize(request).await {
-                Ok(response) => response
-                    .into_inner()
-                    .results
-                    .iter()
-                    .filter(|r| !matches!(r.outcome, Some(detokenize_result::Outcome::Value(_))))
-                    .count() as u64,
+            match reader.detokenize(collection, &picked).await {
+                Ok(results) => results.iter().filter(|r| r.is_err()).count() as u64,
                 Err(_) => u64::from(batch),
             }
         };
@@ -307,9 +278,9 @@ fn percentiles(mut micros: Vec<u32>) -> Percentiles {
 /// Runs `piivault bench`.
 #[allow(clippy::cast_precision_loss)] // rates and averages
 pub async fn run(args: BenchArgs) -> Result<(), CliError> {
-    let writers = channels(&args.connect, args.connections).await?;
+    let writers = clients(&args.connect, args.connections).await?;
     let readers = match &args.reader {
-        Some(name) => channels(&args.connect.acting_as(name), args.connections).await?,
+        Some(name) => clients(&args.connect.acting_as(name), args.connections).await?,
         None => writers.clone(),
     };
     let base = run_base();
@@ -329,8 +300,8 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         let c = usize::try_from(w % args.connections).unwrap_or(0);
         let first = base + args.seed + u64::from(w) * 1_000_000_000;
         tasks.push(tokio::spawn(worker(
-            client(writers[c].clone()),
-            client(readers[c].clone()),
+            writers[c].clone(),
+            readers[c].clone(),
             shared.clone(),
             tokens.clone(),
             stop.clone(),

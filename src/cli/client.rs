@@ -11,9 +11,8 @@ use tonic::transport::{Channel, Endpoint};
 use super::{Classify as _, CliError, Failure, say};
 use crate::config::{CONFIG_FILE, Config};
 use crate::grpc::code_name;
-use crate::grpc::proto::tokenizer_client::TokenizerClient;
-use crate::grpc::proto::{self, delete_result, detokenize_result, tokenize_result};
 use crate::pki;
+use piivault_client::{Client, ItemError, error_chain};
 
 /// Which call to make.
 #[derive(Debug, Clone, Copy)]
@@ -90,14 +89,31 @@ impl ConnectArgs {
     }
 }
 
-/// Connects with the resolved address and credentials.
-pub async fn connect(args: &ConnectArgs) -> Result<TokenizerClient<Channel>, CliError> {
-    let channel = channel(args).await?;
-    Ok(TokenizerClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+/// The address and PEM credentials `args` name.
+struct Resolved {
+    addr: String,
+    ca_pem: Vec<u8>,
+    cert_pem: Vec<u8>,
+    key_pem: zeroize::Zeroizing<Vec<u8>>,
 }
 
-/// A TLS channel to the vault with the resolved address and credentials.
-pub async fn channel(args: &ConnectArgs) -> Result<Channel, CliError> {
+/// A client of the Tokenizer service (`clients/rust`) with the resolved
+/// address and credentials, and `--timeout` as each request's deadline.
+pub async fn connect(args: &ConnectArgs) -> Result<Client, CliError> {
+    let resolved = resolve(args)?;
+    let mut config =
+        piivault_client::Config::new(resolved.addr, resolved.ca_pem, resolved.cert_pem, resolved.key_pem.to_vec());
+    config.deadline = Duration::from_secs(args.timeout.max(1));
+    Client::connect(config).await.map_err(client_error)
+}
+
+/// A client error as the command's error.
+pub fn client_error(error: piivault_client::Error) -> CliError {
+    let failure = if matches!(error, piivault_client::Error::Config(_)) { Failure::Config } else { Failure::Other };
+    CliError { failure, error: error.into() }
+}
+
+fn resolve(args: &ConnectArgs) -> Result<Resolved, CliError> {
     let dir_config = match &args.data_dir {
         Some(dir) => Some(Config::load(&dir.join(CONFIG_FILE)).or_fail(Failure::Config)?),
         None => None,
@@ -129,8 +145,14 @@ pub async fn channel(args: &ConnectArgs) -> Result<Channel, CliError> {
     let read = |path: &PathBuf| {
         std::fs::read(path).with_context(|| format!("cannot read {}", path.display())).or_fail(Failure::Config)
     };
-    let key_pem = zeroize::Zeroizing::new(read(&key)?);
-    let tls = crate::tls::client_tls(&read(&ca)?, &read(&cert)?, &key_pem);
+    Ok(Resolved { addr, ca_pem: read(&ca)?, cert_pem: read(&cert)?, key_pem: zeroize::Zeroizing::new(read(&key)?) })
+}
+
+/// A TLS channel to the vault with the resolved address and credentials
+/// (for the Admin and Audit services).
+pub async fn channel(args: &ConnectArgs) -> Result<Channel, CliError> {
+    let Resolved { addr, ca_pem, cert_pem, key_pem } = resolve(args)?;
+    let tls = crate::tls::client_tls(&ca_pem, &cert_pem, &key_pem);
     let timeout = Duration::from_secs(args.timeout.max(1));
     let channel = Endpoint::from_shared(format!("https://{addr}"))
         .with_context(|| format!("{addr:?} is not a host:port"))
@@ -153,34 +175,30 @@ pub fn status_error(s: &tonic::Status) -> CliError {
     CliError { failure: Failure::Other, error: anyhow!("{}: {}{cause}", code_name(s.code()), s.message()) }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-fn item_code(error: &proto::ItemError) -> &'static str {
-    let name = proto::ItemErrorCode::try_from(error.code).unwrap_or(proto::ItemErrorCode::Unspecified).as_str_name();
-    name.strip_prefix("ITEM_ERROR_CODE_").unwrap_or(name)
-}
-
 /// One printed result.
 enum Line {
     Ok(serde_json::Value, String),
     Failed(serde_json::Value, String),
 }
 
-fn failed(error: Option<&proto::ItemError>) -> Line {
-    let (code, message) = error.map_or(("UNSPECIFIED", ""), |e| (item_code(e), e.message.as_str()));
-    Line::Failed(
-        serde_json::json!({ "error": { "code": code, "message": message } }),
-        format!("error: {code}: {message}"),
-    )
+/// Each item's result as a printed line.
+fn lines<T>(results: Vec<Result<T, ItemError>>, ok: impl Fn(T) -> (serde_json::Value, String)) -> Vec<Line> {
+    results
+        .into_iter()
+        .map(|r| match r {
+            Ok(done) => {
+                let (json, text) = ok(done);
+                Line::Ok(json, text)
+            }
+            Err(e) => {
+                let (code, message) = (e.code.as_str(), e.message.as_str());
+                Line::Failed(
+                    serde_json::json!({ "error": { "code": code, "message": message } }),
+                    format!("error: {code}: {message}"),
+                )
+            }
+        })
+        .collect()
 }
 
 /// Runs one client command.
@@ -190,57 +208,19 @@ pub async fn run(op: Op, args: ItemsArgs) -> Result<(), CliError> {
     } else {
         args.items
     };
-    let mut client = connect(&args.connect).await?;
-    let collection = args.collection;
-    let status = |s: tonic::Status| status_error(&s);
+    let client = connect(&args.connect).await?;
+    let collection = args.collection.as_str();
     let lines: Vec<Line> = match op {
-        Op::Tokenize => {
-            let response =
-                client.tokenize(proto::TokenizeRequest { collection, values: items }).await.map_err(status)?;
-            response
-                .into_inner()
-                .results
-                .into_iter()
-                .map(|r| match r.outcome {
-                    Some(tokenize_result::Outcome::Token(token)) => {
-                        Line::Ok(serde_json::json!({ "token": token }), token)
-                    }
-                    Some(tokenize_result::Outcome::Error(e)) => failed(Some(&e)),
-                    None => failed(None),
-                })
-                .collect()
-        }
-        Op::Detokenize => {
-            let response =
-                client.detokenize(proto::DetokenizeRequest { collection, tokens: items }).await.map_err(status)?;
-            response
-                .into_inner()
-                .results
-                .into_iter()
-                .map(|r| match r.outcome {
-                    Some(detokenize_result::Outcome::Value(value)) => {
-                        Line::Ok(serde_json::json!({ "value": value, "masked": r.masked }), value)
-                    }
-                    Some(detokenize_result::Outcome::Error(e)) => failed(Some(&e)),
-                    None => failed(None),
-                })
-                .collect()
-        }
-        Op::Delete => {
-            let response = client.delete(proto::DeleteRequest { collection, tokens: items }).await.map_err(status)?;
-            response
-                .into_inner()
-                .results
-                .into_iter()
-                .map(|r| match r.outcome {
-                    Some(delete_result::Outcome::Deleted(true)) => {
-                        Line::Ok(serde_json::json!({ "deleted": true }), "deleted".to_owned())
-                    }
-                    Some(delete_result::Outcome::Error(e)) => failed(Some(&e)),
-                    Some(delete_result::Outcome::Deleted(false)) | None => failed(None),
-                })
-                .collect()
-        }
+        Op::Tokenize => lines(client.tokenize(collection, &items).await.map_err(client_error)?, |token| {
+            (serde_json::json!({ "token": token }), token)
+        }),
+        Op::Detokenize => lines(client.detokenize(collection, &items).await.map_err(client_error)?, |revealed| {
+            let value = revealed.value.expose().to_owned();
+            (serde_json::json!({ "value": value, "masked": revealed.masked }), value)
+        }),
+        Op::Delete => lines(client.delete(collection, &items).await.map_err(client_error)?, |()| {
+            (serde_json::json!({ "deleted": true }), "deleted".to_owned())
+        }),
     };
     let total = lines.len();
     let failures = lines.iter().filter(|l| matches!(l, Line::Failed(..))).count();
