@@ -1,0 +1,294 @@
+// A client for piivault's Tokenizer service on @grpc/grpc-js: mutual TLS,
+// inputs split into the server's batch limit (lowered when the server says
+// its limit is lower), a deadline on every request, retries with backoff and
+// full jitter on UNAVAILABLE for detokenize and delete (never tokenize),
+// typed errors, per-item results in input order. No value appears in an
+// error, in util.inspect or in JSON.stringify of a result.
+
+import { readFileSync } from "node:fs";
+import { inspect } from "node:util";
+import { join } from "node:path";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+
+/** The server's default `limits.max_items_per_call`. */
+export const DEFAULT_MAX_BATCH = 1000;
+
+/** PEM contents, or a path to a PEM file. */
+export type PemSource = Buffer | string;
+
+/** A whole call failed. The message comes from the server, which never puts a value in it. */
+export class PiiVaultError extends Error {
+  constructor(
+    /** The gRPC status name (`PERMISSION_DENIED`, ...). */
+    readonly code: string,
+    message: string,
+  ) {
+    super(`${code}: ${message}`);
+    this.name = new.target.name;
+  }
+}
+/** Not granted this action on this collection (or no such collection). */
+export class PermissionDenied extends PiiVaultError {}
+/** The certificate names no caller, or was revoked. */
+export class Unauthenticated extends PiiVaultError {}
+/** A malformed request. */
+export class InvalidArgument extends PiiVaultError {}
+/** A limit: the caller's rate or detokenize quota, message size, token space. */
+export class ResourceExhausted extends PiiVaultError {}
+/** The vault cannot serve now, or cannot be reached (TLS included). */
+export class Unavailable extends PiiVaultError {}
+/** The call's deadline passed. */
+export class DeadlineExceeded extends PiiVaultError {}
+
+const ERRORS: Record<number, new (code: string, message: string) => PiiVaultError> = {
+  [grpc.status.PERMISSION_DENIED]: PermissionDenied,
+  [grpc.status.UNAUTHENTICATED]: Unauthenticated,
+  [grpc.status.INVALID_ARGUMENT]: InvalidArgument,
+  [grpc.status.RESOURCE_EXHAUSTED]: ResourceExhausted,
+  [grpc.status.UNAVAILABLE]: Unavailable,
+  [grpc.status.DEADLINE_EXCEEDED]: DeadlineExceeded,
+};
+
+function toError(e: grpc.ServiceError): PiiVaultError {
+  const kind = ERRORS[e.code] ?? PiiVaultError;
+  return new kind(grpc.status[e.code] ?? "UNKNOWN", e.details ?? "");
+}
+
+/** Why one item failed. */
+export interface ItemError {
+  /** `NOT_FOUND`, `INVALID_VALUE`, `UNREADABLE`, `TOKEN_SPACE_EXHAUSTED`, or
+   * `BATCH_FAILED` (its batch failed as a whole after earlier batches of the
+   * same call succeeded). */
+  code: string;
+  message: string;
+}
+
+/** One tokenized value. */
+export type TokenResult = { ok: true; token: string } | { ok: false; error: ItemError };
+
+/** One detokenized token. Read the value with `value()`; it is in no
+ * enumerable property, so logging or serializing the result shows none. */
+export class ValueResult {
+  readonly #value: string | undefined;
+  constructor(
+    value: string | undefined,
+    readonly masked: boolean,
+    readonly error?: ItemError,
+  ) {
+    this.#value = value;
+  }
+  get ok(): boolean {
+    return this.error === undefined;
+  }
+  /** The value (its mask when `masked`); undefined when the item failed. */
+  value(): string | undefined {
+    return this.#value;
+  }
+  [inspect.custom](): string {
+    return this.ok ? `ValueResult { value: <redacted>, masked: ${this.masked} }` : `ValueResult { error: ${this.error?.code} }`;
+  }
+}
+
+/** One deleted token. */
+export type DeleteResult = { ok: true } | { ok: false; error: ItemError };
+
+/** How to reach the vault and how calls behave. */
+export interface ClientOptions {
+  /** The vault CA certificate. */
+  ca: PemSource;
+  /** This caller's certificate. */
+  cert: PemSource;
+  /** This caller's private key. */
+  key: PemSource;
+  /** Items per request at most (default 1000). */
+  maxBatch?: number;
+  /** Deadline of each request, milliseconds (default 30000). */
+  deadlineMs?: number;
+  /** Retries of detokenize and delete on UNAVAILABLE (default 3). */
+  retries?: number;
+  /** The first retry waits up to this long, doubling, with full jitter (default 100 ms). */
+  backoffMs?: number;
+}
+
+const ITEM_CODES: Record<string, string> = {
+  ITEM_ERROR_CODE_NOT_FOUND: "NOT_FOUND",
+  ITEM_ERROR_CODE_INVALID_VALUE: "INVALID_VALUE",
+  ITEM_ERROR_CODE_UNREADABLE: "UNREADABLE",
+  ITEM_ERROR_CODE_TOKEN_SPACE_EXHAUSTED: "TOKEN_SPACE_EXHAUSTED",
+};
+
+interface WireItemError {
+  code: string;
+  message: string;
+}
+interface WireResult {
+  outcome?: string;
+  token?: string;
+  value?: string;
+  deleted?: boolean;
+  error?: WireItemError;
+  masked?: boolean;
+}
+type Unary = (
+  request: object,
+  metadata: grpc.Metadata,
+  options: grpc.CallOptions,
+  callback: (error: grpc.ServiceError | null, response?: { results: WireResult[] }) => void,
+) => void;
+
+function pem(source: PemSource): Buffer {
+  return Buffer.isBuffer(source) ? source : readFileSync(source);
+}
+
+function itemError(error: WireItemError | undefined): ItemError {
+  return { code: ITEM_CODES[error?.code ?? ""] ?? "UNSPECIFIED", message: error?.message ?? "" };
+}
+
+let tokenizerService: grpc.ServiceClientConstructor | undefined;
+function service(): grpc.ServiceClientConstructor {
+  if (tokenizerService === undefined) {
+    const definition = protoLoader.loadSync("piivault/v1/tokenizer.proto", {
+      includeDirs: [join(__dirname, "../proto")],
+      keepCase: true,
+      enums: String,
+      oneofs: true,
+      defaults: false,
+    });
+    const loaded = grpc.loadPackageDefinition(definition) as unknown as {
+      piivault: { v1: { Tokenizer: grpc.ServiceClientConstructor } };
+    };
+    tokenizerService = loaded.piivault.v1.Tokenizer;
+  }
+  return tokenizerService;
+}
+
+/** A connection to a vault. Call `close()` when done. */
+export class Client {
+  readonly #stub: grpc.Client & Record<string, Unary>;
+  /** Items per request at most now. */
+  maxBatch: number;
+  readonly deadlineMs: number;
+  readonly retries: number;
+  readonly backoffMs: number;
+
+  constructor(address: string, options: ClientOptions) {
+    const credentials = grpc.credentials.createSsl(pem(options.ca), pem(options.key), pem(options.cert));
+    const Tokenizer = service();
+    this.#stub = new Tokenizer(address, credentials, {
+      "grpc.max_receive_message_length": 64 << 20,
+      "grpc.max_send_message_length": 64 << 20,
+    }) as grpc.Client & Record<string, Unary>;
+    this.maxBatch = Math.max(1, options.maxBatch ?? DEFAULT_MAX_BATCH);
+    this.deadlineMs = options.deadlineMs ?? 30_000;
+    this.retries = options.retries ?? 3;
+    this.backoffMs = options.backoffMs ?? 100;
+  }
+
+  /** From PIIVAULT_ADDR, PIIVAULT_CACERT, PIIVAULT_CLIENT_CERT and
+   * PIIVAULT_CLIENT_KEY (file paths), as the command line reads them. */
+  static fromEnv(options: Partial<ClientOptions> = {}, env: NodeJS.ProcessEnv = process.env): Client {
+    const names = ["PIIVAULT_ADDR", "PIIVAULT_CACERT", "PIIVAULT_CLIENT_CERT", "PIIVAULT_CLIENT_KEY"];
+    const missing = names.filter((n) => !env[n]);
+    if (missing.length > 0) {
+      throw new Error(`${missing.join(", ")} not set`);
+    }
+    const [address, ca, cert, key] = names.map((n) => env[n] as string);
+    return new Client(address, { ca, cert, key, ...options });
+  }
+
+  close(): void {
+    this.#stub.close();
+  }
+
+  [inspect.custom](): string {
+    return `Client { maxBatch: ${this.maxBatch}, deadlineMs: ${this.deadlineMs} }`;
+  }
+
+  /** A token per value, in order. Never retried: a lost answer could store a value twice. */
+  tokenize(collection: string, values: readonly string[]): Promise<TokenResult[]> {
+    return this.#batched(values, false, "Tokenize", (batch) => ({ collection, values: batch }), (r) =>
+      r.outcome === "token" ? { ok: true, token: r.token as string } : { ok: false, error: itemError(r.error) },
+    (error) => ({ ok: false, error }));
+  }
+
+  /** The value (or its mask) per token, in order. */
+  detokenize(collection: string, tokens: readonly string[]): Promise<ValueResult[]> {
+    return this.#batched(tokens, true, "Detokenize", (batch) => ({ collection, tokens: batch }), (r) =>
+      r.outcome === "value" ? new ValueResult(r.value, r.masked ?? false) : new ValueResult(undefined, false, itemError(r.error)),
+    (error) => new ValueResult(undefined, false, error));
+  }
+
+  /** Deletes each token's value, in order (a second delete is NOT_FOUND). */
+  delete(collection: string, tokens: readonly string[]): Promise<DeleteResult[]> {
+    return this.#batched(tokens, true, "Delete", (batch) => ({ collection, tokens: batch }), (r) =>
+      r.outcome === "deleted" && r.deleted ? { ok: true } : { ok: false, error: itemError(r.error) },
+    (error) => ({ ok: false, error }));
+  }
+
+  async #batched<R>(
+    items: readonly string[],
+    idempotent: boolean,
+    method: string,
+    request: (batch: string[]) => object,
+    result: (r: WireResult) => R,
+    failed: (error: ItemError) => R,
+  ): Promise<R[]> {
+    const out: R[] = [];
+    while (out.length < items.length) {
+      const size = Math.min(this.maxBatch, items.length - out.length);
+      const batch = items.slice(out.length, out.length + size);
+      let results: WireResult[];
+      try {
+        results = await this.#withRetries(idempotent, method, request(batch));
+      } catch (e) {
+        const error = e as PiiVaultError;
+        const limit = error instanceof ResourceExhausted ? /the limit is (\d+)/.exec(error.message) : null;
+        if (limit !== null && Number(limit[1]) > 0 && Number(limit[1]) < size) {
+          this.maxBatch = Number(limit[1]);
+          continue;
+        }
+        if (out.length === 0) {
+          throw error;
+        }
+        const item = { code: "BATCH_FAILED", message: error.message };
+        while (out.length < items.length) {
+          out.push(failed(item));
+        }
+        break;
+      }
+      if (results.length !== size) {
+        throw new PiiVaultError("UNKNOWN", `the server answered ${results.length} results for ${size} items`);
+      }
+      out.push(...results.map(result));
+    }
+    return out;
+  }
+
+  async #withRetries(idempotent: boolean, method: string, request: object): Promise<WireResult[]> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.#call(method, request);
+      } catch (e) {
+        if (!(idempotent && e instanceof Unavailable && attempt < this.retries)) {
+          throw e;
+        }
+        const ceiling = this.backoffMs * 2 ** attempt;
+        await new Promise((resolve) => setTimeout(resolve, Math.random() * ceiling));
+      }
+    }
+  }
+
+  #call(method: string, request: object): Promise<WireResult[]> {
+    return new Promise((resolve, reject) => {
+      const deadline = new Date(Date.now() + this.deadlineMs);
+      this.#stub[method].call(this.#stub, request, new grpc.Metadata(), { deadline }, (error, response) => {
+        if (error) {
+          reject(toError(error));
+        } else {
+          resolve(response?.results ?? []);
+        }
+      });
+    });
+  }
+}
