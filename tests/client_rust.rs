@@ -162,3 +162,37 @@ async fn a_wrong_ca_is_refused_and_the_environment_configures() {
     let missing = Config::from_vars(|name| vars.get(name).filter(|_| name != "PIIVAULT_CLIENT_KEY").cloned());
     assert_eq!(missing.unwrap_err().to_string(), "client configuration: PIIVAULT_CLIENT_KEY is not set");
 }
+
+/// While the vault is down, tokenize fails at once with UNAVAILABLE (a
+/// retry could store a value twice); detokenize keeps retrying with backoff
+/// and succeeds once the vault is back on the same address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_idempotent_calls_are_retried_while_the_vault_is_down() {
+    let server = DevServer::start();
+    let addr = server.addr;
+    let mut settings = config(&server, "writer");
+    settings.retries = 8;
+    settings.backoff = std::time::Duration::from_millis(250);
+    let writer = Client::connect(settings).await.unwrap();
+    let mut reader_settings = config(&server, "reader");
+    reader_settings.retries = 8;
+    reader_settings.backoff = std::time::Duration::from_millis(250);
+    let reader = Client::connect(reader_settings).await.unwrap();
+    let tokens = tokens_of(&writer, "name", &["Katherine Johnson".to_owned()]).await;
+
+    let (_, tmp) = server.stop();
+    let started = std::time::Instant::now();
+    let down = writer.tokenize("name", &["While Down"]).await.unwrap_err();
+    assert!(matches!(down, Error::Unavailable(_)), "{down:?}");
+    let tokenize_failed_after = started.elapsed();
+    let restart = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let dir = tmp.path().join("vault");
+        DevServer::start_at(tmp, dir, &addr.to_string())
+    });
+    let back = values_of(&reader, "name", &tokens).await;
+    assert_eq!(back, ["Katherine Johnson"]);
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    assert!(tokenize_failed_after < std::time::Duration::from_secs(1), "{tokenize_failed_after:?}");
+    drop(restart.join().unwrap());
+}

@@ -35,8 +35,13 @@ impl DevServer {
 
     /// `piivault dev` on `dir` inside `tmp` (which may already hold a dev vault).
     pub fn start_in(tmp: TempDir, dir: PathBuf) -> Self {
+        Self::start_at(tmp, dir, "127.0.0.1:0")
+    }
+
+    /// The same, listening on `listen`.
+    pub fn start_at(tmp: TempDir, dir: PathBuf, listen: &str) -> Self {
         let mut child = Command::new(BIN)
-            .args(["dev", "--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .args(["dev", "--data-dir", dir.to_str().unwrap(), "--listen", listen])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .env_remove("PIIVAULT_LOG")
             .stdin(Stdio::null())
