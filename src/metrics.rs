@@ -81,6 +81,8 @@ pub struct Metrics {
     pub handshake_failures: Family<Reason, Counter>,
     /// Connections closed at accept over `server.max_connections`.
     pub connections_refused: Counter,
+    /// WARN alerts raised for repeated refusals of one caller or address.
+    pub alerts: Counter,
     /// Requests refused by a caller's limits (`requests`: the rate limit;
     /// `detokenize_values`: the bulk-detokenize guard).
     pub rate_limited: Family<Reason, Counter>,
@@ -114,6 +116,7 @@ impl Metrics {
             denials: Family::default(),
             handshake_failures: Family::default(),
             connections_refused: Counter::default(),
+            alerts: Counter::default(),
             rate_limited: Family::default(),
             commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             reload_failures: Family::default(),
@@ -131,6 +134,7 @@ impl Metrics {
             "connections closed at accept over server.max_connections",
             metrics.connections_refused.clone(),
         );
+        registry.register("alerts", "alerts raised for repeated refusals", metrics.alerts.clone());
         registry.register("rate_limited", "requests refused by a caller's limits", metrics.rate_limited.clone());
         registry.register(
             "store_commit_batch_requests",

@@ -138,8 +138,11 @@ async fn metrics_count_requests_denials_tokens_keys_and_failed_reloads() {
     let mut writer = server.client("writer").await;
     let values: Vec<String> = vec!["4111111111111111".into(), "5500005555555559".into(), "4012888888881881".into()];
     let tokens = tokenize(&mut writer, "card", &values).await.unwrap();
-    let denied = detokenize(&mut writer, "card", &tokens).await.unwrap_err();
-    assert_eq!(denied.code(), Code::PermissionDenied);
+    // Five refusals of one caller within the alert window: one alert.
+    for _ in 0..5 {
+        let denied = detokenize(&mut writer, "card", &tokens).await.unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied);
+    }
     // A connection without a client certificate fails its handshake.
     let no_cert = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(server.ca_pem()));
@@ -153,9 +156,10 @@ async fn metrics_count_requests_denials_tokens_keys_and_failed_reloads() {
     assert_eq!(server.metric("piivault_requests_total{method=\"Tokenize\",outcome=\"OK\"}"), Some(1.0));
     assert_eq!(
         server.metric("piivault_requests_total{method=\"Detokenize\",outcome=\"PERMISSION_DENIED\"}"),
-        Some(1.0)
+        Some(5.0)
     );
-    assert_eq!(server.metric("piivault_denials_total{reason=\"permission_denied\"}"), Some(1.0));
+    assert_eq!(server.metric("piivault_denials_total{reason=\"permission_denied\"}"), Some(5.0));
+    assert_eq!(server.metric("piivault_alerts_total"), Some(1.0));
     assert_eq!(server.metric("piivault_request_duration_seconds_count{method=\"Tokenize\"}"), Some(1.0));
     assert!(server.metric("piivault_tls_handshake_failures_total{reason=\"refused\"}").unwrap() >= 1.0);
     assert_eq!(server.metric("piivault_tokens{collection=\"card\"}"), Some(3.0));

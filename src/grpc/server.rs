@@ -66,7 +66,6 @@ pub struct Alerts {
     window: std::time::Duration,
     threshold: usize,
     recent: std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<std::time::Instant>>>,
-    raised: std::sync::atomic::AtomicU64,
 }
 
 /// Subjects tracked at once; beyond it, idle ones are forgotten first.
@@ -75,7 +74,7 @@ const MAX_ALERT_SUBJECTS: usize = 10_000;
 impl Alerts {
     /// Alerts at `threshold` refusals within `window`.
     pub fn new(window: std::time::Duration, threshold: usize) -> Self {
-        Self { window, threshold, recent: std::sync::Mutex::default(), raised: std::sync::atomic::AtomicU64::new(0) }
+        Self { window, threshold, recent: std::sync::Mutex::default() }
     }
 
     /// Notes one refusal of `subject` (a caller name or a peer address).
@@ -96,7 +95,7 @@ impl Alerts {
         if times.len() >= self.threshold {
             let count = times.len();
             times.clear();
-            let total = self.raised.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let total = metrics().alerts.inc() + 1;
             tracing::warn!(
                 alert = true,
                 subject,
@@ -106,11 +105,6 @@ impl Alerts {
                 "repeated {what}"
             );
         }
-    }
-
-    /// Alerts raised since start (for a metrics endpoint).
-    pub fn raised(&self) -> u64 {
-        self.raised.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
