@@ -207,8 +207,8 @@ fn seal_with(
     Ok(out)
 }
 
-/// A sealed root file taken apart, before any secret is used.
-#[derive(Debug)]
+/// A sealed root file taken apart, before any secret is used. Its `Debug`
+/// shows the provider and KDF parameters only, never the sealed bytes.
 pub struct SealedRoot<'a> {
     /// Which provider sealed it: `"passphrase"` or `"raw key"`.
     pub provider: &'static str,
@@ -220,6 +220,12 @@ pub struct SealedRoot<'a> {
     kdf_string: &'a str,
     nonce: &'a [u8; NONCE_LEN],
     sealed: &'a [u8],
+}
+
+impl std::fmt::Debug for SealedRoot<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedRoot").field("provider", &self.provider).field("kdf", &self.kdf).finish_non_exhaustive()
+    }
 }
 
 /// Checks the layout of a sealed root file, and its KDF string (PHC form,
@@ -331,6 +337,9 @@ mod tests {
     fn round_trip_passphrase_and_raw() {
         let unlock = passphrase("correct horse battery staple");
         let (root, file) = create(&unlock, MIN_KDF).unwrap();
+        let parsed = format!("{:?}", parse_sealed(&file).unwrap());
+        assert!(parsed.starts_with("SealedRoot { provider: \"passphrase\", kdf: Some("), "{parsed}");
+        assert!(!parsed.contains("sealed") && !parsed.contains("nonce"), "{parsed}");
         let opened = unseal(&file, &unlock).unwrap();
         assert_eq!(root.expose_secret(), opened.expose_secret());
 
