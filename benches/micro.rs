@@ -17,10 +17,18 @@ fn tokens(c: &mut Criterion) {
     let mut group = c.benchmark_group("token");
     let formats = [
         ("random", Format::Random { prefix: "name".parse().unwrap() }, "Zoë Ångström"),
-        ("digits", Format::Digits { keep_last: 0, min_len: 6 }, "078-05-1120"),
+        ("digits", Format::Digits { keep_last: 0, min_len: 6, keep_country_code: false }, "078-05-1120"),
         ("alphanumeric", Format::Alphanumeric { keep_last: 4, min_len: 10 }, "GB82WEST12345698765432"),
-        ("card_luhn_invalid", Format::Card { keep_first: 0, keep_last: 4, luhn: Luhn::Invalid }, "4111 1111 1111 1111"),
-        ("card_luhn_valid", Format::Card { keep_first: 6, keep_last: 0, luhn: Luhn::Valid }, "4111 1111 1111 1111"),
+        (
+            "card_luhn_invalid",
+            Format::Card { keep_first: 0, keep_last: 4, min_len: 12, luhn: Luhn::Invalid },
+            "4111 1111 1111 1111",
+        ),
+        (
+            "card_luhn_valid",
+            Format::Card { keep_first: 6, keep_last: 0, min_len: 12, luhn: Luhn::Valid },
+            "4111 1111 1111 1111",
+        ),
         ("email", Format::Email { keep_domain: true }, "jane.doe@example.org"),
     ];
     for (name, format, value) in formats {

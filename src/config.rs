@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use crate::format::{Format, Luhn, MAX_PRESERVED_LEN, MIN_TOKEN_SPACE, Mask, Normalize};
+use crate::format::{CARD_DIGITS, Format, Luhn, MAX_PRESERVED_LEN, MIN_TOKEN_SPACE, Mask, Normalize};
 use crate::token::TokenPrefix;
 
 /// Name of the configuration file inside a data directory.
@@ -446,6 +446,7 @@ struct RawCollection {
     keep_last: Option<i64>,
     min_len: Option<i64>,
     luhn: Option<String>,
+    keep_country_code: Option<bool>,
     keep_domain: Option<bool>,
     deterministic: Option<bool>,
     normalize: Option<OneOrMany>,
@@ -472,12 +473,14 @@ impl OneOrMany {
 }
 
 /// Options that only some formats take: the key and the formats.
-const FORMAT_OPTIONS: [(&str, &[&str]); 5] = [
+const FORMAT_OPTIONS: [(&str, &[&str]); 7] = [
     ("prefix", &["random"]),
     ("keep_first", &["card"]),
     ("keep_last", &["digits", "alphanumeric", "card"]),
-    ("min_len", &["digits", "alphanumeric"]),
+    ("min_len", &["digits", "alphanumeric", "card"]),
     ("luhn", &["card"]),
+    ("keep_country_code", &["digits"]),
+    ("keep_domain", &["email"]),
 ];
 
 fn duration_setting(key: &str, text: Option<&String>) -> Result<Option<std::time::Duration>, ConfigError> {
@@ -499,12 +502,14 @@ fn parse_collection(
     limits: &Limits,
 ) -> Result<(Format, Normalize, Mask, usize), ConfigError> {
     let format_name = raw.format.as_deref().unwrap_or("random");
-    let given: [(&str, bool); 5] = [
+    let given: [(&str, bool); 7] = [
         ("prefix", raw.prefix.is_some()),
         ("keep_first", raw.keep_first.is_some()),
         ("keep_last", raw.keep_last.is_some()),
         ("min_len", raw.min_len.is_some()),
         ("luhn", raw.luhn.is_some()),
+        ("keep_country_code", raw.keep_country_code.is_some()),
+        ("keep_domain", raw.keep_domain.is_some()),
     ];
     for ((option, formats), (_, set)) in FORMAT_OPTIONS.iter().zip(given) {
         if set && !formats.contains(&format_name) {
@@ -513,12 +518,6 @@ fn parse_collection(
                 format!("{option} does not apply to format = {format_name:?} (only to {})", formats.join(", ")),
             ));
         }
-    }
-    if raw.keep_domain.is_some() && format_name != "email" {
-        return Err(invalid(
-            format!("{key}.keep_domain"),
-            format!("keep_domain does not apply to format = {format_name:?} (only to email)"),
-        ));
     }
     let count = |option: &str, value: Option<i64>| -> Result<usize, ConfigError> {
         value.map_or(Ok(0), |n| {
@@ -548,7 +547,7 @@ fn parse_collection(
                 return Err(invalid(format!("{key}.min_len"), "must be at least 1"));
             }
             if format_name == "digits" {
-                Format::Digits { keep_last, min_len }
+                Format::Digits { keep_last, min_len, keep_country_code: raw.keep_country_code.unwrap_or(false) }
             } else {
                 Format::Alphanumeric { keep_last, min_len }
             }
@@ -563,13 +562,23 @@ fn parse_collection(
                     )
                 })?,
             };
-            Format::Card { keep_first: count("keep_first", raw.keep_first)?, keep_last, luhn }
+            let min_len = match raw.min_len {
+                None => *CARD_DIGITS.start(),
+                Some(n) => usize::try_from(n).ok().filter(|n| CARD_DIGITS.contains(n)).ok_or_else(|| {
+                    invalid(
+                        format!("{key}.min_len"),
+                        format!("a card number has {} to {} digits, got {n}", CARD_DIGITS.start(), CARD_DIGITS.end()),
+                    )
+                })?,
+            };
+            Format::Card { keep_first: count("keep_first", raw.keep_first)?, keep_last, min_len, luhn }
         }
+        "ssn" => Format::Ssn,
         "email" => Format::Email { keep_domain: raw.keep_domain.unwrap_or(true) },
         other => {
             return Err(invalid(
                 format!("{key}.format"),
-                format!("unknown format {other:?}; expected random, digits, alphanumeric, card or email"),
+                format!("unknown format {other:?}; expected random, digits, alphanumeric, card, ssn or email"),
             ));
         }
     };
@@ -578,7 +587,8 @@ fn parse_collection(
         return Err(invalid(
             key,
             format!(
-                "format {format_name:?} leaves {space} possible tokens for its shortest value; at least {MIN_TOKEN_SPACE} are needed (keep fewer characters, or raise min_len)"
+                "format {format_name:?} leaves {space} possible tokens for its shortest value ({} letters and digits); at least {MIN_TOKEN_SPACE} are needed (keep fewer characters, or raise min_len)",
+                format.min_slots()
             ),
         ));
     }
@@ -817,20 +827,19 @@ impl Config {
              alert_threshold = 5\n\
              \n\
              # Collections. format: random (default, <prefix>_<22 random characters>),\n\
-             # digits, alphanumeric, card or email (tokens shaped like the value; see the\n\
-             # README). Optional: deterministic = true (same value, same token),\n\
+             # digits, alphanumeric, card, ssn or email (tokens shaped like the value; see\n\
+             # the README). Optional: deterministic = true (same value, same token),\n\
              # normalize = [\"trim\", \"lowercase\"], ttl = \"30d\", mask = \"last:4\",\n\
              # max_value_len = 64, and rotate_after = \"90d\" / max_encryptions = 1000000000\n\
              # to rotate the data key automatically.\n\
              [collections.card]\n\
-             format = \"card\"\n\
+             format = \"card\"                # 12 to 19 digits, grouped as printed or not\n\
              keep_last = 4\n\
              luhn = \"invalid\"            # tokens never pass the Luhn check\n\
              \n\
              [collections.ssn]\n\
-             format = \"digits\"\n\
-             min_len = 9                   # the token space is counted at the shortest value\n\
-             deterministic = true\n\
+             format = \"ssn\"                 # tokens use area 900-999: never a valid SSN\n\
+             deterministic = true           # 078-05-1120 and 078051120 get one token\n\
              \n\
              [collections.email]\n\
              format = \"email\"\n\
@@ -839,11 +848,13 @@ impl Config {
              \n\
              [collections.phone]\n\
              format = \"digits\"\n\
-             min_len = 8\n\
+             min_len = 9                   # the token space is counted per length, from the shortest\n\
+             keep_country_code = true      # +44 20 7946 0958 keeps +44\n\
              \n\
              [collections.name]\n\
              format = \"random\"\n\
-             prefix = \"name\"\n"
+             prefix = \"name\"\n\
+             normalize = [\"trim\"]\n"
         )
     }
 }
@@ -973,8 +984,8 @@ mod tests {
     fn collection_formats() {
         let config = parse(&Config::sample(&RootKeySource::Passphrase)).unwrap();
         let get = |name: &str| config.collections.iter().find(|(n, _)| n.as_str() == name).unwrap().1.clone();
-        assert_eq!(get("card").format, Format::Card { keep_first: 0, keep_last: 4, luhn: Luhn::Invalid });
-        assert_eq!(get("ssn").format, Format::Digits { keep_last: 0, min_len: 9 });
+        assert_eq!(get("card").format, Format::Card { keep_first: 0, keep_last: 4, min_len: 12, luhn: Luhn::Invalid });
+        assert_eq!(get("ssn").format, Format::Ssn);
         assert!(get("ssn").deterministic);
         let email = get("email");
         assert_eq!(email.format, Format::Email { keep_domain: true });
@@ -982,7 +993,7 @@ mod tests {
         assert_eq!(email.normalize, Normalize::parse(["trim", "lowercase"]).unwrap());
         assert_eq!(email.mask, Mask::Email);
         assert_eq!(email.max_value_len, 256);
-        assert_eq!(get("phone").format, Format::Digits { keep_last: 0, min_len: 8 });
+        assert_eq!(get("phone").format, Format::Digits { keep_last: 0, min_len: 9, keep_country_code: true });
         assert_eq!(get("name").format, Format::Random { prefix: "name".parse().unwrap() });
         assert_eq!(get("name").max_value_len, 4096);
 
@@ -1004,21 +1015,43 @@ mod tests {
         let cases = [
             // A token space too small to be safe, with its size.
             (
-                "format = \"card\"\nkeep_first = 6\nkeep_last = 4\nluhn = \"valid\"",
-                "collections.c: format \"card\" leaves 100000 possible tokens for its shortest value; at least 1000000 are needed (keep fewer characters, or raise min_len)",
+                "format = \"card\"\nkeep_first = 6\nkeep_last = 4\nluhn = \"valid\"\nmin_len = 16",
+                "collections.c: format \"card\" leaves 100000 possible tokens for its shortest value (16 letters and digits); at least 1000000 are needed (keep fewer characters, or raise min_len)",
+            ),
+            // Counted at the shortest card number accepted: 12 digits by default.
+            (
+                "format = \"card\"\nkeep_first = 6\nkeep_last = 4",
+                "collections.c: format \"card\" leaves 90 possible tokens for its shortest value (12 letters and digits); at least 1000000 are needed (keep fewer characters, or raise min_len)",
             ),
             (
+                "format = \"card\"\nkeep_first = 8\nkeep_last = 4\nmin_len = 18",
+                "collections.c: format \"card\" leaves 900000 possible tokens for its shortest value (18 letters and digits); at least 1000000 are needed (keep fewer characters, or raise min_len)",
+            ),
+            ("format = \"card\"\nmin_len = 11", "collections.c.min_len: a card number has 12 to 19 digits, got 11"),
+            (
                 "format = \"digits\"\nmin_len = 4",
-                "collections.c: format \"digits\" leaves 10000 possible tokens for its shortest value; at least 1000000 are needed (keep fewer characters, or raise min_len)",
+                "collections.c: format \"digits\" leaves 10000 possible tokens for its shortest value (4 letters and digits); at least 1000000 are needed (keep fewer characters, or raise min_len)",
             ),
             (
                 "format = \"digits\"\nkeep_last = 4\nmin_len = 9",
-                "collections.c: format \"digits\" leaves 100000 possible tokens for its shortest value; at least 1000000 are needed (keep fewer characters, or raise min_len)",
+                "collections.c: format \"digits\" leaves 100000 possible tokens for its shortest value (9 letters and digits); at least 1000000 are needed (keep fewer characters, or raise min_len)",
+            ),
+            (
+                "format = \"digits\"\nmin_len = 8\nkeep_country_code = true",
+                "collections.c: format \"digits\" leaves 100000 possible tokens for its shortest value (8 letters and digits); at least 1000000 are needed (keep fewer characters, or raise min_len)",
+            ),
+            (
+                "format = \"card\"\nkeep_country_code = true",
+                "collections.c.keep_country_code: keep_country_code does not apply to format = \"card\" (only to digits)",
+            ),
+            (
+                "format = \"ssn\"\nmin_len = 9",
+                "collections.c.min_len: min_len does not apply to format = \"ssn\" (only to digits, alphanumeric, card)",
             ),
             // Unknown names.
             (
                 "format = \"fpe\"",
-                "collections.c.format: unknown format \"fpe\"; expected random, digits, alphanumeric, card or email",
+                "collections.c.format: unknown format \"fpe\"; expected random, digits, alphanumeric, card, ssn or email",
             ),
             (
                 "format = \"card\"\nluhn = \"maybe\"",

@@ -112,6 +112,9 @@ pub enum ItemError {
     /// The value is the empty string.
     #[error("the value is empty")]
     EmptyValue,
+    /// The value is nothing but whitespace.
+    #[error("the value is blank (whitespace only)")]
+    BlankValue,
     /// The value exceeds `limits.max_value_bytes`.
     #[error("the value is longer than {max} bytes")]
     ValueTooLong {
@@ -134,7 +137,9 @@ impl ItemError {
     pub fn code(&self) -> ItemErrorCode {
         match self {
             Self::NotFound => ItemErrorCode::NotFound,
-            Self::EmptyValue | Self::ValueTooLong { .. } | Self::Misfit(_) => ItemErrorCode::InvalidValue,
+            Self::EmptyValue | Self::BlankValue | Self::ValueTooLong { .. } | Self::Misfit(_) => {
+                ItemErrorCode::InvalidValue
+            }
             Self::Unreadable => ItemErrorCode::Unreadable,
             Self::TokenSpaceExhausted => ItemErrorCode::TokenSpaceExhausted,
         }

@@ -6,6 +6,11 @@
 //! source, and the value is only reachable through the vault's record. A
 //! token never equals its value (it is drawn again if it does).
 //!
+//! A shaped token's identity is its *canonical* form, its letters and
+//! digits alone ([`Format::canonical`]): `9674 4677 4499 0004` and
+//! `9674467744990004` are one token, stored once, rendered in whatever
+//! shape the caller wrote its value ([`Format::render`]).
+//!
 //! Nothing here logs or formats a value; errors carry fixed text only.
 
 use std::fmt;
@@ -23,8 +28,19 @@ pub const MIN_TOKEN_SPACE: u128 = 1_000_000;
 /// tokens are as long as its values.
 pub const MAX_PRESERVED_LEN: usize = MAX_TOKEN_LEN;
 
-/// Digits in a card number.
-const CARD_DIGITS: std::ops::RangeInclusive<usize> = 16..=19;
+/// Digits in a card number (ISO/IEC 7812-1 allows 8 to 19; issued payment
+/// cards have 12 to 19).
+pub const CARD_DIGITS: std::ops::RangeInclusive<usize> = 12..=19;
+/// Digits in a US Social Security Number.
+const SSN_DIGITS: usize = 9;
+/// SSN tokens: area numbers 900–999 are never issued as SSNs, and group
+/// numbers 00–49 are outside every range the IRS uses for ITINs (area 9xx,
+/// groups 50–65, 70–88, 90–92, 94–99): no token is a valid SSN or ITIN.
+const SSN_TOKEN_AREA_FIRST: u8 = b'9';
+/// Highest first digit of an SSN token's group number (groups 00–49).
+const SSN_TOKEN_GROUP_FIRST_MAX: u8 = b'4';
+/// The most digits an E.164 country calling code has.
+const MAX_COUNTRY_CODE: usize = 3;
 /// Random characters in an email token's local part (`[a-z0-9]`).
 const EMAIL_LOCAL_RANDOM: usize = 16;
 /// Random characters in a tokenized email domain's label.
@@ -81,6 +97,9 @@ pub enum Format {
         keep_last: usize,
         /// Fewest digits a value may have.
         min_len: usize,
+        /// A value written `+<country code> …` keeps its E.164 country
+        /// calling code (1 to 3 digits).
+        keep_country_code: bool,
     },
     /// Same length; each letter or digit is replaced by one of its class
     /// (upper, lower, digit); separators stay.
@@ -90,16 +109,23 @@ pub enum Format {
         /// Fewest letters and digits a value may have.
         min_len: usize,
     },
-    /// 16 to 19 digits (with optional spaces or dashes), optionally keeping
-    /// the leading and trailing digits, with a configured Luhn rule.
+    /// 12 to 19 digits (grouped by single spaces or dashes as the issuer
+    /// prints them, or not at all), optionally keeping the leading and
+    /// trailing digits, with a configured Luhn rule.
     Card {
         /// Leading digits copied from the value (the issuer number).
         keep_first: usize,
         /// Trailing digits copied from the value.
         keep_last: usize,
+        /// Fewest digits a value may have (12 to 19).
+        min_len: usize,
         /// Whether tokens pass, fail or ignore the Luhn check.
         luhn: Luhn,
     },
+    /// A US Social Security Number, `AAA-GG-SSSS`, `AAA GG SSSS` or
+    /// `AAAGGSSSS`. Tokens keep the writing and use area numbers 900–999
+    /// with group numbers 00–49, so no token is a valid SSN (or ITIN).
+    Ssn,
     /// A syntactically valid address with a random local part; the domain is
     /// kept or replaced by a random one under `.invalid`.
     Email {
@@ -148,24 +174,42 @@ impl Format {
             Self::Digits { .. } => "digits",
             Self::Alphanumeric { .. } => "alphanumeric",
             Self::Card { .. } => "card",
+            Self::Ssn => "ssn",
             Self::Email { .. } => "email",
         }
     }
 
     /// How many tokens the format offers for the shortest value it accepts
-    /// (saturating). Compared with [`MIN_TOKEN_SPACE`] at load, and with the
-    /// number of tokens issued while serving.
+    /// (saturating). Compared with [`MIN_TOKEN_SPACE`] at load.
     pub fn token_space(&self) -> u128 {
+        self.token_space_at(self.min_slots())
+    }
+
+    /// The fewest letters and digits a value of this format has.
+    pub fn min_slots(&self) -> usize {
+        match *self {
+            Self::Random { .. } | Self::Email { .. } => 0,
+            Self::Digits { min_len, .. } | Self::Alphanumeric { min_len, .. } | Self::Card { min_len, .. } => min_len,
+            Self::Ssn => SSN_DIGITS,
+        }
+    }
+
+    /// How many tokens the format offers for a value of `slots` letters and
+    /// digits (saturating; the worst case where the value's shape matters).
+    /// Tokens are counted against it per length while serving.
+    pub fn token_space_at(&self, slots: usize) -> u128 {
         let pow =
             |base: u128, exp: usize| u32::try_from(exp).ok().and_then(|e| base.checked_pow(e)).unwrap_or(u128::MAX);
         match *self {
             Self::Random { .. } => u128::MAX,
-            Self::Digits { keep_last, min_len } | Self::Alphanumeric { keep_last, min_len } => {
-                // The worst case of an alphanumeric value is all digits.
-                pow(10, min_len.saturating_sub(keep_last))
+            Self::Digits { keep_last, keep_country_code, .. } => {
+                let kept = keep_last + if keep_country_code { MAX_COUNTRY_CODE } else { 0 };
+                pow(10, slots.saturating_sub(kept))
             }
-            Self::Card { keep_first, keep_last, luhn } => {
-                let free = CARD_DIGITS.start().saturating_sub(keep_first + keep_last);
+            // The worst case of an alphanumeric value is all digits.
+            Self::Alphanumeric { keep_last, .. } => pow(10, slots.saturating_sub(keep_last)),
+            Self::Card { keep_first, keep_last, luhn, .. } => {
+                let free = slots.saturating_sub(keep_first + keep_last);
                 if free == 0 {
                     return 1;
                 }
@@ -178,11 +222,55 @@ impl Format {
                     Luhn::Invalid => all / 10 * 9,
                 }
             }
+            // Area 9xx (100), group 00-49 (50), serial 0000-9999.
+            Self::Ssn => 100 * 50 * 10_000,
             Self::Email { keep_domain } => {
                 let random = EMAIL_LOCAL_RANDOM + if keep_domain { 0 } else { EMAIL_DOMAIN_RANDOM };
                 pow(36, random)
             }
         }
+    }
+
+    /// Whether tokens are counted against the token space per length:
+    /// formats whose space can run out in practice.
+    pub fn counts_occupancy(&self) -> bool {
+        !matches!(self, Self::Random { .. } | Self::Email { .. })
+    }
+
+    /// Whether the format's tokens and values have a canonical form other
+    /// than their writing (digits, alphanumeric, card, ssn).
+    pub fn is_canonicalized(&self) -> bool {
+        matches!(self, Self::Digits { .. } | Self::Alphanumeric { .. } | Self::Card { .. } | Self::Ssn)
+    }
+
+    /// The letters and digits of `text` (a value or a token of this
+    /// format): the form a shaped token is stored and looked up under, and
+    /// the form a deterministic value is indexed under, so `078-05-1120`
+    /// and `078051120` are one SSN. Random and email tokens, and values of
+    /// those formats, are their own canonical form.
+    pub fn canonical<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        if !self.is_canonicalized() || text.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return std::borrow::Cow::Borrowed(text);
+        }
+        std::borrow::Cow::Owned(alnum_only(text))
+    }
+
+    /// The token whose canonical form is `canonical`, written in the shape
+    /// of `shape` (a value of this format with as many letters and digits):
+    /// its separators, in their places. `None` if the counts differ.
+    pub fn render(&self, canonical: &str, shape: &str) -> Option<String> {
+        if !self.is_canonicalized() {
+            return Some(canonical.to_owned());
+        }
+        let mut chars = canonical.bytes().filter(u8::is_ascii_alphanumeric);
+        let mut out = Vec::with_capacity(shape.len());
+        for b in shape.bytes() {
+            out.push(if b.is_ascii_alphanumeric() { chars.next()? } else { b });
+        }
+        if chars.next().is_some() {
+            return None;
+        }
+        String::from_utf8(out).ok()
     }
 
     /// What decides which strings are this format's tokens: the format, and
@@ -192,6 +280,7 @@ impl Format {
     pub fn token_kind(&self) -> String {
         match self {
             Self::Random { prefix } => format!("random:{}", prefix.as_str()),
+            Self::Ssn => "ssn".to_owned(),
             Self::Card { luhn, .. } => format!(
                 "card:{}",
                 match luhn {
@@ -215,7 +304,7 @@ impl Format {
         let misfit = |reason| Misfit { format: self.name(), reason };
         match *self {
             Self::Random { .. } => Ok(()),
-            Self::Digits { keep_last: _, min_len } => {
+            Self::Digits { min_len, .. } => {
                 let classes =
                     classify(value, false).ok_or(misfit("only digits, spaces and punctuation are allowed"))?;
                 if slots(&classes) < min_len {
@@ -231,9 +320,20 @@ impl Format {
                 }
                 Ok(())
             }
-            Self::Card { .. } => {
+            Self::Card { min_len, .. } => {
                 if !is_card_shaped(value) {
-                    return Err(misfit("a card number is 16 to 19 digits, optionally grouped by spaces or dashes"));
+                    return Err(misfit(
+                        "a card number is 12 to 19 digits, optionally grouped by single spaces or dashes",
+                    ));
+                }
+                if slots_of(value) < min_len {
+                    return Err(misfit("it has fewer digits than the collection's min_len"));
+                }
+                Ok(())
+            }
+            Self::Ssn => {
+                if !is_ssn_shaped(value) {
+                    return Err(misfit("an SSN is 9 digits, written AAA-GG-SSSS, AAA GG SSSS or AAAGGSSSS"));
                 }
                 Ok(())
             }
@@ -253,10 +353,24 @@ impl Format {
         for _ in 0..MAX_DRAWS {
             let text = match self {
                 Self::Random { prefix } => return random_token(prefix, source).map(Some),
-                Self::Digits { keep_last, .. } | Self::Alphanumeric { keep_last, .. } => {
-                    replace_free(value, 0, *keep_last, &mut draw)?
+                Self::Digits { keep_last, keep_country_code, .. } => {
+                    let keep_first = if *keep_country_code { country_code_len(value) } else { 0 };
+                    replace_free(value, keep_first, *keep_last, &mut draw)?
                 }
-                Self::Card { keep_first, keep_last, luhn } => {
+                Self::Alphanumeric { keep_last, .. } => replace_free(value, 0, *keep_last, &mut draw)?,
+                Self::Ssn => {
+                    let mut digits = [0u8; SSN_DIGITS];
+                    digits[0] = SSN_TOKEN_AREA_FIRST;
+                    digits[1] = draw.pick(DIGITS)?;
+                    digits[2] = draw.pick(DIGITS)?;
+                    digits[3] = draw.pick(&DIGITS[..=usize::from(SSN_TOKEN_GROUP_FIRST_MAX - b'0')])?;
+                    for d in &mut digits[4..] {
+                        *d = draw.pick(DIGITS)?;
+                    }
+                    // The digits are ASCII by construction.
+                    self.render(std::str::from_utf8(&digits).unwrap_or_default(), value).unwrap_or_default()
+                }
+                Self::Card { keep_first, keep_last, luhn, .. } => {
                     let text = replace_free(value, *keep_first, *keep_last, &mut draw)?;
                     let passes = luhn_valid(&text);
                     match luhn {
@@ -298,6 +412,12 @@ impl Format {
             }
             Self::Digits { .. } => classify(text, false).is_some_and(|c| slots(&c) > 0),
             Self::Alphanumeric { .. } => classify(text, true).is_some_and(|c| slots(&c) > 0),
+            Self::Ssn => {
+                let digits = self.canonical(text);
+                is_ssn_shaped(text)
+                    && digits.as_bytes()[0] == SSN_TOKEN_AREA_FIRST
+                    && digits.as_bytes()[3] <= SSN_TOKEN_GROUP_FIRST_MAX
+            }
             Self::Card { luhn, .. } => {
                 is_card_shaped(text)
                     && match luhn {
@@ -332,13 +452,61 @@ fn slots(classes: &[Class]) -> usize {
     classes.iter().filter(|c| **c != Class::Separator).count()
 }
 
-/// 16 to 19 digits, grouped by single spaces or dashes if at all.
+/// The ASCII letters and digits of `text`, in order: the canonical form of
+/// a shaped token.
+pub fn alnum_only(text: &str) -> String {
+    text.chars().filter(char::is_ascii_alphanumeric).collect()
+}
+
+/// The letters and digits in `text`: a shaped value's length as far as
+/// its token space goes.
+pub fn slots_of(text: &str) -> usize {
+    text.bytes().filter(u8::is_ascii_alphanumeric).count()
+}
+
+/// 12 to 19 digits, grouped by single spaces or dashes if at all (any
+/// grouping: 4-4-4-4, Amex 4-6-5, Diners 4-6-4, 4-4-4-4-3).
 fn is_card_shaped(value: &str) -> bool {
     let digits = value.bytes().filter(u8::is_ascii_digit).count();
     CARD_DIGITS.contains(&digits)
         && value.bytes().all(|b| b.is_ascii_digit() || b == b' ' || b == b'-')
         && value.bytes().next().is_some_and(|b| b.is_ascii_digit())
         && value.bytes().last().is_some_and(|b| b.is_ascii_digit())
+        && !value.as_bytes().windows(2).any(|w| !w[0].is_ascii_digit() && !w[1].is_ascii_digit())
+}
+
+/// `AAAGGSSSS`, `AAA-GG-SSSS` or `AAA GG SSSS`.
+fn is_ssn_shaped(value: &str) -> bool {
+    let b = value.as_bytes();
+    match b.len() {
+        9 => b.iter().all(u8::is_ascii_digit),
+        11 => {
+            let sep = b[3];
+            (sep == b'-' || sep == b' ')
+                && b[6] == sep
+                && b.iter().enumerate().all(|(i, c)| i == 3 || i == 6 || c.is_ascii_digit())
+        }
+        _ => false,
+    }
+}
+
+/// The number of digits of the E.164 country calling code of a value
+/// written `+<code>…` (0 without a leading `+`). Codes are prefix-free:
+/// 1 and 7 have one digit; the two-digit codes are listed; every other
+/// code has three (ITU-T E.164 assignments).
+fn country_code_len(value: &str) -> usize {
+    const TWO_DIGIT: &[&[u8; 2]] = &[
+        b"20", b"27", b"30", b"31", b"32", b"33", b"34", b"36", b"39", b"40", b"41", b"43", b"44", b"45", b"46", b"47",
+        b"48", b"49", b"51", b"52", b"53", b"54", b"55", b"56", b"57", b"58", b"60", b"61", b"62", b"63", b"64", b"65",
+        b"66", b"81", b"82", b"84", b"86", b"90", b"91", b"92", b"93", b"94", b"95", b"98",
+    ];
+    let Some(rest) = value.strip_prefix('+') else { return 0 };
+    let digits: Vec<u8> = rest.bytes().filter(u8::is_ascii_digit).take(2).collect();
+    match digits.as_slice() {
+        [b'1' | b'7', ..] => 1,
+        [a, b] if TWO_DIGIT.contains(&&[*a, *b]) => 2,
+        _ => MAX_COUNTRY_CODE,
+    }
 }
 
 /// Whether the digits of `text` pass the Luhn check.
@@ -640,11 +808,11 @@ mod tests {
     use crate::token::RandomTokens;
 
     fn digits(keep_last: usize) -> Format {
-        Format::Digits { keep_last, min_len: keep_last + 6 }
+        Format::Digits { keep_last, min_len: keep_last + 6, keep_country_code: false }
     }
 
     fn card(keep_first: usize, keep_last: usize, luhn: Luhn) -> Format {
-        Format::Card { keep_first, keep_last, luhn }
+        Format::Card { keep_first, keep_last, min_len: 12, luhn }
     }
 
     fn token(format: &Format, value: &str) -> String {
@@ -681,25 +849,39 @@ mod tests {
     #[test]
     fn token_spaces() {
         assert_eq!(digits(0).token_space(), 1_000_000);
-        assert_eq!(Format::Digits { keep_last: 4, min_len: 9 }.token_space(), 100_000);
-        assert_eq!(card(0, 4, Luhn::Any).token_space(), 10u128.pow(12));
-        assert_eq!(card(0, 4, Luhn::Invalid).token_space(), 9 * 10u128.pow(11));
-        // The issuer number and the last four leave six free digits, one of
-        // which the Luhn rule constrains: too few.
-        assert_eq!(card(6, 4, Luhn::Valid).token_space(), 100_000);
-        assert_eq!(card(6, 4, Luhn::Invalid).token_space(), 900_000);
+        assert_eq!(Format::Digits { keep_last: 4, min_len: 9, keep_country_code: false }.token_space(), 100_000);
+        // A country code may keep up to three digits.
+        assert_eq!(Format::Digits { keep_last: 0, min_len: 9, keep_country_code: true }.token_space(), 1_000_000);
+        // Counted at the shortest card number, 12 digits.
+        assert_eq!(card(0, 4, Luhn::Any).token_space(), 10u128.pow(8));
+        assert_eq!(card(0, 4, Luhn::Invalid).token_space(), 9 * 10u128.pow(7));
+        assert_eq!(card(0, 4, Luhn::Invalid).token_space_at(16), 9 * 10u128.pow(11));
+        assert_eq!(card(0, 4, Luhn::Invalid).token_space_at(15), 9 * 10u128.pow(10));
+        // The issuer number and the last four leave six free digits of a
+        // 16-digit number, one of which the Luhn rule constrains: too few.
+        assert_eq!(card(6, 4, Luhn::Valid).token_space_at(16), 100_000);
+        assert_eq!(card(6, 4, Luhn::Invalid).token_space_at(16), 900_000);
+        assert_eq!(card(6, 4, Luhn::Invalid).token_space(), 90);
         assert_eq!(card(8, 8, Luhn::Any).token_space(), 1);
+        assert_eq!(Format::Ssn.token_space(), 50_000_000);
         assert_eq!(Format::Email { keep_domain: true }.token_space(), 36u128.pow(16));
     }
 
     #[test]
     fn values_that_do_not_fit_are_refused_without_echoing_them() {
-        let cases: [(Format, &str); 7] = [
+        let cases: [(Format, &str); 14] = [
             (digits(0), "12345a"),
             (digits(0), "12345"),
             (Format::Alphanumeric { keep_last: 0, min_len: 6 }, "Zoë123456"),
-            (card(0, 4, Luhn::Invalid), "4111 1111 1111 111"),
+            (card(0, 4, Luhn::Invalid), "4111 1111 111"),
+            (card(0, 4, Luhn::Invalid), "4111 1111 1111 1111 1111"),
             (card(0, 4, Luhn::Invalid), "4111_1111_1111_1111"),
+            (card(0, 4, Luhn::Invalid), "4111  1111 1111 1111"),
+            (card(0, 4, Luhn::Invalid), " 4111 1111 1111 1111"),
+            (Format::Card { keep_first: 0, keep_last: 4, min_len: 15, luhn: Luhn::Invalid }, "30569309025904"),
+            (Format::Ssn, "078-05-112"),
+            (Format::Ssn, "078-051120"),
+            (Format::Ssn, "078 05-1120"),
             (Format::Email { keep_domain: true }, "jane.example.org"),
             (Format::Email { keep_domain: true }, "jane@localhost"),
         ];
@@ -724,6 +906,129 @@ mod tests {
         assert!(t.ends_with(".invalid") && split_email(&t).is_some(), "{t}");
         let t = token(&Format::Alphanumeric { keep_last: 2, min_len: 8 }, "AB-123456-cd");
         assert!(same_shape("AB-123456-cd", &t) && t.ends_with("cd"), "{t}");
+    }
+
+    /// Public test card numbers (the networks' and payment processors'
+    /// documented test values), one of each length and grouping issuers
+    /// print.
+    const TEST_CARDS: [&str; 14] = [
+        "4222222222222",           // Visa, 13 digits
+        "4111111111111111",        // Visa, 16
+        "4242 4242 4242 4242",     // Visa, 4-4-4-4
+        "5555555555554444",        // Mastercard
+        "2223003122003222",        // Mastercard 2-series
+        "378282246310005",         // American Express, 15
+        "3782 822463 10005",       // American Express, 4-6-5
+        "371449635398431",         // American Express
+        "30569309025904",          // Diners Club, 14
+        "3056 930902 5904",        // Diners Club, 4-6-4
+        "6011111111111117",        // Discover
+        "3566002020360505",        // JCB
+        "6205500000000000004",     // UnionPay, 19
+        "6205 5000 0000 0000 004", // UnionPay, 4-4-4-4-3
+    ];
+
+    #[test]
+    fn every_card_length_and_grouping() {
+        for value in TEST_CARDS {
+            assert!(luhn_valid(value), "{value} is a Luhn-valid test number");
+            for format in [card(0, 4, Luhn::Invalid), card(6, 0, Luhn::Valid), card(0, 0, Luhn::Any)] {
+                let t = token(&format, value);
+                assert!(same_shape(value, &t), "{value} -> {t}");
+                assert_ne!(t, value);
+                assert_eq!(format.parse_token(&t).unwrap().as_str(), t);
+                assert_eq!(format.render(&format.canonical(&t), value).unwrap(), t);
+            }
+            let t = token(&card(0, 4, Luhn::Invalid), value);
+            assert!(!luhn_valid(&t) && t.ends_with(&value[value.len() - 4..]), "{t}");
+            let t = token(&card(6, 0, Luhn::Valid), value);
+            assert!(luhn_valid(&t) && t[..6] == value[..6], "{t}");
+        }
+        // An 8-digit issuer number: first 8 and last 4 kept leave 7 free
+        // digits of a 19-digit number.
+        let bin8 = Format::Card { keep_first: 8, keep_last: 4, min_len: 19, luhn: Luhn::Invalid };
+        let t = token(&bin8, "6205500000000000004");
+        assert!(t.starts_with("62055000") && t.ends_with("0004") && !luhn_valid(&t), "{t}");
+        assert_eq!(bin8.token_space(), 9_000_000);
+        // min_len refuses shorter numbers.
+        let long = Format::Card { keep_first: 0, keep_last: 4, min_len: 15, luhn: Luhn::Invalid };
+        assert!(long.check_value("378282246310005").is_ok());
+        assert!(long.check_value("30569309025904").is_err());
+    }
+
+    #[test]
+    fn ssn_tokens_are_never_valid_ssns_or_itins() {
+        for value in ["078-05-1120", "078 05 1120", "078051120", "219-09-9999", "912-70-1234"] {
+            Format::Ssn.check_value(value).unwrap();
+            for _ in 0..200 {
+                let t = token(&Format::Ssn, value);
+                assert!(same_shape(value, &t), "{value} -> {t}");
+                let d = alnum_only(&t);
+                // Area 900-999: never issued as an SSN; group 00-49:
+                // outside the ITIN ranges.
+                assert_eq!(&d[..1], "9", "{t}");
+                assert!(d.as_bytes()[3] <= b'4', "{t}");
+                assert_eq!(Format::Ssn.parse_token(&t).unwrap().as_str(), t);
+            }
+        }
+        // A real-looking SSN or ITIN is never taken for a token.
+        for real in ["078-05-1120", "219099999", "912-70-1234", "900-50-0000", "666-12-3456"] {
+            assert!(Format::Ssn.parse_token(real).is_none(), "{real}");
+        }
+        assert!(Format::Ssn.parse_token("900-49-0000").is_some());
+    }
+
+    #[test]
+    fn phone_tokens_keep_the_country_code() {
+        let phone = Format::Digits { keep_last: 0, min_len: 9, keep_country_code: true };
+        for (value, kept) in [
+            ("+1 (202) 555-0143", "+1 ("),
+            ("+44 20 7946 0958", "+44 "),
+            ("+353 1 234 5678", "+353 "),
+            ("+79161234567", "+7"),
+            ("+4915123456789", "+49"),
+            ("+8613812345678", "+86"),
+            ("+97212345678", "+972"),
+        ] {
+            for _ in 0..50 {
+                let t = token(&phone, value);
+                assert!(t.starts_with(kept) && same_shape(value, &t), "{value} -> {t}");
+                assert_ne!(t, value);
+            }
+        }
+        // Without a leading +, nothing is known to be a country code.
+        assert_eq!(country_code_len("44 20 7946 0958"), 0);
+        assert_eq!(country_code_len("+1"), 1);
+        assert_eq!(country_code_len("+"), 3);
+    }
+
+    #[test]
+    fn canonical_forms_and_rendering() {
+        let c = card(0, 4, Luhn::Invalid);
+        assert_eq!(c.canonical("9674 4677 4499 0004"), "9674467744990004");
+        assert_eq!(c.canonical("9674467744990004"), "9674467744990004");
+        assert_eq!(c.render("9674467744990004", "4111-1111-1111-0004").unwrap(), "9674-4677-4499-0004");
+        assert_eq!(c.render("378282246310005", "3782 822463 10005").unwrap(), "3782 822463 10005");
+        assert_eq!(c.render("9674467744990004", "4111 1111 1111 111"), None);
+        assert_eq!(c.render("96744677449900041", "4111 1111 1111 1111"), None);
+        assert_eq!(Format::Ssn.canonical("078-05-1120"), "078051120");
+        assert_eq!(Format::Ssn.render("962492504", "078 05 1120").unwrap(), "962 49 2504");
+        assert_eq!(digits(0).canonical("+1 (202) 555-0143"), "12025550143");
+        let email = Format::Email { keep_domain: true };
+        assert_eq!(email.canonical("a.b-c@example.org"), "a.b-c@example.org");
+        assert_eq!(email.render("x@example.org", "anything").unwrap(), "x@example.org");
+        let random = Format::Random { prefix: "name".parse().unwrap() };
+        assert_eq!(random.canonical("name_a-b_c"), "name_a-b_c");
+    }
+
+    #[test]
+    fn token_spaces_per_length() {
+        let c = card(0, 4, Luhn::Invalid);
+        assert_eq!(c.token_space_at(12), 9 * 10u128.pow(7));
+        assert_eq!(c.token_space_at(19), 9 * 10u128.pow(14));
+        assert!(c.counts_occupancy() && digits(0).counts_occupancy() && Format::Ssn.counts_occupancy());
+        assert!(!Format::Email { keep_domain: true }.counts_occupancy());
+        assert_eq!(slots_of("3782 822463 10005"), 15);
     }
 
     #[test]
@@ -823,17 +1128,31 @@ mod tests {
 
         #[test]
         fn card_tokens_honour_kept_digits_and_luhn(
-            body in "[0-9]{16,19}",
-            grouped in any::<bool>(),
+            body in "[0-9]{12,19}",
+            grouping in 0usize..4,
             keep_first in prop_oneof![Just(0usize), Just(6)],
             keep_last in prop_oneof![Just(0usize), Just(4)],
             luhn in prop_oneof![Just(Luhn::Valid), Just(Luhn::Invalid), Just(Luhn::Any)],
         ) {
             let format = card(keep_first, keep_last, luhn);
-            let value = if grouped {
-                body.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join(" ")
-            } else {
-                body.clone()
+            // Ungrouped, 4-4-4-4(-3) with spaces, 4-6-rest (Amex, Diners)
+            // with spaces, or 4-4-... with dashes.
+            let groups = |sizes: &[usize], sep: &str| {
+                let mut rest = body.as_str();
+                let mut parts = Vec::new();
+                for &n in sizes.iter().chain(std::iter::repeat(&4)) {
+                    if rest.is_empty() { break; }
+                    let (a, b) = rest.split_at(n.min(rest.len()));
+                    parts.push(a);
+                    rest = b;
+                }
+                parts.join(sep)
+            };
+            let value = match grouping {
+                0 => body.clone(),
+                1 => groups(&[4], " "),
+                2 => groups(&[4, 6, 9], " "),
+                _ => groups(&[4], "-"),
             };
             let t = token(&format, &value);
             prop_assert!(same_shape(&value, &t));
@@ -847,7 +1166,20 @@ mod tests {
                 Luhn::Invalid => prop_assert!(!luhn_valid(&t)),
                 Luhn::Any => {}
             }
-            prop_assert!(format.parse_token(&t).is_some());
+            prop_assert_eq!(format.parse_token(&t).map(Token::into_string), Some(t.clone()));
+            // Any writing of the token's digits is the same token.
+            prop_assert_eq!(format.render(&format.canonical(&t), &body).unwrap(), k.clone());
+            prop_assert_eq!(format.canonical(&t), k.as_str());
+        }
+
+        #[test]
+        fn ssn_tokens_keep_the_writing(area in "[0-9]{3}", group in "[0-9]{2}", serial in "[0-9]{4}", sep in prop_oneof![Just(""), Just("-"), Just(" ")]) {
+            let value = format!("{area}{sep}{group}{sep}{serial}");
+            let t = token(&Format::Ssn, &value);
+            prop_assert!(same_shape(&value, &t));
+            prop_assert_ne!(&t, &value);
+            prop_assert_eq!(Format::Ssn.parse_token(&t).map(Token::into_string), Some(t.clone()));
+            prop_assert!(Format::Ssn.parse_token(&value).is_none() || value.starts_with('9'));
         }
 
         #[test]

@@ -17,7 +17,7 @@ use crate::error::{ItemError, VaultError};
 use crate::format::{Format, Mask, Normalize};
 use crate::store::{
     AuditFilter, AuditRow, CollectionId, DATA_PURPOSE, INDEX_PURPOSE, IndexEntry, InsertOutcome, KeyInfo, KeyState,
-    NewRecord, OpenMode, Pending, Reencrypted, Store, StoreOptions,
+    NewRecord, OpenMode, Pending, Reencrypted, Store, StoreOptions, TokenLookup,
 };
 use crate::token::{RandomTokens, Token, TokenGenerator};
 use crate::value::PiiValue;
@@ -107,11 +107,44 @@ struct Collection {
     max_value_len: usize,
     rotate_after: Option<std::time::Duration>,
     max_encryptions: Option<u64>,
-    /// Tokens issued so far (format-preserving collections only: a random
-    /// token space cannot fill up).
-    issued: std::sync::atomic::AtomicU64,
-    /// Whether the 1% warning has been logged.
-    crowded: std::sync::atomic::AtomicBool,
+    /// Deterministic collections: index-key versions from this one on hold
+    /// digests of the canonical value; older ones, of the value as written
+    /// (before schema version 5).
+    canonical_index_from: u32,
+    /// Tokens issued so far, per length.
+    occupancy: Occupancy,
+}
+
+/// Tokens a shaped collection has issued, per value length (letters and
+/// digits), counted against that length's token space (a random or email
+/// token space cannot fill up).
+struct Occupancy {
+    issued: Vec<std::sync::atomic::AtomicU64>,
+    /// Whether the 1% warning has been logged, per length.
+    warned: Vec<std::sync::atomic::AtomicBool>,
+}
+
+impl Occupancy {
+    fn new(counts: &[(usize, u64)]) -> Self {
+        let len = crate::format::MAX_PRESERVED_LEN + 1;
+        let issued: Vec<_> = (0..len).map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
+        for &(slots, n) in counts {
+            if let Some(slot) = issued.get(slots) {
+                slot.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Self { issued, warned: (0..len).map(|_| std::sync::atomic::AtomicBool::new(false)).collect() }
+    }
+
+    fn issued(&self, slots: usize) -> u64 {
+        self.issued.get(slots).map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn add(&self, slots: usize, n: u64) {
+        if let Some(slot) = self.issued.get(slots) {
+            slot.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl Collection {
@@ -127,29 +160,61 @@ impl Collection {
         }
     }
 
-    /// `Err` when the collection has issued a tenth of its token space;
-    /// warns once past a hundredth.
-    fn check_space(&self, new: usize) -> Result<(), VaultError> {
-        if !self.format.preserves_shape() {
+    /// `Err` when the collection has issued a tenth of the token space of
+    /// the length of any of `values` (letters and digits); warns once per
+    /// length past a hundredth.
+    fn check_space(&self, values: &[PiiValue]) -> Result<(), VaultError> {
+        if !self.format.counts_occupancy() {
             return Ok(());
         }
-        let space = self.format.token_space();
-        let issued = self.issued.load(std::sync::atomic::Ordering::Relaxed);
-        let after = u128::from(issued) + new as u128;
-        if after > space / SPACE_REFUSE_DIVISOR {
-            tracing::error!(alert = true, collection = %self.name, issued, space, "token space a tenth full: new values refused");
-            return Err(VaultError::TokenSpaceFull { issued, space });
+        let mut new: std::collections::BTreeMap<usize, u64> = std::collections::BTreeMap::new();
+        for value in values {
+            *new.entry(crate::format::slots_of(value.expose_secret())).or_default() += 1;
         }
-        if after > space / SPACE_WARN_DIVISOR && !self.crowded.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tracing::warn!(
-                alert = true,
-                collection = %self.name,
-                issued,
-                space,
-                "the collection holds more than 1% of its token space; new values are refused at 10%"
-            );
+        for (length, n) in new {
+            let space = self.format.token_space_at(length);
+            let issued = self.occupancy.issued(length);
+            let after = u128::from(issued) + u128::from(n);
+            if after > space / SPACE_REFUSE_DIVISOR {
+                tracing::error!(alert = true, collection = %self.name, length, issued, space, "token space a tenth full: new values of this length refused");
+                return Err(VaultError::TokenSpaceFull { issued, space });
+            }
+            if after > space / SPACE_WARN_DIVISOR
+                && !self
+                    .occupancy
+                    .warned
+                    .get(length)
+                    .is_some_and(|w| w.swap(true, std::sync::atomic::Ordering::Relaxed))
+            {
+                tracing::warn!(
+                    alert = true,
+                    collection = %self.name,
+                    length,
+                    issued,
+                    space,
+                    "the collection holds more than 1% of the token space of this length; new values are refused at 10%"
+                );
+            }
         }
         Ok(())
+    }
+
+    /// How a presented token is looked for (see [`TokenLookup`]).
+    fn lookup(&self, token: &Token) -> TokenLookup {
+        let exact = token.as_str();
+        let canonical = self.format.is_canonicalized().then(|| self.format.canonical(exact).into_owned());
+        TokenLookup { exact: exact.to_owned(), canonical }
+    }
+
+    /// What the blind index digests under index-key `version`: the
+    /// canonical value from [`Collection::canonical_index_from`] on, the
+    /// value as written before.
+    fn index_form<'v>(&self, version: u32, value: &'v str) -> std::borrow::Cow<'v, str> {
+        if version >= self.canonical_index_from {
+            self.format.canonical(value)
+        } else {
+            std::borrow::Cow::Borrowed(value)
+        }
     }
 }
 
@@ -319,7 +384,6 @@ impl Vault {
     ) -> Result<Vec<ItemResult<Token>>, VaultError> {
         let coll = self.collection(collection)?;
         self.check_count(values.len())?;
-        coll.check_space(values.len())?;
         let (values, mut results): (Vec<PiiValue>, Vec<Option<ItemResult<Token>>>) = values
             .into_iter()
             .map(|v| {
@@ -327,6 +391,7 @@ impl Vault {
                 (value, problem.map(Err))
             })
             .unzip();
+        coll.check_space(&values)?;
         let mut pending: Vec<usize> = (0..values.len()).filter(|&i| results[i].is_none()).collect();
         let audit = who.record("tokenize", collection, values.len(), "OK");
         if pending.is_empty() {
@@ -355,16 +420,19 @@ impl Vault {
                     results[i] = Some(Err(ItemError::TokenSpaceExhausted));
                     continue;
                 };
+                // Stored (and bound to its ciphertext) in canonical form;
+                // answered as drawn, in the caller's writing.
+                let stored = coll.format.canonical(token.as_str()).into_owned();
                 let (key_version, ciphertext) = self
                     .inner
                     .keyring
                     .with_primary(coll.id.0, KeyPurpose::Data, |version, key| {
-                        envelope::seal(key, version, coll.name.as_str(), token.as_str(), value.as_bytes())
+                        envelope::seal(key, version, coll.name.as_str(), &stored, value.as_bytes())
                             .map(|ct| (version, ct))
                     })
                     .ok_or_else(|| coll.no_primary(KeyPurpose::Data))??;
                 records.push(NewRecord {
-                    token: token.as_str().to_owned(),
+                    token: stored,
                     key_version,
                     ciphertext,
                     expires_at,
@@ -378,20 +446,21 @@ impl Vault {
             }
             let outcomes = self.inner.store.insert_records(coll.id, records, audit.clone()).await?;
             let mut retry = Vec::new();
-            let mut inserted = 0u64;
             for ((i, token), outcome) in drawn.into_iter().zip(tokens).zip(outcomes) {
                 match outcome {
                     InsertOutcome::Inserted => {
-                        inserted += 1;
+                        coll.occupancy.add(crate::format::slots_of(token.as_str()), 1);
                         results[i] = Some(Ok(token));
                     }
                     InsertOutcome::Existing(existing) => {
-                        results[i] = Some(coll.format.parse_token(&existing).ok_or(ItemError::Unreadable));
+                        // The value's token, in the writing of this request.
+                        let rendered = coll.format.render(&coll.format.canonical(&existing), values[i].expose_secret());
+                        results[i] =
+                            Some(rendered.and_then(|t| coll.format.parse_token(&t)).ok_or(ItemError::Unreadable));
                     }
                     InsertOutcome::Collision => retry.push(i),
                 }
             }
-            coll.issued.fetch_add(inserted, std::sync::atomic::Ordering::Relaxed);
             if !retry.is_empty() {
                 tracing::debug!(collection = %coll.name, collisions = retry.len(), "token collisions; drawing again");
             }
@@ -418,7 +487,8 @@ impl Vault {
             .inner
             .keyring
             .map_versions(coll.id.0, KeyPurpose::Index, |version, key| {
-                keyring::blind_index(key, coll.name.as_str(), value.expose_secret().as_bytes()).map(|d| (version, d))
+                let form = coll.index_form(version, value.expose_secret());
+                keyring::blind_index(key, coll.name.as_str(), form.as_bytes()).map(|d| (version, d))
             })
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
@@ -464,10 +534,10 @@ impl Vault {
         let results: Vec<ItemResult<PiiValue>> = parsed
             .into_iter()
             .map(|token| {
-                let token = token.ok_or(ItemError::NotFound)?;
+                token.ok_or(ItemError::NotFound)?;
                 let record = found.next().flatten().ok_or(ItemError::NotFound)?;
-                let value = self.open_record(coll, token.as_str(), &record.ciphertext)?;
-                revealed.push(token.into_string());
+                let value = self.open_record(coll, &record.token, &record.ciphertext)?;
+                revealed.push(record.token);
                 Ok(if masked { coll.mask.apply(&value) } else { value })
             })
             .collect();
@@ -651,15 +721,13 @@ impl Vault {
                 // An unreadable record was alerted by open_record; it keeps
                 // its old entry (if any) and is retried next time.
                 let Ok(value) = self.open_record(coll, token, ciphertext) else { continue };
+                let value = coll.normalize.apply(value);
                 let digest = self
                     .inner
                     .keyring
                     .with_version(coll.id.0, KeyPurpose::Index, primary, |key| {
-                        keyring::blind_index(
-                            key,
-                            coll.name.as_str(),
-                            coll.normalize.apply(value).expose_secret().as_bytes(),
-                        )
+                        let form = coll.index_form(primary, value.expose_secret());
+                        keyring::blind_index(key, coll.name.as_str(), form.as_bytes())
                     })
                     .ok_or_else(|| coll.no_primary(KeyPurpose::Index))??;
                 entries.push((token.clone(), digest));
@@ -1020,13 +1088,21 @@ impl Vault {
         }
     }
 
-    /// Whether `token` was ever issued by this vault (in any collection):
-    /// every issued token is on the audit trail.
-    pub async fn was_issued(&self, token: &str) -> Result<bool, VaultError> {
+    /// The form in which `token` is on the audit trail, if this vault ever
+    /// issued it (in any collection; every issued token is on the trail):
+    /// as written, or, for a shaped token written with separators, its
+    /// canonical form (the one stored and audited).
+    pub async fn issued_form(&self, token: &str) -> Result<Option<String>, VaultError> {
         if token.is_empty() || token.len() > crate::token::MAX_TOKEN_LEN {
-            return Ok(false);
+            return Ok(None);
         }
-        Ok(self.inner.store.token_audited(token.to_owned()).await?)
+        let canonical = crate::format::alnum_only(token);
+        for form in [token.to_owned(), canonical].into_iter().filter(|f| !f.is_empty()) {
+            if self.inner.store.token_audited(form.clone()).await? {
+                return Ok(Some(form));
+            }
+        }
+        Ok(None)
     }
 
     /// Key versions per collection, purpose and state, with live records
@@ -1072,13 +1148,18 @@ async fn open_collection(
     if stored != configured {
         return Err(VaultError::FormatChanged { collection: name.to_string(), stored, configured });
     }
-    if settings.deterministic && store.list_keys(id, INDEX_PURPOSE).await?.is_empty() {
+    let index_keys = store.list_keys(id, INDEX_PURPOSE).await?;
+    let canonical_index_from = match store.canonical_index_from(id).await? {
+        Some(version) => version,
+        None => decide_canonical_index(store, root, name, settings, id, &index_keys).await?,
+    };
+    if settings.deterministic && index_keys.is_empty() {
         let key = DataKey::generate()?;
         let wrapped = keyring::wrap(root, KeyPurpose::Index, name.as_str(), 1, &key)?;
         store.add_first_key(id, INDEX_PURPOSE, wrapped).await?;
         tracing::info!(collection = %name, "created blind-index key version 1");
     }
-    let issued = if settings.format.preserves_shape() { store.issued_tokens(id).await? } else { 0 };
+    let issued = if settings.format.counts_occupancy() { store.issued_by_length(id).await? } else { Vec::new() };
     Ok(Collection {
         id,
         name: name.clone(),
@@ -1090,9 +1171,42 @@ async fn open_collection(
         max_value_len: settings.max_value_len,
         rotate_after: settings.rotate_after,
         max_encryptions: settings.max_encryptions,
-        issued: std::sync::atomic::AtomicU64::new(issued),
-        crowded: std::sync::atomic::AtomicBool::new(false),
+        canonical_index_from,
+        occupancy: Occupancy::new(&issued),
     })
+}
+
+/// For a collection from before schema version 5: the first index-key
+/// version that digests canonical values. A collection that never had an
+/// index key starts canonical at version 1. A deterministic collection
+/// with a shaped format gets a new primary index key now, audited like a
+/// rotation, and the background rebuild (resumed at every start until it
+/// is done) re-indexes its records under the canonical form while lookups
+/// keep trying the old version; a collection whose index is unused now
+/// starts canonical at its next version. Formats without separators
+/// (random, email) were canonical already.
+async fn decide_canonical_index(
+    store: &Store,
+    root: &RootKey,
+    name: &CollectionName,
+    settings: &crate::config::CollectionConfig,
+    id: CollectionId,
+    index_keys: &[KeyInfo],
+) -> Result<u32, VaultError> {
+    let newest = index_keys.iter().map(|k| k.version).max().unwrap_or(0);
+    if newest == 0 || !settings.format.is_canonicalized() {
+        return Ok(store.set_canonical_index_from(id, 1).await?);
+    }
+    let version = newest.checked_add(1).ok_or(VaultError::KeyConflict)?;
+    if settings.deterministic {
+        let key = DataKey::generate()?;
+        let wrapped = keyring::wrap(root, KeyPurpose::Index, name.as_str(), version, &key)?;
+        let mut audit = Requester::named("(upgrade)").record("rotate_index_key", name.as_str(), 0, "OK");
+        audit.error_code = format!("new primary index key version {version}: canonical values");
+        store.add_primary_key(id, INDEX_PURPOSE, version, wrapped, None, audit).await?;
+        tracing::info!(collection = %name, version, "index key rotated to index canonical values; the index is rebuilt in the background");
+    }
+    Ok(store.set_canonical_index_from(id, version).await?)
 }
 
 /// Verifies stored audit rows: the chain over the encoded records, and the
@@ -1135,6 +1249,7 @@ pub fn prepare_value(
     let value = normalize.apply(value);
     let problem = match value.len() {
         0 => Some(ItemError::EmptyValue),
+        _ if value.expose_secret().trim().is_empty() => Some(ItemError::BlankValue),
         n if n > max_len => Some(ItemError::ValueTooLong { max: max_len }),
         _ => format.check_value(value.expose_secret()).err().map(Into::into),
     };
@@ -1144,8 +1259,8 @@ pub fn prepare_value(
 /// Parses each token for `coll`; returns, per input, the parsed token (or
 /// `None` when it is not one `coll`'s format can have issued) and the list
 /// of token strings worth looking up, in the same order as the `Some`s.
-fn parse_tokens(coll: &Collection, tokens: &[String]) -> (Vec<Option<Token>>, Vec<String>) {
+fn parse_tokens(coll: &Collection, tokens: &[String]) -> (Vec<Option<Token>>, Vec<TokenLookup>) {
     let parsed: Vec<Option<Token>> = tokens.iter().map(|t| coll.format.parse_token(t)).collect();
-    let lookups = parsed.iter().flatten().map(|t| t.as_str().to_owned()).collect();
+    let lookups = parsed.iter().flatten().map(|t| coll.lookup(t)).collect();
     (parsed, lookups)
 }

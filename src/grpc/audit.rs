@@ -67,7 +67,7 @@ impl Audit for AuditService {
         let result = async {
             call.admit(&self.live, &request, &[Action::Audit])?;
             let q = request.into_inner();
-            let filter = AuditFilter {
+            let mut filter = AuditFilter {
                 token: optional(q.token),
                 caller: optional(q.caller),
                 action: optional(q.action),
@@ -85,9 +85,10 @@ impl Audit for AuditService {
             let collection = filter.collection.as_deref().filter(|c| self.vault.has_collection(c)).unwrap_or("");
             let mut record = call.who.record("audit_query", collection, 0, "OK");
             if let Some(token) = &filter.token
-                && self.vault.was_issued(token).await?
+                && let Some(issued) = self.vault.issued_form(token).await?
             {
-                record.tokens.push(token.clone());
+                record.tokens.push(issued.clone());
+                filter.token = Some(issued);
             }
             self.vault.record(record).await?;
             let (tx, rx) = tokio::sync::mpsc::channel(PAGE);

@@ -228,6 +228,26 @@ pub struct Reencrypted {
     pub ciphertext: Vec<u8>,
 }
 
+/// How a presented token is looked for: as written, and, for a shaped
+/// token, under its canonical form (its letters and digits), which is how
+/// shaped tokens are stored, and through the canonical forms of tokens
+/// issued before that (`legacy_tokens`). The first live record found wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenLookup {
+    /// The token as the caller wrote it.
+    pub exact: String,
+    /// Its canonical form, for shaped formats.
+    pub canonical: Option<String>,
+}
+
+impl TokenLookup {
+    /// The stored tokens this lookup may name, in the order they are tried
+    /// (the legacy mapping is tried after these).
+    fn candidates(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.exact.as_str()).chain(self.canonical.as_deref().filter(|c| *c != self.exact))
+    }
+}
+
 /// A record to insert.
 pub struct NewRecord {
     /// The token (primary key within the collection).
@@ -359,6 +379,8 @@ pub enum RetireRefused {
 
 /// A live record as read back.
 pub struct StoredRecord {
+    /// The token as stored (the one its ciphertext is bound to).
+    pub token: String,
     /// The sealed value.
     pub ciphertext: Vec<u8>,
 }
@@ -936,6 +958,18 @@ impl Store {
                     outcomes.push(InsertOutcome::Existing(token));
                     continue;
                 }
+                // A token issued before canonical storage may hold this
+                // canonical form in another writing.
+                let legacy = tx
+                    .conn
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM legacy_tokens WHERE collection_id = ?1 AND canonical = ?2)",
+                    )?
+                    .query_row(params![collection.0, r.token], |row| row.get::<_, bool>(0))?;
+                if legacy {
+                    outcomes.push(InsertOutcome::Collision);
+                    continue;
+                }
                 let changed = tx
                     .conn
                     .prepare_cached(
@@ -1054,11 +1088,11 @@ impl Store {
         .await
     }
 
-    /// Looks up live records by token, answering in the order asked.
+    /// Looks up live records, answering in the order asked.
     pub async fn get_records(
         &self,
         collection: CollectionId,
-        tokens: Vec<String>,
+        lookups: Vec<TokenLookup>,
     ) -> Result<Vec<Option<StoredRecord>>, StoreError> {
         self.read(move |conn| {
             let now = now_micros();
@@ -1067,12 +1101,23 @@ impl Store {
                  WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL
                    AND (expires_at IS NULL OR expires_at > ?3)",
             )?;
-            tokens
+            let mut find = |token: &str| -> Result<Option<StoredRecord>, StoreError> {
+                let found =
+                    stmt.query_row(params![collection.0, token, now], |row| row.get::<_, Vec<u8>>(0)).optional()?;
+                Ok(found.map(|ciphertext| StoredRecord { token: token.to_owned(), ciphertext }))
+            };
+            lookups
                 .iter()
-                .map(|token| {
-                    let found =
-                        stmt.query_row(params![collection.0, token, now], |row| row.get::<_, Vec<u8>>(0)).optional()?;
-                    Ok(found.map(|ciphertext| StoredRecord { ciphertext }))
+                .map(|lookup| {
+                    for token in lookup.candidates() {
+                        if let Some(found) = find(token)? {
+                            return Ok(Some(found));
+                        }
+                    }
+                    match legacy_token(conn, collection, lookup)? {
+                        Some(token) => find(&token),
+                        None => Ok(None),
+                    }
                 })
                 .collect()
         })
@@ -1088,16 +1133,29 @@ impl Store {
     pub async fn delete_records(
         &self,
         collection: CollectionId,
-        tokens: Vec<String>,
+        lookups: Vec<TokenLookup>,
         mut audit: AuditRecord,
     ) -> Result<Vec<bool>, StoreError> {
         self.write(move |tx| {
             let now = now_micros();
-            let mut deleted = Vec::with_capacity(tokens.len());
-            for token in &tokens {
-                deleted.push(erase(tx, collection, token, Some(now))?);
+            let mut deleted = Vec::with_capacity(lookups.len());
+            for lookup in &lookups {
+                let mut erased = None;
+                for token in lookup.candidates() {
+                    if erase(tx, collection, token, Some(now))? {
+                        erased = Some(token.to_owned());
+                        break;
+                    }
+                }
+                if erased.is_none()
+                    && let Some(token) = legacy_token(tx.conn, collection, lookup)?
+                    && erase(tx, collection, &token, Some(now))?
+                {
+                    erased = Some(token);
+                }
+                deleted.push(erased.is_some());
+                audit.tokens.extend(erased);
             }
-            audit.tokens = tokens.into_iter().zip(&deleted).filter(|(_, d)| **d).map(|(t, _)| t).collect();
             tx.append_audit(&audit)?;
             Ok(deleted)
         })
@@ -1143,13 +1201,57 @@ impl Store {
     }
 
     /// Tokens ever issued in `collection` (live, expired or deleted: none is
-    /// issued again).
-    pub async fn issued_tokens(&self, collection: CollectionId) -> Result<u64, StoreError> {
+    /// issued again), per length in letters and digits.
+    pub async fn issued_by_length(&self, collection: CollectionId) -> Result<Vec<(usize, u64)>, StoreError> {
         self.read(move |conn| {
-            let n: i64 = conn
-                .prepare_cached("SELECT count(*) FROM records WHERE collection_id = ?1")?
-                .query_row([collection.0], |row| row.get(0))?;
-            Ok(u64::try_from(n).unwrap_or(0))
+            // Canonical tokens are counted by length in SQL; tokens stored
+            // with separators (before schema version 5) one by one.
+            let mut stmt = conn.prepare_cached(
+                "SELECT length(token), CASE WHEN token GLOB '*[^0-9A-Za-z]*' THEN token END, count(*)
+                 FROM records WHERE collection_id = ?1 GROUP BY 1, 2",
+            )?;
+            let rows = stmt.query_map([collection.0], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, i64>(2)?))
+            })?;
+            let mut counts: std::collections::BTreeMap<usize, u64> = std::collections::BTreeMap::new();
+            for row in rows {
+                let (length, legacy, n) = row?;
+                let length = match legacy {
+                    Some(token) => crate::format::slots_of(&token),
+                    None => usize::try_from(length).unwrap_or(0),
+                };
+                *counts.entry(length).or_default() += u64::try_from(n).unwrap_or(0);
+            }
+            Ok(counts.into_iter().collect())
+        })
+        .await
+    }
+
+    /// The first index-key version of `collection` whose digests are over
+    /// canonical values (`None`: undecided, a store made before schema
+    /// version 5).
+    pub async fn canonical_index_from(&self, collection: CollectionId) -> Result<Option<u32>, StoreError> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT canonical_index_from FROM collections WHERE id = ?1")?
+                .query_row([collection.0], |row| row.get(0))?)
+        })
+        .await
+    }
+
+    /// Records [`Store::canonical_index_from`] (once: a decided version is
+    /// kept). Returns the version in force.
+    pub async fn set_canonical_index_from(&self, collection: CollectionId, version: u32) -> Result<u32, StoreError> {
+        self.write(move |tx| {
+            tx.conn
+                .prepare_cached(
+                    "UPDATE collections SET canonical_index_from = ?2 WHERE id = ?1 AND canonical_index_from IS NULL",
+                )?
+                .execute(params![collection.0, version])?;
+            tx.conn
+                .prepare_cached("SELECT canonical_index_from FROM collections WHERE id = ?1")?
+                .query_row([collection.0], |row| row.get(0))
+                .map_err(StoreError::from)
         })
         .await
     }
@@ -1368,6 +1470,21 @@ impl Drop for Store {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The token issued before canonical storage that `lookup`'s canonical
+/// form stands for, if there is exactly one.
+fn legacy_token(
+    conn: &Connection,
+    collection: CollectionId,
+    lookup: &TokenLookup,
+) -> Result<Option<String>, StoreError> {
+    let Some(canonical) = &lookup.canonical else { return Ok(None) };
+    Ok(conn
+        .prepare_cached("SELECT token FROM legacy_tokens WHERE collection_id = ?1 AND canonical = ?2")?
+        .query_row(params![collection.0, canonical], |row| row.get::<_, Option<String>>(0))
+        .optional()?
+        .flatten())
 }
 
 /// The live token a blind index points to, looked up under every live index

@@ -18,15 +18,62 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema, one entry per file in `migrations/`, in order. The position
 /// of the last one is the schema version recorded in `user_version`.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_audit.sql"),
     include_str!("../../migrations/0003_key_lifecycle.sql"),
     include_str!("../../migrations/0004_collections.sql"),
+    include_str!("../../migrations/0005_canonical_tokens.sql"),
 ];
 
+/// The version whose migration also runs [`fill_legacy_tokens`].
+const CANONICAL_TOKENS_VERSION: usize = 5;
+
 fn migrations() -> Migrations<'static> {
-    Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect())
+    Migrations::new(
+        MIGRATIONS
+            .iter()
+            .enumerate()
+            .map(
+                |(i, sql)| {
+                    if i + 1 == CANONICAL_TOKENS_VERSION {
+                        M::up_with_hook(sql, fill_legacy_tokens)
+                    } else {
+                        M::up(sql)
+                    }
+                },
+            )
+            .collect(),
+    )
+}
+
+/// Part of migration 5, in its transaction: lists every shaped token issued
+/// before it whose writing has separators under its canonical form (see
+/// `migrations/0005_canonical_tokens.sql`).
+fn fill_legacy_tokens(tx: &rusqlite::Transaction<'_>) -> rusqlite_migration::HookResult {
+    let mut select = tx.prepare(
+        "SELECT r.collection_id, r.token FROM records r JOIN collections c ON c.id = r.collection_id
+         WHERE c.token_kind IN ('digits', 'alphanumeric') OR c.token_kind LIKE 'card:%'",
+    )?;
+    let mut insert = tx.prepare(
+        "INSERT INTO legacy_tokens (collection_id, canonical, token) VALUES (?1, ?2, ?3)
+         ON CONFLICT (collection_id, canonical) DO UPDATE SET token = NULL",
+    )?;
+    // A legacy writing whose canonical form is itself an issued token is
+    // ambiguous too: the form stays taken, only exact writings answer.
+    let mut taken = tx.prepare("SELECT 1 FROM records WHERE collection_id = ?1 AND token = ?2")?;
+    let mut rows = select.query([])?;
+    while let Some(row) = rows.next()? {
+        let collection: i64 = row.get(0)?;
+        let token: String = row.get(1)?;
+        if token.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            continue;
+        }
+        let canonical = crate::format::alnum_only(&token);
+        let holder = if taken.exists(rusqlite::params![collection, canonical])? { None } else { Some(&token) };
+        insert.execute(rusqlite::params![collection, canonical, holder])?;
+    }
+    Ok(())
 }
 
 /// The schema version this build writes.
