@@ -85,11 +85,13 @@ enum Command {
         /// The data directory, created if missing, reused otherwise.
         #[arg(long, value_name = "DIR", default_value = "./piivault-dev")]
         data_dir: PathBuf,
-        /// Address to listen on (port 0 picks a free port).
+        /// Address to listen on (port 0 picks a free port). Recorded in
+        /// DIR/dev-address while serving, so that `--data-dir DIR --as NAME`
+        /// finds the vault without `--addr`.
         #[arg(long, value_name = "ADDR")]
         listen: Option<std::net::SocketAddr>,
-        /// Serve Prometheus metrics here instead of `server.metrics_listen`
-        /// (port 0 picks a free port; `none`: no metrics endpoint).
+        /// Serve Prometheus metrics here (default in dev: a free loopback
+        /// port, printed at start; `none`: no metrics endpoint).
         #[arg(long, value_name = "ADDR", value_parser = MetricsAddr::parse)]
         metrics_listen: Option<MetricsAddr>,
     },
@@ -962,19 +964,29 @@ async fn dev(
     let config = load_config(&config_path)?;
     let exe = std::env::current_exe().map_or_else(|_| "piivault".to_owned(), |p| p.display().to_string());
     let dir = data_dir.display().to_string();
-    run_server(&config, &secret, ListenOverride { grpc: listen, metrics }, |addr| {
-        let addr_flag = if addr == config.server.listen { String::new() } else { format!(" --addr {addr}") };
+    let address_file = data_dir.join(datadir::DEV_ADDRESS_FILE);
+    // Metrics on a free port unless asked otherwise, so that two dev
+    // vaults on one machine never collide; the address is printed.
+    let metrics = metrics.or(Some(MetricsAddr(Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))))));
+    let served = run_server(&config, &secret, ListenOverride { grpc: listen, metrics }, |addr| {
+        // Where the client finds this vault given only --data-dir.
+        let _ = std::fs::remove_file(&address_file);
+        if let Err(e) = datadir::write_private_file(&address_file, format!("{addr}\n").as_bytes()) {
+            tracing::warn!(error = %e, "cannot record the dev vault's address; clients need --addr");
+        }
         say(&format!("piivault: listening on {addr}"));
         say(&format!(
             "\npiivault dev is serving {dir} on {addr} (DEVELOPMENT ONLY; Ctrl-C stops it).\n\
              Try, from another shell:\n\
-             \n  {exe} tokenize --data-dir {dir} --as writer{addr_flag} --collection card 4111111111111111\n\
-             \n  {exe} detokenize --data-dir {dir} --as reader{addr_flag} --collection card <token from above>\n\
-             \n  {exe} detokenize --data-dir {dir} --as support{addr_flag} --collection card <token>   # masked\n\
+             \n  {exe} tokenize --data-dir {dir} --as writer --collection card 4111111111111111\n\
+             \n  {exe} detokenize --data-dir {dir} --as reader --collection card <token from above>\n\
+             \n  {exe} detokenize --data-dir {dir} --as support --collection card <token>   # masked\n\
              \nCallers and their certificates: {dir}/clients/{{writer,reader,support,admin,auditor}}; vault CA: {dir}/pki/ca.pem\n"
         ));
     })
-    .await
+    .await;
+    let _ = std::fs::remove_file(&address_file);
+    served
 }
 
 /// `piivault keys rotate-root`: offline on a stopped vault's directory, or

@@ -9,6 +9,18 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 
+/// Where a running `piivault dev` writes the address it listens on, so that
+/// the command-line client given only `--data-dir` finds it. Removed when
+/// the dev vault stops.
+pub const DEV_ADDRESS_FILE: &str = "dev-address";
+
+/// The address a running dev vault in `dir` recorded, if any.
+pub fn dev_address(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(DEV_ADDRESS_FILE)).ok()?;
+    let addr = text.trim();
+    addr.parse::<std::net::SocketAddr>().ok().map(|_| addr.to_owned())
+}
+
 /// Creates `dir` (and missing parents) with mode 0700, or tightens an
 /// existing directory to 0700.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {

@@ -186,15 +186,15 @@ fn a_bad_config_or_store_exits_78() {
     std::fs::write(&config, text.replace("luhn = \"invalid\"", "luhn = \"invalid\"\nkeep_first = 6")).unwrap();
     let (code, err) = failure(&check(tmp.path(), PASSPHRASE));
     assert_eq!(code, 78);
-    assert!(err.ends_with("collections.card: format \"card\" leaves 900000 possible tokens for its shortest value; at least 1000000 are needed (keep fewer characters, or raise min_len)\n"), "{err}");
+    assert!(err.ends_with("collections.card: format \"card\" leaves 90 possible tokens for its shortest value (12 letters and digits); at least 1000000 are needed (keep fewer characters, or raise min_len)\n"), "{err}");
 
     // A format change would strand the tokens already issued.
-    let phone = "[collections.phone]\nformat = \"digits\"";
-    std::fs::write(&config, text.replace(phone, "[collections.phone]\nformat = \"alphanumeric\"")).unwrap();
+    let ssn = "[collections.ssn]\nformat = \"ssn\"";
+    std::fs::write(&config, text.replace(ssn, "[collections.ssn]\nformat = \"digits\"")).unwrap();
     let (code, err) = failure(&check(tmp.path(), PASSPHRASE));
     assert_eq!(code, 78);
     assert!(
-        err.ends_with("collection phone issues digits tokens; the configuration says alphanumeric, and the tokens already issued would stop answering (restore the collection's format, or declare a new collection)\n"),
+        err.ends_with("collection ssn issues ssn tokens; the configuration says digits, and the tokens already issued would stop answering (restore the collection's format, or declare a new collection)\n"),
         "{err}"
     );
 

@@ -296,7 +296,7 @@ fn add_tombstones(fx: &Fixture, name: &str, from: usize, n: usize) {
         let mut insert = tx
             .prepare(
                 "INSERT INTO records (collection_id, token, created_at, deleted_at)
-                 SELECT id, printf('9%06d', ?1), 0, 0 FROM collections WHERE name = ?2",
+                 SELECT id, printf('%06d', ?1), 0, 0 FROM collections WHERE name = ?2",
             )
             .unwrap();
         for i in from..from + n {
@@ -329,8 +329,9 @@ async fn a_crowded_collection_warns_at_one_percent_and_refuses_at_ten() {
     let warnings: Vec<String> = logs.text().lines().filter(|l| l.contains("WARN")).map(String::from).collect();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(
-        warnings[0].contains("the collection holds more than 1% of its token space; new values are refused at 10%")
-            && warnings[0].contains("collection=pin issued=10000 space=1000000"),
+        warnings[0].contains(
+            "the collection holds more than 1% of the token space of this length; new values are refused at 10%"
+        ) && warnings[0].contains("collection=pin length=6 issued=10000 space=1000000"),
         "{warnings:?}"
     );
     drop(vault);
@@ -351,6 +352,9 @@ async fn a_crowded_collection_warns_at_one_percent_and_refuses_at_ten() {
         vault.tokenize(&who(), "pin", values(&["444444"])).await,
         Err(VaultError::TokenSpaceFull { issued: 100_000, .. })
     ));
+    // The space is counted per length: 7-digit values have their own.
+    let longer = tokenize_ok(&vault, "pin", &["1234567"]).await;
+    assert_eq!(longer[0].len(), 7);
     // What is stored keeps answering.
     assert_eq!(
         reveal(&vault, "pin", &[first[0].clone(), last[0].clone()]).await,

@@ -122,9 +122,11 @@ fn resolve(args: &ConnectArgs) -> Result<Resolved, CliError> {
         let (dir, name) = (args.data_dir.as_ref()?, args.as_name.as_ref()?);
         Some(dir.join("clients").join(name).join(file))
     };
+    // A running dev vault records where it listens (`dev --listen`).
     let addr = args
         .addr
         .clone()
+        .or_else(|| args.data_dir.as_deref().and_then(crate::datadir::dev_address))
         .or_else(|| dir_config.as_ref().map(|c| c.server.listen.to_string()))
         .ok_or_else(|| missing("address", "--addr", "PIIVAULT_ADDR"))?;
     let ca = args
