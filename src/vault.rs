@@ -111,6 +111,11 @@ struct Collection {
     /// digests of the canonical value; older ones, of the value as written
     /// (before schema version 5).
     canonical_index_from: u32,
+    /// Index versions from before canonical indexing are still in use:
+    /// the index is rebuilt before the vault serves, since until then a
+    /// value written another way than its first writing would not find its
+    /// token.
+    reindex_before_serving: bool,
     /// Tokens issued so far, per length.
     occupancy: Occupancy,
 }
@@ -163,7 +168,7 @@ impl Collection {
     /// `Err` when the collection has issued a tenth of the token space of
     /// the length of any of `values` (letters and digits); warns once per
     /// length past a hundredth.
-    fn check_space(&self, values: &[PiiValue]) -> Result<(), VaultError> {
+    fn check_space<'v>(&self, values: impl Iterator<Item = &'v PiiValue>) -> Result<(), VaultError> {
         if !self.format.counts_occupancy() {
             return Ok(());
         }
@@ -330,7 +335,7 @@ impl Vault {
             }
         }
 
-        Ok(Self {
+        let vault = Self {
             inner: Arc::new(Inner {
                 limits: config.limits,
                 collections,
@@ -344,7 +349,14 @@ impl Vault {
                 sealed_root: config.sealed_root.clone(),
                 database: config.database.clone(),
             }),
-        })
+        };
+        let upgrading: Vec<String> =
+            vault.inner.collections.values().filter(|c| c.reindex_before_serving).map(|c| c.name.to_string()).collect();
+        for name in upgrading {
+            let indexed = vault.rebuild_index(&Requester::named("(upgrade)"), &name).await?;
+            tracing::info!(collection = %name, indexed, "deterministic index on canonical values");
+        }
+        Ok(vault)
     }
 
     fn collection(&self, name: &str) -> Result<&Collection, VaultError> {
@@ -391,7 +403,8 @@ impl Vault {
                 (value, problem.map(Err))
             })
             .unzip();
-        coll.check_space(&values)?;
+        // Only values that will be tokenized count against the space.
+        coll.check_space(values.iter().zip(&results).filter(|(_, r)| r.is_none()).map(|(v, _)| v))?;
         let mut pending: Vec<usize> = (0..values.len()).filter(|&i| results[i].is_none()).collect();
         let audit = who.record("tokenize", collection, values.len(), "OK");
         if pending.is_empty() {
@@ -1153,6 +1166,12 @@ async fn open_collection(
         Some(version) => version,
         None => decide_canonical_index(store, root, name, settings, id, &index_keys).await?,
     };
+    let reindex_before_serving = settings.deterministic
+        && store
+            .list_keys(id, INDEX_PURPOSE)
+            .await?
+            .iter()
+            .any(|k| k.version < canonical_index_from && k.state != KeyState::Retired);
     if settings.deterministic && index_keys.is_empty() {
         let key = DataKey::generate()?;
         let wrapped = keyring::wrap(root, KeyPurpose::Index, name.as_str(), 1, &key)?;
@@ -1172,6 +1191,7 @@ async fn open_collection(
         rotate_after: settings.rotate_after,
         max_encryptions: settings.max_encryptions,
         canonical_index_from,
+        reindex_before_serving,
         occupancy: Occupancy::new(&issued),
     })
 }
@@ -1180,10 +1200,10 @@ async fn open_collection(
 /// version that digests canonical values. A collection that never had an
 /// index key starts canonical at version 1. A deterministic collection
 /// with a shaped format gets a new primary index key now, audited like a
-/// rotation, and the background rebuild (resumed at every start until it
-/// is done) re-indexes its records under the canonical form while lookups
-/// keep trying the old version; a collection whose index is unused now
-/// starts canonical at its next version. Formats without separators
+/// rotation, and its records are re-indexed under the canonical form before
+/// the vault serves (again at each start while an older version is in
+/// use); a collection whose index is unused now starts canonical at its
+/// next version. Formats without separators
 /// (random, email) were canonical already.
 async fn decide_canonical_index(
     store: &Store,
