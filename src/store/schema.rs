@@ -61,7 +61,7 @@ fn fill_legacy_tokens(tx: &rusqlite::Transaction<'_>) -> rusqlite_migration::Hoo
     )?;
     // A legacy writing whose canonical form is itself an issued token is
     // ambiguous too: the form stays taken, only exact writings answer.
-    let mut taken = tx.prepare("SELECT 1 FROM records WHERE collection_id = ?1 AND token = ?2")?;
+    let mut issued = tx.prepare("SELECT 1 FROM records WHERE collection_id = ?1 AND token = ?2")?;
     let mut rows = select.query([])?;
     while let Some(row) = rows.next()? {
         let collection: i64 = row.get(0)?;
@@ -70,7 +70,7 @@ fn fill_legacy_tokens(tx: &rusqlite::Transaction<'_>) -> rusqlite_migration::Hoo
             continue;
         }
         let canonical = crate::format::alnum_only(&token);
-        let holder = if taken.exists(rusqlite::params![collection, canonical])? { None } else { Some(&token) };
+        let holder = if issued.exists(rusqlite::params![collection, canonical])? { None } else { Some(&token) };
         insert.execute(rusqlite::params![collection, canonical, holder])?;
     }
     Ok(())
