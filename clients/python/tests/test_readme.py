@@ -91,3 +91,27 @@ def test_the_python_snippet_runs_as_printed(default_dev_vault: pathlib.Path) -> 
     token, value = run.stdout.split()
     assert len(token) == 15 and token.endswith("0005") and token != "378282246310005"
     assert value == "378282246310005"
+
+
+def test_the_key_management_and_audit_snippets_run_as_printed(default_dev_vault: pathlib.Path) -> None:
+    # The first-calls block defines `piivault` and leaves a card token in
+    # $card; the operating blocks follow, each command expected to succeed.
+    first = block("sh", "piivault() {").replace("./target/release/piivault", str(BIN))
+    operating = "\n".join(
+        [
+            "set -e",
+            block("sh", "k() {"),
+            block("sh", "k rotate --collection card "),
+            block("sh", "piivault audit query --data-dir ./piivault-dev --as auditor --token"),
+            "k list --collection card",
+        ]
+    )
+    run = subprocess.run(
+        ["bash", "-c", first + "\n" + operating], cwd=default_dev_vault, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    # The reader's detokenize of $card is on the trail, and version 1 of the
+    # card data key is gone after rotate, reencrypt and retire.
+    assert "detokenize" in run.stdout and "reader" in run.stdout, run.stdout
+    final_listing = run.stdout.strip().splitlines()[-3:]
+    assert any("retired" in line for line in final_listing), final_listing
