@@ -293,14 +293,19 @@ fn add_tombstones(fx: &Fixture, name: &str, from: usize, n: usize) {
     let mut raw = rusqlite::Connection::open(fx.db_path()).unwrap();
     let tx = raw.transaction().unwrap();
     {
+        // Six-digit tombstones, counted per length with the real tokens;
+        // a number a real token already holds is skipped, so exactly `n`
+        // are added.
         let mut insert = tx
             .prepare(
-                "INSERT INTO records (collection_id, token, created_at, deleted_at)
+                "INSERT OR IGNORE INTO records (collection_id, token, created_at, deleted_at)
                  SELECT id, printf('%06d', ?1), 0, 0 FROM collections WHERE name = ?2",
             )
             .unwrap();
-        for i in from..from + n {
-            insert.execute(rusqlite::params![i, name]).unwrap();
+        let (mut i, mut added) = (from, 0);
+        while added < n {
+            added += insert.execute(rusqlite::params![i, name]).unwrap();
+            i += 1;
         }
     }
     tx.commit().unwrap();
