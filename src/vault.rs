@@ -1224,7 +1224,7 @@ async fn decide_canonical_index(
         let mut audit = Requester::named("(upgrade)").record("rotate_index_key", name.as_str(), 0, "OK");
         audit.error_code = format!("new primary index key version {version}: canonical values");
         store.add_primary_key(id, INDEX_PURPOSE, version, wrapped, None, audit).await?;
-        tracing::info!(collection = %name, version, "index key rotated to index canonical values; the index is rebuilt in the background");
+        tracing::info!(collection = %name, version, "index key rotated to index canonical values; the index is rebuilt before serving");
     }
     Ok(store.set_canonical_index_from(id, version).await?)
 }
