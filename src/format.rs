@@ -231,14 +231,10 @@ impl Format {
         }
     }
 
-    /// Whether tokens are counted against the token space per length:
-    /// formats whose space can run out in practice.
-    pub fn counts_occupancy(&self) -> bool {
-        !matches!(self, Self::Random { .. } | Self::Email { .. })
-    }
-
     /// Whether the format's tokens and values have a canonical form other
-    /// than their writing (digits, alphanumeric, card, ssn).
+    /// than their writing (digits, alphanumeric, card, ssn). These are also
+    /// the formats whose token space can run out, so their tokens are
+    /// counted against it per length.
     pub fn is_canonicalized(&self) -> bool {
         matches!(self, Self::Digits { .. } | Self::Alphanumeric { .. } | Self::Card { .. } | Self::Ssn)
     }
@@ -255,9 +251,10 @@ impl Format {
         std::borrow::Cow::Owned(alnum_only(text))
     }
 
-    /// The token whose canonical form is `canonical`, written in the shape
-    /// of `shape` (a value of this format with as many letters and digits):
-    /// its separators, in their places. `None` if the counts differ.
+    /// The token whose letters and digits are those of `canonical` (any
+    /// writing of it), written in the shape of `shape` (a value of this
+    /// format with as many letters and digits): its separators, in their
+    /// places. `None` if the counts differ.
     pub fn render(&self, canonical: &str, shape: &str) -> Option<String> {
         if !self.is_canonicalized() {
             return Some(canonical.to_owned());
@@ -1026,8 +1023,8 @@ mod tests {
         let c = card(0, 4, Luhn::Invalid);
         assert_eq!(c.token_space_at(12), 9 * 10u128.pow(7));
         assert_eq!(c.token_space_at(19), 9 * 10u128.pow(14));
-        assert!(c.counts_occupancy() && digits(0).counts_occupancy() && Format::Ssn.counts_occupancy());
-        assert!(!Format::Email { keep_domain: true }.counts_occupancy());
+        assert!(c.is_canonicalized() && digits(0).is_canonicalized() && Format::Ssn.is_canonicalized());
+        assert!(!Format::Email { keep_domain: true }.is_canonicalized());
         assert_eq!(slots_of("3782 822463 10005"), 15);
     }
 

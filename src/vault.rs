@@ -169,7 +169,7 @@ impl Collection {
     /// the length of any of `values` (letters and digits); warns once per
     /// length past a hundredth.
     fn check_space<'v>(&self, values: impl Iterator<Item = &'v PiiValue>) -> Result<(), VaultError> {
-        if !self.format.counts_occupancy() {
+        if !self.format.is_canonicalized() {
             return Ok(());
         }
         let mut new: std::collections::BTreeMap<usize, u64> = std::collections::BTreeMap::new();
@@ -467,7 +467,7 @@ impl Vault {
                     }
                     InsertOutcome::Existing(existing) => {
                         // The value's token, in the writing of this request.
-                        let rendered = coll.format.render(&coll.format.canonical(&existing), values[i].expose_secret());
+                        let rendered = coll.format.render(&existing, values[i].expose_secret());
                         results[i] =
                             Some(rendered.and_then(|t| coll.format.parse_token(&t)).ok_or(ItemError::Unreadable));
                     }
@@ -1178,7 +1178,7 @@ async fn open_collection(
         store.add_first_key(id, INDEX_PURPOSE, wrapped).await?;
         tracing::info!(collection = %name, "created blind-index key version 1");
     }
-    let issued = if settings.format.counts_occupancy() { store.issued_by_length(id).await? } else { Vec::new() };
+    let issued = if settings.format.is_canonicalized() { store.issued_by_length(id).await? } else { Vec::new() };
     Ok(Collection {
         id,
         name: name.clone(),
