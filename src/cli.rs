@@ -25,6 +25,7 @@ use crate::vault::Vault;
 
 mod bench;
 mod client;
+mod secrets;
 
 /// Environment variable holding the passphrase that seals the root key.
 pub const PASSPHRASE_ENV: &str = "PIIVAULT_PASSPHRASE";
@@ -54,6 +55,8 @@ enum Command {
         /// environment variable instead of a passphrase.
         #[arg(long, value_name = "VAR", conflicts_with_all = ["raw_key_file", "passphrase_file"])]
         raw_key_env: Option<String>,
+        #[command(flatten)]
+        pkcs11: secrets::Pkcs11InitArgs,
     },
     /// Unseal the root key, open the store and every data key, and report.
     /// Exits 78 if the passphrase or key is wrong or a file is damaged.
@@ -252,10 +255,16 @@ enum KeysCommand {
         /// Read the new passphrase from this file (else prompted twice).
         #[arg(long, value_name = "FILE")]
         new_passphrase_file: Option<PathBuf>,
-        /// For a vault sealed with a raw key: the new one (32 bytes or 64 hex
-        /// digits) from this file.
+        /// Seal the new root key with a raw key (32 bytes or 64 hex digits)
+        /// from this file. Then set `[root_key] provider = "raw"` with
+        /// `key_file` or `key_env` in config.toml before the next start.
         #[arg(long, value_name = "FILE", conflicts_with = "new_passphrase_file")]
         new_raw_key_file: Option<PathBuf>,
+        /// Seal the new root key in the PKCS#11 token of `[root_key.pkcs11]`
+        /// (the server's, online) under the AES key with this label: used
+        /// if the token holds it (sensitive, non-extractable), else created.
+        #[arg(long, value_name = "LABEL", conflicts_with_all = ["new_passphrase_file", "new_raw_key_file"])]
+        new_pkcs11_key_label: Option<String>,
         #[command(flatten)]
         connect: client::ConnectArgs,
         #[command(flatten)]
@@ -424,6 +433,14 @@ pub fn main() -> ExitCode {
             return ExitCode::from(Failure::Usage.code());
         }
     };
+    // Secrets in the environment leave it before any thread exists.
+    secrets::take_from_env(secrets::secret_variables(
+        config_path_of(&cli.command).as_deref(),
+        match &cli.command {
+            Command::Init { pkcs11, .. } => pkcs11.pkcs11_pin_env.as_deref(),
+            _ => None,
+        },
+    ));
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -435,6 +452,21 @@ pub fn main() -> ExitCode {
             report(&format!("{:#}", e.error));
             ExitCode::from(e.failure.code())
         }
+    }
+}
+
+/// The config file a command opens a vault with, if any.
+fn config_path_of(command: &Command) -> Option<PathBuf> {
+    match command {
+        Command::Serve { config, .. } | Command::Check { config, .. } => Some(config.clone()),
+        Command::Keys { command: KeysCommand::RotateRoot { connect, .. } } => {
+            connect.offline_dir().map(|dir| dir.join(CONFIG_FILE))
+        }
+        Command::Audit { command: AuditCommand::Verify { data_dir, .. } } => Some(data_dir.join(CONFIG_FILE)),
+        Command::Audit { command: AuditCommand::Query { connect, .. } | AuditCommand::Export { connect, .. } } => {
+            connect.offline_dir().map(|dir| dir.join(CONFIG_FILE))
+        }
+        _ => None,
     }
 }
 
@@ -470,17 +502,33 @@ async fn run(command: Command) -> Result<(), CliError> {
         init_logging("warn", LogFormat::Text);
     }
     match command {
-        Command::Init { data_dir, secret, raw_key_file, raw_key_env } => {
-            let source = match (raw_key_file, raw_key_env) {
-                (Some(file), _) => RootKeySource::RawKeyFile(
-                    std::path::absolute(&file)
-                        .with_context(|| format!("{}", file.display()))
-                        .or_fail(Failure::Usage)?,
-                ),
-                (None, Some(var)) => RootKeySource::RawKeyEnv(var),
-                (None, None) => RootKeySource::Passphrase,
+        Command::Init { data_dir, secret, raw_key_file, raw_key_env, pkcs11 } => {
+            let absolute = |file: &Path| {
+                std::path::absolute(file).with_context(|| format!("{}", file.display())).or_fail(Failure::Usage)
             };
-            init(&data_dir, &source, &secret, true).await
+            let hsm = match (&pkcs11.pkcs11_module, &pkcs11.pkcs11_token_label) {
+                (Some(module), Some(label)) => Some(crate::config::Pkcs11Settings {
+                    module: absolute(module)?,
+                    token: crate::crypto::pkcs11::TokenSelector::Label(label.clone()),
+                    pin: match (&pkcs11.pkcs11_pin_file, &pkcs11.pkcs11_pin_env) {
+                        (Some(file), _) => crate::config::SecretSource::File(absolute(file)?),
+                        (None, Some(var)) => crate::config::SecretSource::Env(var.clone()),
+                        (None, None) => {
+                            return Err(anyhow!("--pkcs11-module needs --pkcs11-pin-file or --pkcs11-pin-env"))
+                                .or_fail(Failure::Usage);
+                        }
+                    },
+                }),
+                _ => None,
+            };
+            let source = match (raw_key_file, raw_key_env, &hsm) {
+                (Some(file), _, _) => RootKeySource::RawKeyFile(absolute(&file)?),
+                (None, Some(var), _) => RootKeySource::RawKeyEnv(var),
+                (None, None, Some(_)) => RootKeySource::Pkcs11,
+                (None, None, None) => RootKeySource::Passphrase,
+            };
+            let new = NewVault { source, pkcs11: hsm, key_label: pkcs11.pkcs11_key_label };
+            init(&data_dir, &new, &secret, true).await
         }
         Command::Check { config, secret } => check(&config, &secret).await,
         Command::Serve { config, secret, metrics_listen } => serve(&config, &secret, metrics_listen).await,
@@ -493,29 +541,6 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Backup { out, connect } => backup(&out, &connect).await,
         Command::Detokenize(args) => client::run(client::Op::Detokenize, args).await,
         Command::Delete(args) => client::run(client::Op::Delete, args).await,
-    }
-}
-
-/// Resolves the secret that unseals the root key for `source`.
-fn unlock_for(source: &RootKeySource, secret: &SecretArgs, confirm: bool) -> Result<Unlock, CliError> {
-    match source {
-        RootKeySource::Passphrase => read_passphrase(secret, confirm).map(Unlock::Passphrase),
-        RootKeySource::RawKeyFile(path) => {
-            let bytes = zeroize::Zeroizing::new(
-                std::fs::read(path)
-                    .with_context(|| format!("cannot read the raw root key file {}", path.display()))
-                    .or_fail(Failure::Config)?,
-            );
-            RawKey::parse(&bytes).map(Unlock::RawKey).or_fail(Failure::Config)
-        }
-        RootKeySource::RawKeyEnv(var) => {
-            let text = zeroize::Zeroizing::new(
-                std::env::var(var)
-                    .map_err(|_| anyhow!("the raw root key variable ${var} is not set"))
-                    .or_fail(Failure::Config)?,
-            );
-            RawKey::parse(text.as_bytes()).map(Unlock::RawKey).or_fail(Failure::Config)
-        }
     }
 }
 
@@ -545,32 +570,17 @@ fn read_new_passphrase(secret: &SecretArgs) -> Result<Passphrase, CliError> {
     Passphrase::new(text).or_fail(Failure::Usage)
 }
 
-fn read_passphrase(secret: &SecretArgs, confirm: bool) -> Result<Passphrase, CliError> {
-    let text = if let Some(path) = &secret.passphrase_file {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read the passphrase file {}", path.display()))
-            .or_fail(Failure::Config)?;
-        String::from_utf8(bytes).map_err(|_| anyhow!("the passphrase file is not UTF-8")).or_fail(Failure::Config)?
-    } else if let Ok(text) = std::env::var(PASSPHRASE_ENV) {
-        text
-    } else if std::io::stdin().is_terminal() {
-        let first = rpassword::prompt_password("piivault passphrase: ").or_fail(Failure::Other)?;
-        if confirm {
-            let second = zeroize::Zeroizing::new(rpassword::prompt_password("again: ").or_fail(Failure::Other)?);
-            if first != *second {
-                return Err(anyhow!("the passphrases do not match")).or_fail(Failure::Usage);
-            }
-        }
-        first
-    } else {
-        return Err(anyhow!("no passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file")).or_fail(Failure::Usage);
-    };
-    Passphrase::new(text).or_fail(Failure::Usage)
-}
-
 /// `piivault init`: creates the data directory, config, sealed root key and
 /// store. Leaves nothing behind if any step fails.
-async fn init(data_dir: &Path, source: &RootKeySource, secret: &SecretArgs, confirm: bool) -> Result<(), CliError> {
+/// What `init` seals a new vault with.
+struct NewVault {
+    source: RootKeySource,
+    pkcs11: Option<crate::config::Pkcs11Settings>,
+    /// The PKCS#11 key that seals the root key (pkcs11 only).
+    key_label: String,
+}
+
+async fn init(data_dir: &Path, new: &NewVault, secret: &SecretArgs, confirm: bool) -> Result<(), CliError> {
     for name in [CONFIG_FILE, SEALED_ROOT_FILE, DATABASE_FILE] {
         let existing = data_dir.join(name);
         if existing.exists() {
@@ -582,13 +592,15 @@ async fn init(data_dir: &Path, source: &RootKeySource, secret: &SecretArgs, conf
             .or_fail(Failure::Config);
         }
     }
-    let unlock = unlock_for(source, secret, confirm)?;
+    let config_text = Config::sample(&new.source, new.pkcs11.as_ref());
+    let config = Config::parse(&config_text, data_dir).or_fail(Failure::Config)?;
+    let unlock = secrets::unlock_for_init(&config, secret, &new.key_label, confirm)?;
     datadir::create_private_dir(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))
         .or_fail(Failure::Other)?;
 
     let created = [CONFIG_FILE, SEALED_ROOT_FILE, DATABASE_FILE].map(|f| data_dir.join(f));
-    let result = write_new_vault(data_dir, source, &unlock).await;
+    let result = write_new_vault(&config, &config_text, &unlock).await;
     if result.is_err() {
         for path in &created {
             let _ = std::fs::remove_file(path);
@@ -602,13 +614,16 @@ async fn init(data_dir: &Path, source: &RootKeySource, secret: &SecretArgs, conf
     Ok(())
 }
 
-async fn write_new_vault(data_dir: &Path, source: &RootKeySource, unlock: &Unlock) -> Result<Vault, CliError> {
-    let config_text = Config::sample(source);
-    let config = Config::parse(&config_text, data_dir).or_fail(Failure::Config)?;
+async fn write_new_vault(config: &Config, config_text: &str, unlock: &Unlock) -> Result<Vault, CliError> {
+    let data_dir = config.data_dir.as_path();
     datadir::write_private_file(&data_dir.join(CONFIG_FILE), config_text.as_bytes())
         .context("cannot write config.toml")
         .or_fail(Failure::Other)?;
-    let (root_key, sealed) = root::create(unlock, root::DEFAULT_KDF).or_fail(Failure::Other)?;
+    let origin = match unlock {
+        Unlock::Pkcs11(hsm) => Some(hsm.hsm.prepare_key(&hsm.key_label).or_fail(Failure::Config)?),
+        _ => None,
+    };
+    let (root_key, sealed) = root::create(unlock, root::DEFAULT_KDF).or_fail(Failure::Config)?;
     datadir::write_private_file(&config.sealed_root, &sealed)
         .context("cannot write root.sealed")
         .or_fail(Failure::Other)?;
@@ -616,7 +631,16 @@ async fn write_new_vault(data_dir: &Path, source: &RootKeySource, unlock: &Unloc
         .context("cannot write policy.toml")
         .or_fail(Failure::Other)?;
     Ca::init(data_dir, &config.server.trust_domain, &config.server.server_names).or_fail(Failure::Other)?;
-    Vault::create(&config, &root_key).await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })
+    let vault =
+        Vault::create(config, &root_key).await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
+    if let (Unlock::Pkcs11(hsm), Some(origin)) = (unlock, origin) {
+        let how = match origin {
+            crate::crypto::pkcs11::KeyOrigin::Created => "created in the token (sensitive, never extractable)",
+            crate::crypto::pkcs11::KeyOrigin::Existing => "found in the token and checked",
+        };
+        say(&format!("root key sealed by the PKCS#11 key {:?}, {how}", hsm.key_label));
+    }
+    Ok(vault)
 }
 
 /// Loads a config file (exit 78 when it is wrong).
@@ -628,26 +652,37 @@ fn load_config(config_path: &Path) -> Result<Config, CliError> {
 ///
 /// A root-key rotation writes `root.sealed.new` before re-wrapping the keys
 /// and renames it over `root.sealed` after; an interruption leaves both
-/// files. Each that opens with the secret is tried, and the keyring decides
-/// which root key is real: if it is the new one the rotation is completed
-/// (renamed into place), if the old one the leftover is removed.
-async fn open_vault(config: &Config, secret: &SecretArgs) -> Result<Vault, CliError> {
-    let unlock = unlock_for(&config.root_key, secret, false)?;
+/// files. Each file names the provider that sealed it, and each that opens
+/// with that provider's secret is tried; the keyring decides which root key
+/// is real: if it is the new one the rotation is completed (renamed into
+/// place), if the old one the leftover is removed. An unseal that serves
+/// or changes the vault is recorded on the audit trail, with its provider
+/// ([`Unseal::Recorded`]); the read-only audit commands do not write to the
+/// trail they read.
+async fn open_vault(config: &Config, secret: &SecretArgs, unseal: Unseal) -> Result<Vault, CliError> {
     let sealed_path = &config.sealed_root;
     let pending = crate::vault::pending_sealed_path(sealed_path);
     let sealed = std::fs::read(sealed_path)
         .with_context(|| format!("cannot read the sealed root key {}", sealed_path.display()))
         .or_fail(Failure::Config)?;
+    let mut unlocks = secrets::Unlocks::new(config, secret);
     let mut first_error = None;
     for (path, bytes) in [(sealed_path.clone(), Some(sealed)), (pending.clone(), std::fs::read(&pending).ok())] {
         let Some(bytes) = bytes else { continue };
-        let root = match root::unseal(&bytes, &unlock) {
+        let config_error =
+            |e: anyhow::Error| CliError { failure: Failure::Config, error: e.context(path.display().to_string()) };
+        let provider = match root::parse_sealed(&bytes) {
+            Ok(parsed) => parsed.provider,
+            Err(e) => {
+                first_error.get_or_insert(config_error(e.into()));
+                continue;
+            }
+        };
+        let unlocked = unlocks.get(provider).and_then(|unlock| root::unseal(&bytes, unlock).or_fail(Failure::Config));
+        let root = match unlocked {
             Ok(root) => root,
             Err(e) => {
-                first_error.get_or_insert(CliError {
-                    failure: Failure::Config,
-                    error: anyhow::Error::new(e).context(sealed_path.display().to_string()),
-                });
+                first_error.get_or_insert(config_error(e.error));
                 continue;
             }
         };
@@ -660,7 +695,7 @@ async fn open_vault(config: &Config, secret: &SecretArgs) -> Result<Vault, CliEr
                     std::fs::remove_file(&pending).or_fail(Failure::Other)?;
                     tracing::warn!("removed the leftover of a root-key rotation that did not complete");
                 }
-                return Ok(vault);
+                return unsealed(config, vault, provider, &unlocks, unseal).await;
             }
             Err(e) => {
                 first_error.get_or_insert(CliError {
@@ -674,18 +709,62 @@ async fn open_vault(config: &Config, secret: &SecretArgs) -> Result<Vault, CliEr
         .unwrap_or_else(|| CliError { failure: Failure::Config, error: anyhow!("cannot unseal the root key") });
     if pending.exists() {
         error.error = error.error.context(format!(
-            "an interrupted root-key rotation left {}: try the other (old or new) passphrase",
+            "an interrupted root-key rotation left {}: try the other (old or new) secret",
             pending.display()
         ));
     }
     Err(error)
 }
 
+/// Whether opening a vault puts the unseal on its audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unseal {
+    /// Serving, checking, or changing keys.
+    Recorded,
+    /// Reading the audit trail offline.
+    ReadOnly,
+}
+
+/// After an unseal: the token kept for rotations, the audit record, and a
+/// warning when config.toml names another provider than root.sealed.
+async fn unsealed(
+    config: &Config,
+    vault: Vault,
+    provider: root::Provider,
+    unlocks: &secrets::Unlocks<'_>,
+    unseal: Unseal,
+) -> Result<Vault, CliError> {
+    let hsm = match (unlocks.hsm(), &config.pkcs11) {
+        (Some(hsm), _) => Some(hsm),
+        (None, Some(_)) => Some(secrets::configured_hsm(config)?),
+        (None, None) => None,
+    };
+    if let Some(hsm) = hsm {
+        vault.attach_hsm(hsm);
+    }
+    let configured = match config.root_key {
+        RootKeySource::Passphrase => root::Provider::Passphrase,
+        RootKeySource::RawKeyFile(_) | RootKeySource::RawKeyEnv(_) => root::Provider::Raw,
+        RootKeySource::Pkcs11 => root::Provider::Pkcs11,
+    };
+    if configured != provider {
+        tracing::warn!(
+            sealed_by = provider.as_str(),
+            configured = configured.as_str(),
+            "root.sealed is sealed by another provider than [root_key] provider names (after a rotation between providers): update config.toml"
+        );
+    }
+    if unseal == Unseal::Recorded {
+        vault.record_unseal(provider).await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
+    }
+    Ok(vault)
+}
+
 /// `piivault check`: proves the passphrase, the sealed root, the store and
 /// every data key are in order, without serving.
 async fn check(config_path: &Path, secret: &SecretArgs) -> Result<(), CliError> {
     let config = load_config(config_path)?;
-    let vault = open_vault(&config, secret).await?;
+    let vault = open_vault(&config, secret, Unseal::Recorded).await?;
     let counts = vault.record_counts().await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
     let summary: Vec<String> = counts.iter().map(|(name, n)| format!("{name}={n}")).collect();
     say(&format!("ok: root key unsealed, store open, records: {}", summary.join(" ")));
@@ -771,7 +850,7 @@ async fn run_server(
             }))
         }
     };
-    let vault = open_vault(config, secret).await?;
+    let vault = open_vault(config, secret, Unseal::Recorded).await?;
     exporter.unsealed(vault.clone());
     let listener = grpc_server::bind(listen.grpc.unwrap_or(config.server.listen)).await.or_fail(Failure::Other)?;
     let addr = listener.local_addr().or_fail(Failure::Other)?;
@@ -938,7 +1017,8 @@ async fn dev(
         datadir::write_private_file(&passphrase_path, passphrase.as_bytes())
             .context("cannot write the dev passphrase")
             .or_fail(Failure::Other)?;
-        init(data_dir, &RootKeySource::Passphrase, &secret, false).await?;
+        let new = NewVault { source: RootKeySource::Passphrase, pkcs11: None, key_label: String::new() };
+        init(data_dir, &new, &secret, false).await?;
         let config = Config::load(&config_path).or_fail(Failure::Config)?;
         let ca = Ca::load(data_dir).or_fail(Failure::Other)?;
         for name in ["writer", "reader", "support", "admin", "auditor"] {
@@ -989,25 +1069,43 @@ async fn dev(
     served
 }
 
+/// What `keys rotate-root` seals the new root key with.
+enum NewRoot {
+    /// A new passphrase, from this file or typed twice.
+    Passphrase(Option<PathBuf>),
+    /// A raw key from this file.
+    RawKeyFile(PathBuf),
+    /// The key of this label in the configured PKCS#11 token.
+    Pkcs11(String),
+}
+
 /// `piivault keys rotate-root`: offline on a stopped vault's directory, or
-/// online through the Admin service.
-async fn rotate_root(
-    new_passphrase_file: Option<PathBuf>,
-    new_raw_key_file: Option<&Path>,
-    connect: &client::ConnectArgs,
-    secret: SecretArgs,
-) -> Result<(), CliError> {
+/// online through the Admin service. The new provider may differ from the
+/// old one (passphrase, raw key, PKCS#11), in both directions.
+async fn rotate_root(target: NewRoot, connect: &client::ConnectArgs, secret: SecretArgs) -> Result<(), CliError> {
     use crate::grpc::proto::{self, admin_client::AdminClient};
-    let new_secret = SecretArgs { passphrase_file: new_passphrase_file };
-    if let Some(dir) = connect.offline_dir() {
-        let unlock = match new_raw_key_file {
-            Some(path) => {
-                let bytes = zeroize::Zeroizing::new(std::fs::read(path).or_fail(Failure::Config)?);
-                Unlock::RawKey(RawKey::parse(&bytes).or_fail(Failure::Usage)?)
+    let read_raw = |path: &Path| -> Result<zeroize::Zeroizing<Vec<u8>>, CliError> {
+        Ok(zeroize::Zeroizing::new(
+            std::fs::read(path)
+                .with_context(|| format!("cannot read the new raw key file {}", path.display()))
+                .or_fail(Failure::Config)?,
+        ))
+    };
+    let count = if let Some(dir) = connect.offline_dir() {
+        let vault = open_offline(dir, secret, Unseal::Recorded).await?;
+        let unlock = match &target {
+            NewRoot::RawKeyFile(path) => Unlock::RawKey(RawKey::parse(&read_raw(path)?).or_fail(Failure::Usage)?),
+            NewRoot::Passphrase(file) => {
+                Unlock::Passphrase(read_new_passphrase(&SecretArgs { passphrase_file: file.clone() })?)
             }
-            None => Unlock::Passphrase(read_new_passphrase(&new_secret)?),
+            NewRoot::Pkcs11(label) => Unlock::Pkcs11(root::Pkcs11Unlock {
+                hsm: vault
+                    .hsm()
+                    .ok_or_else(|| anyhow!("config.toml has no [root_key.pkcs11] table naming the token"))
+                    .or_fail(Failure::Config)?,
+                key_label: label.clone(),
+            }),
         };
-        let vault = open_offline(dir, secret).await?;
         let who = crate::vault::Requester::named("(offline rotate-root)");
         let count = vault
             .rotate_root(&who, &unlock, root::DEFAULT_KDF)
@@ -1020,21 +1118,31 @@ async fn rotate_root(
             std::fs::remove_file(&dev_file).or_fail(Failure::Other)?;
             datadir::write_private_file(&dev_file, p.expose_secret().as_bytes()).or_fail(Failure::Other)?;
         }
-        say(&format!("root key rotated: {count} keys re-wrapped; the old secret no longer opens this vault"));
+        count
     } else {
         let mut request = proto::RotateRootKeyRequest::default();
-        match new_raw_key_file {
-            Some(path) => {
-                let bytes = zeroize::Zeroizing::new(std::fs::read(path).or_fail(Failure::Config)?);
-                request.new_raw_key_hex = String::from_utf8_lossy(bytes.trim_ascii()).into_owned();
+        match &target {
+            NewRoot::RawKeyFile(path) => {
+                request.new_raw_key_hex = String::from_utf8_lossy(read_raw(path)?.trim_ascii()).into_owned();
             }
-            None => read_new_passphrase(&new_secret)?.expose_secret().clone_into(&mut request.new_passphrase),
+            NewRoot::Passphrase(file) => read_new_passphrase(&SecretArgs { passphrase_file: file.clone() })?
+                .expose_secret()
+                .clone_into(&mut request.new_passphrase),
+            NewRoot::Pkcs11(label) => request.new_pkcs11_key_label.clone_from(label),
         }
         let mut admin = AdminClient::new(client::channel(connect).await?);
         let count =
             admin.rotate_root_key(request).await.map_err(|s| client::status_error(&s))?.into_inner().keys_rewrapped;
-        say(&format!("root key rotated: {count} keys re-wrapped; the old secret no longer opens this vault"));
-    }
+        usize::try_from(count).unwrap_or(usize::MAX)
+    };
+    let sealed_by = match target {
+        NewRoot::Passphrase(_) => "a passphrase".to_owned(),
+        NewRoot::RawKeyFile(_) => "a raw key".to_owned(),
+        NewRoot::Pkcs11(label) => format!("the PKCS#11 key {label:?}"),
+    };
+    say(&format!(
+        "root key rotated: {count} keys re-wrapped, sealed by {sealed_by}; the old secret no longer opens this vault"
+    ));
     Ok(())
 }
 
@@ -1172,8 +1280,13 @@ async fn keys(command: KeysCommand) -> Result<(), CliError> {
                 }
             }
         }
-        KeysCommand::RotateRoot { new_passphrase_file, new_raw_key_file, connect, secret } => {
-            rotate_root(new_passphrase_file, new_raw_key_file.as_deref(), &connect, secret).await?;
+        KeysCommand::RotateRoot { new_passphrase_file, new_raw_key_file, new_pkcs11_key_label, connect, secret } => {
+            let target = match (new_raw_key_file, new_pkcs11_key_label) {
+                (Some(file), _) => NewRoot::RawKeyFile(file),
+                (None, Some(label)) => NewRoot::Pkcs11(label),
+                (None, None) => NewRoot::Passphrase(new_passphrase_file),
+            };
+            rotate_root(target, &connect, secret).await?;
         }
         KeysCommand::Retire { collection, key_version: version, connect } => {
             let mut admin = AdminClient::new(client::channel(&connect).await?);
@@ -1199,10 +1312,10 @@ fn offline_secret(data_dir: &Path, secret: SecretArgs) -> SecretArgs {
 }
 
 /// Opens a local vault for an offline audit command.
-async fn open_offline(data_dir: &Path, secret: SecretArgs) -> Result<Vault, CliError> {
+async fn open_offline(data_dir: &Path, secret: SecretArgs, unseal: Unseal) -> Result<Vault, CliError> {
     let secret = offline_secret(data_dir, secret);
     let config = load_config(&data_dir.join(CONFIG_FILE))?;
-    open_vault(&config, &secret).await
+    open_vault(&config, &secret, unseal).await
 }
 
 /// `piivault audit query` and `export`: from a server as an auditor, or
@@ -1231,7 +1344,7 @@ async fn audit_read(
         }
     };
     if let Some(dir) = connect.offline_dir() {
-        let vault = open_offline(dir, secret).await?;
+        let vault = open_offline(dir, secret, Unseal::ReadOnly).await?;
         let limit = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
         let records = vault
             .query_audit(filter, limit)
@@ -1310,7 +1423,7 @@ async fn audit(command: AuditCommand) -> Result<(), CliError> {
         }
         None => None,
     };
-    let vault = open_offline(&data_dir, secret).await?;
+    let vault = open_offline(&data_dir, secret, Unseal::ReadOnly).await?;
     let verified = vault.verify_audit().await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
     let head = verified.map_err(|e| CliError { failure: Failure::Other, error: anyhow!("audit trail broken: {e}") })?;
     let mac = hex::encode(head.mac);

@@ -100,6 +100,48 @@ pub enum RootKeySource {
     RawKeyFile(PathBuf),
     /// A raw key as 64 hex digits in an environment variable.
     RawKeyEnv(String),
+    /// A key in a PKCS#11 token (`[root_key.pkcs11]`).
+    Pkcs11,
+}
+
+/// Where a secret (a PIN) is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// A file (owner-only; a trailing newline is ignored).
+    File(PathBuf),
+    /// An environment variable, removed from the environment once read.
+    Env(String),
+}
+
+impl Pkcs11Settings {
+    /// These settings as the `[root_key.pkcs11]` table of a config file.
+    fn table(&self) -> String {
+        use crate::crypto::pkcs11::TokenSelector;
+        let token = match &self.token {
+            TokenSelector::Label(label) => format!("token_label = {}", toml_string(label)),
+            TokenSelector::Serial(serial) => format!("token_serial = {}", toml_string(serial)),
+        };
+        let pin = match &self.pin {
+            SecretSource::File(path) => format!("pin_file = {}", toml_string(&path.to_string_lossy())),
+            SecretSource::Env(var) => format!("pin_env = {}", toml_string(var)),
+        };
+        let module = toml_string(&self.module.to_string_lossy());
+        format!("\n\n[root_key.pkcs11]\nmodule = {module}\n{token}\n{pin}")
+    }
+}
+
+/// `[root_key.pkcs11]`: how to reach the token that holds the wrapping key.
+/// Needed when `provider = "pkcs11"`, and to rotate the root key into a
+/// token from another provider. Which key in the token seals the root is
+/// recorded in `root.sealed`, not here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11Settings {
+    /// The PKCS#11 library (`/usr/lib/softhsm/libsofthsm2.so`, a vendor's).
+    pub module: PathBuf,
+    /// The token, by label or serial.
+    pub token: crate::crypto::pkcs11::TokenSelector,
+    /// The user PIN.
+    pub pin: SecretSource,
 }
 
 /// Per-request limits.
@@ -246,6 +288,8 @@ pub struct Config {
     pub sealed_root: PathBuf,
     /// How the root key is unsealed.
     pub root_key: RootKeySource,
+    /// The PKCS#11 token, if one is configured.
+    pub pkcs11: Option<Pkcs11Settings>,
     /// Request limits.
     pub limits: Limits,
     /// Store tuning.
@@ -417,6 +461,39 @@ struct RawRootKey {
     provider: Option<String>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
+    pkcs11: Option<RawPkcs11>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPkcs11 {
+    module: Option<PathBuf>,
+    token_label: Option<String>,
+    token_serial: Option<String>,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+}
+
+fn parse_pkcs11(raw: RawPkcs11, data_dir: &Path) -> Result<Pkcs11Settings, ConfigError> {
+    use crate::crypto::pkcs11::TokenSelector;
+    let key = "root_key.pkcs11";
+    let module = raw.module.ok_or_else(|| invalid(key, "module (the PKCS#11 library's path) is required"))?;
+    let token = match (raw.token_label, raw.token_serial) {
+        (Some(label), None) if !label.is_empty() && label.len() <= 32 => TokenSelector::Label(label),
+        (None, Some(serial)) if !serial.is_empty() && serial.len() <= 16 => TokenSelector::Serial(serial),
+        _ => {
+            return Err(invalid(
+                key,
+                "needs exactly one of token_label (1-32 bytes) or token_serial (1-16 characters)",
+            ));
+        }
+    };
+    let pin = match (raw.pin_file, raw.pin_env) {
+        (Some(file), None) => SecretSource::File(data_dir.join(file)),
+        (None, Some(var)) if !var.is_empty() => SecretSource::Env(var),
+        _ => return Err(invalid(key, "needs exactly one of pin_file or pin_env")),
+    };
+    Ok(Pkcs11Settings { module: data_dir.join(module), token, pin })
 }
 
 #[derive(Deserialize, Default)]
@@ -671,21 +748,26 @@ impl Config {
             .map_err(|e| ConfigError::Parse { path: PathBuf::from(CONFIG_FILE), message: one_line(&e.to_string()) })?;
         let resolve = |p: Option<PathBuf>, default: &str| data_dir.join(p.unwrap_or_else(|| PathBuf::from(default)));
 
+        let pkcs11 = raw.root_key.pkcs11.map(|p| parse_pkcs11(p, data_dir)).transpose()?;
         let root_key = match (raw.root_key.provider.as_deref(), raw.root_key.key_file, raw.root_key.key_env) {
             (None | Some("passphrase"), None, None) => RootKeySource::Passphrase,
-            (Some("passphrase"), _, _) => {
-                return Err(invalid("root_key", "key_file and key_env only apply to provider = \"raw\""));
-            }
             (Some("raw"), Some(file), None) => RootKeySource::RawKeyFile(data_dir.join(file)),
             (Some("raw"), None, Some(var)) if !var.is_empty() => RootKeySource::RawKeyEnv(var),
             (Some("raw"), _, _) => {
                 return Err(invalid("root_key", "provider = \"raw\" needs exactly one of key_file or key_env"));
             }
+            (Some("pkcs11"), None, None) if pkcs11.is_some() => RootKeySource::Pkcs11,
+            (Some("pkcs11"), None, None) => {
+                return Err(invalid("root_key", "provider = \"pkcs11\" needs a [root_key.pkcs11] table"));
+            }
+            (Some("passphrase" | "pkcs11"), _, _) => {
+                return Err(invalid("root_key", "key_file and key_env only apply to provider = \"raw\""));
+            }
             (None, _, _) => return Err(invalid("root_key.provider", "required with key_file or key_env")),
             (Some(other), _, _) => {
                 return Err(invalid(
                     "root_key.provider",
-                    format!("unknown provider {other:?}; expected \"passphrase\" or \"raw\""),
+                    format!("unknown provider {other:?}; expected \"passphrase\", \"raw\" or \"pkcs11\""),
                 ));
             }
         };
@@ -755,6 +837,7 @@ impl Config {
             database: resolve(raw.vault.database, DATABASE_FILE),
             sealed_root: resolve(raw.vault.sealed_root, SEALED_ROOT_FILE),
             root_key,
+            pkcs11,
             limits,
             store,
             server,
@@ -765,8 +848,8 @@ impl Config {
 
     /// The `config.toml` that `piivault init` writes: the sample collections
     /// and every default spelled out.
-    pub fn sample(root_key: &RootKeySource) -> String {
-        let root = match root_key {
+    pub fn sample(root_key: &RootKeySource, pkcs11: Option<&Pkcs11Settings>) -> String {
+        let mut root = match root_key {
             RootKeySource::Passphrase => {
                 "provider = \"passphrase\"   # from PIIVAULT_PASSPHRASE or --passphrase-file".to_owned()
             }
@@ -774,7 +857,11 @@ impl Config {
                 format!("provider = \"raw\"\nkey_file = {}", toml_string(&path.to_string_lossy()))
             }
             RootKeySource::RawKeyEnv(var) => format!("provider = \"raw\"\nkey_env = {}", toml_string(var)),
+            RootKeySource::Pkcs11 => "provider = \"pkcs11\"   # the key it uses is recorded in root.sealed".to_owned(),
         };
+        if let Some(p) = pkcs11 {
+            root.push_str(&p.table());
+        }
         format!(
             "# piivault configuration. Relative paths resolve against this file's directory.\n\
              \n\
@@ -883,7 +970,8 @@ mod tests {
 
     #[test]
     fn sample_config_parses_with_defaults() {
-        let config = parse(&Config::sample(&RootKeySource::Passphrase)).unwrap();
+        use crate::crypto::pkcs11::TokenSelector;
+        let config = parse(&Config::sample(&RootKeySource::Passphrase, None)).unwrap();
         let names: Vec<_> = config.collections.keys().map(CollectionName::as_str).collect();
         assert_eq!(names, ["card", "email", "name", "phone", "ssn"]);
         assert_eq!(config.limits, Limits::default());
@@ -907,10 +995,56 @@ mod tests {
             "server.metrics_listen: \"9464\" is neither an address:port such as 127.0.0.1:9464 nor \"none\""
         );
 
-        let raw = parse(&Config::sample(&RootKeySource::RawKeyEnv("KEY".into()))).unwrap();
+        let raw = parse(&Config::sample(&RootKeySource::RawKeyEnv("KEY".into()), None)).unwrap();
         assert_eq!(raw.root_key, RootKeySource::RawKeyEnv("KEY".into()));
-        let raw = parse(&Config::sample(&RootKeySource::RawKeyFile("k.bin".into()))).unwrap();
+        let raw = parse(&Config::sample(&RootKeySource::RawKeyFile("k.bin".into()), None)).unwrap();
         assert_eq!(raw.root_key, RootKeySource::RawKeyFile("/data/k.bin".into()));
+
+        let hsm = Pkcs11Settings {
+            module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+            token: TokenSelector::Label("piivault".into()),
+            pin: SecretSource::File("hsm.pin".into()),
+        };
+        let parsed = parse(&Config::sample(&RootKeySource::Pkcs11, Some(&hsm))).unwrap();
+        assert_eq!(parsed.root_key, RootKeySource::Pkcs11);
+        assert_eq!(
+            parsed.pkcs11,
+            Some(Pkcs11Settings { pin: SecretSource::File("/data/hsm.pin".into()), ..hsm.clone() })
+        );
+        let by_serial = Pkcs11Settings {
+            token: TokenSelector::Serial("5f3a".into()),
+            pin: SecretSource::Env("PIN".into()),
+            ..hsm.clone()
+        };
+        // A token configured beside another provider, for a rotation into it.
+        let beside = parse(&Config::sample(&RootKeySource::Passphrase, Some(&by_serial))).unwrap();
+        assert_eq!((beside.root_key, beside.pkcs11), (RootKeySource::Passphrase, Some(by_serial)));
+    }
+
+    #[test]
+    fn pkcs11_settings_are_checked() {
+        let table = |body: &str| format!("[root_key]\nprovider = \"pkcs11\"\n{body}\n[collections.a]\n");
+        assert_eq!(err(&table("")), "root_key: provider = \"pkcs11\" needs a [root_key.pkcs11] table");
+        let section = "[root_key.pkcs11]\nmodule = \"/m.so\"\n";
+        assert_eq!(
+            err(&table(&format!("{section}pin_env = \"P\"\n"))),
+            "root_key.pkcs11: needs exactly one of token_label (1-32 bytes) or token_serial (1-16 characters)"
+        );
+        assert_eq!(
+            err(&table(&format!("{section}token_label = \"{}\"\npin_env = \"P\"\n", "x".repeat(33)))),
+            "root_key.pkcs11: needs exactly one of token_label (1-32 bytes) or token_serial (1-16 characters)"
+        );
+        assert_eq!(
+            err(&table(&format!("{section}token_label = \"t\"\npin_env = \"P\"\npin_file = \"f\"\n"))),
+            "root_key.pkcs11: needs exactly one of pin_file or pin_env"
+        );
+        assert_eq!(
+            err(&table("[root_key.pkcs11]\ntoken_label = \"t\"\npin_env = \"P\"\n")),
+            "root_key.pkcs11: module (the PKCS#11 library's path) is required"
+        );
+        assert!(
+            err(&table(&format!("{section}token_label = \"t\"\npin = \"1234\"\n"))).contains("unknown field `pin`")
+        );
     }
 
     #[test]
@@ -945,7 +1079,7 @@ mod tests {
         );
         assert_eq!(
             err("[root_key]\nprovider = \"hsm\"\n[collections.a]\n"),
-            "root_key.provider: unknown provider \"hsm\"; expected \"passphrase\" or \"raw\""
+            "root_key.provider: unknown provider \"hsm\"; expected \"passphrase\", \"raw\" or \"pkcs11\""
         );
         assert_eq!(
             err("[root_key]\nprovider = \"raw\"\n[collections.a]\n"),
@@ -982,7 +1116,7 @@ mod tests {
 
     #[test]
     fn collection_formats() {
-        let config = parse(&Config::sample(&RootKeySource::Passphrase)).unwrap();
+        let config = parse(&Config::sample(&RootKeySource::Passphrase, None)).unwrap();
         let get = |name: &str| config.collections.iter().find(|(n, _)| n.as_str() == name).unwrap().1.clone();
         assert_eq!(get("card").format, Format::Card { keep_first: 0, keep_last: 4, min_len: 12, luhn: Luhn::Invalid });
         assert_eq!(get("ssn").format, Format::Ssn);

@@ -8,7 +8,7 @@
 //! record envelope), [`store`] (SQLite, group commit), [`vault`] (the core,
 //! transport-free), [`config`], [`error`], [`cli`].
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod audit;
 pub mod cli;

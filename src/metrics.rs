@@ -56,6 +56,17 @@ pub struct CollectionLabel {
     pub collection: String,
 }
 
+/// A root-key operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RootKeyLabels {
+    /// `seal` (init, rotation) or `unseal`.
+    pub operation: &'static str,
+    /// `passphrase`, `raw` or `pkcs11`.
+    pub provider: &'static str,
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
 /// Key versions of one kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KeyLabels {
@@ -95,6 +106,8 @@ pub struct Metrics {
     pub reload_failing: Family<Part, Gauge>,
     /// 1 until the root key is unsealed and the store open, then 0.
     pub sealed: Gauge,
+    /// Root-key seals and unseals by provider and outcome.
+    pub root_key_operations: Family<RootKeyLabels, Counter>,
     /// Live tokens per collection (read when scraped).
     tokens: Family<CollectionLabel, Gauge>,
     /// Key versions per collection, purpose and state (read when scraped).
@@ -122,6 +135,7 @@ impl Metrics {
             reload_failures: Family::default(),
             reload_failing: Family::default(),
             sealed: Gauge::default(),
+            root_key_operations: Family::default(),
             tokens: Family::default(),
             key_versions: Family::default(),
         };
@@ -152,6 +166,11 @@ impl Metrics {
             metrics.reload_failing.clone(),
         );
         registry.register("sealed", "1 until the root key is unsealed and the store open", metrics.sealed.clone());
+        registry.register(
+            "root_key_operations",
+            "root-key seals and unseals by provider (passphrase, raw, pkcs11) and outcome",
+            metrics.root_key_operations.clone(),
+        );
         registry.register("tokens", "live tokens per collection", metrics.tokens.clone());
         registry.register(
             "key_versions",
@@ -170,6 +189,12 @@ impl Metrics {
     /// Counts one event of kind `reason` in `family`.
     pub fn count(family: &Family<Reason, Counter>, reason: &'static str) {
         family.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts one root-key seal or unseal.
+    pub fn root_key_operation(&self, operation: &'static str, provider: &'static str, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.root_key_operations.get_or_create(&RootKeyLabels { operation, provider, outcome }).inc();
     }
 
     /// Notes how a reload of `part` (`policy` or `tls`) went.

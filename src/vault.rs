@@ -240,6 +240,9 @@ struct Inner {
     sealed_root: std::path::PathBuf,
     /// The store's file.
     database: std::path::PathBuf,
+    /// The PKCS#11 token, when one is configured: for root-key rotations
+    /// into it. Requests never need it (the root key is unsealed).
+    hsm: std::sync::OnceLock<Arc<crate::crypto::pkcs11::Hsm>>,
 }
 
 /// The vault. Cheap to clone; all clones share one store and keyring.
@@ -348,6 +351,7 @@ impl Vault {
                 root: std::sync::RwLock::new(root.duplicate()),
                 sealed_root: config.sealed_root.clone(),
                 database: config.database.clone(),
+                hsm: std::sync::OnceLock::new(),
             }),
         };
         let upgrading: Vec<String> =
@@ -1022,7 +1026,10 @@ impl Vault {
             }
         }
         let count = rewrapped.len();
-        if let Err(e) = self.inner.store.rewrap_keys(rewrapped, who.record("rotate_root_key", "", count, "OK")).await {
+        let mut audit = who.record("rotate_root_key", "", count, "OK");
+        // The provider that seals the new root key.
+        unlock.provider().as_str().clone_into(&mut audit.error_code);
+        if let Err(e) = self.inner.store.rewrap_keys(rewrapped, audit).await {
             let _ = std::fs::remove_file(&pending);
             return Err(e.into());
         }
@@ -1035,8 +1042,34 @@ impl Vault {
         if let Some(dir) = self.inner.sealed_root.parent() {
             let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
         }
-        tracing::warn!(keys = count, "root key rotated; the previous passphrase or raw key no longer opens this vault");
+        tracing::warn!(
+            keys = count,
+            provider = unlock.provider().as_str(),
+            "root key rotated; the previous secret no longer opens this vault"
+        );
         Ok(count)
+    }
+
+    /// Keeps `hsm` for root-key rotations into the PKCS#11 token (the first
+    /// call wins).
+    pub fn attach_hsm(&self, hsm: Arc<crate::crypto::pkcs11::Hsm>) {
+        let _ = self.inner.hsm.set(hsm);
+    }
+
+    /// The PKCS#11 token attached with [`Vault::attach_hsm`].
+    pub fn hsm(&self) -> Option<Arc<crate::crypto::pkcs11::Hsm>> {
+        self.inner.hsm.get().cloned()
+    }
+
+    /// Puts an unseal by `provider` on the audit trail (action `unseal`,
+    /// the provider as its code). Fails closed: a vault that cannot record
+    /// its unseal does not serve.
+    pub async fn record_unseal(&self, provider: crypto_root::Provider) -> Result<(), VaultError> {
+        let mut record = Requester::named("(startup)").record("unseal", "", 0, "OK");
+        provider.as_str().clone_into(&mut record.error_code);
+        self.record(record).await?;
+        tracing::info!(provider = provider.as_str(), "root key unsealed");
+        Ok(())
     }
 
     /// Destroys `version` of `collection`'s data key: refused while any

@@ -860,7 +860,13 @@ async fn calls_over_the_network_are_audited() {
         .unwrap()
         .map(|bytes| piivault::audit::AuditRecord::decode(&bytes.unwrap()).unwrap().1)
         .collect();
-    assert_eq!(records.len(), 3, "{records:?}");
+    assert_eq!(records.len(), 4, "{records:?}");
+    // The server's own start: the unseal, by the provider that did it.
+    let (unseal, records) = records.split_first().unwrap();
+    assert_eq!(
+        (unseal.caller.as_str(), unseal.action.as_str(), unseal.outcome.as_str(), unseal.error_code.as_str()),
+        ("(startup)", "unseal", "OK", "passphrase")
+    );
     let fields = |r: &piivault::audit::AuditRecord| {
         (r.caller.clone(), r.action.clone(), r.collection.clone(), r.items, r.outcome.clone(), r.tokens.len())
     };
@@ -1041,7 +1047,7 @@ async fn sink_alerts_and_refused_handshakes() {
     let new: Vec<serde_json::Value> =
         std::fs::read_to_string(&sink).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let actions: Vec<&str> = old.iter().map(|r| r["action"].as_str().unwrap()).collect();
-    assert_eq!(&actions[..4], ["tokenize", "detokenize", "detokenize", "detokenize"]);
+    assert_eq!(&actions[..5], ["unseal", "tokenize", "detokenize", "detokenize", "detokenize"]);
     assert!(old.iter().any(|r| r["action"] == "handshake"
         && r["outcome"] == "REFUSED"
         && r["peer"].as_str().unwrap().starts_with("127.0.0.1:")
@@ -1052,7 +1058,8 @@ async fn sink_alerts_and_refused_handshakes() {
     assert_eq!(new_calls.len(), 1, "{new:?}");
     assert_eq!((new_calls[0]["action"].as_str(), new_calls[0]["caller"].as_str()), (Some("tokenize"), Some("writer")));
     let seqs: Vec<u64> = old.iter().chain(&new).map(|r| r["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "the sink carries every record, in order");
+    // Record 1 is the first start's unseal, before the sink was configured.
+    assert_eq!(seqs, (2..=seqs.len() as u64 + 1).collect::<Vec<_>>(), "the sink carries every record, in order");
     let all = std::fs::read_to_string(&rotated).unwrap() + &std::fs::read_to_string(&sink).unwrap();
     assert!(!all.contains("078-05-1120") && !all.contains("219-09-9999"));
 }

@@ -7,6 +7,7 @@
 
 pub mod envelope;
 pub mod keyring;
+pub mod pkcs11;
 pub mod root;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -75,6 +76,10 @@ pub enum CryptoError {
     /// Argon2id failed to run with the given parameters.
     #[error("root key derivation failed")]
     Kdf,
+    /// The PKCS#11 token could not seal or unseal (never the PIN or a key
+    /// in the message).
+    #[error(transparent)]
+    Hsm(#[from] pkcs11::HsmError),
 }
 
 /// A 256-bit secret key. Zeroized on drop; implements neither `Debug`,
@@ -123,6 +128,16 @@ pub(crate) fn aead_seal(
     Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key))
         .encrypt(Nonce::from_slice(nonce), Payload { msg: plaintext, aad })
         .map_err(|_| CryptoError::Encrypt)
+}
+
+/// A secret typed or kept in a file: a trailing newline (as left by `echo`
+/// into a file) is removed; `None` if nothing is left.
+pub(crate) fn secret_line(mut text: String) -> Option<Zeroizing<String>> {
+    while text.ends_with('\n') || text.ends_with('\r') {
+        text.pop();
+    }
+    let text = Zeroizing::new(text);
+    (!text.is_empty()).then_some(text)
 }
 
 /// AES-256-GCM decryption of `ciphertext ‖ tag`; any failure is

@@ -6,7 +6,9 @@
 //!
 //! - **passphrase**: Argon2id over the passphrase, with parameters and salt
 //!   stored beside the sealed key in PHC form;
-//! - **raw key**: 32 bytes injected by a secret manager, used directly.
+//! - **raw key**: 32 bytes injected by a secret manager, used directly;
+//! - **pkcs11**: an AES-256 key inside a PKCS#11 token that never leaves it;
+//!   the token itself does the AES-256-GCM (see [`super::pkcs11`]).
 //!
 //! Sealed file layout, format version 1 (all integers big-endian):
 //!
@@ -14,27 +16,36 @@
 //! offset  size  field
 //! 0       4     magic "PVRK"
 //! 4       1     format version = 0x01
-//! 5       1     provider: 0x01 passphrase (Argon2id), 0x02 raw key
-//! 6       2     L = length of the KDF string (0 for a raw key)
-//! 8       L     KDF string in PHC form: $argon2id$v=19$m=…,t=…,p=…$<salt>
+//! 5       1     provider: 0x01 passphrase (Argon2id), 0x02 raw key, 0x03 pkcs11
+//! 6       2     L = length of the provider parameters (0 for a raw key)
+//! 8       L     parameters: for a passphrase the KDF string in PHC form,
+//!               $argon2id$v=19$m=…,t=…,p=…$<salt>; for pkcs11 a PKCS#11 URI
+//!               naming the token and the key, pkcs11:token=…;object=…;type=secret-key
 //! 8+L     12    nonce
 //! 20+L    48    AES-256-GCM(root key) ‖ tag, AAD = bytes 0 .. 8+L
 //! ```
+//!
+//! The file records which provider sealed it and with what (never a PIN or
+//! a secret), so the opener knows which secret to ask for.
 //!
 //! Because the header is the AAD, altering any byte of it (parameters, salt,
 //! provider, version) makes the file fail to open, exactly like a wrong
 //! passphrase: one opaque error.
 
+use std::sync::Arc;
+
 use argon2::password_hash::{PasswordHash, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use zeroize::Zeroizing;
 
+use super::pkcs11::{self, Hsm};
 use super::{CryptoError, KEY_LEN, NONCE_LEN, SecretKey, TAG_LEN, aead_open, aead_seal};
 
 const MAGIC: &[u8; 4] = b"PVRK";
 const FORMAT_V1: u8 = 1;
 const PROVIDER_PASSPHRASE: u8 = 1;
 const PROVIDER_RAW: u8 = 2;
+const PROVIDER_PKCS11: u8 = 3;
 const FIXED_HEADER_LEN: usize = 8;
 const SEALED_KEY_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
 const SALT_LEN: usize = 16;
@@ -100,15 +111,8 @@ pub struct Passphrase(Zeroizing<String>);
 impl Passphrase {
     /// Wraps a passphrase; a trailing newline (as left by `echo` into a
     /// file) is removed, and an empty passphrase is refused.
-    pub fn new(mut text: String) -> Result<Self, CryptoError> {
-        while text.ends_with('\n') || text.ends_with('\r') {
-            text.pop();
-        }
-        let text = Zeroizing::new(text);
-        if text.is_empty() {
-            return Err(CryptoError::EmptyPassphrase);
-        }
-        Ok(Self(text))
+    pub fn new(text: String) -> Result<Self, CryptoError> {
+        super::secret_line(text).map(Self).ok_or(CryptoError::EmptyPassphrase)
     }
 }
 
@@ -144,19 +148,71 @@ pub enum Unlock {
     Passphrase(Passphrase),
     /// A raw key from a file or environment variable.
     RawKey(RawKey),
+    /// A key in a PKCS#11 token.
+    Pkcs11(Pkcs11Unlock),
 }
 
-impl Unlock {
-    fn provider(&self) -> u8 {
+/// A PKCS#11 token, and the label of the key a new sealed file is sealed
+/// under. Unsealing uses the key label the file records.
+pub struct Pkcs11Unlock {
+    /// The token and its PIN.
+    pub hsm: Arc<Hsm>,
+    /// The wrapping key's label, for sealing.
+    pub key_label: String,
+}
+
+/// The names of the providers, as the sealed file, the configuration and
+/// the metrics spell them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// Argon2id over a passphrase.
+    Passphrase,
+    /// A raw 256-bit key.
+    Raw,
+    /// A key in a PKCS#11 token.
+    Pkcs11,
+}
+
+impl Provider {
+    /// `passphrase`, `raw` or `pkcs11`.
+    pub fn as_str(self) -> &'static str {
         match self {
-            Self::Passphrase(_) => PROVIDER_PASSPHRASE,
-            Self::RawKey(_) => PROVIDER_RAW,
+            Self::Passphrase => "passphrase",
+            Self::Raw => "raw",
+            Self::Pkcs11 => "pkcs11",
+        }
+    }
+
+    fn byte(self) -> u8 {
+        match self {
+            Self::Passphrase => PROVIDER_PASSPHRASE,
+            Self::Raw => PROVIDER_RAW,
+            Self::Pkcs11 => PROVIDER_PKCS11,
+        }
+    }
+
+    fn from_byte(byte: u8) -> Option<Self> {
+        [Self::Passphrase, Self::Raw, Self::Pkcs11].into_iter().find(|p| p.byte() == byte)
+    }
+
+    fn described(self) -> &'static str {
+        match self {
+            Self::Passphrase => "passphrase",
+            Self::Raw => "raw key",
+            Self::Pkcs11 => "PKCS#11 key",
         }
     }
 }
 
-fn provider_name(provider: u8) -> &'static str {
-    if provider == PROVIDER_PASSPHRASE { "passphrase" } else { "raw key" }
+impl Unlock {
+    /// Which provider this secret belongs to.
+    pub fn provider(&self) -> Provider {
+        match self {
+            Self::Passphrase(_) => Provider::Passphrase,
+            Self::RawKey(_) => Provider::Raw,
+            Self::Pkcs11(_) => Provider::Pkcs11,
+        }
+    }
 }
 
 /// Creates a new random root key and seals it under `unlock`.
@@ -169,13 +225,19 @@ pub fn create(unlock: &Unlock, params: KdfParams) -> Result<(RootKey, Vec<u8>), 
     Ok((root, sealed))
 }
 
+/// Counts a root-key operation in the metrics, by provider and outcome.
+fn observed<T>(operation: &'static str, provider: Provider, result: Result<T, CryptoError>) -> Result<T, CryptoError> {
+    crate::metrics::metrics().root_key_operation(operation, provider.as_str(), result.is_ok());
+    result
+}
+
 /// Seals an existing root key under `unlock` with a fresh salt and nonce
 /// (used to change the passphrase without touching any data key).
 pub fn seal(root: &RootKey, unlock: &Unlock, params: KdfParams) -> Result<Vec<u8>, CryptoError> {
     let mut salt = [0u8; SALT_LEN];
     super::fill_random(&mut salt)?;
     let nonce = super::random_nonce()?;
-    seal_with(root, unlock, params, &salt, &nonce)
+    observed("seal", unlock.provider(), seal_with(root, unlock, params, &salt, &nonce))
 }
 
 fn seal_with(
@@ -192,30 +254,40 @@ fn seal_with(
             format!("$argon2id$v=19$m={},t={},p={}${}", params.m_kib, params.t, params.p, salt.as_str())
         }
         Unlock::RawKey(_) => String::new(),
+        Unlock::Pkcs11(unlock) => {
+            // Checked first: the URI must name a key that can seal.
+            unlock.hsm.prepare_key(&unlock.key_label)?;
+            pkcs11::uri(&unlock.hsm.token_label()?, &unlock.key_label)
+        }
     };
     let kdf_len = u16::try_from(kdf_string.len()).map_err(|_| CryptoError::Kdf)?;
     let mut out = Vec::with_capacity(FIXED_HEADER_LEN + kdf_string.len() + SEALED_KEY_LEN);
     out.extend_from_slice(MAGIC);
     out.push(FORMAT_V1);
-    out.push(unlock.provider());
+    out.push(unlock.provider().byte());
     out.extend_from_slice(&kdf_len.to_be_bytes());
     out.extend_from_slice(kdf_string.as_bytes());
-    let kek = key_encryption_key(unlock, &kdf_string)?;
-    let sealed = aead_seal(kek.expose_secret(), nonce, &out, root.expose_secret())?;
+    let sealed = if let Unlock::Pkcs11(unlock) = unlock {
+        unlock.hsm.seal(&unlock.key_label, nonce, &out, root.expose_secret())?
+    } else {
+        let kek = key_encryption_key(unlock, &kdf_string)?;
+        aead_seal(kek.expose_secret(), nonce, &out, root.expose_secret())?
+    };
     out.extend_from_slice(nonce);
     out.extend_from_slice(&sealed);
     Ok(out)
 }
 
 /// A sealed root file taken apart, before any secret is used. Its `Debug`
-/// shows the provider and KDF parameters only, never the sealed bytes.
+/// shows the provider and its parameters only, never the sealed bytes.
 pub struct SealedRoot<'a> {
-    /// Which provider sealed it: `"passphrase"` or `"raw key"`.
-    pub provider: &'static str,
+    /// Which provider sealed it.
+    pub provider: Provider,
     /// The Argon2id parameters (passphrase files only), within
     /// [`MIN_KDF`]..=[`MAX_KDF`].
     pub kdf: Option<KdfParams>,
-    provider_byte: u8,
+    /// The token label and key label (pkcs11 files only).
+    pub pkcs11: Option<(String, String)>,
     header: &'a [u8],
     kdf_string: &'a str,
     nonce: &'a [u8; NONCE_LEN],
@@ -224,7 +296,11 @@ pub struct SealedRoot<'a> {
 
 impl std::fmt::Debug for SealedRoot<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SealedRoot").field("provider", &self.provider).field("kdf", &self.kdf).finish_non_exhaustive()
+        f.debug_struct("SealedRoot")
+            .field("provider", &self.provider)
+            .field("kdf", &self.kdf)
+            .field("pkcs11", &self.pkcs11)
+            .finish_non_exhaustive()
     }
 }
 
@@ -239,31 +315,24 @@ pub fn parse_sealed(file: &[u8]) -> Result<SealedRoot<'_>, CryptoError> {
     if fixed[4] != FORMAT_V1 {
         return Err(CryptoError::UnsupportedSealedVersion(fixed[4]));
     }
-    let provider = fixed[5];
-    if provider != PROVIDER_PASSPHRASE && provider != PROVIDER_RAW {
-        return Err(CryptoError::MalformedSealed);
-    }
+    let provider = Provider::from_byte(fixed[5]).ok_or(CryptoError::MalformedSealed)?;
     let kdf_len = usize::from(u16::from_be_bytes([fixed[6], fixed[7]]));
     if kdf_len > MAX_KDF_STRING_LEN
         || file.len() != FIXED_HEADER_LEN + kdf_len + SEALED_KEY_LEN
-        || (provider == PROVIDER_RAW) != (kdf_len == 0)
+        || (provider == Provider::Raw) != (kdf_len == 0)
     {
         return Err(CryptoError::MalformedSealed);
     }
     let (header, rest) = file.split_at(FIXED_HEADER_LEN + kdf_len);
     let kdf_string = std::str::from_utf8(&header[FIXED_HEADER_LEN..]).map_err(|_| CryptoError::MalformedSealed)?;
-    let kdf = if provider == PROVIDER_PASSPHRASE { Some(parse_kdf_string(kdf_string)?.0) } else { None };
+    let kdf = if provider == Provider::Passphrase { Some(parse_kdf_string(kdf_string)?.0) } else { None };
+    let pkcs11 = match provider {
+        Provider::Pkcs11 => Some(pkcs11::parse_uri(kdf_string).ok_or(CryptoError::MalformedSealed)?),
+        _ => None,
+    };
     let (nonce, sealed) = rest.split_at(NONCE_LEN);
     let nonce: &[u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::MalformedSealed)?;
-    Ok(SealedRoot {
-        provider: provider_name(provider),
-        kdf,
-        provider_byte: provider,
-        header,
-        kdf_string,
-        nonce,
-        sealed,
-    })
+    Ok(SealedRoot { provider, kdf, pkcs11, header, kdf_string, nonce, sealed })
 }
 
 /// Opens a sealed root file. A wrong secret and an altered file give the same
@@ -271,15 +340,22 @@ pub fn parse_sealed(file: &[u8]) -> Result<SealedRoot<'_>, CryptoError> {
 /// [`CryptoError::MalformedSealed`].
 pub fn unseal(file: &[u8], unlock: &Unlock) -> Result<RootKey, CryptoError> {
     let parsed = parse_sealed(file)?;
-    if parsed.provider_byte != unlock.provider() {
+    if parsed.provider != unlock.provider() {
         return Err(CryptoError::WrongUnlockKind {
-            expected: parsed.provider,
-            given: provider_name(unlock.provider()),
+            expected: parsed.provider.described(),
+            given: unlock.provider().described(),
         });
     }
-    let kek = key_encryption_key(unlock, parsed.kdf_string)?;
-    let plain =
-        aead_open(kek.expose_secret(), parsed.nonce, parsed.header, parsed.sealed).map_err(|_| CryptoError::Unseal)?;
+    observed("unseal", parsed.provider, unseal_parsed(&parsed, unlock))
+}
+
+fn unseal_parsed(parsed: &SealedRoot<'_>, unlock: &Unlock) -> Result<RootKey, CryptoError> {
+    let plain = if let (Unlock::Pkcs11(unlock), Some((token, key))) = (unlock, &parsed.pkcs11) {
+        unlock.hsm.unseal(token, key, parsed.nonce, parsed.header, parsed.sealed)?.ok_or(CryptoError::Unseal)?
+    } else {
+        let kek = key_encryption_key(unlock, parsed.kdf_string)?;
+        aead_open(kek.expose_secret(), parsed.nonce, parsed.header, parsed.sealed).map_err(|_| CryptoError::Unseal)?
+    };
     let bytes: [u8; KEY_LEN] = plain.as_slice().try_into().map_err(|_| CryptoError::Unseal)?;
     Ok(RootKey(SecretKey::from_bytes(bytes)))
 }
@@ -288,6 +364,8 @@ pub fn unseal(file: &[u8], unlock: &Unlock) -> Result<RootKey, CryptoError> {
 fn key_encryption_key(unlock: &Unlock, kdf_string: &str) -> Result<SecretKey, CryptoError> {
     match unlock {
         Unlock::RawKey(raw) => Ok(SecretKey::from_bytes(*raw.0.expose_secret())),
+        // The key stays in the token; sealing and unsealing go through it.
+        Unlock::Pkcs11(_) => Err(CryptoError::Kdf),
         Unlock::Passphrase(passphrase) => {
             let (params, salt) = parse_kdf_string(kdf_string)?;
             let argon = Argon2::new(
@@ -338,7 +416,7 @@ mod tests {
         let unlock = passphrase("correct horse battery staple");
         let (root, file) = create(&unlock, MIN_KDF).unwrap();
         let parsed = format!("{:?}", parse_sealed(&file).unwrap());
-        assert!(parsed.starts_with("SealedRoot { provider: \"passphrase\", kdf: Some("), "{parsed}");
+        assert!(parsed.starts_with("SealedRoot { provider: Passphrase, kdf: Some("), "{parsed}");
         assert!(!parsed.contains("sealed") && !parsed.contains("nonce"), "{parsed}");
         let opened = unseal(&file, &unlock).unwrap();
         assert_eq!(root.expose_secret(), opened.expose_secret());

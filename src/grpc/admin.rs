@@ -13,7 +13,7 @@ use super::proto::admin_server::Admin;
 use super::proto::{self, ReencryptProgress};
 use super::server::Live;
 use super::{EdgeError, Failure};
-use crate::crypto::root::{Passphrase, RawKey, Unlock};
+use crate::crypto::root::{Passphrase, Pkcs11Unlock, RawKey, Unlock};
 use crate::policy::Action;
 use crate::vault::Vault;
 
@@ -26,14 +26,12 @@ const MAX_REENCRYPT_BATCH: usize = 10_000;
 pub struct AdminService {
     vault: Vault,
     live: Arc<Live>,
-    passphrase_provider: bool,
 }
 
 impl AdminService {
-    /// A service acting on `vault`, deciding access with `live`;
-    /// `passphrase_provider` says which secret a new root key is sealed with.
-    pub fn new(vault: Vault, live: Arc<Live>, passphrase_provider: bool) -> Self {
-        Self { vault, live, passphrase_provider }
+    /// A service acting on `vault`, deciding access with `live`.
+    pub fn new(vault: Vault, live: Arc<Live>) -> Self {
+        Self { vault, live }
     }
 }
 
@@ -233,24 +231,22 @@ impl Admin for AdminService {
         let mut call = Call::start("RotateRootKey", "rotate_root_key", &request, "", 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::Admin])?;
-            let proto::RotateRootKeyRequest { new_passphrase, new_raw_key_hex } = request.into_inner();
+            let proto::RotateRootKeyRequest { new_passphrase, new_raw_key_hex, new_pkcs11_key_label } =
+                request.into_inner();
             let (passphrase, raw) = (zeroize::Zeroizing::new(new_passphrase), zeroize::Zeroizing::new(new_raw_key_hex));
-            let unlock = match (self.passphrase_provider, passphrase.is_empty(), raw.is_empty()) {
-                (true, false, true) => Unlock::Passphrase(
-                    Passphrase::new(passphrase.to_string()).map_err(|e| EdgeError::InvalidArgument(e.to_string()))?,
-                ),
-                (false, true, false) => Unlock::RawKey(
-                    RawKey::parse(raw.as_bytes()).map_err(|e| EdgeError::InvalidArgument(e.to_string()))?,
-                ),
-                (true, ..) => {
+            let invalid = |e: crate::crypto::CryptoError| EdgeError::InvalidArgument(e.to_string());
+            let unlock = match (passphrase.is_empty(), raw.is_empty(), new_pkcs11_key_label.is_empty()) {
+                (false, true, true) => Unlock::Passphrase(Passphrase::new(passphrase.to_string()).map_err(invalid)?),
+                (true, false, true) => Unlock::RawKey(RawKey::parse(raw.as_bytes()).map_err(invalid)?),
+                (true, true, false) => Unlock::Pkcs11(Pkcs11Unlock {
+                    hsm: self.vault.hsm().ok_or_else(|| {
+                        EdgeError::Precondition("this server's config.toml has no [root_key.pkcs11] token".into())
+                    })?,
+                    key_label: new_pkcs11_key_label,
+                }),
+                _ => {
                     return Err(EdgeError::InvalidArgument(
-                        "this vault is sealed with a passphrase: set new_passphrase only".into(),
-                    )
-                    .into());
-                }
-                (false, ..) => {
-                    return Err(EdgeError::InvalidArgument(
-                        "this vault is sealed with a raw key: set new_raw_key_hex only".into(),
+                        "set exactly one of new_passphrase, new_raw_key_hex or new_pkcs11_key_label".into(),
                     )
                     .into());
                 }

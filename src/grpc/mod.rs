@@ -79,6 +79,10 @@ pub fn status_of(error: &Failure) -> Status {
         Failure::Vault(VaultError::Crypto(
             crate::crypto::CryptoError::WeakKdfParams | crate::crypto::CryptoError::EmptyPassphrase,
         )) => Status::invalid_argument("the new secret is not acceptable"),
+        // Names the module, token, key label and PKCS#11 return code only.
+        Failure::Vault(VaultError::Crypto(crate::crypto::CryptoError::Hsm(e))) => {
+            Status::failed_precondition(format!("the PKCS#11 token cannot seal the new root key: {e}"))
+        }
         Failure::Edge(EdgeError::Precondition(message)) => Status::failed_precondition(message.clone()),
         Failure::Vault(VaultError::Store(e)) if e.is_unavailable() => {
             Status::unavailable("the vault's store is unavailable; retry later")

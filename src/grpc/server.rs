@@ -450,8 +450,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let max = config.server.max_message_bytes;
     let audit = AuditServer::new(AuditService::new(vault.clone(), live.clone()));
-    let passphrase_provider = config.root_key == crate::config::RootKeySource::Passphrase;
-    let admin = AdminServer::new(AdminService::new(vault.clone(), live.clone(), passphrase_provider));
+    let admin = AdminServer::new(AdminService::new(vault.clone(), live.clone()));
     let audit_vault = vault.clone();
     let tokenizer = TokenizerServer::new(TokenizerService::new(vault, live.clone()))
         .max_decoding_message_size(max)

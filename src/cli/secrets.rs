@@ -1,0 +1,252 @@
+//! Where the secrets that open the root key come from: the passphrase, the
+//! raw key, the PKCS#11 PIN; and, for each sealed root file, the secret of
+//! the provider that sealed it.
+
+use std::collections::HashMap;
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{Context as _, anyhow};
+use zeroize::Zeroizing;
+
+use super::{Classify as _, CliError, Failure, PASSPHRASE_ENV, SecretArgs};
+use crate::config::{Config, Pkcs11Settings, RootKeySource, SecretSource};
+use crate::crypto::pkcs11::{Hsm, Pin};
+use crate::crypto::root::{Passphrase, Pkcs11Unlock, Provider, RawKey, Unlock};
+
+/// Secrets taken out of the environment at start (see [`take_from_env`]).
+static TAKEN: OnceLock<HashMap<String, Zeroizing<String>>> = OnceLock::new();
+
+/// Moves the variables `names` out of the process environment into memory
+/// that is zeroized, so that nothing started later (and nothing that
+/// reads the environment later) sees them.
+///
+/// Must run before any thread exists: `main` calls it before it builds the
+/// runtime, which is what makes the removal sound.
+#[allow(unsafe_code)]
+pub(super) fn take_from_env(names: Vec<String>) {
+    let mut taken = HashMap::new();
+    for name in names {
+        if name.is_empty() || name.contains('=') {
+            continue;
+        }
+        if let Some(value) = std::env::var_os(&name) {
+            if let Ok(value) = value.into_string() {
+                taken.insert(name.clone(), Zeroizing::new(value));
+            }
+            // SAFETY: called from `main` before the tokio runtime or any
+            // other thread is started, so nothing reads or writes the
+            // environment concurrently.
+            unsafe { std::env::remove_var(&name) };
+        }
+    }
+    let _ = TAKEN.set(taken);
+}
+
+/// The environment variables holding a PIN that `command`'s config names,
+/// for [`take_from_env`].
+pub(super) fn secret_variables(config: Option<&Path>, pin_env: Option<&str>) -> Vec<String> {
+    let mut names: Vec<String> = pin_env.map(str::to_owned).into_iter().collect();
+    if let Some(config) = config.and_then(|path| Config::load(path).ok())
+        && let Some(Pkcs11Settings { pin: SecretSource::Env(var), .. }) = config.pkcs11
+    {
+        names.push(var);
+    }
+    names
+}
+
+/// A variable taken at start, or (for library embedders and tests that
+/// never went through `main`) the environment's.
+fn env_secret(name: &str) -> Option<Zeroizing<String>> {
+    if let Some(value) = TAKEN.get().and_then(|taken| taken.get(name)) {
+        return Some(value.clone());
+    }
+    std::env::var(name).ok().map(Zeroizing::new)
+}
+
+/// Reads a secret file, refusing one that group or others may read.
+fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the {what} file {}", path.display()))
+        .or_fail(Failure::Config)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(anyhow!(
+            "the {what} file {} may be read by group or others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        ))
+        .or_fail(Failure::Config);
+    }
+    std::fs::read(path)
+        .map(Zeroizing::new)
+        .with_context(|| format!("cannot read the {what} file {}", path.display()))
+        .or_fail(Failure::Config)
+}
+
+/// The PKCS#11 PIN from its file or variable.
+fn read_pin(source: &SecretSource) -> Result<Pin, CliError> {
+    let text = match source {
+        SecretSource::File(path) => {
+            let bytes = read_secret_file(path, "PKCS#11 PIN")?;
+            String::from_utf8(bytes.to_vec())
+                .map_err(|_| anyhow!("the PKCS#11 PIN file {} is not UTF-8", path.display()))
+                .or_fail(Failure::Config)?
+        }
+        SecretSource::Env(var) => env_secret(var)
+            .map(|v| v.to_string())
+            .ok_or_else(|| anyhow!("the PKCS#11 PIN variable ${var} is not set"))
+            .or_fail(Failure::Config)?,
+    };
+    Pin::new(text).or_fail(Failure::Config)
+}
+
+/// The token `settings` name, with its PIN read.
+pub(super) fn hsm_for(settings: &Pkcs11Settings) -> Result<Arc<Hsm>, CliError> {
+    Ok(Arc::new(Hsm::new(settings.module.clone(), settings.token.clone(), read_pin(&settings.pin)?)))
+}
+
+/// The passphrase: `--passphrase-file`, `PIIVAULT_PASSPHRASE`, or typed on
+/// a terminal (twice if `confirm`).
+pub(super) fn read_passphrase(secret: &SecretArgs, confirm: bool) -> Result<Passphrase, CliError> {
+    let text = if let Some(path) = &secret.passphrase_file {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read the passphrase file {}", path.display()))
+            .or_fail(Failure::Config)?;
+        String::from_utf8(bytes).map_err(|_| anyhow!("the passphrase file is not UTF-8")).or_fail(Failure::Config)?
+    } else if let Ok(text) = std::env::var(PASSPHRASE_ENV) {
+        text
+    } else if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("piivault passphrase: ").or_fail(Failure::Other)?;
+        if confirm {
+            let second = Zeroizing::new(rpassword::prompt_password("again: ").or_fail(Failure::Other)?);
+            if first != *second {
+                return Err(anyhow!("the passphrases do not match")).or_fail(Failure::Usage);
+            }
+        }
+        first
+    } else {
+        return Err(anyhow!("no passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file")).or_fail(Failure::Usage);
+    };
+    Passphrase::new(text).or_fail(Failure::Usage)
+}
+
+/// A raw key from a file or variable.
+fn read_raw_key(source: &RootKeySource) -> Result<RawKey, CliError> {
+    match source {
+        RootKeySource::RawKeyFile(path) => {
+            let bytes = Zeroizing::new(
+                std::fs::read(path)
+                    .with_context(|| format!("cannot read the raw root key file {}", path.display()))
+                    .or_fail(Failure::Config)?,
+            );
+            RawKey::parse(&bytes).or_fail(Failure::Config)
+        }
+        RootKeySource::RawKeyEnv(var) => {
+            let text = env_secret(var)
+                .ok_or_else(|| anyhow!("the raw root key variable ${var} is not set"))
+                .or_fail(Failure::Config)?;
+            RawKey::parse(text.as_bytes()).or_fail(Failure::Config)
+        }
+        RootKeySource::Passphrase | RootKeySource::Pkcs11 => Err(anyhow!(
+            "root.sealed is sealed with a raw key, but config.toml names no raw key: set [root_key] provider = \"raw\" with key_file or key_env"
+        ))
+        .or_fail(Failure::Config),
+    }
+}
+
+/// The secret a new vault is sealed with (`init`), by the configured
+/// provider; for pkcs11, under the key `key_label`.
+pub(super) fn unlock_for_init(
+    config: &Config,
+    secret: &SecretArgs,
+    key_label: &str,
+    confirm: bool,
+) -> Result<Unlock, CliError> {
+    match &config.root_key {
+        RootKeySource::Passphrase => read_passphrase(secret, confirm).map(Unlock::Passphrase),
+        RootKeySource::Pkcs11 => {
+            Ok(Unlock::Pkcs11(Pkcs11Unlock { hsm: configured_hsm(config)?, key_label: key_label.to_owned() }))
+        }
+        raw => read_raw_key(raw).map(Unlock::RawKey),
+    }
+}
+
+/// The token of `[root_key.pkcs11]`, or a configuration error.
+pub(super) fn configured_hsm(config: &Config) -> Result<Arc<Hsm>, CliError> {
+    let settings = config
+        .pkcs11
+        .as_ref()
+        .ok_or_else(|| anyhow!("config.toml has no [root_key.pkcs11] table naming the token"))
+        .or_fail(Failure::Config)?;
+    hsm_for(settings)
+}
+
+/// The secrets of each provider, resolved when a sealed file asks for one
+/// and kept for the next (an interrupted rotation leaves two files, which
+/// may come from different providers).
+pub(super) struct Unlocks<'a> {
+    config: &'a Config,
+    secret: &'a SecretArgs,
+    /// By provider: passphrase, raw, pkcs11.
+    resolved: [Option<Unlock>; 3],
+}
+
+impl<'a> Unlocks<'a> {
+    pub(super) fn new(config: &'a Config, secret: &'a SecretArgs) -> Self {
+        Self { config, secret, resolved: [None, None, None] }
+    }
+
+    /// The secret for `provider`, read on first use.
+    pub(super) fn get(&mut self, provider: Provider) -> Result<&Unlock, CliError> {
+        let slot = match provider {
+            Provider::Passphrase => 0,
+            Provider::Raw => 1,
+            Provider::Pkcs11 => 2,
+        };
+        if self.resolved[slot].is_none() {
+            let unlock = match provider {
+                Provider::Passphrase => Unlock::Passphrase(read_passphrase(self.secret, false)?),
+                Provider::Raw => Unlock::RawKey(read_raw_key(&self.config.root_key)?),
+                Provider::Pkcs11 => {
+                    Unlock::Pkcs11(Pkcs11Unlock { hsm: configured_hsm(self.config)?, key_label: String::new() })
+                }
+            };
+            self.resolved[slot] = Some(unlock);
+        }
+        self.resolved[slot].as_ref().ok_or_else(|| unreachable!("resolved above"))
+    }
+
+    /// The token, if one was used to unseal.
+    pub(super) fn hsm(&self) -> Option<Arc<Hsm>> {
+        match &self.resolved[2] {
+            Some(Unlock::Pkcs11(unlock)) => Some(unlock.hsm.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Where the PKCS#11 settings of `init` come from.
+#[derive(Debug, clap::Args)]
+#[allow(clippy::struct_field_names)] // the fields are the flags' names
+pub(super) struct Pkcs11InitArgs {
+    /// Seal the root key in a PKCS#11 token: the module (library) path,
+    /// e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, value_name = "FILE", requires = "pkcs11_token_label", conflicts_with_all = ["raw_key_file", "raw_key_env", "passphrase_file"])]
+    pub pkcs11_module: Option<PathBuf>,
+    /// The token's label.
+    #[arg(long, value_name = "LABEL", requires = "pkcs11_module")]
+    pub pkcs11_token_label: Option<String>,
+    /// A file (mode 0600) holding the token's user PIN.
+    #[arg(long, value_name = "FILE", requires = "pkcs11_module", conflicts_with = "pkcs11_pin_env")]
+    pub pkcs11_pin_file: Option<PathBuf>,
+    /// An environment variable holding the user PIN (removed from the
+    /// environment once read).
+    #[arg(long, value_name = "VAR", requires = "pkcs11_module")]
+    pub pkcs11_pin_env: Option<String>,
+    /// The label of the AES key that seals the root key: used if the token
+    /// holds one (it must be sensitive and non-extractable), else created.
+    #[arg(long, value_name = "LABEL", default_value = "piivault-root", requires = "pkcs11_module")]
+    pub pkcs11_key_label: String,
+}
