@@ -570,8 +570,6 @@ fn read_new_passphrase(secret: &SecretArgs) -> Result<Passphrase, CliError> {
     Passphrase::new(text).or_fail(Failure::Usage)
 }
 
-/// `piivault init`: creates the data directory, config, sealed root key and
-/// store. Leaves nothing behind if any step fails.
 /// What `init` seals a new vault with.
 struct NewVault {
     source: RootKeySource,
@@ -580,6 +578,8 @@ struct NewVault {
     key_label: String,
 }
 
+/// `piivault init`: creates the data directory, config, sealed root key and
+/// store. Leaves nothing behind if any step fails.
 async fn init(data_dir: &Path, new: &NewVault, secret: &SecretArgs, confirm: bool) -> Result<(), CliError> {
     for name in [CONFIG_FILE, SEALED_ROOT_FILE, DATABASE_FILE] {
         let existing = data_dir.join(name);

@@ -449,6 +449,34 @@ mod tests {
         assert!(matches!(create(&unlock, huge), Err(CryptoError::ExcessiveKdfParams)));
     }
 
+    /// A pkcs11 file's layout is parsed (and refused when its URI is not
+    /// one piivault writes) without touching a token.
+    #[test]
+    fn pkcs11_files_name_token_and_key() {
+        let file = |uri: &str| {
+            let mut out = MAGIC.to_vec();
+            out.extend_from_slice(&[FORMAT_V1, PROVIDER_PKCS11]);
+            out.extend_from_slice(&u16::try_from(uri.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(uri.as_bytes());
+            out.extend_from_slice(&[7; SEALED_KEY_LEN]);
+            out
+        };
+        let good = file("pkcs11:token=piivault;object=root%20v2;type=secret-key");
+        let parsed = parse_sealed(&good).unwrap();
+        assert_eq!(parsed.provider, Provider::Pkcs11);
+        assert_eq!(parsed.pkcs11, Some(("piivault".into(), "root v2".into())));
+        assert_eq!(parsed.kdf, None);
+        assert!(format!("{parsed:?}").contains("pkcs11: Some((\"piivault\", \"root v2\"))"));
+        for bad in ["", "pkcs11:token=piivault", "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA"] {
+            assert!(matches!(parse_sealed(&file(bad)), Err(CryptoError::MalformedSealed)), "{bad}");
+        }
+        let raw = Unlock::RawKey(RawKey::parse(&[1u8; 32]).unwrap());
+        assert!(matches!(
+            unseal(&good, &raw),
+            Err(CryptoError::WrongUnlockKind { expected: "PKCS#11 key", given: "raw key" })
+        ));
+    }
+
     #[test]
     fn raw_key_formats() {
         assert!(RawKey::parse(&[0u8; 32]).is_ok());
