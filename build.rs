@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("piivault_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // INVALID_ARGUMENT, not INTERNAL, for a message that does not decode.
+        .codec_path("crate::grpc::codec::StrictCodec")
         .skip_debug([
             ".piivault.v1.TokenizeRequest",
             ".piivault.v1.DetokenizeResponse",

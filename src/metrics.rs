@@ -92,6 +92,8 @@ pub struct Metrics {
     pub handshake_failures: Family<Reason, Counter>,
     /// Connections closed at accept over `server.max_connections`.
     pub connections_refused: Counter,
+    /// Messages that did not decode as their method's protobuf type.
+    pub malformed_messages: Counter,
     /// WARN alerts raised for repeated refusals of one caller or address.
     pub alerts: Counter,
     /// Requests refused by a caller's limits (`requests`: the rate limit;
@@ -129,6 +131,7 @@ impl Metrics {
             denials: Family::default(),
             handshake_failures: Family::default(),
             connections_refused: Counter::default(),
+            malformed_messages: Counter::default(),
             alerts: Counter::default(),
             rate_limited: Family::default(),
             commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
@@ -147,6 +150,11 @@ impl Metrics {
             "connections_refused",
             "connections closed at accept over server.max_connections",
             metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "malformed_messages",
+            "messages that did not decode as their method's protobuf type (answered INVALID_ARGUMENT)",
+            metrics.malformed_messages.clone(),
         );
         registry.register("alerts", "alerts raised for repeated refusals", metrics.alerts.clone());
         registry.register("rate_limited", "requests refused by a caller's limits", metrics.rate_limited.clone());

@@ -1396,3 +1396,73 @@ async fn an_online_backup_restores_into_a_new_vault() {
     let record = stream.message().await.unwrap().expect("the backup's audit record");
     assert_eq!((record.caller.as_str(), record.outcome.as_str()), ("admin", "STARTED"));
 }
+
+/// Bytes sent as they are, for requests no generated client can make.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        Self
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        Self
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut as _;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf as _;
+        Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
+    }
+}
+
+/// A request whose protobuf does not decode (truncated varint, wrong wire
+/// type, a length past the end) is the caller's error: `INVALID_ARGUMENT`
+/// with a fixed message, counted; nothing is stored and the server serves on.
+#[tokio::test]
+async fn malformed_messages_are_invalid_argument() {
+    let server = DevServer::start();
+    let channel = server.channel("writer").await;
+    let before = server.record_count();
+    let malformed: [&[u8]; 3] = [
+        &[0x0a, 0x04, b'c', b'a', b'r', b'd', 0x12, 0xff], // values: a length varint cut short
+        &[0x08, 0x01],                                     // collection (a string) sent as a varint
+        &[0x0a, 0x05, b'c'],                               // collection: 5 bytes announced, 1 sent
+    ];
+    for bytes in malformed {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::from_static("/piivault.v1.Tokenizer/Tokenize");
+        let status = grpc.unary(tonic::Request::new(bytes.to_vec()), path, RawCodec).await.unwrap_err();
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::InvalidArgument, piivault::grpc::codec::MALFORMED),
+            "{bytes:?}"
+        );
+    }
+    assert_eq!(server.metric("piivault_malformed_messages_total"), Some(3.0));
+    assert_eq!(server.record_count(), before);
+    let mut writer = server.client("writer").await;
+    assert_eq!(tokens(&mut writer, "name", &["after the junk"]).await.len(), 1);
+}

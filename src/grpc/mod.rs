@@ -9,6 +9,7 @@
 mod admin;
 mod audit;
 mod call;
+pub mod codec;
 pub mod limits;
 pub mod proto;
 pub mod server;
