@@ -246,55 +246,36 @@ impl Hsm {
     /// object, private, sensitive, never extractable.
     pub fn prepare_key(&self, label: &str) -> Result<KeyOrigin, HsmError> {
         check_label(label)?;
-        self.with_session(true, |ctx, opened| {
-            check_mechanism(ctx, opened.slot)?;
-            match find_key(&opened.session, label) {
-                Ok(_) => Ok(KeyOrigin::Existing),
-                Err(HsmError::KeyNotFound(_)) => {
-                    let template = [
-                        Attribute::Class(ObjectClass::SECRET_KEY),
-                        Attribute::KeyType(KeyType::AES),
-                        Attribute::ValueLen((KEY_LEN as u64).into()),
-                        Attribute::Token(true),
-                        Attribute::Private(true),
-                        Attribute::Sensitive(true),
-                        Attribute::Extractable(false),
-                        Attribute::Encrypt(true),
-                        Attribute::Decrypt(true),
-                        Attribute::Wrap(false),
-                        Attribute::Unwrap(false),
-                        Attribute::Derive(false),
-                        Attribute::Label(label.as_bytes().to_vec()),
-                    ];
-                    opened.session.generate_key(&Mechanism::AesKeyGen, &template).map_err(device)?;
-                    find_key(&opened.session, label).map(|_| KeyOrigin::Created)
-                }
-                Err(e) => Err(e),
-            }
-        })
+        self.with_session(true, |ctx, opened| prepare_key(ctx, opened, label).map(|(_, origin)| origin))
     }
 
-    /// AES-GCM in the token under key `label`: `plaintext` sealed with `iv`
-    /// and `aad`; returns ciphertext ‖ tag. Also returns the token's label,
-    /// which the sealed file records.
-    pub(crate) fn seal(
+    /// AES-GCM in the token, in one session (one login: a PKCS#11 module
+    /// may write its token's state at each login): the key `label` is found
+    /// and checked or created ([`Hsm::prepare_key`]), `aad` is built from
+    /// the token's label, and `plaintext` is sealed with `iv`. Returns the
+    /// AAD and ciphertext ‖ tag.
+    pub(crate) fn seal<E: From<HsmError>>(
         &self,
         label: &str,
         iv: &[u8; NONCE_LEN],
-        aad: &[u8],
         plaintext: &[u8],
-    ) -> Result<Vec<u8>, HsmError> {
-        self.with_session(false, |ctx, opened| {
-            check_mechanism(ctx, opened.slot)?;
-            let key = find_key(&opened.session, label)?;
+        aad: impl FnOnce(&str) -> Result<Vec<u8>, E>,
+    ) -> Result<(Vec<u8>, Vec<u8>), E> {
+        check_label(label)?;
+        self.with_session(true, |ctx, opened| {
+            let (key, _) = prepare_key(ctx, opened, label)?;
+            let header = match aad(&opened.token_label) {
+                Ok(header) => header,
+                Err(e) => return Ok(Err(e)),
+            };
             let mut iv = *iv;
-            let params = GcmParams::new(&mut iv, aad, (TAG_LEN as u64 * 8).into()).map_err(device)?;
+            let params = GcmParams::new(&mut iv, &header, (TAG_LEN as u64 * 8).into()).map_err(device)?;
             let sealed = opened.session.encrypt(&Mechanism::AesGcm(params), key, plaintext).map_err(device)?;
             if sealed.len() != plaintext.len() + TAG_LEN {
                 return Err(HsmError::Device("AES-GCM returned an unexpected length".into()));
             }
-            Ok(sealed)
-        })
+            Ok(Ok((header, sealed)))
+        })?
     }
 
     /// The label of the token the configuration selects, checked against
@@ -329,6 +310,35 @@ impl Hsm {
                 Err(e) => Err(device(e)),
             }
         })
+    }
+}
+
+/// The key `label`, checked, or generated if the token has none by that
+/// label (see [`Hsm::prepare_key`]).
+fn prepare_key(ctx: &Pkcs11, opened: &Opened, label: &str) -> Result<(ObjectHandle, KeyOrigin), HsmError> {
+    check_mechanism(ctx, opened.slot)?;
+    match find_key(&opened.session, label) {
+        Ok(key) => Ok((key, KeyOrigin::Existing)),
+        Err(HsmError::KeyNotFound(_)) => {
+            let template = [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen((KEY_LEN as u64).into()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Derive(false),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ];
+            opened.session.generate_key(&Mechanism::AesKeyGen, &template).map_err(device)?;
+            find_key(&opened.session, label).map(|key| (key, KeyOrigin::Created))
+        }
+        Err(e) => Err(e),
     }
 }
 

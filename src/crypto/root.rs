@@ -247,31 +247,35 @@ fn seal_with(
     salt: &[u8; SALT_LEN],
     nonce: &[u8; NONCE_LEN],
 ) -> Result<Vec<u8>, CryptoError> {
-    let kdf_string = match unlock {
-        Unlock::Passphrase(_) => {
+    // The header (the AAD) for the provider's parameter string.
+    let header = |params: &str| -> Result<Vec<u8>, CryptoError> {
+        let len = u16::try_from(params.len()).map_err(|_| CryptoError::Kdf)?;
+        let mut out = Vec::with_capacity(FIXED_HEADER_LEN + params.len() + SEALED_KEY_LEN);
+        out.extend_from_slice(MAGIC);
+        out.push(FORMAT_V1);
+        out.push(unlock.provider().byte());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(params.as_bytes());
+        Ok(out)
+    };
+    let (mut out, sealed) = if let Unlock::Pkcs11(unlock) = unlock {
+        // One token session: the key is found (or made) and checked, the
+        // token's label goes into the header, and the token seals.
+        unlock.hsm.seal(&unlock.key_label, nonce, root.expose_secret(), |token| {
+            header(&pkcs11::uri(token, &unlock.key_label))
+        })?
+    } else {
+        let kdf_string = if let Unlock::Passphrase(_) = unlock {
             let params = params.check()?;
             let salt = SaltString::encode_b64(salt).map_err(|_| CryptoError::Kdf)?;
             format!("$argon2id$v=19$m={},t={},p={}${}", params.m_kib, params.t, params.p, salt.as_str())
-        }
-        Unlock::RawKey(_) => String::new(),
-        Unlock::Pkcs11(unlock) => {
-            // Checked first: the URI must name a key that can seal.
-            unlock.hsm.prepare_key(&unlock.key_label)?;
-            pkcs11::uri(&unlock.hsm.token_label()?, &unlock.key_label)
-        }
-    };
-    let kdf_len = u16::try_from(kdf_string.len()).map_err(|_| CryptoError::Kdf)?;
-    let mut out = Vec::with_capacity(FIXED_HEADER_LEN + kdf_string.len() + SEALED_KEY_LEN);
-    out.extend_from_slice(MAGIC);
-    out.push(FORMAT_V1);
-    out.push(unlock.provider().byte());
-    out.extend_from_slice(&kdf_len.to_be_bytes());
-    out.extend_from_slice(kdf_string.as_bytes());
-    let sealed = if let Unlock::Pkcs11(unlock) = unlock {
-        unlock.hsm.seal(&unlock.key_label, nonce, &out, root.expose_secret())?
-    } else {
+        } else {
+            String::new()
+        };
+        let out = header(&kdf_string)?;
         let kek = key_encryption_key(unlock, &kdf_string)?;
-        aead_seal(kek.expose_secret(), nonce, &out, root.expose_secret())?
+        let sealed = aead_seal(kek.expose_secret(), nonce, &out, root.expose_secret())?;
+        (out, sealed)
     };
     out.extend_from_slice(nonce);
     out.extend_from_slice(&sealed);
