@@ -465,12 +465,22 @@ pub const EMPTY_POLICY: &str = "\
 # burst = 400                      # ... and size (default: the rate)
 # detokenize_max_values = 50000    # bulk-detokenize guard: values per window
 # detokenize_window = \"1h\"
-#
-# Limits for every caller without its own (also callers not listed here):
-# [defaults]
-# requests_per_second = 1000
-# detokenize_max_values = 100000
+
+# Limits for every caller without its own table's limits, and for callers not
+# listed here. Conservative on purpose: a caller that needs more gets its own
+# (each limit it sets replaces the default), or raise them here for everyone.
+[defaults]
+requests_per_second = 500        # token bucket: refill rate ...
+burst = 1000                     # ... and size
+detokenize_max_values = 50000    # values read back (clear or masked) ...
+detokenize_window = \"1h\"         # ... within any sliding hour
 ";
+
+/// The limits `init` writes into `[defaults]` of a new policy.
+pub const SHIPPED_DEFAULTS: CallerLimits = CallerLimits {
+    requests: Some(RequestRate { per_second: 500, burst: 1000 }),
+    detokenize: Some(DetokenizeQuota { max_values: 50_000, window: Duration::from_hours(1) }),
+};
 
 #[cfg(test)]
 mod tests {
@@ -561,6 +571,21 @@ mod tests {
     fn the_empty_policy_denies_everything() {
         let policy = parse(EMPTY_POLICY).unwrap();
         assert_eq!(policy.callers().count(), 0);
+    }
+
+    /// A new vault's policy limits every caller that sets nothing: the
+    /// defaults written by `init`, and a caller's own limit replacing one.
+    #[test]
+    fn a_new_policy_ships_conservative_defaults() {
+        let shipped = parse(EMPTY_POLICY).unwrap();
+        let nobody: CallerId = "unlisted".parse().unwrap();
+        assert_eq!(shipped.limits(&nobody), SHIPPED_DEFAULTS);
+        let with_caller =
+            format!("{EMPTY_POLICY}\n[callers.etl]\ndetokenize = [\"card\"]\nrequests_per_second = 2000\n");
+        let policy = parse(&with_caller).unwrap();
+        let etl = policy.limits(&"etl".parse().unwrap());
+        assert_eq!(etl.requests, Some(RequestRate { per_second: 2000, burst: 2000 }));
+        assert_eq!(etl.detokenize, SHIPPED_DEFAULTS.detokenize, "an unset limit stays the default");
     }
 
     #[test]
