@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use tonic::{Request, Status};
 
+use super::alerts::Subject;
 use super::server::{ConnInfo, Live};
 use super::{EdgeError, Failure, code_name};
 use crate::metrics::{Metrics, metrics};
@@ -124,9 +125,12 @@ impl Call {
                 };
                 if let Some(reason) = denial {
                     Metrics::count(&metrics().denials, reason);
-                    let peer_ip = self.who.peer.rsplit_once(':').map_or(self.who.peer.as_str(), |(ip, _)| ip);
-                    let subject = if authenticated { self.who.caller.as_str() } else { peer_ip };
-                    live.alerts.note(subject, "refused requests");
+                    let peer = self.who.peer.parse::<std::net::SocketAddr>().ok();
+                    let subject = match (authenticated, peer) {
+                        (false, Some(peer)) => Subject::peer(peer.ip()),
+                        _ => Subject::caller(&self.who.caller),
+                    };
+                    live.alerts.note(&subject, "refused requests");
                 }
                 // Refusals by the rate limit are counted, not audited: see
                 // `Live::limit_request`.

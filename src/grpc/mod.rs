@@ -7,6 +7,7 @@
 //! keys or SQL, and it never logs a value.
 
 mod admin;
+pub mod alerts;
 mod audit;
 mod call;
 pub mod codec;

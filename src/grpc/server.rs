@@ -15,6 +15,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
+use super::alerts::{Alerts, Subject};
 use super::limits::Limiter;
 use super::proto::admin_server::AdminServer;
 use super::proto::audit_server::AuditServer;
@@ -57,55 +58,6 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The verified client certificate.
     pub cert: Arc<PeerCert>,
-}
-
-/// Counts refusals (denied or unauthenticated calls, failed handshakes) per
-/// caller or address, and raises a WARN alert when one reaches the threshold
-/// within the window.
-pub struct Alerts {
-    window: std::time::Duration,
-    threshold: usize,
-    recent: std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<std::time::Instant>>>,
-}
-
-/// Subjects tracked at once; beyond it, idle ones are forgotten first.
-const MAX_ALERT_SUBJECTS: usize = 10_000;
-
-impl Alerts {
-    /// Alerts at `threshold` refusals within `window`.
-    pub fn new(window: std::time::Duration, threshold: usize) -> Self {
-        Self { window, threshold, recent: std::sync::Mutex::default() }
-    }
-
-    /// Notes one refusal of `subject` (a caller name or a peer address).
-    pub fn note(&self, subject: &str, what: &'static str) {
-        let now = std::time::Instant::now();
-        let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if recent.len() >= MAX_ALERT_SUBJECTS && !recent.contains_key(subject) {
-            recent.retain(|_, times| times.back().is_some_and(|t| now.duration_since(*t) < self.window));
-            if recent.len() >= MAX_ALERT_SUBJECTS {
-                return;
-            }
-        }
-        let times = recent.entry(subject.to_owned()).or_default();
-        times.push_back(now);
-        while times.front().is_some_and(|t| now.duration_since(*t) >= self.window) {
-            times.pop_front();
-        }
-        if times.len() >= self.threshold {
-            let count = times.len();
-            times.clear();
-            let total = metrics().alerts.inc() + 1;
-            tracing::warn!(
-                alert = true,
-                subject,
-                count,
-                window_s = self.window.as_secs(),
-                alerts_raised = total,
-                "repeated {what}"
-            );
-        }
-    }
 }
 
 /// The state that a reload (SIGHUP) replaces: policy and TLS material.
@@ -226,7 +178,7 @@ impl Live {
             return Ok(());
         }
         Metrics::count(&metrics().rate_limited, "requests");
-        self.alerts.note(caller.as_str(), "rate-limited requests");
+        self.alerts.note(&Subject::caller(caller.as_str()), "rate-limited requests");
         Err(EdgeError::RateLimited)
     }
 
@@ -356,7 +308,7 @@ fn accept_loop(
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, "connection refused: server.max_connections reached");
                 metrics().connections_refused.inc();
-                live.alerts.note(&peer.ip().to_string(), "connections over the cap");
+                live.alerts.note(&Subject::peer(peer.ip()), "connections over the cap");
                 drop(tcp);
                 continue;
             };
@@ -408,7 +360,7 @@ const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20
 /// A refused handshake goes on the record and counts towards an alert for
 /// its address.
 async fn refused(live: &Live, vault: &Vault, peer: SocketAddr, reason: &str) {
-    live.alerts.note(&peer.ip().to_string(), "failed TLS handshakes");
+    live.alerts.note(&Subject::peer(peer.ip()), "failed TLS handshakes");
     let who = crate::vault::Requester { caller: String::new(), peer: peer.to_string(), request_id: String::new() };
     vault.audit_failure(&who, "handshake", "", 0, "REFUSED", reason).await;
 }
