@@ -113,7 +113,8 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
-    /// Swap values for tokens (values as arguments, or one per line on stdin).
+    /// Swap values for tokens: one per line on stdin (values given as
+    /// arguments are visible to every local user in /proc).
     Tokenize(client::ItemsArgs),
     /// Swap tokens back for values (tokens as arguments, or one per line on stdin).
     Detokenize(client::ItemsArgs),
@@ -434,13 +435,11 @@ pub fn main() -> ExitCode {
         }
     };
     // Secrets in the environment leave it before any thread exists.
-    secrets::take_from_env(secrets::secret_variables(
-        config_path_of(&cli.command).as_deref(),
-        match &cli.command {
-            Command::Init { pkcs11, .. } => pkcs11.pkcs11_pin_env.as_deref(),
-            _ => None,
-        },
-    ));
+    let named_by_flags = match &cli.command {
+        Command::Init { pkcs11, raw_key_env, .. } => [pkcs11.pkcs11_pin_env.as_deref(), raw_key_env.as_deref()],
+        _ => [None, None],
+    };
+    secrets::take_from_env(secrets::secret_variables(config_path_of(&cli.command).as_deref(), &named_by_flags));
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -553,10 +552,8 @@ fn read_new_passphrase(secret: &SecretArgs) -> Result<Passphrase, CliError> {
             .or_fail(Failure::Usage);
     }
     let text = if let Some(path) = &secret.passphrase_file {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read the new passphrase file {}", path.display()))
-            .or_fail(Failure::Config)?;
-        String::from_utf8(bytes)
+        let bytes = secrets::read_secret_file(path, "new passphrase")?;
+        String::from_utf8(bytes.to_vec())
             .map_err(|_| anyhow!("the new passphrase file is not UTF-8"))
             .or_fail(Failure::Config)?
     } else {
@@ -1058,7 +1055,7 @@ async fn dev(
         say(&format!(
             "\npiivault dev is serving {dir} on {addr} (DEVELOPMENT ONLY; Ctrl-C stops it).\n\
              Try, from another shell:\n\
-             \n  {exe} tokenize --data-dir {dir} --as writer --collection card 4111111111111111\n\
+             \n  echo 4111111111111111 | {exe} tokenize --data-dir {dir} --as writer --collection card\n\
              \n  {exe} detokenize --data-dir {dir} --as reader --collection card <token from above>\n\
              \n  {exe} detokenize --data-dir {dir} --as support --collection card <token>   # masked\n\
              \nCallers and their certificates: {dir}/clients/{{writer,reader,support,admin,auditor}}; vault CA: {dir}/pki/ca.pem\n"
@@ -1084,13 +1081,7 @@ enum NewRoot {
 /// old one (passphrase, raw key, PKCS#11), in both directions.
 async fn rotate_root(target: NewRoot, connect: &client::ConnectArgs, secret: SecretArgs) -> Result<(), CliError> {
     use crate::grpc::proto::{self, admin_client::AdminClient};
-    let read_raw = |path: &Path| -> Result<zeroize::Zeroizing<Vec<u8>>, CliError> {
-        Ok(zeroize::Zeroizing::new(
-            std::fs::read(path)
-                .with_context(|| format!("cannot read the new raw key file {}", path.display()))
-                .or_fail(Failure::Config)?,
-        ))
-    };
+    let read_raw = |path: &Path| secrets::read_secret_file(path, "new raw key");
     let count = if let Some(dir) = connect.offline_dir() {
         let vault = open_offline(dir, secret, Unseal::Recorded).await?;
         let unlock = match &target {
@@ -1304,7 +1295,7 @@ async fn keys(command: KeysCommand) -> Result<(), CliError> {
 /// vault's own passphrase file.
 fn offline_secret(data_dir: &Path, secret: SecretArgs) -> SecretArgs {
     let dev = data_dir.join(DEV_PASSPHRASE_FILE);
-    if secret.passphrase_file.is_none() && std::env::var_os(PASSPHRASE_ENV).is_none() && dev.exists() {
+    if secret.passphrase_file.is_none() && !secrets::env_has(PASSPHRASE_ENV) && dev.exists() {
         SecretArgs { passphrase_file: Some(dev) }
     } else {
         secret

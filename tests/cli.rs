@@ -160,14 +160,29 @@ fn a_wrong_passphrase_or_a_damaged_sealed_file_exits_78() {
     std::fs::write(&sealed_path, &good).unwrap();
     assert!(check(tmp.path(), PASSPHRASE).status.success());
 
-    // A passphrase file works the same as the variable.
+    // A passphrase file works the same as the variable, if only its owner
+    // may read it.
     let pass_file = tmp.path().join("pass");
     std::fs::write(&pass_file, format!("{PASSPHRASE}\n")).unwrap();
     let config = tmp.path().join("config.toml");
-    let out = piivault(
-        &["check", "--config", config.to_str().unwrap(), "--passphrase-file", pass_file.to_str().unwrap()],
-        &[],
+    let with_file = || {
+        piivault(
+            &["check", "--config", config.to_str().unwrap(), "--passphrase-file", pass_file.to_str().unwrap()],
+            &[],
+        )
+    };
+    let (code, err) = failure(&with_file());
+    assert_eq!(code, 78);
+    assert_eq!(
+        err,
+        format!(
+            "piivault: {}: the passphrase file {} may be read by group or others (mode 644); chmod 600 it\n",
+            tmp.path().join("root.sealed").display(),
+            pass_file.display()
+        )
     );
+    common::write_secret(&pass_file, format!("{PASSPHRASE}\n"));
+    let out = with_file();
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -240,7 +255,7 @@ fn a_raw_key_from_the_environment_or_a_file_seals_the_root() {
     assert!(err.contains("$MY_ROOT_KEY is not set"), "{err}");
 
     let key_file = tmp.path().join("root.key");
-    std::fs::write(&key_file, [0x42u8; 32]).unwrap();
+    common::write_secret(&key_file, [0x42u8; 32]);
     let dir = tmp.path().join("file");
     let out =
         piivault(&["init", "--data-dir", dir.to_str().unwrap(), "--raw-key-file", key_file.to_str().unwrap()], &[]);
@@ -495,7 +510,7 @@ fn rotate_root_offline_and_recovery_from_an_interruption() {
     let sealed_path = tmp.path().join("root.sealed");
     let old_sealed = std::fs::read(&sealed_path).unwrap();
     let new_pass = tmp.path().join("new-pass");
-    std::fs::write(&new_pass, "a brand new passphrase\n").unwrap();
+    common::write_secret(&new_pass, "a brand new passphrase\n");
     let dir = tmp.path().to_str().unwrap();
     let out = piivault(
         &["keys", "rotate-root", "--data-dir", dir, "--new-passphrase-file", new_pass.to_str().unwrap()],
@@ -657,4 +672,43 @@ fn a_changed_policy_file_is_reloaded_and_a_broken_one_is_not() {
     assert!(logs.contains("policy or TLS files changed: reloading"), "{logs}");
     assert!(logs.contains("policy reload failed; keeping the previous policy"), "{logs}");
     assert!(logs.contains("unknown collection \"passport\""), "{logs}");
+}
+
+/// The passphrase and a raw key given in the environment leave it once read:
+/// `/proc/PID/environ` of the running server, readable by its owner and
+/// root, no longer holds either (their bytes are overwritten in place).
+#[test]
+fn secrets_leave_the_environment_of_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, _addr) = serve_edited(tmp.path(), |t| t, "");
+    let environ = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap();
+    assert!(!common::contains(&environ, PASSPHRASE.as_bytes()), "the passphrase is still in the environment");
+    assert!(common::contains(&environ, b"PATH="), "the rest of the environment is intact");
+    stop_served(child);
+
+    let raw = tmp.path().join("raw");
+    let key = "5a".repeat(32);
+    let env = [("MY_RAW_ROOT_KEY", key.as_str())];
+    let init = piivault(&["init", "--data-dir", raw.to_str().unwrap(), "--raw-key-env", "MY_RAW_ROOT_KEY"], &env);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let config = raw.join("config.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("127.0.0.1:7443", "127.0.0.1:0")
+        .replace("127.0.0.1:9464", "none");
+    std::fs::write(&config, text).unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_piivault"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .envs(env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.as_mut().unwrap()), &mut line).unwrap();
+    assert!(line.starts_with("piivault: listening on "), "{line}");
+    let environ = std::fs::read(format!("/proc/{}/environ", server.id())).unwrap();
+    assert!(!common::contains(&environ, key.as_bytes()), "the raw key is still in the environment");
+    server.kill().unwrap();
+    server.wait().unwrap();
 }

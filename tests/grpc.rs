@@ -1191,7 +1191,7 @@ async fn root_key_rotation_online() {
     let mut reader = server.client("reader").await;
     let before = tokens(&mut writer, "name", &["Ada Lovelace"]).await;
     let new_pass = dir.join("new-passphrase");
-    std::fs::write(&new_pass, "rotated online passphrase").unwrap();
+    common::write_secret(&new_pass, "rotated online passphrase");
     let rotate = |who: &str| {
         std::process::Command::new(common::server::BIN)
             .args(["keys", "rotate-root", "--new-passphrase-file", new_pass.to_str().unwrap()])

@@ -147,7 +147,8 @@ fn resolve(args: &ConnectArgs) -> Result<Resolved, CliError> {
     let read = |path: &PathBuf| {
         std::fs::read(path).with_context(|| format!("cannot read {}", path.display())).or_fail(Failure::Config)
     };
-    Ok(Resolved { addr, ca_pem: read(&ca)?, cert_pem: read(&cert)?, key_pem: zeroize::Zeroizing::new(read(&key)?) })
+    let key_pem = super::secrets::read_secret_file(&key, "client key")?;
+    Ok(Resolved { addr, ca_pem: read(&ca)?, cert_pem: read(&cert)?, key_pem })
 }
 
 /// A TLS channel to the vault with the resolved address and credentials

@@ -19,41 +19,72 @@ use crate::crypto::root::{Passphrase, Pkcs11Unlock, Provider, RawKey, Unlock};
 static TAKEN: OnceLock<HashMap<String, Zeroizing<String>>> = OnceLock::new();
 
 /// Moves the variables `names` out of the process environment into memory
-/// that is zeroized, so that nothing started later (and nothing that
-/// reads the environment later) sees them.
+/// that is zeroized, so that nothing started later, nothing that reads the
+/// environment later, and nobody reading `/proc/PID/environ` sees them: the
+/// value's bytes are overwritten where the process received them, then the
+/// variable is removed.
 ///
 /// Must run before any thread exists: `main` calls it before it builds the
 /// runtime, which is what makes the removal sound.
 #[allow(unsafe_code)]
 pub(super) fn take_from_env(names: Vec<String>) {
+    unsafe extern "C" {
+        /// The C runtime's environment: a null-terminated array of
+        /// `NAME=value` strings.
+        static environ: *const *mut std::ffi::c_char;
+    }
     let mut taken = HashMap::new();
     for name in names {
-        if name.is_empty() || name.contains('=') {
+        if name.is_empty() || name.contains('=') || taken.contains_key(&name) {
             continue;
         }
-        if let Some(value) = std::env::var_os(&name) {
-            if let Ok(value) = value.into_string() {
-                taken.insert(name.clone(), Zeroizing::new(value));
+        let Some(value) = std::env::var_os(&name) else { continue };
+        if let Ok(value) = value.into_string() {
+            taken.insert(name.clone(), Zeroizing::new(value));
+        }
+        let prefix = format!("{name}=");
+        // SAFETY: called from `main` before the tokio runtime or any other
+        // thread is started, so nothing reads or writes the environment
+        // concurrently. `environ` is a null-terminated array of pointers to
+        // NUL-terminated, writable strings; only bytes before each string's
+        // terminator are written.
+        unsafe {
+            let mut entry = environ;
+            while !entry.is_null() && !(*entry).is_null() {
+                let bytes = std::ffi::CStr::from_ptr(*entry).to_bytes();
+                if bytes.starts_with(prefix.as_bytes()) {
+                    let value_len = bytes.len() - prefix.len();
+                    std::ptr::write_bytes((*entry).add(prefix.len()), 0, value_len);
+                }
+                entry = entry.add(1);
             }
-            // SAFETY: called from `main` before the tokio runtime or any
-            // other thread is started, so nothing reads or writes the
-            // environment concurrently.
-            unsafe { std::env::remove_var(&name) };
+            std::env::remove_var(&name);
         }
     }
     let _ = TAKEN.set(taken);
 }
 
-/// The environment variables holding a PIN that `command`'s config names,
-/// for [`take_from_env`].
-pub(super) fn secret_variables(config: Option<&Path>, pin_env: Option<&str>) -> Vec<String> {
-    let mut names: Vec<String> = pin_env.map(str::to_owned).into_iter().collect();
-    if let Some(config) = config.and_then(|path| Config::load(path).ok())
-        && let Some(Pkcs11Settings { pin: SecretSource::Env(var), .. }) = config.pkcs11
-    {
-        names.push(var);
+/// The environment variables holding a secret, for [`take_from_env`]: the
+/// passphrase's, those a command names itself (`extra`: `init
+/// --raw-key-env`, `--pkcs11-pin-env`), and those the config of a command
+/// names (the raw key's, the PIN's).
+pub(super) fn secret_variables(config: Option<&Path>, extra: &[Option<&str>]) -> Vec<String> {
+    let mut names = vec![PASSPHRASE_ENV.to_owned()];
+    names.extend(extra.iter().flatten().map(|s| (*s).to_owned()));
+    if let Some(config) = config.and_then(|path| Config::load(path).ok()) {
+        if let RootKeySource::RawKeyEnv(var) = config.root_key {
+            names.push(var);
+        }
+        if let Some(Pkcs11Settings { pin: SecretSource::Env(var), .. }) = config.pkcs11 {
+            names.push(var);
+        }
     }
     names
+}
+
+/// Whether the variable `name` was set (and taken) at start, or is set.
+pub(super) fn env_has(name: &str) -> bool {
+    TAKEN.get().is_some_and(|taken| taken.contains_key(name)) || std::env::var_os(name).is_some()
 }
 
 /// A variable taken at start, or (for library embedders and tests that
@@ -66,7 +97,7 @@ fn env_secret(name: &str) -> Option<Zeroizing<String>> {
 }
 
 /// Reads a secret file, refusing one that group or others may read.
-fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
+pub(super) fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
     use std::os::unix::fs::PermissionsExt as _;
     let meta = std::fs::metadata(path)
         .with_context(|| format!("cannot read the {what} file {}", path.display()))
@@ -111,12 +142,12 @@ pub(super) fn hsm_for(settings: &Pkcs11Settings) -> Result<Arc<Hsm>, CliError> {
 /// a terminal (twice if `confirm`).
 pub(super) fn read_passphrase(secret: &SecretArgs, confirm: bool) -> Result<Passphrase, CliError> {
     let text = if let Some(path) = &secret.passphrase_file {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read the passphrase file {}", path.display()))
-            .or_fail(Failure::Config)?;
-        String::from_utf8(bytes).map_err(|_| anyhow!("the passphrase file is not UTF-8")).or_fail(Failure::Config)?
-    } else if let Ok(text) = std::env::var(PASSPHRASE_ENV) {
-        text
+        let bytes = read_secret_file(path, "passphrase")?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| anyhow!("the passphrase file is not UTF-8"))
+            .or_fail(Failure::Config)?
+    } else if let Some(text) = env_secret(PASSPHRASE_ENV) {
+        text.to_string()
     } else if std::io::stdin().is_terminal() {
         let first = rpassword::prompt_password("piivault passphrase: ").or_fail(Failure::Other)?;
         if confirm {
@@ -136,12 +167,7 @@ pub(super) fn read_passphrase(secret: &SecretArgs, confirm: bool) -> Result<Pass
 fn read_raw_key(source: &RootKeySource) -> Result<RawKey, CliError> {
     match source {
         RootKeySource::RawKeyFile(path) => {
-            let bytes = Zeroizing::new(
-                std::fs::read(path)
-                    .with_context(|| format!("cannot read the raw root key file {}", path.display()))
-                    .or_fail(Failure::Config)?,
-            );
-            RawKey::parse(&bytes).or_fail(Failure::Config)
+            RawKey::parse(&read_secret_file(path, "raw root key")?).or_fail(Failure::Config)
         }
         RootKeySource::RawKeyEnv(var) => {
             let text = env_secret(var)

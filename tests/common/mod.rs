@@ -171,3 +171,11 @@ impl Drop for Tmpfs {
 }
 
 pub mod server;
+
+/// Writes a secret file as an operator must: readable by its owner only
+/// (piivault refuses secret files that group or others may read).
+pub fn write_secret(path: &Path, contents: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, contents).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
