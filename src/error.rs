@@ -42,6 +42,12 @@ pub enum VaultError {
     /// meanwhile; retry.
     #[error("a concurrent key operation changed the keyring; retry")]
     KeyConflict,
+    /// A root-key rotation's new sealed file is still waiting beside the old
+    /// one; another rotation would put the store's only key file at risk.
+    #[error(
+        "{0} is present: an earlier root-key rotation did not complete; restart the vault (the start completes or discards it) before rotating again"
+    )]
+    RotationPending(String),
     /// The sealed root file cannot be written or put in place.
     #[error("the sealed root key cannot be written: {0}")]
     SealedRoot(String),

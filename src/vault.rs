@@ -1003,9 +1003,14 @@ impl Vault {
     /// [`PENDING_SEALED_SUFFIX`].
     pub async fn rotate_root(&self, who: &Requester, unlock: &Unlock, params: KdfParams) -> Result<usize, VaultError> {
         let _one_at_a_time = self.inner.key_ops.lock().await;
-        let (new_root, sealed) = crypto_root::create(unlock, params)?;
         let pending = pending_sealed_path(&self.inner.sealed_root);
-        let _ = std::fs::remove_file(&pending);
+        // A pending file while the vault runs is a rotation whose final
+        // rename failed: it may be the only file that opens the store.
+        // Never overwrite it; a restart completes or discards it.
+        if pending.exists() {
+            return Err(VaultError::RotationPending(pending.display().to_string()));
+        }
+        let (new_root, sealed) = crypto_root::create(unlock, params)?;
         crate::datadir::write_private_file(&pending, &sealed).map_err(|e| VaultError::SealedRoot(e.to_string()))?;
         let stored = self.inner.store.wrapped_keys().await?;
         let mut rewrapped = Vec::new();

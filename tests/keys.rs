@@ -255,3 +255,87 @@ async fn automatic_rotation_by_count_and_age() {
         .count();
     assert_eq!(automatic, 2);
 }
+
+/// Waits (up to 5 s) until no file of the store holds any of `needles`.
+async fn assert_gone_from_the_store(fx: &Fixture, needles: &[Vec<u8>], what: &str) {
+    let files =
+        || all_files(&fx.dir).into_iter().filter(|(p, _)| p.to_string_lossy().contains("vault.db")).collect::<Vec<_>>();
+    for _ in 0..100 {
+        if files().iter().all(|(_, bytes)| needles.iter().all(|n| !contains(bytes, n))) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let holding: Vec<String> = files()
+        .iter()
+        .filter(|(_, bytes)| needles.iter().any(|n| contains(bytes, n)))
+        .map(|(p, b)| format!("{} ({} bytes)", p.display(), b.len()))
+        .collect();
+    panic!("{what} still in {holding:?}");
+}
+
+/// Re-encryption, retirement and a root rewrap leave no old bytes behind:
+/// the ciphertexts moved away from a version, the retired version's wrapped
+/// key, and every key wrapped under the old root are gone from the database
+/// file and the WAL soon after, with the vault still open.
+#[tokio::test]
+async fn old_ciphertexts_and_wrapped_keys_leave_the_files() {
+    let fx = Fixture::new();
+    let vault = fx.create().await;
+    let pairs = tokenize_many(&vault, "card", "residue", 3).await;
+    let raw = rusqlite::Connection::open(fx.db_path()).unwrap();
+    let column = |sql: &str| -> Vec<Vec<u8>> {
+        let mut stmt = raw.prepare(sql).unwrap();
+        stmt.query_map([], |row| row.get::<_, Vec<u8>>(0)).unwrap().map(Result::unwrap).collect()
+    };
+    let ciphertexts = column("SELECT ciphertext FROM records WHERE ciphertext IS NOT NULL");
+    let v1 = column(
+        "SELECT k.wrapped FROM keys k JOIN collections c ON c.id = k.collection_id
+         WHERE c.name = 'card' AND k.purpose = 'data' AND k.version = 1",
+    );
+    assert_eq!((ciphertexts.len(), v1.len()), (3, 1));
+    let on_disk = |needle: &[u8]| all_files(&fx.dir).iter().any(|(_, bytes)| contains(bytes, needle));
+    assert!(on_disk(&ciphertexts[0]) && on_disk(&v1[0]), "the bytes were never on disk");
+
+    assert_eq!(vault.rotate_data_key(&who(), "card").await.unwrap(), 2);
+    let done = vault.reencrypt(&who(), "card", 100, &mut |_| {}).await.unwrap();
+    assert_eq!(done.moved, 3);
+    assert_gone_from_the_store(&fx, &ciphertexts, "a ciphertext re-encrypted away").await;
+
+    vault.retire_key_version(&who(), "card", 1).await.unwrap();
+    assert_gone_from_the_store(&fx, &v1, "the retired version's wrapped key").await;
+
+    let wrapped_under_old_root = column("SELECT wrapped FROM keys WHERE state != 'retired'")
+        .into_iter()
+        .chain(column("SELECT wrapped FROM vault_keys"))
+        .collect::<Vec<_>>();
+    assert!(wrapped_under_old_root.len() >= 5, "{}", wrapped_under_old_root.len());
+    drop(raw);
+    let new_root = piivault::crypto::root::Unlock::RawKey(piivault::crypto::root::RawKey::parse(&[0x77; 32]).unwrap());
+    vault.rotate_root(&who(), &new_root, piivault::crypto::root::MIN_KDF).await.unwrap();
+    assert_gone_from_the_store(&fx, &wrapped_under_old_root, "a key wrapped under the old root").await;
+    assert_all_readable(&vault, "card", &pairs).await;
+}
+
+/// A pending `root.sealed.new` while the vault runs (a rotation whose final
+/// rename failed) may be the only file that opens the store: another
+/// rotation is refused and touches neither file.
+#[tokio::test]
+async fn a_root_rotation_refuses_to_start_over_a_pending_sealed_file() {
+    let fx = Fixture::new();
+    let vault = fx.create().await;
+    let sealed_path = fx.config.sealed_root.clone();
+    let pending = piivault::vault::pending_sealed_path(&sealed_path);
+    let sealed = std::fs::read(&sealed_path).ok();
+    std::fs::write(&pending, b"the only file that opens the store").unwrap();
+    let unlock = piivault::crypto::root::Unlock::RawKey(piivault::crypto::root::RawKey::parse(&[0x78; 32]).unwrap());
+    let refused = vault.rotate_root(&who(), &unlock, piivault::crypto::root::MIN_KDF).await.unwrap_err();
+    assert!(matches!(refused, VaultError::RotationPending(_)), "{refused}");
+    assert!(
+        refused.to_string().ends_with("restart the vault (the start completes or discards it) before rotating again")
+    );
+    assert_eq!(std::fs::read(&pending).unwrap(), b"the only file that opens the store");
+    assert_eq!(std::fs::read(&sealed_path).ok(), sealed);
+    std::fs::remove_file(&pending).unwrap();
+    assert!(vault.rotate_root(&who(), &unlock, piivault::crypto::root::MIN_KDF).await.unwrap() >= 5);
+}

@@ -75,7 +75,10 @@ pub fn status_of(error: &Failure) -> Status {
             Status::resource_exhausted(e.to_string())
         }
         Failure::Vault(
-            e @ (VaultError::RetireRefused(_) | VaultError::NoSuchKeyVersion(_) | VaultError::NotDeterministic),
+            e @ (VaultError::RetireRefused(_)
+            | VaultError::NoSuchKeyVersion(_)
+            | VaultError::NotDeterministic
+            | VaultError::RotationPending(_)),
         ) => Status::failed_precondition(e.to_string()),
         Failure::Vault(e @ VaultError::KeyConflict) => Status::aborted(e.to_string()),
         Failure::Vault(VaultError::Crypto(

@@ -730,6 +730,9 @@ impl Store {
             count(tx.conn, COUNT_SEALED, collection, &sealed)?;
             count(tx.conn, COUNT_REMOVED, collection, &removed)?;
             tx.append_audit(&audit)?;
+            // The ciphertexts under the old version (perhaps compromised)
+            // must not outlive this in the WAL.
+            *tx.erased |= replaced > 0;
             Ok(replaced)
         })
         .await
@@ -780,6 +783,8 @@ impl Store {
                 )?
                 .execute(params![collection.0, version, now_micros()])?;
             tx.append_audit(&audit)?;
+            // The destroyed wrapped key must not outlive this in the WAL.
+            *tx.erased = true;
             Ok(Ok(()))
         })
         .await
@@ -848,6 +853,8 @@ impl Store {
                 }
             }
             tx.append_audit(&audit)?;
+            // Keys wrapped under the old root must not outlive it in the WAL.
+            *tx.erased = true;
             Ok(())
         })
         .await
@@ -1333,6 +1340,7 @@ impl Store {
                 unused.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
             );
             tx.append_audit(&audit)?;
+            *tx.erased |= !unused.is_empty();
             Ok(unused)
         })
         .await
