@@ -294,27 +294,59 @@ pub fn verify<I>(key: &AuditKey, rows: I) -> Result<Head, VerifyError>
 where
     I: IntoIterator<Item = (u64, Vec<u8>, Vec<u8>)>,
 {
-    let mut head = Head::GENESIS;
+    let mut chain = Chain::new();
     for (seq, encoded, mac) in rows {
-        let expected_seq = head.seq + 1;
+        chain.push(key, seq, &encoded, &mac)?;
+    }
+    Ok(chain.head())
+}
+
+/// The chain checked so far, one record at a time: all a verification of
+/// any length holds in memory.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    head: Head,
+}
+
+impl Chain {
+    /// Before the first record.
+    pub fn new() -> Self {
+        Self { head: Head::GENESIS }
+    }
+
+    /// Checks the next record (`seq`, its canonical encoding, its stored
+    /// MAC) against the chain so far.
+    pub fn push(&mut self, key: &AuditKey, seq: u64, encoded: &[u8], mac: &[u8]) -> Result<(), VerifyError> {
+        let expected_seq = self.head.seq + 1;
         if seq != expected_seq {
             return Err(VerifyError {
                 seq: expected_seq,
                 reason: if seq > expected_seq { "missing (deleted)" } else { "out of order" },
             });
         }
-        match AuditRecord::decode(&encoded) {
+        match AuditRecord::decode(encoded) {
             Ok((inner, _)) if inner == seq => {}
             Ok(_) => return Err(VerifyError { seq, reason: "sequence number does not match the record" }),
             Err(_) => return Err(VerifyError { seq, reason: "malformed record" }),
         }
-        let computed = key.chain(&head.mac, &encoded);
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(computed.as_slice(), mac.as_slice())) {
+        let computed = key.chain(&self.head.mac, encoded);
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(computed.as_slice(), mac)) {
             return Err(VerifyError { seq, reason: "MAC mismatch (edited, inserted or reordered)" });
         }
-        head = Head { seq, mac: computed };
+        self.head = Head { seq, mac: computed };
+        Ok(())
     }
-    Ok(head)
+
+    /// The last record checked.
+    pub fn head(&self) -> Head {
+        self.head
+    }
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 #[cfg(test)]

@@ -48,6 +48,9 @@ pub enum VaultError {
         "{0} is present: an earlier root-key rotation did not complete; restart the vault (the start completes or discards it) before rotating again"
     )]
     RotationPending(String),
+    /// Another audit verification is running (one at a time).
+    #[error("an audit verification is already running; retry when it has finished")]
+    VerifyBusy,
     /// The sealed root file cannot be written or put in place.
     #[error("the sealed root key cannot be written: {0}")]
     SealedRoot(String),

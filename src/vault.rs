@@ -243,6 +243,8 @@ struct Inner {
     /// The PKCS#11 token, when one is configured: for root-key rotations
     /// into it. Requests never need it (the root key is unsealed).
     hsm: std::sync::OnceLock<Arc<crate::crypto::pkcs11::Hsm>>,
+    /// Held by the one audit verification that may run at a time.
+    verifying: tokio::sync::Mutex<()>,
 }
 
 /// The vault. Cheap to clone; all clones share one store and keyring.
@@ -352,6 +354,7 @@ impl Vault {
                 sealed_root: config.sealed_root.clone(),
                 database: config.database.clone(),
                 hsm: std::sync::OnceLock::new(),
+                verifying: tokio::sync::Mutex::new(()),
             }),
         };
         let upgrading: Vec<String> =
@@ -665,15 +668,28 @@ impl Vault {
     /// Checks the whole audit trail against its chain; returns the head or
     /// the first bad record.
     pub async fn verify_audit(&self) -> Result<Result<Head, VerifyError>, VaultError> {
-        let mut rows = Vec::new();
+        // One at a time: a second caller is told to come back, not queued.
+        let Ok(_one_at_a_time) = self.inner.verifying.try_lock() else {
+            return Err(VaultError::VerifyBusy);
+        };
+        let mut chain = audit::Chain::new();
         let mut filter = AuditFilter::default();
         loop {
-            let page = self.inner.store.query_audit(filter.clone(), 10_000).await?;
+            let page = self.inner.store.query_audit(filter.clone(), VERIFY_PAGE).await?;
             let Some(last) = page.last() else { break };
             filter.after_seq = last.seq;
-            rows.extend(page);
+            for row in &page {
+                // The chain first: at one record, a broken chain is the
+                // finding; columns that disagree with an intact record next.
+                if let Err(e) = chain.push(&self.inner.audit_key, row.seq, &row.record, &row.mac) {
+                    return Ok(Err(e));
+                }
+                if !columns_match(row) {
+                    return Ok(Err(VerifyError { seq: row.seq, reason: "query columns do not match the record" }));
+                }
+            }
         }
-        Ok(verify_rows(&self.inner.audit_key, &rows))
+        Ok(Ok(chain.head()))
     }
 
     /// The data-key versions of `collection`, oldest first, with state,
@@ -1270,29 +1286,26 @@ async fn decide_canonical_index(
 /// Verifies stored audit rows: the chain over the encoded records, and the
 /// query columns against the records they repeat. The first bad sequence
 /// number wins.
-fn verify_rows(key: &AuditKey, rows: &[AuditRow]) -> Result<Head, VerifyError> {
-    let columns = rows.iter().find_map(|row| {
-        let matches = AuditRecord::decode(&row.record).is_ok_and(|(_, r)| {
-            let mut recorded: Vec<&String> = r.tokens.iter().collect();
-            recorded.sort();
-            recorded.dedup();
-            let mut indexed: Vec<&String> = row.indexed_tokens.iter().collect();
-            indexed.sort();
-            r.at_micros == row.at
-                && r.caller == row.caller
-                && r.action == row.action
-                && r.collection == row.collection
-                && r.outcome == row.outcome
-                && recorded == indexed
-        });
-        (!matches).then_some(VerifyError { seq: row.seq, reason: "query columns do not match the record" })
-    });
-    let chain = audit::verify(key, rows.iter().map(|r| (r.seq, r.record.clone(), r.mac.clone())));
-    match (chain, columns) {
-        (Err(chain), Some(columns)) => Err(if columns.seq < chain.seq { columns } else { chain }),
-        (Err(error), None) | (Ok(_), Some(error)) => Err(error),
-        (Ok(head), None) => Ok(head),
-    }
+/// Records per page of a verification: what it holds in memory at most
+/// (a record lists at most `max_items_per_call` tokens).
+const VERIFY_PAGE: usize = 256;
+
+/// Whether the query columns and the token index of `row` say what its
+/// (MAC-protected) record says.
+fn columns_match(row: &AuditRow) -> bool {
+    AuditRecord::decode(&row.record).is_ok_and(|(_, r)| {
+        let mut recorded: Vec<&String> = r.tokens.iter().collect();
+        recorded.sort();
+        recorded.dedup();
+        let mut indexed: Vec<&String> = row.indexed_tokens.iter().collect();
+        indexed.sort();
+        r.at_micros == row.at
+            && r.caller == row.caller
+            && r.action == row.action
+            && r.collection == row.collection
+            && r.outcome == row.outcome
+            && recorded == indexed
+    })
 }
 
 /// What tokenizing does to a value before anything is stored: normalizes

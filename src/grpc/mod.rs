@@ -71,9 +71,9 @@ pub fn status_of(error: &Failure) -> Status {
         Failure::Edge(e @ (EdgeError::RateLimited | EdgeError::DetokenizeQuota { .. })) => {
             Status::resource_exhausted(e.to_string())
         }
-        Failure::Vault(e @ (VaultError::TooManyItems { .. } | VaultError::TokenSpaceFull { .. })) => {
-            Status::resource_exhausted(e.to_string())
-        }
+        Failure::Vault(
+            e @ (VaultError::TooManyItems { .. } | VaultError::TokenSpaceFull { .. } | VaultError::VerifyBusy),
+        ) => Status::resource_exhausted(e.to_string()),
         Failure::Vault(
             e @ (VaultError::RetireRefused(_)
             | VaultError::NoSuchKeyVersion(_)
