@@ -110,3 +110,25 @@ def test_from_env(vault, monkeypatch) -> None:
     monkeypatch.delenv("PIIVAULT_CLIENT_KEY")
     with pytest.raises(ValueError, match="PIIVAULT_CLIENT_KEY not set"):
         Client.from_env()
+
+
+def test_pem_text_is_contents_and_errors_never_carry_key_material(vault) -> None:
+    creds = vault.dir / "clients" / "writer"
+    ca, cert, key = ((vault.dir / "pki" / "ca.pem").read_text(), (creds / "cert.pem").read_text(),
+                     (creds / "key.pem").read_text())
+    # PEM given as strings is used as it is, not opened as a path.
+    with Client(vault.address, ca=ca, cert=cert, key=key) as client:
+        assert client.tokenize("name", ["Pem Text"])[0].ok
+    # A missing file: fixed text and the path.
+    missing = str(creds / "no-such-key.pem")
+    with pytest.raises(ValueError) as error:
+        Client(vault.address, ca=ca, cert=cert, key=missing)
+    assert str(error.value) == f"cannot read the client key file {missing}: No such file or directory"
+    # Key material without its header is neither PEM nor a path: refused
+    # with fixed text, and nothing of it in the exception or its context.
+    body = "".join(line for line in key.splitlines(keepends=True) if not line.startswith("-----"))
+    with pytest.raises(ValueError) as error:
+        Client(vault.address, ca=ca, cert=cert, key=body)
+    assert str(error.value) == "the client key is neither PEM text nor a file path"
+    shown = repr(error.value) + repr(error.value.__context__) + repr(error.value.__cause__)
+    assert not any(line in shown for line in body.splitlines() if len(line) > 8)

@@ -137,8 +137,28 @@ type Unary = (
   callback: (error: grpc.ServiceError | null, response?: { results: WireResult[] }) => void,
 ) => void;
 
-function pem(source: PemSource): Buffer {
-  return Buffer.isBuffer(source) ? source : readFileSync(source);
+/** The longest string taken for a file path; anything longer is not one. */
+const MAX_PATH = 4096;
+
+/** PEM bytes, PEM text (a string holding `-----BEGIN`), or the path of a PEM
+ * file. An error names the path and nothing else: a key passed as a string
+ * never lands in an exception. */
+function pem(source: PemSource, what: string): Buffer {
+  if (Buffer.isBuffer(source)) {
+    return source;
+  }
+  if (source.includes("-----BEGIN")) {
+    return Buffer.from(source);
+  }
+  if (source.includes("\n") || source.length > MAX_PATH) {
+    throw new Error(`the ${what} is neither PEM text nor a file path`);
+  }
+  try {
+    return readFileSync(source);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code ?? "unreadable";
+    throw new Error(`cannot read the ${what} file ${source}: ${code}`);
+  }
 }
 
 function itemError(error: WireItemError | undefined): ItemError {
@@ -173,7 +193,11 @@ export class Client {
   readonly backoffMs: number;
 
   constructor(address: string, options: ClientOptions) {
-    const credentials = grpc.credentials.createSsl(pem(options.ca), pem(options.key), pem(options.cert));
+    const credentials = grpc.credentials.createSsl(
+      pem(options.ca, "CA certificate"),
+      pem(options.key, "client key"),
+      pem(options.cert, "client certificate"),
+    );
     const Tokenizer = service();
     this.#stub = new Tokenizer(address, credentials, {
       "grpc.max_receive_message_length": 64 << 20,

@@ -195,3 +195,29 @@ test("a wrong CA is refused; the environment configures", () =>
     fromEnv.close();
     assert.throws(() => Client.fromEnv({}, { ...env, PIIVAULT_CLIENT_KEY: "" }), /PIIVAULT_CLIENT_KEY not set/);
   }));
+
+test("PEM text is contents, and errors never carry key material", () =>
+  withVault(async (vault) => {
+    const creds = join(vault.dir, "clients/writer");
+    const ca = readFileSync(join(vault.dir, "pki/ca.pem"), "utf8");
+    const cert = readFileSync(join(creds, "cert.pem"), "utf8");
+    const key = readFileSync(join(creds, "key.pem"), "utf8");
+    const fromText = new Client(vault.address, { ca, cert, key });
+    assert.ok((await fromText.tokenize("name", ["Pem Text"]))[0].ok);
+    fromText.close();
+    const missing = join(creds, "no-such-key.pem");
+    assert.throws(
+      () => new Client(vault.address, { ca, cert, key: missing }),
+      (e: Error) => e.message === `cannot read the client key file ${missing}: ENOENT`,
+    );
+    const body = key
+      .split("\n")
+      .filter((line) => !line.startsWith("-----"))
+      .join("\n");
+    assert.throws(
+      () => new Client(vault.address, { ca, cert, key: body }),
+      (e: Error) =>
+        e.message === "the client key is neither PEM text nor a file path" &&
+        !body.split("\n").some((line) => line.length > 8 && (e.stack ?? "").includes(line)),
+    );
+  }));

@@ -145,11 +145,26 @@ class DeleteResult:
         return self.error is None
 
 
-def _pem(source: PemSource) -> bytes:
-    if isinstance(source, bytes):
-        return source
-    with open(source, "rb") as f:
-        return f.read()
+#: The longest string taken for a file path; anything longer is not one.
+_MAX_PATH = 4096
+
+
+def _pem(source: PemSource, what: str) -> bytes:
+    """PEM bytes, PEM text (a string holding ``-----BEGIN``), or the path
+    of a PEM file. An error names the path and nothing else: a key passed
+    as a string never lands in an exception."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source)
+    text = os.fspath(source)
+    if "-----BEGIN" in text:
+        return text.encode()
+    if "\n" in text or len(text) > _MAX_PATH:
+        raise ValueError(f"the {what} is neither PEM text nor a file path")
+    try:
+        with open(text, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise ValueError(f"cannot read the {what} file {text}: {error.strerror or 'unreadable'}") from None
 
 
 _LIMIT = re.compile(r"the limit is (\d+)")
@@ -160,7 +175,7 @@ R = TypeVar("R", TokenResult, ValueResult, DeleteResult)
 class Client:
     """A connection to a vault. Use as a context manager, or call close().
 
-    ``ca``, ``cert`` and ``key`` are PEM bytes or file paths. ``max_batch``
+    ``ca``, ``cert`` and ``key`` are PEM bytes, PEM text or file paths. ``max_batch``
     items at most go in one request (lowered automatically when the server
     says its limit is lower); every request has ``deadline`` seconds;
     detokenize and delete are retried ``retries`` times on UNAVAILABLE,
@@ -181,7 +196,9 @@ class Client:
         backoff: float = 0.1,
     ) -> None:
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=_pem(ca), private_key=_pem(key), certificate_chain=_pem(cert)
+            root_certificates=_pem(ca, "CA certificate"),
+            private_key=_pem(key, "client key"),
+            certificate_chain=_pem(cert, "client certificate"),
         )
         self._channel = grpc.secure_channel(
             address,
