@@ -989,6 +989,8 @@ detokenize_masked = [\"*\"]
 
 [callers.admin]
 admin = true
+backup = true
+rotate_root = true
 
 [callers.auditor]
 audit = true

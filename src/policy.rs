@@ -16,8 +16,12 @@
 //! detokenize_masked = ["card"]
 //!
 //! [callers.ops]
-//! admin = true
+//! admin = true                     # data and index keys, policy reload
 //! audit = true
+//!
+//! [callers.break-glass]
+//! backup = true                    # never implied by admin
+//! rotate_root = true               # never implied by admin
 //!
 //! [defaults]                       # limits for callers that set none
 //! requests_per_second = 500        # token bucket: refill rate ...
@@ -52,16 +56,35 @@ pub enum Action {
     DetokenizeMasked,
     /// Delete stored values.
     Delete,
-    /// Key management and policy reload (global).
+    /// Data and index key management, policy reload (global).
     Admin,
     /// Read the audit trail (global).
     Audit,
+    /// Take a copy of the whole store: every ciphertext and wrapped key
+    /// (global; never implied by `admin`).
+    Backup,
+    /// Replace the root key and what unseals it (global; never implied by
+    /// `admin`).
+    RotateRoot,
 }
 
 impl Action {
     /// Every action, for exhaustive tests and listings.
-    pub const ALL: [Self; 6] =
-        [Self::Tokenize, Self::Detokenize, Self::DetokenizeMasked, Self::Delete, Self::Admin, Self::Audit];
+    pub const ALL: [Self; 8] = [
+        Self::Tokenize,
+        Self::Detokenize,
+        Self::DetokenizeMasked,
+        Self::Delete,
+        Self::Admin,
+        Self::Audit,
+        Self::Backup,
+        Self::RotateRoot,
+    ];
+
+    /// Whether the action is global (not on collections).
+    pub fn is_global(self) -> bool {
+        matches!(self, Self::Admin | Self::Audit | Self::Backup | Self::RotateRoot)
+    }
 
     /// The name used in `policy.toml` and in logs.
     pub fn as_str(self) -> &'static str {
@@ -72,6 +95,8 @@ impl Action {
             Self::Delete => "delete",
             Self::Admin => "admin",
             Self::Audit => "audit",
+            Self::Backup => "backup",
+            Self::RotateRoot => "rotate_root",
         }
     }
 }
@@ -173,8 +198,8 @@ enum Scope {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Grants {
     collections: BTreeMap<Action, Scope>,
-    admin: bool,
-    audit: bool,
+    /// The global actions granted.
+    global: BTreeSet<Action>,
     limits: CallerLimits,
 }
 
@@ -271,6 +296,7 @@ const DEFAULT_DETOKENIZE_WINDOW: Duration = Duration::from_hours(1);
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+#[allow(clippy::struct_excessive_bools)] // the file's four global grants, as written
 struct RawGrants {
     tokenize: Option<Vec<Spanned<String>>>,
     detokenize: Option<Vec<Spanned<String>>>,
@@ -280,6 +306,10 @@ struct RawGrants {
     admin: bool,
     #[serde(default)]
     audit: bool,
+    #[serde(default)]
+    backup: bool,
+    #[serde(default)]
+    rotate_root: bool,
     requests_per_second: Option<Spanned<i64>>,
     burst: Option<Spanned<i64>>,
     detokenize_max_values: Option<Spanned<i64>>,
@@ -329,8 +359,16 @@ impl Policy {
                 requests: if rate_set { mine.requests } else { defaults.requests },
                 detokenize: if quota_set { mine.detokenize } else { defaults.detokenize },
             };
-            let mut grants =
-                Grants { admin: raw_grants.admin, audit: raw_grants.audit, limits: caller_limits, ..Grants::default() };
+            let global = [
+                (Action::Admin, raw_grants.admin),
+                (Action::Audit, raw_grants.audit),
+                (Action::Backup, raw_grants.backup),
+                (Action::RotateRoot, raw_grants.rotate_root),
+            ]
+            .into_iter()
+            .filter_map(|(action, granted)| granted.then_some(action))
+            .collect();
+            let mut grants = Grants { global, limits: caller_limits, ..Grants::default() };
             for (action, list) in [
                 (Action::Tokenize, raw_grants.tokenize),
                 (Action::Detokenize, raw_grants.detokenize),
@@ -374,8 +412,7 @@ impl Policy {
     pub fn allows(&self, caller: &CallerId, action: Action, collection: Option<&str>) -> bool {
         let Some(grants) = self.callers.get(caller) else { return false };
         match action {
-            Action::Admin => grants.admin,
-            Action::Audit => grants.audit,
+            global if global.is_global() => grants.global.contains(&global),
             _ => match (grants.collections.get(&action), collection) {
                 (Some(Scope::All), Some(_)) => true,
                 (Some(Scope::Some(set)), Some(name)) => set.iter().any(|c| c.as_str() == name),
@@ -453,7 +490,10 @@ pub const EMPTY_POLICY: &str = "\
 # piivault policy: which caller may do what. Anything not granted is denied.
 # A caller is the name in its certificate's URI SAN, spiffe://<trust-domain>/<name>.
 # Actions on collections: tokenize, detokenize, detokenize_masked, delete
-# (a list of collection names, or \"*\" for all). Global: admin, audit (true/false).
+# (a list of collection names, or \"*\" for all). Global (true/false): admin
+# (data and index keys, policy reload), audit, and the two that admin never
+# implies: backup (a copy of every ciphertext and wrapped key) and rotate_root
+# (what unseals the vault).
 # After an edit, reload with `kill -HUP <pid of piivault serve>`.
 #
 # [callers.payments-api]
@@ -565,6 +605,23 @@ mod tests {
         assert!(err.to_string().starts_with("policy.toml: line 3: detokenize_window must be"), "{err}");
         let err = parse("[defaults]\nrate = 5\n").unwrap_err().to_string();
         assert!(err.contains("unknown field `rate`"), "{err}");
+    }
+
+    /// `admin` grants data and index keys and reloads; `backup` and
+    /// `rotate_root` are separate, and none implies another.
+    #[test]
+    fn backup_and_rotate_root_are_their_own_grants() {
+        let policy = parse(
+            "[callers.ops]\nadmin = true\naudit = true\n[callers.vaulted]\nbackup = true\n[callers.keyholder]\nrotate_root = true\n",
+        )
+        .unwrap();
+        let granted = |name: &str| -> Vec<&str> {
+            Action::ALL.iter().filter(|a| policy.allows(&caller(name), **a, None)).map(|a| a.as_str()).collect()
+        };
+        assert_eq!(granted("ops"), ["admin", "audit"]);
+        assert_eq!(granted("vaulted"), ["backup"]);
+        assert_eq!(granted("keyholder"), ["rotate_root"]);
+        assert!(Action::ALL.iter().filter(|a| a.is_global()).count() == 4);
     }
 
     #[test]

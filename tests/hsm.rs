@@ -140,18 +140,20 @@ impl Hsm {
         std::fs::write(self.config(), edit(text)).unwrap();
     }
 
-    /// Ports 0, a policy for `app` (tokenize and detokenize `name`) and
-    /// `admin`, and their certificates.
+    /// Ports 0, a policy for `app` (tokenize and detokenize `name`),
+    /// `admin` (data keys: not the root) and `root-admin` (`rotate_root`
+    /// only), and their certificates.
     fn prepare_serving(&self) {
         self.edit_config(|t| t.replace("127.0.0.1:7443", "127.0.0.1:0").replace("127.0.0.1:9464", "127.0.0.1:0"));
         let dir = self.dir();
         std::fs::write(
             dir.join("policy.toml"),
-            "[callers.app]\ntokenize = [\"name\"]\ndetokenize = [\"name\"]\n[callers.admin]\nadmin = true\n",
+            "[callers.app]\ntokenize = [\"name\"]\ndetokenize = [\"name\"]\n[callers.admin]\nadmin = true\n\
+             [callers.root-admin]\nrotate_root = true\n",
         )
         .unwrap();
         let ca = piivault::pki::Ca::load(&dir).unwrap();
-        for name in ["app", "admin"] {
+        for name in ["app", "admin", "root-admin"] {
             ca.issue(&name.parse().unwrap(), "piivault.local", 1, &dir.join("clients").join(name)).unwrap();
         }
     }
@@ -678,7 +680,11 @@ fn rotate_root_between_providers_with_sigkill() {
     // Online: into the token and back, as the admin, while serving.
     let served = hsm.serve(&both);
     hsm.assert_detokenizes(&served, &tokens);
-    let rotated = hsm.call(&served, "admin", &["keys", "rotate-root", "--new-pkcs11-key-label", "root-online"]);
+    // The admin grant does not imply rotate_root.
+    let refused = hsm.call(&served, "admin", &["keys", "rotate-root", "--new-pkcs11-key-label", "root-online"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains("PERMISSION_DENIED"), "{}", stderr(&refused));
+    let rotated = hsm.call(&served, "root-admin", &["keys", "rotate-root", "--new-pkcs11-key-label", "root-online"]);
     assert!(rotated.status.success(), "{}", stderr(&rotated));
     assert!(
         stdout(&rotated).starts_with("root key rotated: 8 keys re-wrapped, sealed by the PKCS#11 key \"root-online\""),
@@ -688,7 +694,8 @@ fn rotate_root_between_providers_with_sigkill() {
     assert_eq!(sealed_provider(&sealed), 3);
     hsm.assert_detokenizes(&served, &tokens);
     let back = hsm.write_secret("back-pass", "the third passphrase, long enough too");
-    let rotated = hsm.call(&served, "admin", &["keys", "rotate-root", "--new-passphrase-file", back.to_str().unwrap()]);
+    let rotated =
+        hsm.call(&served, "root-admin", &["keys", "rotate-root", "--new-passphrase-file", back.to_str().unwrap()]);
     assert!(rotated.status.success(), "{}", stderr(&rotated));
     assert_eq!(sealed_provider(&sealed), 1);
     let metrics = served.metrics();
@@ -730,7 +737,7 @@ fn a_token_removed_while_serving() {
         .unwrap();
     assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
     hsm.assert_detokenizes(&served, &tokens);
-    let rotated = hsm.call(&served, "admin", &["keys", "rotate-root", "--new-pkcs11-key-label", "after-removal"]);
+    let rotated = hsm.call(&served, "root-admin", &["keys", "rotate-root", "--new-pkcs11-key-label", "after-removal"]);
     assert_eq!(rotated.status.code(), Some(1));
     let err = stderr(&rotated);
     assert!(

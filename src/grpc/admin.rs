@@ -81,7 +81,7 @@ impl Admin for AdminService {
     async fn backup(&self, request: Request<proto::BackupRequest>) -> Result<Response<ChunkStream>, Status> {
         let mut call = Call::start("Backup", "backup", &request, "", 0);
         let result = async {
-            call.admit(&self.live, &request, &[Action::Admin])?;
+            call.admit(&self.live, &request, &[Action::Backup])?;
             let path = self.vault.backup(&call.who).await?;
             Ok::<_, Failure>(Response::new(stream_file(path)))
         }
@@ -230,7 +230,7 @@ impl Admin for AdminService {
     ) -> Result<Response<proto::RotateRootKeyResponse>, Status> {
         let mut call = Call::start("RotateRootKey", "rotate_root_key", &request, "", 0);
         let result = async {
-            call.admit(&self.live, &request, &[Action::Admin])?;
+            call.admit(&self.live, &request, &[Action::RotateRoot])?;
             let proto::RotateRootKeyRequest { new_passphrase, new_raw_key_hex, new_pkcs11_key_label } =
                 request.into_inner();
             let (passphrase, raw) = (zeroize::Zeroizing::new(new_passphrase), zeroize::Zeroizing::new(new_raw_key_hex));
