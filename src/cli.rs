@@ -564,7 +564,7 @@ fn read_new_passphrase(secret: &SecretArgs) -> Result<Passphrase, CliError> {
         }
         first
     };
-    Passphrase::new(text).or_fail(Failure::Usage)
+    Passphrase::new(text).and_then(Passphrase::strong).or_fail(Failure::Usage)
 }
 
 /// What `init` seals a new vault with.
@@ -1087,7 +1087,9 @@ async fn rotate_root(target: NewRoot, connect: &client::ConnectArgs, secret: Sec
     let count = if let Some(dir) = connect.offline_dir() {
         let vault = open_offline(dir, secret, Unseal::Recorded).await?;
         let unlock = match &target {
-            NewRoot::RawKeyFile(path) => Unlock::RawKey(RawKey::parse(&read_raw(path)?).or_fail(Failure::Usage)?),
+            NewRoot::RawKeyFile(path) => {
+                Unlock::RawKey(RawKey::parse(&read_raw(path)?).and_then(RawKey::strong).or_fail(Failure::Usage)?)
+            }
             NewRoot::Passphrase(file) => {
                 Unlock::Passphrase(read_new_passphrase(&SecretArgs { passphrase_file: file.clone() })?)
             }

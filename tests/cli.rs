@@ -15,6 +15,8 @@ use piivault::crypto::root::{self, Passphrase, Unlock};
 use piivault::{Config, PiiValue, Vault};
 
 const PASSPHRASE: &str = "test passphrase: long enough, never printed";
+/// A raw key with as many different bytes as a random one.
+const RAW_KEY_HEX: &str = "6b1f0e9a3c4d5e7f8091a2b3c4d5e6f70819a2b3c4d5e6f708192a3b4c5d6e7f";
 
 fn piivault(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_piivault"));
@@ -113,6 +115,20 @@ fn init_without_a_passphrase_is_bad_usage_and_creates_nothing() {
     let empty = piivault(&["init", "--data-dir", dir.to_str().unwrap()], &[("PIIVAULT_PASSPHRASE", "\n")]);
     assert_eq!(failure(&empty), (64, "piivault: the passphrase is empty\n".into()));
     assert!(!dir.exists());
+    // A passphrase below the floor is refused as a new secret.
+    for weak in ["a", "short pass", "aaaaaaaaaaaaaaaaaaaaaaaa"] {
+        let out = piivault(&["init", "--data-dir", dir.to_str().unwrap()], &[("PIIVAULT_PASSPHRASE", weak)]);
+        assert_eq!(
+            failure(&out),
+            (
+                64,
+                "piivault: the passphrase is too weak: use at least 12 characters with at least 6 different ones\n"
+                    .into()
+            ),
+            "{weak}"
+        );
+        assert!(!dir.exists());
+    }
 }
 
 #[test]
@@ -235,8 +251,18 @@ fn a_bad_config_or_store_exits_78() {
 #[test]
 fn a_raw_key_from_the_environment_or_a_file_seals_the_root() {
     let tmp = tempfile::tempdir().unwrap();
-    let key = "3f".repeat(32);
+    let key = RAW_KEY_HEX.to_owned();
     let dir = tmp.path().join("env");
+    // A degenerate key (one byte repeated) is refused as a new secret.
+    let degenerate = piivault(
+        &["init", "--data-dir", dir.to_str().unwrap(), "--raw-key-env", "MY_ROOT_KEY"],
+        &[("MY_ROOT_KEY", &"3f".repeat(32))],
+    );
+    assert_eq!(
+        failure(&degenerate),
+        (78, "piivault: the raw key is degenerate (fewer than 16 different bytes): generate it with a CSPRNG\n".into())
+    );
+    assert!(!dir.exists());
     let out = piivault(
         &["init", "--data-dir", dir.to_str().unwrap(), "--raw-key-env", "MY_ROOT_KEY"],
         &[("MY_ROOT_KEY", &key)],
@@ -255,7 +281,7 @@ fn a_raw_key_from_the_environment_or_a_file_seals_the_root() {
     assert!(err.contains("$MY_ROOT_KEY is not set"), "{err}");
 
     let key_file = tmp.path().join("root.key");
-    common::write_secret(&key_file, [0x42u8; 32]);
+    common::write_secret(&key_file, (100u8..132).collect::<Vec<_>>());
     let dir = tmp.path().join("file");
     let out =
         piivault(&["init", "--data-dir", dir.to_str().unwrap(), "--raw-key-file", key_file.to_str().unwrap()], &[]);
@@ -687,8 +713,8 @@ fn secrets_leave_the_environment_of_the_server() {
     stop_served(child);
 
     let raw = tmp.path().join("raw");
-    let key = "5a".repeat(32);
-    let env = [("MY_RAW_ROOT_KEY", key.as_str())];
+    let key = RAW_KEY_HEX;
+    let env = [("MY_RAW_ROOT_KEY", key)];
     let init = piivault(&["init", "--data-dir", raw.to_str().unwrap(), "--raw-key-env", "MY_RAW_ROOT_KEY"], &env);
     assert!(init.status.success(), "{}", stderr(&init));
     let config = raw.join("config.toml");

@@ -1202,6 +1202,23 @@ async fn root_key_rotation_online() {
     let refused = rotate("writer");
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("PERMISSION_DENIED"));
+    // A weak passphrase or a degenerate raw key is refused, and nothing changes.
+    let mut root_admin = proto::admin_client::AdminClient::new(server.channel("admin").await);
+    let sealed_before = std::fs::read(dir.join("root.sealed")).unwrap();
+    for (request, message) in [
+        (
+            proto::RotateRootKeyRequest { new_passphrase: "a".into(), ..Default::default() },
+            "the passphrase is too weak: use at least 12 characters with at least 6 different ones",
+        ),
+        (
+            proto::RotateRootKeyRequest { new_raw_key_hex: "00".repeat(32), ..Default::default() },
+            "the raw key is degenerate (fewer than 16 different bytes): generate it with a CSPRNG",
+        ),
+    ] {
+        let status = root_admin.rotate_root_key(request).await.unwrap_err();
+        assert_eq!((status.code(), status.message()), (Code::InvalidArgument, message));
+    }
+    assert_eq!(std::fs::read(dir.join("root.sealed")).unwrap(), sealed_before);
     let out = rotate("admin");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("root key rotated: 8 keys re-wrapped"));

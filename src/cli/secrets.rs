@@ -190,12 +190,15 @@ pub(super) fn unlock_for_init(
     key_label: &str,
     confirm: bool,
 ) -> Result<Unlock, CliError> {
+    // A new secret must be strong; an existing one is never refused.
     match &config.root_key {
-        RootKeySource::Passphrase => read_passphrase(secret, confirm).map(Unlock::Passphrase),
+        RootKeySource::Passphrase => {
+            Ok(Unlock::Passphrase(read_passphrase(secret, confirm)?.strong().or_fail(Failure::Usage)?))
+        }
         RootKeySource::Pkcs11 => {
             Ok(Unlock::Pkcs11(Pkcs11Unlock { hsm: configured_hsm(config)?, key_label: key_label.to_owned() }))
         }
-        raw => read_raw_key(raw).map(Unlock::RawKey),
+        raw => Ok(Unlock::RawKey(read_raw_key(raw)?.strong().or_fail(Failure::Config)?)),
     }
 }
 

@@ -76,6 +76,20 @@ pub enum CryptoError {
     /// Argon2id failed to run with the given parameters.
     #[error("root key derivation failed")]
     Kdf,
+    /// A new passphrase below the floor (length and distinct characters).
+    #[error(
+        "the passphrase is too weak: use at least {} characters with at least {} different ones",
+        root::MIN_PASSPHRASE_CHARS,
+        root::MIN_PASSPHRASE_DISTINCT
+    )]
+    WeakPassphrase,
+    /// A new raw key with too few distinct bytes to be random (all zeros, a
+    /// repeated byte, a short pattern).
+    #[error(
+        "the raw key is degenerate (fewer than {} different bytes): generate it with a CSPRNG",
+        root::MIN_RAW_KEY_DISTINCT
+    )]
+    DegenerateRawKey,
     /// The PKCS#11 token could not seal or unseal (never the PIN or a key
     /// in the message).
     #[error(transparent)]

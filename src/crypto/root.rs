@@ -105,6 +105,18 @@ impl RootKey {
     }
 }
 
+/// The shortest new passphrase accepted, in characters.
+pub const MIN_PASSPHRASE_CHARS: usize = 12;
+/// The fewest different characters a new passphrase must have.
+pub const MIN_PASSPHRASE_DISTINCT: usize = 6;
+/// The fewest different byte values a new raw key must have (32 random
+/// bytes have about 30; fewer than 16 happens with odds below 10^-12).
+pub const MIN_RAW_KEY_DISTINCT: usize = 16;
+
+fn distinct<T: Ord>(items: impl Iterator<Item = T>) -> usize {
+    items.collect::<std::collections::BTreeSet<T>>().len()
+}
+
 /// An operator's passphrase. Zeroized on drop; no `Debug`.
 pub struct Passphrase(Zeroizing<String>);
 
@@ -113,6 +125,15 @@ impl Passphrase {
     /// file) is removed, and an empty passphrase is refused.
     pub fn new(text: String) -> Result<Self, CryptoError> {
         super::secret_line(text).map(Self).ok_or(CryptoError::EmptyPassphrase)
+    }
+
+    /// This passphrase, if it may seal a root key: at least
+    /// [`MIN_PASSPHRASE_CHARS`] characters, [`MIN_PASSPHRASE_DISTINCT`] of
+    /// them different. Checked wherever a new passphrase is set; an existing
+    /// one is never refused.
+    pub fn strong(self) -> Result<Self, CryptoError> {
+        let ok = self.0.chars().count() >= MIN_PASSPHRASE_CHARS && distinct(self.0.chars()) >= MIN_PASSPHRASE_DISTINCT;
+        if ok { Ok(self) } else { Err(CryptoError::WeakPassphrase) }
     }
 }
 
@@ -139,6 +160,17 @@ impl RawKey {
             hex::decode_to_slice(text, key.as_mut_slice()).map_err(|_| CryptoError::RawKeyFormat)?;
         }
         Ok(Self(SecretKey::from_bytes(*key)))
+    }
+
+    /// This key, if it may seal a root key: at least
+    /// [`MIN_RAW_KEY_DISTINCT`] different byte values. Checked wherever a
+    /// new raw key is set.
+    pub fn strong(self) -> Result<Self, CryptoError> {
+        if distinct(self.0.expose_secret().iter()) >= MIN_RAW_KEY_DISTINCT {
+            Ok(self)
+        } else {
+            Err(CryptoError::DegenerateRawKey)
+        }
     }
 }
 
@@ -490,6 +522,24 @@ mod tests {
         assert!(matches!(RawKey::parse(&[0u8; 31]), Err(CryptoError::RawKeyFormat)));
         assert!(matches!(RawKey::parse("zz".repeat(32).as_bytes()), Err(CryptoError::RawKeyFormat)));
         assert!(matches!(RawKey::parse(b""), Err(CryptoError::RawKeyFormat)));
+    }
+
+    #[test]
+    fn weak_passphrases_and_degenerate_raw_keys_are_refused_as_new_secrets() {
+        let strong = |text: &str| Passphrase::new(text.to_owned()).unwrap().strong().is_ok();
+        assert!(!strong("a"));
+        assert!(!strong("short pass"), "10 characters");
+        assert!(!strong("aaaaaaaaaaaaaaaaaaaa"), "one character, repeated");
+        assert!(!strong("abababababab"));
+        assert!(strong("correct horse battery staple"));
+        assert!(strong("ünïcödé-pâss"), "characters, not bytes");
+        let raw = |bytes: &[u8]| RawKey::parse(bytes).unwrap().strong().is_ok();
+        assert!(!raw(&[0; 32]));
+        assert!(!raw(&[0x42; 32]));
+        assert!(!raw(&[1, 2, 3, 4].repeat(8)));
+        assert!(raw(&(0u8..32).collect::<Vec<_>>()));
+        let random: [u8; 32] = std::array::from_fn(|i| u8::try_from(i).unwrap().wrapping_mul(97).wrapping_add(13));
+        assert!(raw(&random));
     }
 
     #[test]

@@ -236,8 +236,12 @@ impl Admin for AdminService {
             let (passphrase, raw) = (zeroize::Zeroizing::new(new_passphrase), zeroize::Zeroizing::new(new_raw_key_hex));
             let invalid = |e: crate::crypto::CryptoError| EdgeError::InvalidArgument(e.to_string());
             let unlock = match (passphrase.is_empty(), raw.is_empty(), new_pkcs11_key_label.is_empty()) {
-                (false, true, true) => Unlock::Passphrase(Passphrase::new(passphrase.to_string()).map_err(invalid)?),
-                (true, false, true) => Unlock::RawKey(RawKey::parse(raw.as_bytes()).map_err(invalid)?),
+                (false, true, true) => Unlock::Passphrase(
+                    Passphrase::new(passphrase.to_string()).and_then(Passphrase::strong).map_err(invalid)?,
+                ),
+                (true, false, true) => {
+                    Unlock::RawKey(RawKey::parse(raw.as_bytes()).and_then(RawKey::strong).map_err(invalid)?)
+                }
                 (true, true, false) => Unlock::Pkcs11(Pkcs11Unlock {
                     hsm: self.vault.hsm().ok_or_else(|| {
                         EdgeError::Precondition("this server's config.toml has no [root_key.pkcs11] token".into())
