@@ -1143,16 +1143,23 @@ impl Vault {
         name.push(format!(".backup-{}", hex::encode(suffix)));
         let dest = self.inner.database.with_file_name(name);
         self.record(who.record("backup", "", 0, "STARTED")).await?;
-        match self.inner.store.backup(dest.clone()).await {
-            Ok(pages) => {
-                tracing::info!(pages, "store backup taken");
-                Ok(dest)
-            }
+        let taken = match self.inner.store.backup(dest.clone()).await {
+            Ok(taken) => taken,
             Err(e) => {
                 let _ = std::fs::remove_file(&dest);
-                Err(e.into())
+                return Err(e.into());
             }
+        };
+        // What left: its size and how many values it holds (fail closed:
+        // no record, no copy).
+        let mut done = who.record("backup", "", usize::try_from(taken.records).unwrap_or(usize::MAX), "OK");
+        done.error_code = format!("bytes={}", taken.bytes);
+        if let Err(e) = self.record(done).await {
+            let _ = std::fs::remove_file(&dest);
+            return Err(e);
         }
+        tracing::info!(pages = taken.pages, bytes = taken.bytes, records = taken.records, "store backup taken");
+        Ok(dest)
     }
 
     /// The form in which `token` is on the audit trail, if this vault ever

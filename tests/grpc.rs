@@ -1393,6 +1393,19 @@ async fn an_online_backup_restores_into_a_new_vault() {
         "piivault: PERMISSION_DENIED: permission denied for this collection"
     );
     assert!(!std::path::Path::new("/tmp/never.db").exists());
+    // The original's trail says what left: the copy's size and its values.
+    let live_in_copy = common::server::record_count(&out);
+    let mut audit = piivault::grpc::proto::audit_client::AuditClient::new(server.channel("auditor").await);
+    let request = piivault::grpc::proto::AuditQueryRequest { action: "backup".into(), ..Default::default() };
+    let mut stream = audit.query(request).await.unwrap().into_inner();
+    let mut seen = Vec::new();
+    while let Some(record) = stream.message().await.unwrap() {
+        seen.push((record.outcome, record.items, record.error_code));
+    }
+    let size = std::fs::metadata(&out).unwrap().len();
+    assert_eq!(seen[0].0, "STARTED");
+    assert_eq!(seen[1], ("OK".into(), u32::try_from(live_in_copy).unwrap(), format!("bytes={size}")), "{seen:?}");
+    assert!(live_in_copy >= 401, "{live_in_copy}");
 
     // Restore: the same data directory's files, the backup as vault.db.
     let restored_tmp = tempfile::tempdir().unwrap();

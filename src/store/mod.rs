@@ -323,6 +323,17 @@ pub struct AuditFilter {
     pub after_seq: u64,
 }
 
+/// What a backup copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupTaken {
+    /// Database pages.
+    pub pages: u64,
+    /// The copy's size in bytes.
+    pub bytes: u64,
+    /// Live records (with a value) in the copy.
+    pub records: u64,
+}
+
 /// An audit row as stored: the chained encoding and the query columns.
 #[derive(Debug, Clone)]
 pub struct AuditRow {
@@ -1370,7 +1381,7 @@ impl Store {
     /// exists) with SQLite's online backup API, in one step inside one read
     /// transaction: a consistent snapshot while writes go on. Returns the
     /// pages copied.
-    pub async fn backup(&self, dest: std::path::PathBuf) -> Result<u64, StoreError> {
+    pub async fn backup(&self, dest: std::path::PathBuf) -> Result<BackupTaken, StoreError> {
         self.read(move |conn| {
             schema::create_private_file(&dest)?;
             let mut out = Connection::open(&dest)?;
@@ -1382,7 +1393,11 @@ impl Store {
             let pages = u64::try_from(backup.progress().pagecount).unwrap_or(0);
             drop(backup);
             out.pragma_update(None, "journal_mode", "DELETE")?;
-            Ok(pages)
+            let records: i64 =
+                out.query_row("SELECT count(*) FROM records WHERE ciphertext IS NOT NULL", [], |row| row.get(0))?;
+            drop(out);
+            let bytes = std::fs::metadata(&dest).map_err(|e| StoreError::Sqlite(e.to_string()))?.len();
+            Ok(BackupTaken { pages, bytes, records: u64::try_from(records).unwrap_or(0) })
         })
         .await
     }
