@@ -266,6 +266,15 @@ enum KeysCommand {
         /// if the token holds it (sensitive, non-extractable), else created.
         #[arg(long, value_name = "LABEL", conflicts_with_all = ["new_passphrase_file", "new_raw_key_file"])]
         new_pkcs11_key_label: Option<String>,
+        /// Online, for a vault sealed with a raw key: the current one, as
+        /// proof (a passphrase-sealed vault's proof is the passphrase, from
+        /// `PIIVAULT_PASSPHRASE`, `--passphrase-file` or a dev directory).
+        #[arg(long, value_name = "FILE", conflicts_with = "current_pkcs11_pin_file")]
+        current_raw_key_file: Option<PathBuf>,
+        /// Online, for a vault sealed in a PKCS#11 token: a file holding the
+        /// token's user PIN, as proof.
+        #[arg(long, value_name = "FILE")]
+        current_pkcs11_pin_file: Option<PathBuf>,
         #[command(flatten)]
         connect: client::ConnectArgs,
         #[command(flatten)]
@@ -1078,10 +1087,27 @@ enum NewRoot {
     Pkcs11(String),
 }
 
+/// What an online `keys rotate-root` proves the current secret with.
+enum CurrentSecret {
+    /// The passphrase (`--passphrase-file`, `PIIVAULT_PASSPHRASE`, a dev
+    /// directory's, or typed).
+    Passphrase,
+    /// The raw key in this file.
+    RawKeyFile(PathBuf),
+    /// The PKCS#11 user PIN in this file.
+    PinFile(PathBuf),
+}
+
 /// `piivault keys rotate-root`: offline on a stopped vault's directory, or
-/// online through the Admin service. The new provider may differ from the
-/// old one (passphrase, raw key, PKCS#11), in both directions.
-async fn rotate_root(target: NewRoot, connect: &client::ConnectArgs, secret: SecretArgs) -> Result<(), CliError> {
+/// online through the Admin service with proof of the current secret. The
+/// new provider may differ from the old one (passphrase, raw key, PKCS#11),
+/// in both directions.
+async fn rotate_root(
+    target: NewRoot,
+    proof: CurrentSecret,
+    connect: &client::ConnectArgs,
+    secret: SecretArgs,
+) -> Result<(), CliError> {
     use crate::grpc::proto::{self, admin_client::AdminClient};
     let read_raw = |path: &Path| secrets::read_secret_file(path, "new raw key");
     let count = if let Some(dir) = connect.offline_dir() {
@@ -1124,6 +1150,25 @@ async fn rotate_root(target: NewRoot, connect: &client::ConnectArgs, secret: Sec
                 .expose_secret()
                 .clone_into(&mut request.new_passphrase),
             NewRoot::Pkcs11(label) => request.new_pkcs11_key_label.clone_from(label),
+        }
+        match proof {
+            CurrentSecret::RawKeyFile(path) => {
+                let key = secrets::read_secret_file(&path, "current raw key")?;
+                request.current_raw_key_hex = String::from_utf8_lossy(key.trim_ascii()).into_owned();
+            }
+            CurrentSecret::PinFile(path) => {
+                let pin = secrets::read_secret_file(&path, "current PKCS#11 PIN")?;
+                String::from_utf8_lossy(&pin)
+                    .trim_end_matches(['\r', '\n'])
+                    .clone_into(&mut request.current_pkcs11_pin);
+            }
+            CurrentSecret::Passphrase => {
+                let secret = match &connect.data_dir {
+                    Some(dir) => offline_secret(dir, secret),
+                    None => secret,
+                };
+                secrets::read_passphrase(&secret, false)?.expose_secret().clone_into(&mut request.current_passphrase);
+            }
         }
         let mut admin = AdminClient::new(client::channel(connect).await?);
         let count =
@@ -1275,13 +1320,26 @@ async fn keys(command: KeysCommand) -> Result<(), CliError> {
                 }
             }
         }
-        KeysCommand::RotateRoot { new_passphrase_file, new_raw_key_file, new_pkcs11_key_label, connect, secret } => {
+        KeysCommand::RotateRoot {
+            new_passphrase_file,
+            new_raw_key_file,
+            new_pkcs11_key_label,
+            current_raw_key_file,
+            current_pkcs11_pin_file,
+            connect,
+            secret,
+        } => {
             let target = match (new_raw_key_file, new_pkcs11_key_label) {
                 (Some(file), _) => NewRoot::RawKeyFile(file),
                 (None, Some(label)) => NewRoot::Pkcs11(label),
                 (None, None) => NewRoot::Passphrase(new_passphrase_file),
             };
-            rotate_root(target, &connect, secret).await?;
+            let proof = match (current_raw_key_file, current_pkcs11_pin_file) {
+                (Some(file), _) => CurrentSecret::RawKeyFile(file),
+                (None, Some(file)) => CurrentSecret::PinFile(file),
+                (None, None) => CurrentSecret::Passphrase,
+            };
+            rotate_root(target, proof, &connect, secret).await?;
         }
         KeysCommand::Retire { collection, key_version: version, connect } => {
             let mut admin = AdminClient::new(client::channel(&connect).await?);

@@ -1071,6 +1071,31 @@ impl Vault {
         Ok(count)
     }
 
+    /// Whether `unlock` opens the sealed root file on disk to the root key
+    /// this vault runs with: the proof an online root rotation asks for.
+    /// A wrong secret is `Ok(false)`; a token that cannot be used is an
+    /// error.
+    pub fn opens_current_root(&self, unlock: &Unlock) -> Result<bool, VaultError> {
+        let file = std::fs::read(&self.inner.sealed_root).map_err(|e| VaultError::SealedRoot(e.to_string()))?;
+        match crypto_root::unseal(&file, unlock) {
+            Ok(opened) => {
+                let current = self.inner.root.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                Ok(bool::from(subtle::ConstantTimeEq::ct_eq(
+                    opened.expose_secret().as_slice(),
+                    current.expose_secret().as_slice(),
+                )))
+            }
+            Err(crate::crypto::CryptoError::Hsm(
+                e @ (crate::crypto::pkcs11::HsmError::PinIncorrect | crate::crypto::pkcs11::HsmError::PinLocked),
+            )) => {
+                tracing::warn!(error = %e, "root rotation refused: the current PIN was not accepted");
+                Ok(false)
+            }
+            Err(crate::crypto::CryptoError::Hsm(e)) => Err(crate::crypto::CryptoError::Hsm(e).into()),
+            Err(_) => Ok(false),
+        }
+    }
+
     /// Keeps `hsm` for root-key rotations into the PKCS#11 token (the first
     /// call wins).
     pub fn attach_hsm(&self, hsm: Arc<crate::crypto::pkcs11::Hsm>) {

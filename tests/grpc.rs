@@ -426,7 +426,15 @@ async fn metadata_claiming_another_identity_changes_nothing() {
     }
     let status = writer.detokenize(request).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    let output = server.output();
+    // The RPC's log line is written as the response leaves: wait for it.
+    let mut output = server.output();
+    for _ in 0..100 {
+        if output.contains("method=\"Detokenize\"") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        output = server.output();
+    }
     assert!(output.contains("caller=\"writer\" method=\"Detokenize\""), "{output}");
     assert!(!output.contains("caller=\"reader\""));
 }

@@ -59,7 +59,7 @@ pub struct ConnectArgs {
     /// A local vault's data directory: address and CA from it, and with
     /// `--as NAME` the certificate in DIR/clients/NAME/.
     #[arg(long, value_name = "DIR")]
-    data_dir: Option<PathBuf>,
+    pub(super) data_dir: Option<PathBuf>,
     /// With `--data-dir`: act as this caller.
     #[arg(long = "as", value_name = "NAME", requires = "data_dir")]
     as_name: Option<String>,

@@ -197,6 +197,12 @@ impl Hsm {
         &self.module
     }
 
+    /// The same module and token, opened with `pin` (to prove a PIN).
+    #[must_use]
+    pub fn with_pin(&self, pin: Pin) -> Self {
+        Self { module: self.module.clone(), token: self.token.clone(), pin }
+    }
+
     fn open(&self, ctx: &Pkcs11, read_write: bool) -> Result<Opened, HsmError> {
         let slots = ctx.get_slots_with_token().map_err(device)?;
         let mut found = None;

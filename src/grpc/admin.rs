@@ -36,6 +36,28 @@ impl AdminService {
 }
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<ReencryptProgress, Status>> + Send>>;
+
+/// Why a root rotation without a valid proof of the current secret fails.
+const WRONG_CURRENT_SECRET: &str =
+    "the current secret (current_passphrase, current_raw_key_hex or current_pkcs11_pin) does not open this vault";
+
+impl AdminService {
+    /// The proof of the current secret a root rotation carries: exactly one
+    /// of the three.
+    fn current_secret(&self, passphrase: &str, raw_hex: &str, pin: &str) -> Result<Unlock, Failure> {
+        let wrong = || Failure::from(EdgeError::InvalidArgument(WRONG_CURRENT_SECRET.into()));
+        match (passphrase.is_empty(), raw_hex.is_empty(), pin.is_empty()) {
+            (false, true, true) => Passphrase::new(passphrase.to_owned()).map(Unlock::Passphrase).map_err(|_| wrong()),
+            (true, false, true) => RawKey::parse(raw_hex.as_bytes()).map(Unlock::RawKey).map_err(|_| wrong()),
+            (true, true, false) => {
+                let hsm = self.vault.hsm().ok_or_else(wrong)?;
+                let pin = crate::crypto::pkcs11::Pin::new(pin.to_owned()).map_err(|_| wrong())?;
+                Ok(Unlock::Pkcs11(Pkcs11Unlock { hsm: Arc::new(hsm.with_pin(pin)), key_label: String::new() }))
+            }
+            _ => Err(wrong()),
+        }
+    }
+}
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
 
 /// Bytes per streamed backup chunk.
@@ -231,8 +253,19 @@ impl Admin for AdminService {
         let mut call = Call::start("RotateRootKey", "rotate_root_key", &request, "", 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::RotateRoot])?;
-            let proto::RotateRootKeyRequest { new_passphrase, new_raw_key_hex, new_pkcs11_key_label } =
-                request.into_inner();
+            let proto::RotateRootKeyRequest {
+                new_passphrase,
+                new_raw_key_hex,
+                new_pkcs11_key_label,
+                current_passphrase,
+                current_raw_key_hex,
+                current_pkcs11_pin,
+            } = request.into_inner();
+            let current = (
+                zeroize::Zeroizing::new(current_passphrase),
+                zeroize::Zeroizing::new(current_raw_key_hex),
+                zeroize::Zeroizing::new(current_pkcs11_pin),
+            );
             let (passphrase, raw) = (zeroize::Zeroizing::new(new_passphrase), zeroize::Zeroizing::new(new_raw_key_hex));
             let invalid = |e: crate::crypto::CryptoError| EdgeError::InvalidArgument(e.to_string());
             let unlock = match (passphrase.is_empty(), raw.is_empty(), new_pkcs11_key_label.is_empty()) {
@@ -255,6 +288,12 @@ impl Admin for AdminService {
                     .into());
                 }
             };
+            // Proof of the current secret, after the request itself is
+            // checked: a stolen admin certificate alone cannot re-key.
+            let proof = self.current_secret(&current.0, &current.1, &current.2)?;
+            if !self.vault.opens_current_root(&proof)? {
+                return Err(EdgeError::InvalidArgument(WRONG_CURRENT_SECRET.into()).into());
+            }
             let keys = self.vault.rotate_root(&call.who, &unlock, crate::crypto::root::DEFAULT_KDF).await?;
             Ok::<_, Failure>(Response::new(proto::RotateRootKeyResponse {
                 keys_rewrapped: u32::try_from(keys).unwrap_or(u32::MAX),

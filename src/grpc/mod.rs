@@ -86,7 +86,7 @@ pub fn status_of(error: &Failure) -> Status {
         )) => Status::invalid_argument("the new secret is not acceptable"),
         // Names the module, token, key label and PKCS#11 return code only.
         Failure::Vault(VaultError::Crypto(crate::crypto::CryptoError::Hsm(e))) => {
-            Status::failed_precondition(format!("the PKCS#11 token cannot seal the new root key: {e}"))
+            Status::failed_precondition(format!("the PKCS#11 token failed: {e}"))
         }
         Failure::Edge(EdgeError::Precondition(message)) => Status::failed_precondition(message.clone()),
         Failure::Vault(VaultError::Store(e)) if e.is_unavailable() => {
