@@ -33,15 +33,7 @@ impl AdminService {
     pub fn new(vault: Vault, live: Arc<Live>) -> Self {
         Self { vault, live }
     }
-}
 
-type ProgressStream = Pin<Box<dyn Stream<Item = Result<ReencryptProgress, Status>> + Send>>;
-
-/// Why a root rotation without a valid proof of the current secret fails.
-const WRONG_CURRENT_SECRET: &str =
-    "the current secret (current_passphrase, current_raw_key_hex or current_pkcs11_pin) does not open this vault";
-
-impl AdminService {
     /// The proof of the current secret a root rotation carries: exactly one
     /// of the three.
     fn current_secret(&self, passphrase: &str, raw_hex: &str, pin: &str) -> Result<Unlock, Failure> {
@@ -58,6 +50,12 @@ impl AdminService {
         }
     }
 }
+
+/// Why a root rotation without a valid proof of the current secret fails.
+const WRONG_CURRENT_SECRET: &str =
+    "the current secret (current_passphrase, current_raw_key_hex or current_pkcs11_pin) does not open this vault";
+
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<ReencryptProgress, Status>> + Send>>;
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
 
 /// Bytes per streamed backup chunk.
