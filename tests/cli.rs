@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::who;
+use common::{stderr, stdout, who};
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -27,21 +27,9 @@ fn piivault(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().unwrap()
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8(out.stderr.clone()).unwrap()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
 /// Exit code and the single stderr line of a failed run.
 fn failure(out: &Output) -> (i32, String) {
-    let err = stderr(out);
-    assert_eq!(err.lines().count(), 1, "expected one line on stderr, got {err:?}");
-    assert!(err.starts_with("piivault: "), "{err}");
-    assert!(!err.contains(PASSPHRASE));
-    (out.status.code().unwrap(), err)
+    common::failure_line(out, &[PASSPHRASE])
 }
 
 fn init(dir: &Path) -> Output {

@@ -8,6 +8,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod common;
+
+use common::{stderr, stdout};
+
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -289,21 +293,11 @@ impl Served {
     }
 }
 
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8(out.stderr.clone()).unwrap()
-}
-
-/// Exit code and the single stderr line of a failed run, checked free of
-/// the PIN.
+/// Exit code and the single stderr line of a failed run (trimmed), checked
+/// free of the PIN and the passphrase.
 fn failure(out: &Output) -> (i32, String) {
-    let err = stderr(out);
-    assert_eq!(err.lines().count(), 1, "expected one line on stderr, got {err:?}");
-    assert!(!err.contains(PIN) && !err.contains(PASSPHRASE), "a secret in {err:?}");
-    (out.status.code().unwrap(), err.trim().to_owned())
+    let (code, err) = common::failure_line(out, &[PIN, PASSPHRASE]);
+    (code, err.trim().to_owned())
 }
 
 /// The provider byte of a sealed root file: 1 passphrase, 2 raw, 3 pkcs11.

@@ -179,3 +179,23 @@ pub fn write_secret(path: &Path, contents: impl AsRef<[u8]>) {
     std::fs::write(path, contents).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
+
+/// A process's stdout, as text.
+pub fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// A process's stderr, as text.
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+/// Exit code and the single `piivault: …` stderr line of a failed run,
+/// checked free of every one of `secrets`.
+pub fn failure_line(out: &std::process::Output, secrets: &[&str]) -> (i32, String) {
+    let err = stderr(out);
+    assert_eq!(err.lines().count(), 1, "expected one line on stderr, got {err:?}");
+    assert!(err.starts_with("piivault: "), "{err}");
+    assert!(secrets.iter().all(|s| !err.contains(s)), "a secret in the error line");
+    (out.status.code().unwrap(), err)
+}
