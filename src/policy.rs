@@ -122,6 +122,11 @@ pub enum IdentityError {
     /// The certificate could not be parsed.
     #[error("the client certificate cannot be parsed")]
     Unparsable,
+    /// No clientAuth extended key usage: the certificate was not issued to
+    /// authenticate a client (RFC 5280 would take a missing extension as
+    /// "any purpose"; piivault does not).
+    #[error("the client certificate is not for client authentication (no clientAuth extended key usage)")]
+    NotForClients,
 }
 
 /// An authenticated caller: the name part of `spiffe://<trust-domain>/<name>`,

@@ -159,6 +159,13 @@ impl PeerCert {
             Ok(None) => Err(IdentityError::NoUri),
             Err(_) => Err(IdentityError::Unparsable),
         };
+        // The verifier takes a leaf without any extended key usage as good
+        // for every purpose; a caller's certificate must say clientAuth.
+        let identity = identity.and_then(|caller| match cert.extended_key_usage() {
+            Ok(Some(eku)) if eku.value.client_auth => Ok(caller),
+            Ok(_) => Err(IdentityError::NotForClients),
+            Err(_) => Err(IdentityError::Unparsable),
+        });
         Self { identity, serial, fingerprint }
     }
 }

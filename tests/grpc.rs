@@ -410,6 +410,26 @@ async fn certificates_without_exactly_one_identity_in_the_trust_domain_are_unaut
     assert_eq!(server.record_count(), before);
 }
 
+/// A certificate from the vault's CA with no extended key usage at all
+/// (which the verifier would take as "any purpose") names no caller.
+#[tokio::test]
+async fn a_leaf_without_client_auth_names_no_caller() {
+    let server = DevServer::start();
+    let mut bare = spec("writer");
+    bare.client_auth = false;
+    let mut client = server.connect(server.tls_signed(&server.sign(&bare))).await.unwrap();
+    let status = tokenize(&mut client, "name", &["never stored"]).await.unwrap_err();
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            Code::Unauthenticated,
+            "the client certificate is not for client authentication (no clientAuth extended key usage)"
+        )
+    );
+    let mut writer = server.client("writer").await;
+    assert_eq!(tokens(&mut writer, "name", &["with clientAuth"]).await.len(), 1);
+}
+
 #[tokio::test]
 async fn metadata_claiming_another_identity_changes_nothing() {
     let server = DevServer::start();
