@@ -561,10 +561,7 @@ fn read_new_passphrase(secret: &SecretArgs) -> Result<Passphrase, CliError> {
             .or_fail(Failure::Usage);
     }
     let text = if let Some(path) = &secret.passphrase_file {
-        let bytes = secrets::read_secret_file(path, "new passphrase")?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| anyhow!("the new passphrase file is not UTF-8"))
-            .or_fail(Failure::Config)?
+        secrets::read_secret_text(path, "new passphrase")?.to_string()
     } else {
         let first = rpassword::prompt_password("new passphrase: ").or_fail(Failure::Other)?;
         let second = zeroize::Zeroizing::new(rpassword::prompt_password("again: ").or_fail(Failure::Other)?);
@@ -748,11 +745,7 @@ async fn unsealed(
     if let Some(hsm) = hsm {
         vault.attach_hsm(hsm);
     }
-    let configured = match config.root_key {
-        RootKeySource::Passphrase => root::Provider::Passphrase,
-        RootKeySource::RawKeyFile(_) | RootKeySource::RawKeyEnv(_) => root::Provider::Raw,
-        RootKeySource::Pkcs11 => root::Provider::Pkcs11,
-    };
+    let configured = config.root_key.provider();
     if configured != provider {
         tracing::warn!(
             sealed_by = provider.as_str(),

@@ -104,6 +104,18 @@ pub enum RootKeySource {
     Pkcs11,
 }
 
+impl RootKeySource {
+    /// The provider this source belongs to.
+    pub fn provider(&self) -> crate::crypto::root::Provider {
+        use crate::crypto::root::Provider;
+        match self {
+            Self::Passphrase => Provider::Passphrase,
+            Self::RawKeyFile(_) | Self::RawKeyEnv(_) => Provider::Raw,
+            Self::Pkcs11 => Provider::Pkcs11,
+        }
+    }
+}
+
 /// Where a secret (a PIN) is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {

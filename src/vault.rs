@@ -1091,7 +1091,7 @@ impl Vault {
                 tracing::warn!(error = %e, "root rotation refused: the current PIN was not accepted");
                 Ok(false)
             }
-            Err(crate::crypto::CryptoError::Hsm(e)) => Err(crate::crypto::CryptoError::Hsm(e).into()),
+            Err(e @ crate::crypto::CryptoError::Hsm(_)) => Err(e.into()),
             Err(_) => Ok(false),
         }
     }

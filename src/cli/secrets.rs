@@ -96,35 +96,40 @@ fn env_secret(name: &str) -> Option<Zeroizing<String>> {
     std::env::var(name).ok().map(Zeroizing::new)
 }
 
-/// Reads a secret file, refusing one that group or others may read.
+/// Reads a secret file, refusing one that group or others may read. The
+/// mode is checked on the opened file, so the file checked is the file read.
 pub(super) fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
+    use std::io::Read as _;
     use std::os::unix::fs::PermissionsExt as _;
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("cannot read the {what} file {}", path.display()))
-        .or_fail(Failure::Config)?;
-    if meta.permissions().mode() & 0o077 != 0 {
+    let unreadable = || format!("cannot read the {what} file {}", path.display());
+    let mut file = std::fs::File::open(path).with_context(unreadable).or_fail(Failure::Config)?;
+    let mode = file.metadata().with_context(unreadable).or_fail(Failure::Config)?.permissions().mode();
+    if mode & 0o077 != 0 {
         return Err(anyhow!(
             "the {what} file {} may be read by group or others (mode {:o}); chmod 600 it",
             path.display(),
-            meta.permissions().mode() & 0o777
+            mode & 0o777
         ))
         .or_fail(Failure::Config);
     }
-    std::fs::read(path)
-        .map(Zeroizing::new)
-        .with_context(|| format!("cannot read the {what} file {}", path.display()))
-        .or_fail(Failure::Config)
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.read_to_end(&mut bytes).with_context(unreadable).or_fail(Failure::Config)?;
+    Ok(bytes)
+}
+
+/// A secret file's text ([`read_secret_file`]), which must be UTF-8.
+pub(super) fn read_secret_text(path: &Path, what: &str) -> Result<Zeroizing<String>, CliError> {
+    let bytes = read_secret_file(path, what)?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| anyhow!("the {what} file {} is not UTF-8", path.display()))
+        .or_fail(Failure::Config)?;
+    Ok(Zeroizing::new(text.to_owned()))
 }
 
 /// The PKCS#11 PIN from its file or variable.
 fn read_pin(source: &SecretSource) -> Result<Pin, CliError> {
     let text = match source {
-        SecretSource::File(path) => {
-            let bytes = read_secret_file(path, "PKCS#11 PIN")?;
-            String::from_utf8(bytes.to_vec())
-                .map_err(|_| anyhow!("the PKCS#11 PIN file {} is not UTF-8", path.display()))
-                .or_fail(Failure::Config)?
-        }
+        SecretSource::File(path) => read_secret_text(path, "PKCS#11 PIN")?.to_string(),
         SecretSource::Env(var) => env_secret(var)
             .map(|v| v.to_string())
             .ok_or_else(|| anyhow!("the PKCS#11 PIN variable ${var} is not set"))
@@ -142,10 +147,7 @@ pub(super) fn hsm_for(settings: &Pkcs11Settings) -> Result<Arc<Hsm>, CliError> {
 /// a terminal (twice if `confirm`).
 pub(super) fn read_passphrase(secret: &SecretArgs, confirm: bool) -> Result<Passphrase, CliError> {
     let text = if let Some(path) = &secret.passphrase_file {
-        let bytes = read_secret_file(path, "passphrase")?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| anyhow!("the passphrase file is not UTF-8"))
-            .or_fail(Failure::Config)?
+        read_secret_text(path, "passphrase")?.to_string()
     } else if let Some(text) = env_secret(PASSPHRASE_ENV) {
         text.to_string()
     } else if std::io::stdin().is_terminal() {
@@ -227,13 +229,17 @@ impl<'a> Unlocks<'a> {
         Self { config, secret, resolved: [None, None, None] }
     }
 
-    /// The secret for `provider`, read on first use.
-    pub(super) fn get(&mut self, provider: Provider) -> Result<&Unlock, CliError> {
-        let slot = match provider {
+    fn slot(provider: Provider) -> usize {
+        match provider {
             Provider::Passphrase => 0,
             Provider::Raw => 1,
             Provider::Pkcs11 => 2,
-        };
+        }
+    }
+
+    /// The secret for `provider`, read on first use.
+    pub(super) fn get(&mut self, provider: Provider) -> Result<&Unlock, CliError> {
+        let slot = Self::slot(provider);
         if self.resolved[slot].is_none() {
             let unlock = match provider {
                 Provider::Passphrase => Unlock::Passphrase(read_passphrase(self.secret, false)?),
@@ -249,7 +255,7 @@ impl<'a> Unlocks<'a> {
 
     /// The token, if one was used to unseal.
     pub(super) fn hsm(&self) -> Option<Arc<Hsm>> {
-        match &self.resolved[2] {
+        match &self.resolved[Self::slot(Provider::Pkcs11)] {
             Some(Unlock::Pkcs11(unlock)) => Some(unlock.hsm.clone()),
             _ => None,
         }

@@ -192,11 +192,6 @@ impl Hsm {
         Self { module, token, pin }
     }
 
-    /// The configured module path.
-    pub fn module(&self) -> &Path {
-        &self.module
-    }
-
     /// The same module and token, opened with `pin` (to prove a PIN).
     #[must_use]
     pub fn with_pin(&self, pin: Pin) -> Self {
@@ -240,11 +235,6 @@ impl Hsm {
         let result = f(&ctx, &opened);
         drop(opened);
         result
-    }
-
-    /// The label of the configured token (logs in to prove the PIN).
-    pub fn token_label(&self) -> Result<String, HsmError> {
-        self.with_session(false, |_, opened| Ok(opened.token_label.clone()))
     }
 
     /// Finds the key `label` and checks it may seal the root key, or, if no
@@ -492,7 +482,7 @@ mod tests {
             TokenSelector::Label("t".into()),
             Pin::new("1".into()).unwrap(),
         );
-        let e = hsm.token_label().unwrap_err();
+        let e = hsm.prepare_key("k").unwrap_err();
         assert_eq!(e.to_string(), "cannot load the PKCS#11 module /nonexistent/libpkcs11.so: no such file");
     }
 
