@@ -703,7 +703,7 @@ async fn open_vault(config: &Config, secret: &SecretArgs, unseal: Unseal) -> Res
             Err(e) => {
                 first_error.get_or_insert(CliError {
                     failure: vault_failure(&e),
-                    error: anyhow::Error::new(e).context(config.database.display().to_string()),
+                    error: anyhow::Error::new(e).context(config.store_backend.to_string()),
                 });
             }
         }
@@ -1225,7 +1225,7 @@ async fn backup(out: &Path, connect: &client::ConnectArgs) -> Result<(), CliErro
         .max_decoding_message_size(8 << 20);
     let mut stream =
         admin.backup(crate::grpc::proto::BackupRequest {}).await.map_err(|s| client::status_error(&s))?.into_inner();
-    crate::store::create_private_file(out)
+    crate::datadir::create_private_empty_file(out)
         .with_context(|| format!("cannot create {}", out.display()))
         .or_fail(Failure::Usage)?;
     let written = async {

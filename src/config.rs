@@ -171,6 +171,36 @@ impl Default for Limits {
     }
 }
 
+/// Which store backend holds the records (`[store] backend`), and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreBackend {
+    /// One SQLite file (`[store] path`, formerly `[vault] database`).
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+    },
+}
+
+impl StoreBackend {
+    /// The database file, for the SQLite backend.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match self {
+            Self::Sqlite { path } => Some(path),
+        }
+    }
+}
+
+/// Names the store for operators: its backend and where it is (never a
+/// credential).
+impl std::fmt::Display for StoreBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite { path } => write!(f, "{}", path.display()),
+        }
+    }
+}
+
 /// Store tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreSettings {
@@ -294,8 +324,8 @@ pub struct Config {
     /// Directory the relative paths below are resolved against (the config
     /// file's directory).
     pub data_dir: PathBuf,
-    /// The SQLite database.
-    pub database: PathBuf,
+    /// Which store backend holds the records, and where.
+    pub store_backend: StoreBackend,
     /// The sealed root key.
     pub sealed_root: PathBuf,
     /// How the root key is unsealed.
@@ -460,6 +490,24 @@ fn parse_server(raw: RawServer, data_dir: &Path) -> Result<ServerSettings, Confi
     })
 }
 
+/// `[store] backend` and where it keeps its data (`path`, or the earlier
+/// `[vault] database`).
+fn parse_backend(raw: &RawStore, vault_database: Option<&Path>, data_dir: &Path) -> Result<StoreBackend, ConfigError> {
+    match raw.backend.as_deref() {
+        None | Some("sqlite") => {
+            if vault_database.is_some() && raw.path.is_some() {
+                return Err(invalid(
+                    "store.path",
+                    "the database is named twice (store.path and vault.database); keep store.path",
+                ));
+            }
+            let path = raw.path.as_deref().or(vault_database).unwrap_or(Path::new(DATABASE_FILE));
+            Ok(StoreBackend::Sqlite { path: data_dir.join(path) })
+        }
+        Some(other) => Err(invalid("store.backend", format!("unknown backend {other:?}; expected \"sqlite\""))),
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawVault {
@@ -518,6 +566,8 @@ struct RawLimits {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawStore {
+    backend: Option<String>,
+    path: Option<PathBuf>,
     read_connections: Option<i64>,
     max_group_commit: Option<i64>,
     purge_interval_s: Option<i64>,
@@ -801,6 +851,8 @@ impl Config {
             purge_batch: bounded("store.purge_batch", raw.store.purge_batch, 500, 1, 100_000)?,
         };
 
+        let store_backend = parse_backend(&raw.store, raw.vault.database.as_deref(), data_dir)?;
+
         let server = parse_server(raw.server, data_dir)?;
         let audit = parse_audit(&raw.audit, data_dir)?;
 
@@ -846,7 +898,7 @@ impl Config {
 
         Ok(Self {
             data_dir: data_dir.to_owned(),
-            database: resolve(raw.vault.database, DATABASE_FILE),
+            store_backend,
             sealed_root: resolve(raw.vault.sealed_root, SEALED_ROOT_FILE),
             root_key,
             pkcs11,
@@ -878,7 +930,6 @@ impl Config {
             "# piivault configuration. Relative paths resolve against this file's directory.\n\
              \n\
              [vault]\n\
-             database = \"{DATABASE_FILE}\"\n\
              sealed_root = \"{SEALED_ROOT_FILE}\"\n\
              \n\
              [root_key]\n\
@@ -889,6 +940,9 @@ impl Config {
              max_value_bytes = 4096\n\
              \n\
              [store]\n\
+             # \"sqlite\": one file, one process.\n\
+             backend = \"sqlite\"\n\
+             path = \"{DATABASE_FILE}\"\n\
              read_connections = 4\n\
              max_group_commit = 256\n\
              # Expired records (collections with a ttl) are purged this often, in batches.\n\
@@ -988,7 +1042,7 @@ mod tests {
         assert_eq!(names, ["card", "email", "name", "phone", "ssn"]);
         assert_eq!(config.limits, Limits::default());
         assert_eq!(config.store, StoreSettings::default());
-        assert_eq!(config.database, Path::new("/data/vault.db"));
+        assert_eq!(config.store_backend, StoreBackend::Sqlite { path: "/data/vault.db".into() });
         assert_eq!(config.sealed_root, Path::new("/data/root.sealed"));
         assert_eq!(config.root_key, RootKeySource::Passphrase);
         assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
@@ -1085,6 +1139,20 @@ mod tests {
             err("[limits]\nmax_items_per_call = 0\n[collections.a]\n"),
             "limits.max_items_per_call: must be between 1 and 100000, got 0"
         );
+        assert_eq!(
+            err("[store]\nbackend = \"mysql\"\n[collections.a]\n"),
+            "store.backend: unknown backend \"mysql\"; expected \"sqlite\""
+        );
+        assert_eq!(
+            err("[vault]\ndatabase = \"a.db\"\n[store]\npath = \"b.db\"\n[collections.a]\n"),
+            "store.path: the database is named twice (store.path and vault.database); keep store.path"
+        );
+        // A configuration written by an earlier release names the file in
+        // [vault]; it still works.
+        let earlier = parse("[vault]\ndatabase = \"old.db\"\n[collections.a]\n").unwrap();
+        assert_eq!(earlier.store_backend, StoreBackend::Sqlite { path: "/data/old.db".into() });
+        let current = parse("[store]\nbackend = \"sqlite\"\npath = \"/srv/v.db\"\n[collections.a]\n").unwrap();
+        assert_eq!(current.store_backend, StoreBackend::Sqlite { path: "/srv/v.db".into() });
         assert_eq!(
             err("[store]\nread_connections = -1\n[collections.a]\n"),
             "store.read_connections: must be between 1 and 64, got -1"

@@ -5,7 +5,7 @@
 //! `DESIGN.md` for the architecture and `SECURITY.md` for the threat model.
 //!
 //! Layout, by domain: [`token`] (formats), [`crypto`] (root key, keyring,
-//! record envelope), [`store`] (SQLite, group commit), [`vault`] (the core,
+//! record envelope), [`store`] (one interface; the SQLite backend, group commit), [`vault`] (the core,
 //! transport-free), [`config`], [`error`], [`cli`].
 
 #![deny(unsafe_code)]

@@ -17,7 +17,7 @@ use crate::error::{ItemError, VaultError};
 use crate::format::{Format, Mask, Normalize};
 use crate::store::{
     AuditFilter, AuditRow, CollectionId, DATA_PURPOSE, INDEX_PURPOSE, IndexEntry, InsertOutcome, KeyInfo, KeyState,
-    NewRecord, OpenMode, Pending, Reencrypted, Store, StoreOptions, TokenLookup,
+    NewRecord, OpenMode, Pending, Reencrypted, Store, TokenLookup,
 };
 use crate::token::{RandomTokens, Token, TokenGenerator};
 use crate::value::PiiValue;
@@ -227,7 +227,7 @@ struct Inner {
     limits: Limits,
     collections: HashMap<String, Collection>,
     keyring: Keyring,
-    store: Store,
+    store: Arc<dyn Store>,
     tokens: Box<dyn TokenGenerator>,
     audit_key: AuditKey,
     sink: Option<Arc<AuditSink>>,
@@ -238,8 +238,6 @@ struct Inner {
     root: std::sync::RwLock<RootKey>,
     /// Where the sealed root key lives.
     sealed_root: std::path::PathBuf,
-    /// The store's file.
-    database: std::path::PathBuf,
     /// The PKCS#11 token, when one is configured: for root-key rotations
     /// into it. Requests never need it (the root key is unsealed).
     hsm: std::sync::OnceLock<Arc<crate::crypto::pkcs11::Hsm>>,
@@ -281,15 +279,7 @@ impl Vault {
                 Some(Arc::new(AuditSink::file(path).map_err(|e| VaultError::Sink(e.to_string()))?))
             }
         };
-        let store = Store::open(
-            &config.database,
-            mode,
-            StoreOptions {
-                read_connections: config.store.read_connections,
-                max_group_commit: config.store.max_group_commit,
-                sink: sink.clone(),
-            },
-        )?;
+        let store = crate::store::open(&config.store_backend, &config.store, mode, sink.clone())?;
 
         // The audit chain key: created with the vault, wrapped like every
         // other key. Without it nothing that must be audited can be written.
@@ -309,7 +299,7 @@ impl Vault {
         // created under it.
         let mut collections = HashMap::new();
         for (name, settings) in &config.collections {
-            collections.insert(name.as_str().to_owned(), open_collection(&store, root, name, settings).await?);
+            collections.insert(name.as_str().to_owned(), open_collection(store.as_ref(), root, name, settings).await?);
         }
 
         let keyring = Keyring::new();
@@ -352,7 +342,6 @@ impl Vault {
                 key_ops: tokio::sync::Mutex::new(()),
                 root: std::sync::RwLock::new(root.duplicate()),
                 sealed_root: config.sealed_root.clone(),
-                database: config.database.clone(),
                 hsm: std::sync::OnceLock::new(),
                 verifying: tokio::sync::Mutex::new(()),
             }),
@@ -928,7 +917,7 @@ impl Vault {
             .add_primary_key(coll.id, purpose.as_str(), version, wrapped, compromised, audit)
             .await
             .map_err(|e| match e {
-                crate::store::StoreError::Sqlite(_) => VaultError::KeyConflict,
+                crate::store::StoreError::Conflict => VaultError::KeyConflict,
                 other => VaultError::Store(other),
             })?;
         self.inner.keyring.insert(coll.id.0, purpose, version, key, true);
@@ -1158,23 +1147,15 @@ impl Vault {
     }
 
     /// Writes a consistent copy of the whole store, taken while traffic goes
-    /// on, to a new private file beside the database; returns its path (the
+    /// on, to a new private file the store names; returns its path (the
     /// caller streams it out, then removes it). Audited before it starts:
     /// no record, no backup.
     pub async fn backup(&self, who: &Requester) -> Result<std::path::PathBuf, VaultError> {
-        let mut suffix = [0u8; 8];
-        crate::crypto::fill_random(&mut suffix)?;
-        let mut name = self.inner.database.file_name().map(std::ffi::OsStr::to_os_string).unwrap_or_default();
-        name.push(format!(".backup-{}", hex::encode(suffix)));
-        let dest = self.inner.database.with_file_name(name);
+        if !self.inner.store.capabilities().file_backup {
+            return Err(crate::store::StoreError::Unsupported("copy itself into a backup file").into());
+        }
         self.record(who.record("backup", "", 0, "STARTED")).await?;
-        let taken = match self.inner.store.backup(dest.clone()).await {
-            Ok(taken) => taken,
-            Err(e) => {
-                let _ = std::fs::remove_file(&dest);
-                return Err(e.into());
-            }
-        };
+        let (dest, taken) = self.inner.store.backup().await?;
         // What left: its size and how many values it holds (fail closed:
         // no record, no copy).
         let mut done = who.record("backup", "", usize::try_from(taken.records).unwrap_or(usize::MAX), "OK");
@@ -1228,7 +1209,7 @@ impl Vault {
 /// store, gives a deterministic collection its first index key if it has
 /// none, and counts the tokens it has issued.
 async fn open_collection(
-    store: &Store,
+    store: &dyn Store,
     root: &RootKey,
     name: &CollectionName,
     settings: &crate::config::CollectionConfig,
@@ -1292,7 +1273,7 @@ async fn open_collection(
 /// next version. Formats without separators
 /// (random, email) were canonical already.
 async fn decide_canonical_index(
-    store: &Store,
+    store: &dyn Store,
     root: &RootKey,
     name: &CollectionName,
     settings: &crate::config::CollectionConfig,

@@ -94,8 +94,8 @@ async fn every_operation_leaves_exactly_its_record() {
 
 /// The database as someone with write access to the file sees it: no
 /// foreign-key enforcement unless they ask for it.
-fn raw(fx: &Fixture) -> rusqlite::Connection {
-    let db = rusqlite::Connection::open(fx.db_path()).unwrap();
+fn raw(fx: &Fixture) -> common::tamper::Connection {
+    let db = common::tamper::open(&fx.db_path());
     db.pragma_update(None, "foreign_keys", false).unwrap();
     db
 }
@@ -136,7 +136,7 @@ async fn the_schema_refuses_to_change_or_remove_a_record() {
 /// chain still names the first bad record.
 #[tokio::test]
 async fn tampering_below_the_triggers_is_detected() {
-    type Tamper = fn(&rusqlite::Connection);
+    type Tamper = fn(&common::tamper::Connection);
     let cases: [(&str, Tamper, Verdict); 6] = [
         (
             "hide a token from the index",
@@ -191,7 +191,7 @@ async fn tampering_below_the_triggers_is_detected() {
                 };
                 db.execute(
                 "INSERT INTO audit (seq, at, caller, action, collection, outcome, record, mac) VALUES (6, 0, 'mallory', 'tokenize', '', 'OK', ?1, ?2)",
-                rusqlite::params![forged.encode(6), vec![7u8; 32]],
+                common::tamper::params![forged.encode(6), vec![7u8; 32]],
             )
             .unwrap();
             },
@@ -286,7 +286,7 @@ fn audit_verify_and_head_from_the_command_line() {
 
     // Truncate the tail below the triggers: the chain alone still verifies,
     // the anchored head does not.
-    let db = rusqlite::Connection::open(tmp.path().join("vault.db")).unwrap();
+    let db = common::tamper::open(&tmp.path().join("vault.db"));
     db.execute_batch("DROP TRIGGER audit_no_delete; DROP TRIGGER audit_tokens_no_delete; DELETE FROM audit_tokens WHERE seq = 3; DELETE FROM audit WHERE seq = 3;").unwrap();
     drop(db);
     assert!(run(&["audit", "verify", "--data-dir", dir]).status.success());

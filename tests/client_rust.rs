@@ -105,7 +105,7 @@ async fn large_inputs_are_split_and_a_lower_server_limit_is_learned() {
     assert_eq!(tokens.len(), 2345);
     assert_eq!(values_of(&reader, "name", &tokens).await, values);
     // Three requests of at most 1000 (and their audit records).
-    let db = rusqlite::Connection::open(server.db_path()).unwrap();
+    let db = common::tamper::open(&server.db_path());
     let items: Vec<i64> = db
         .prepare("SELECT count(*) FROM audit_tokens JOIN audit USING (seq) WHERE audit.action = 'tokenize' GROUP BY seq ORDER BY seq")
         .unwrap()

@@ -212,7 +212,7 @@ async fn expired_tokens_answer_like_unknown_ones_and_are_purged() {
     expected.sort();
     assert_eq!(purged_tokens, expected);
     // Purged tokens are never issued again: their rows stay as tombstones.
-    let raw = rusqlite::Connection::open(fx.db_path()).unwrap();
+    let raw = common::tamper::open(&fx.db_path());
     let tombstones: i64 = raw
         .query_row(
             "SELECT count(*) FROM records r JOIN collections c ON c.id = r.collection_id
@@ -231,7 +231,7 @@ async fn erased_ciphertext_is_gone_from_the_database_and_the_wal() {
     let secret = "erasure-subject@example.org";
     let token = tokenize_ok(&vault, "mail", &[secret]).await.remove(0);
     let kept = tokenize_ok(&vault, "mail", &["someone-else@example.org"]).await;
-    let raw = rusqlite::Connection::open(fx.db_path()).unwrap();
+    let raw = common::tamper::open(&fx.db_path());
     let (ciphertext, digest): (Vec<u8>, Vec<u8>) = raw
         .query_row(
             "SELECT r.ciphertext, b.digest FROM records r JOIN blind_index b
@@ -290,7 +290,7 @@ impl Captured {
 /// Adds `n` tombstones (deleted rows: tokens that are never issued again
 /// and so count as taken) to collection `name`, directly in the file.
 fn add_tombstones(fx: &Fixture, name: &str, from: usize, n: usize) {
-    let mut raw = rusqlite::Connection::open(fx.db_path()).unwrap();
+    let mut raw = common::tamper::open(&fx.db_path());
     let tx = raw.transaction().unwrap();
     {
         // Six-digit tombstones, counted per length with the real tokens;
@@ -304,7 +304,7 @@ fn add_tombstones(fx: &Fixture, name: &str, from: usize, n: usize) {
             .unwrap();
         let (mut i, mut added) = (from, 0);
         while added < n {
-            added += insert.execute(rusqlite::params![i, name]).unwrap();
+            added += insert.execute(common::tamper::params![i, name]).unwrap();
             i += 1;
         }
     }

@@ -167,7 +167,7 @@ async fn sigkill_under_concurrent_load_twenty_times() {
             caller.await.unwrap();
         }
         {
-            let db = rusqlite::Connection::open(data_dir.join("vault.db")).unwrap();
+            let db = common::tamper::open(&data_dir.join("vault.db"));
             let check: String = db.query_row("PRAGMA integrity_check", [], |row| row.get(0)).unwrap();
             assert_eq!(check, "ok", "round {round}");
         }

@@ -560,11 +560,11 @@ async fn a_corrupted_record_fails_alone_with_an_alert() {
     let mut reader = server.client("reader").await;
     let t = tokens(&mut writer, "name", &["Grace Hopper", "Alan Turing"]).await;
     {
-        let db = rusqlite::Connection::open(server.db_path()).unwrap();
+        let db = common::tamper::open(&server.db_path());
         let mut ct: Vec<u8> =
             db.query_row("SELECT ciphertext FROM records WHERE token = ?1", [&t[0]], |r| r.get(0)).unwrap();
         ct[20] ^= 0x01;
-        db.execute("UPDATE records SET ciphertext = ?1 WHERE token = ?2", rusqlite::params![ct, t[0]]).unwrap();
+        db.execute("UPDATE records SET ciphertext = ?1 WHERE token = ?2", common::tamper::params![ct, t[0]]).unwrap();
     }
     let back = detokenize(&mut reader, "name", &t).await.unwrap();
     assert_eq!(back, vec![(Err(ItemErrorCode::Unreadable as i32), false), (Ok("Alan Turing".into()), false)]);
@@ -597,7 +597,7 @@ async fn a_new_server_certificate_is_loaded_without_dropping_connections() {
     // The held connection still serves, and it is the same one: both
     // requests are on the audit trail from the same peer address and port.
     let after = tokens(&mut writer, "name", &["After Reload"]).await;
-    let db = rusqlite::Connection::open(server.db_path()).unwrap();
+    let db = common::tamper::open(&server.db_path());
     let peers: Vec<String> = db
         .prepare("SELECT record FROM audit WHERE action = 'tokenize' ORDER BY seq")
         .unwrap()
@@ -880,8 +880,7 @@ async fn calls_over_the_network_are_audited() {
     let mut anonymous = server.connect(server.tls_signed(&server.sign(&nobody))).await.unwrap();
     assert_eq!(tokenize(&mut anonymous, "card", &["x"]).await.unwrap_err().code(), Code::Unauthenticated);
 
-    let db =
-        rusqlite::Connection::open_with_flags(server.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let db = common::tamper::open_read_only(&server.db_path());
     let mut stmt = db.prepare("SELECT record FROM audit ORDER BY seq").unwrap();
     let records: Vec<piivault::audit::AuditRecord> = stmt
         .query_map([], |r| r.get::<_, Vec<u8>>(0))

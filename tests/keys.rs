@@ -75,8 +75,7 @@ async fn rotate_reencrypt_retire() {
     assert_all_readable(&vault, "card", &new).await;
 
     // Now v1 can go, and its wrapped key leaves the database file.
-    let wrapped_v1: Vec<u8> = rusqlite::Connection::open(fx.db_path())
-        .unwrap()
+    let wrapped_v1: Vec<u8> = common::tamper::open(&fx.db_path())
         .query_row("SELECT wrapped FROM keys WHERE purpose = 'data' AND version = 1 AND collection_id = (SELECT id FROM collections WHERE name = 'card')", [], |r| r.get(0))
         .unwrap();
     vault.retire_key_version(&who(), "card", 1).await.unwrap();
@@ -212,7 +211,7 @@ async fn live_counts_follow_deletes_and_reencryption() {
         [(1, KeyState::Retiring, 0, 10), (2, KeyState::Primary, 6, 7)]
     );
     // The counters agree with the records themselves.
-    let db = rusqlite::Connection::open(fx.db_path()).unwrap();
+    let db = common::tamper::open(&fx.db_path());
     let live: i64 = db
         .query_row(
             "SELECT count(*) FROM records WHERE key_version = 2 AND ciphertext IS NOT NULL
@@ -283,7 +282,7 @@ async fn old_ciphertexts_and_wrapped_keys_leave_the_files() {
     let fx = Fixture::new();
     let vault = fx.create().await;
     let pairs = tokenize_many(&vault, "card", "residue", 3).await;
-    let raw = rusqlite::Connection::open(fx.db_path()).unwrap();
+    let raw = common::tamper::open(&fx.db_path());
     let column = |sql: &str| -> Vec<Vec<u8>> {
         let mut stmt = raw.prepare(sql).unwrap();
         stmt.query_map([], |row| row.get::<_, Vec<u8>>(0)).unwrap().map(Result::unwrap).collect()

@@ -54,8 +54,7 @@ fn extend_policy(server: &DevServer, extra: &str, callers: &[&str]) {
 
 /// Audit records of `caller` with `outcome`, read from the database file.
 fn audited(server: &DevServer, caller: &str, outcome: &str) -> i64 {
-    let db =
-        rusqlite::Connection::open_with_flags(server.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let db = common::tamper::open_read_only(&server.db_path());
     db.query_row("SELECT count(*) FROM audit WHERE caller = ?1 AND outcome = ?2", [caller, outcome], |r| r.get(0))
         .unwrap()
 }

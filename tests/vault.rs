@@ -352,8 +352,8 @@ async fn reopening_returns_every_acknowledged_value() {
     assert_eq!(back, vec![Ok("a@example.org".into()), Err(ItemError::NotFound), Ok("c@example.org".into())]);
 }
 
-fn raw_db(fx: &Fixture) -> rusqlite::Connection {
-    rusqlite::Connection::open(fx.db_path()).unwrap()
+fn raw_db(fx: &Fixture) -> common::tamper::Connection {
+    common::tamper::open(&fx.db_path())
 }
 
 #[tokio::test]
@@ -369,7 +369,8 @@ async fn a_corrupted_or_moved_ciphertext_fails_only_its_own_item() {
         let mut ct: Vec<u8> =
             db.query_row("SELECT ciphertext FROM records WHERE token = ?1", [&tokens[0]], |r| r.get(0)).unwrap();
         ct[20] ^= 0x04;
-        db.execute("UPDATE records SET ciphertext = ?1 WHERE token = ?2", rusqlite::params![ct, tokens[0]]).unwrap();
+        db.execute("UPDATE records SET ciphertext = ?1 WHERE token = ?2", common::tamper::params![ct, tokens[0]])
+            .unwrap();
         // Move the ssn record's ciphertext onto the third card token.
         db.execute(
             "UPDATE records SET ciphertext = (SELECT ciphertext FROM records WHERE token = ?1) WHERE token = ?2",
@@ -391,8 +392,8 @@ async fn a_store_from_a_newer_version_or_another_program_is_refused() {
     let tokens = tokenize_ok(&vault, "card", &["4111111111111111"]).await;
     drop(vault);
     raw_db(&fx).pragma_update(None, "user_version", 99).unwrap();
-    assert!(matches!(fx.try_open().await, Err(VaultError::Store(StoreError::TooNew))));
-    let current = i64::try_from(piivault::store::schema_version()).unwrap();
+    assert!(matches!(fx.try_open().await, Err(VaultError::Store(StoreError::TooNew { .. }))));
+    let current = i64::try_from(piivault::store::sqlite::schema_version()).unwrap();
     raw_db(&fx).pragma_update(None, "user_version", current).unwrap();
     assert_eq!(detokenize_strings(&fx.open().await, "card", &tokens).await, vec![Ok("4111111111111111".into())]);
 
@@ -403,10 +404,7 @@ async fn a_store_from_a_newer_version_or_another_program_is_refused() {
     assert!(matches!(garbage.try_open().await, Err(VaultError::Store(StoreError::NotAVault))));
     // SQLite, but another application's.
     let foreign = Fixture::new();
-    rusqlite::Connection::open(foreign.db_path())
-        .unwrap()
-        .execute_batch("CREATE TABLE t (x); PRAGMA user_version = 1;")
-        .unwrap();
+    common::tamper::open(&foreign.db_path()).execute_batch("CREATE TABLE t (x); PRAGMA user_version = 1;").unwrap();
     assert!(matches!(foreign.try_open().await, Err(VaultError::Store(StoreError::NotAVault))));
     // Missing, and `create` over an existing store.
     let missing = Fixture::new();

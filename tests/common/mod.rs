@@ -93,7 +93,7 @@ impl Fixture {
     }
 
     pub fn db_path(&self) -> PathBuf {
-        self.config.database.clone()
+        self.config.store_backend.sqlite_path().expect("a SQLite store").to_owned()
     }
 
     pub async fn create(&self) -> Vault {
@@ -171,6 +171,7 @@ impl Drop for Tmpfs {
 }
 
 pub mod server;
+pub mod tamper;
 
 /// Writes a secret file as an operator must: readable by its owner only
 /// (piivault refuses secret files that group or others may read).

@@ -234,7 +234,7 @@ pub fn tls(ca: &[u8], cert: &[u8], key: &[u8]) -> ClientTlsConfig {
 }
 
 pub fn record_count(db: &Path) -> i64 {
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let conn = crate::common::tamper::open_read_only(db);
     conn.query_row("SELECT count(*) FROM records WHERE ciphertext IS NOT NULL", [], |r| r.get(0)).unwrap()
 }
 

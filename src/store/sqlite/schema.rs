@@ -1,14 +1,13 @@
 //! Opening a database file: identity checks, pragmas and migrations.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 use rusqlite_migration::{M, MigrationDefinitionError, Migrations};
 
-use super::StoreError;
+use super::io_error;
+use crate::store::{OpenMode, StoreError};
 
 /// `PRAGMA application_id` of a piivault store: "PIVV".
 pub const APPLICATION_ID: i64 = 0x5049_5656;
@@ -19,11 +18,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The schema, one entry per file in `migrations/`, in order. The position
 /// of the last one is the schema version recorded in `user_version`.
 const MIGRATIONS: [&str; 5] = [
-    include_str!("../../migrations/0001_init.sql"),
-    include_str!("../../migrations/0002_audit.sql"),
-    include_str!("../../migrations/0003_key_lifecycle.sql"),
-    include_str!("../../migrations/0004_collections.sql"),
-    include_str!("../../migrations/0005_canonical_tokens.sql"),
+    include_str!("../../../migrations/0001_init.sql"),
+    include_str!("../../../migrations/0002_audit.sql"),
+    include_str!("../../../migrations/0003_key_lifecycle.sql"),
+    include_str!("../../../migrations/0004_collections.sql"),
+    include_str!("../../../migrations/0005_canonical_tokens.sql"),
 ];
 
 /// The version whose migration also runs [`fill_legacy_tokens`].
@@ -81,19 +80,10 @@ pub fn schema_version() -> usize {
     MIGRATIONS.len()
 }
 
-/// Whether to create a new store or open an existing one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpenMode {
-    /// Create the file (0600); refuse if it exists.
-    Create,
-    /// Open an existing store; refuse if missing or not a piivault store.
-    Existing,
-}
-
 /// Opens the write connection: creates the file if asked, checks that it is
 /// a piivault store of a version this build reads, migrates it, and sets
 /// the durability pragmas.
-pub fn open_writer(path: &Path, mode: OpenMode) -> Result<Connection, StoreError> {
+pub(super) fn open_writer(path: &Path, mode: OpenMode) -> Result<Connection, StoreError> {
     match mode {
         OpenMode::Create => create_private_file(path)?,
         OpenMode::Existing => {
@@ -116,15 +106,15 @@ pub fn open_writer(path: &Path, mode: OpenMode) -> Result<Connection, StoreError
     // transaction; it must be WAL before anything else is written.
     let journal: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if !journal.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::Sqlite(format!("could not switch to WAL mode (got {journal})")));
+        return Err(StoreError::Backend(format!("could not switch to WAL mode (got {journal})")));
     }
     apply_pragmas(&conn)?;
     migrations().to_latest(&mut conn).map_err(|e| match e {
         rusqlite_migration::Error::MigrationDefinition(MigrationDefinitionError::DatabaseTooFarAhead) => {
-            StoreError::TooNew
+            StoreError::TooNew { supported: schema_version() }
         }
         rusqlite_migration::Error::RusqliteError { err, .. } => StoreError::from(err),
-        other => StoreError::Sqlite(other.to_string()),
+        other => StoreError::Backend(other.to_string()),
     })?;
     Ok(conn)
 }
@@ -132,15 +122,12 @@ pub fn open_writer(path: &Path, mode: OpenMode) -> Result<Connection, StoreError
 /// Creates an empty file at `path`, 0600, refusing one that exists: SQLite's
 /// -wal and -shm files copy the database file's mode, so they are private
 /// too.
-pub fn create_private_file(path: &Path) -> Result<(), StoreError> {
-    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists { StoreError::AlreadyExists } else { StoreError::from_io(&e) }
-    })?;
-    Ok(())
+pub(super) fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    crate::datadir::create_private_empty_file(path).map_err(|e| io_error(&e))
 }
 
 /// Opens a read-only connection to a store the writer has already opened.
-pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+pub(super) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     apply_pragmas(&conn)?;
@@ -182,7 +169,7 @@ fn check_identity(conn: &Connection, mode: OpenMode) -> Result<(), StoreError> {
         return Err(StoreError::NotAVault);
     }
     if usize::try_from(user_version).map_or(true, |v| v > schema_version()) {
-        return Err(StoreError::TooNew);
+        return Err(StoreError::TooNew { supported: schema_version() });
     }
     Ok(())
 }
