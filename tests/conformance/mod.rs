@@ -1,0 +1,453 @@
+//! The store conformance suite: drives the [`Store`] interface directly,
+//! below the vault, and every backend must pass it unchanged. A backend's
+//! test file calls [`conformance_suite!`] with a function that makes a new,
+//! empty store (audit key not yet installed).
+
+#![allow(dead_code)] // each backend's crate runs every check, through the macro
+
+use std::sync::Arc;
+
+use piivault::audit::{AuditKey, AuditRecord, Head};
+use piivault::store::{
+    AuditFilter, CollectionId, DATA_PURPOSE, INDEX_PURPOSE, IndexEntry, InsertOutcome, KeyState, NewRecord, Pending,
+    Reencrypted, RetireRefused, Store, StoreError, TokenLookup, WrappedKey,
+};
+
+/// A new, empty store and whatever keeps it alive (a directory, a
+/// database).
+pub struct Fresh {
+    pub store: Arc<dyn Store>,
+    pub keep: Box<dyn std::any::Any + Send>,
+}
+
+/// Generates one `#[tokio::test]` per check, each on a fresh store from
+/// `$fresh`.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($fresh:path) => {
+        $crate::conformance_suite!(@each $fresh;
+            records_round_trip_in_the_order_asked,
+            a_taken_token_fails_alone,
+            one_value_gets_one_token_under_concurrency,
+            expired_records_answer_like_unknown_ones_and_are_purged,
+            erased_tokens_are_gone_and_never_issued_again,
+            key_versions_follow_their_lifecycle,
+            a_rewrap_replaces_every_key_or_none,
+            no_audit_key_no_write,
+            the_audit_trail_chains_and_answers_queries,
+            pending_work_is_paged_in_token_order,
+            index_entries_move_to_a_new_version,
+            collection_facts_are_recorded_once,
+            backup_follows_the_capabilities,
+        );
+    };
+    (@each $fresh:path; $($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $check() {
+                conformance::$check($fresh()).await;
+            }
+        )*
+    };
+}
+
+const AUDIT_KEY: [u8; 32] = [7; 32];
+
+fn audit(action: &str) -> AuditRecord {
+    AuditRecord {
+        at_micros: 1_700_000_000_000_000,
+        caller: "spiffe://conformance/writer".into(),
+        action: action.into(),
+        collection: "c".into(),
+        items: 1,
+        outcome: "OK".into(),
+        ..AuditRecord::default()
+    }
+}
+
+fn record(token: &str, version: u32, ciphertext: &[u8]) -> NewRecord {
+    NewRecord {
+        token: token.into(),
+        key_version: version,
+        ciphertext: ciphertext.to_vec(),
+        expires_at: None,
+        index: None,
+    }
+}
+
+fn lookup(token: &str) -> TokenLookup {
+    TokenLookup { exact: token.into(), canonical: None }
+}
+
+fn now() -> i64 {
+    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros()).unwrap()
+}
+
+/// A store with its audit key installed and collection `c` (data key v1).
+async fn ready(fresh: &Fresh) -> CollectionId {
+    let head = fresh.store.install_audit_key(AuditKey::from_bytes(AUDIT_KEY)).await.unwrap();
+    assert_eq!(head, Head::GENESIS);
+    fresh.store.create_collection("c", DATA_PURPOSE, b"wrapped-v1".to_vec()).await.unwrap()
+}
+
+/// The ciphertexts `get_records` answers for `tokens`.
+async fn read(store: &dyn Store, id: CollectionId, tokens: &[&str]) -> Vec<Option<Vec<u8>>> {
+    let found = store.get_records(id, tokens.iter().map(|t| lookup(t)).collect()).await.unwrap();
+    found.into_iter().map(|r| r.map(|r| r.ciphertext)).collect()
+}
+
+/// Every audit row, checked as one chain; returns them.
+async fn chain(store: &dyn Store) -> Vec<(u64, AuditRecord)> {
+    let rows = store.query_audit(AuditFilter::default(), 10_000).await.unwrap();
+    let head = piivault::audit::verify(
+        &AuditKey::from_bytes(AUDIT_KEY),
+        rows.iter().map(|r| (r.seq, r.record.clone(), r.mac.clone())),
+    )
+    .unwrap();
+    assert_eq!(head, store.audit_head().await.unwrap());
+    rows.iter().map(|r| (r.seq, AuditRecord::decode(&r.record).unwrap().1)).collect()
+}
+
+pub async fn records_round_trip_in_the_order_asked(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    let batch = vec![record("t0", 1, b"ct0"), record("t1", 1, b"ct1"), record("t2", 1, b"ct2")];
+    let outcomes = store.insert_records(id, batch, audit("tokenize")).await.unwrap();
+    assert_eq!(outcomes, [InsertOutcome::Inserted, InsertOutcome::Inserted, InsertOutcome::Inserted]);
+    assert_eq!(read(store, id, &["t2", "nope", "t0"]).await, [Some(b"ct2".to_vec()), None, Some(b"ct0".to_vec())]);
+    assert_eq!(store.record_counts().await.unwrap(), [(id, 3)]);
+    assert_eq!(store.collection_id("c").await.unwrap(), Some(id));
+    assert_eq!(store.collection_id("d").await.unwrap(), None);
+    // Creating it again (another process got there first) finds it.
+    assert_eq!(store.create_collection("c", DATA_PURPOSE, b"other".to_vec()).await.unwrap(), id);
+    let other = store.create_collection("d", DATA_PURPOSE, b"wrapped-d".to_vec()).await.unwrap();
+    assert_ne!(other, id);
+    // Collections do not see each other's records.
+    assert_eq!(read(store, other, &["t0"]).await, [None]);
+    let rows = chain(store).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1.tokens, ["t0", "t1", "t2"]);
+}
+
+pub async fn a_taken_token_fails_alone(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    store.insert_records(id, vec![record("t1", 1, b"first")], audit("tokenize")).await.unwrap();
+    let batch = vec![record("t2", 1, b"ct2"), record("t1", 1, b"second"), record("t3", 1, b"ct3")];
+    let outcomes = store.insert_records(id, batch, audit("tokenize")).await.unwrap();
+    assert_eq!(outcomes, [InsertOutcome::Inserted, InsertOutcome::Collision, InsertOutcome::Inserted]);
+    assert_eq!(read(store, id, &["t1"]).await, [Some(b"first".to_vec())]);
+    let rows = chain(store).await;
+    assert_eq!(rows[1].1.tokens, ["t2", "t3"], "the audit record lists what was handed out");
+}
+
+pub async fn one_value_gets_one_token_under_concurrency(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    store_index_key(&fresh, id).await;
+    let digest = [9u8; 32];
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let store = fresh.store.clone();
+            tokio::spawn(async move {
+                let mut r = record(&format!("d{i:02}"), 1, b"ct");
+                r.index = Some(IndexEntry { version: 1, digest, lookups: vec![(1, digest)] });
+                store.insert_records(id, vec![r], audit("tokenize")).await.unwrap().remove(0)
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    let inserted = outcomes.iter().filter(|o| **o == InsertOutcome::Inserted).count();
+    assert_eq!(inserted, 1, "{outcomes:?}");
+    let winner = (0..16).find(|i| outcomes[*i] == InsertOutcome::Inserted).unwrap();
+    let token = format!("d{winner:02}");
+    for outcome in &outcomes {
+        assert!(matches!(outcome, InsertOutcome::Inserted) || *outcome == InsertOutcome::Existing(token.clone()));
+    }
+    assert_eq!(fresh.store.record_counts().await.unwrap(), [(id, 1)]);
+}
+
+async fn store_index_key(fresh: &Fresh, id: CollectionId) {
+    fresh.store.add_first_key(id, INDEX_PURPOSE, b"wrapped-index".to_vec()).await.unwrap();
+    // Only once: a second call keeps the first.
+    fresh.store.add_first_key(id, INDEX_PURPOSE, b"other".to_vec()).await.unwrap();
+    let keys = fresh.store.list_keys(id, INDEX_PURPOSE).await.unwrap();
+    assert_eq!(keys.iter().map(|k| (k.version, k.state)).collect::<Vec<_>>(), [(1, KeyState::Primary)]);
+}
+
+pub async fn expired_records_answer_like_unknown_ones_and_are_purged(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    let mut gone = record("old", 1, b"ct-old");
+    gone.expires_at = Some(now() - 1_000_000);
+    let mut later = record("later", 1, b"ct-later");
+    later.expires_at = Some(now() + 3_600_000_000);
+    store.insert_records(id, vec![gone, later, record("kept", 1, b"ct-kept")], audit("tokenize")).await.unwrap();
+    assert_eq!(
+        read(store, id, &["old", "later", "kept"]).await,
+        [None, Some(b"ct-later".to_vec()), Some(b"ct-kept".to_vec())]
+    );
+    // An expired token cannot be deleted (it is not live) ...
+    assert_eq!(store.delete_records(id, vec![lookup("old")], audit("delete")).await.unwrap(), [false]);
+    // ... it is purged, with its own record.
+    assert_eq!(store.purge_expired(id, now(), 10, audit("purge")).await.unwrap(), 1);
+    let head = store.audit_head().await.unwrap();
+    assert_eq!(store.purge_expired(id, now(), 10, audit("purge")).await.unwrap(), 0);
+    assert_eq!(store.audit_head().await.unwrap(), head, "nothing purged, nothing recorded");
+    let rows = chain(store).await;
+    let purge = &rows.last().unwrap().1;
+    assert_eq!((purge.action.as_str(), purge.items, purge.tokens.clone()), ("purge", 1, vec!["old".to_owned()]));
+    assert_eq!(store.record_counts().await.unwrap(), [(id, 2)]);
+    // Its token is never issued again.
+    let again = store.insert_records(id, vec![record("old", 1, b"new")], audit("tokenize")).await.unwrap();
+    assert_eq!(again, [InsertOutcome::Collision]);
+}
+
+pub async fn erased_tokens_are_gone_and_never_issued_again(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    store.insert_records(id, vec![record("a", 1, b"ct-a"), record("b", 1, b"ct-b")], audit("tokenize")).await.unwrap();
+    let deleted =
+        store.delete_records(id, vec![lookup("a"), lookup("a"), lookup("zz")], audit("delete")).await.unwrap();
+    assert_eq!(deleted, [true, false, false]);
+    assert_eq!(read(store, id, &["a", "b"]).await, [None, Some(b"ct-b".to_vec())]);
+    let again = store.insert_records(id, vec![record("a", 1, b"new")], audit("tokenize")).await.unwrap();
+    assert_eq!(again, [InsertOutcome::Collision]);
+    let rows = chain(store).await;
+    assert_eq!(rows[1].1.tokens, ["a"], "the delete record lists the tokens it erased");
+    let keys = store.list_keys(id, DATA_PURPOSE).await.unwrap();
+    assert_eq!((keys[0].records, keys[0].encryptions), (1, 2), "live and ever-sealed counts");
+    // What the backend promises about residue is stated, either way.
+    let caps = store.capabilities();
+    assert!(!caps.backend.is_empty());
+}
+
+pub async fn key_versions_follow_their_lifecycle(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    let states = |keys: Vec<piivault::store::KeyInfo>| -> Vec<(u32, KeyState, u64)> {
+        keys.into_iter().map(|k| (k.version, k.state, k.records)).collect()
+    };
+    store.insert_records(id, vec![record("r1", 1, b"ct")], audit("tokenize")).await.unwrap();
+    store.add_primary_key(id, DATA_PURPOSE, 2, b"wrapped-v2".to_vec(), None, audit("rotate")).await.unwrap();
+    assert_eq!(
+        states(store.list_keys(id, DATA_PURPOSE).await.unwrap()),
+        [(1, KeyState::Active, 1), (2, KeyState::Primary, 0)]
+    );
+    // A version another rotation took is a conflict, and nothing changes.
+    let taken = store.add_primary_key(id, DATA_PURPOSE, 2, b"again".to_vec(), None, audit("rotate")).await;
+    assert!(matches!(taken, Err(StoreError::Conflict)), "{taken:?}");
+    assert_eq!(store.list_keys(id, DATA_PURPOSE).await.unwrap().len(), 2);
+
+    assert_eq!(store.retire_key(id, 2, audit("retire")).await.unwrap(), Err(RetireRefused::Primary));
+    assert_eq!(store.retire_key(id, 9, audit("retire")).await.unwrap(), Err(RetireRefused::NoSuchVersion));
+    assert_eq!(store.retire_key(id, 1, audit("retire")).await.unwrap(), Err(RetireRefused::InUse(1)));
+    // A refusal is on the trail once, as refused.
+    let rows = chain(store).await;
+    let refused: Vec<_> = rows.iter().filter(|(_, r)| r.action == "retire").map(|(_, r)| r.outcome.clone()).collect();
+    assert_eq!(refused, ["FAILED_PRECONDITION"; 3]);
+
+    store.mark_retiring(id).await.unwrap();
+    assert_eq!(store.list_keys(id, DATA_PURPOSE).await.unwrap()[0].state, KeyState::Retiring);
+    let work = store.records_needing(id, Pending::Reencryption { primary: 2 }, String::new(), 10).await.unwrap();
+    assert_eq!(work, [("r1".to_owned(), b"ct".to_vec())]);
+    let moved = Reencrypted { token: "r1".into(), from_version: 1, to_version: 2, ciphertext: b"ct2".to_vec() };
+    // Read under version 3 (stale): not replaced.
+    let stale = Reencrypted { token: "r1".into(), from_version: 3, to_version: 2, ciphertext: b"x".to_vec() };
+    assert_eq!(store.replace_ciphertexts(id, vec![stale], audit("reencrypt")).await.unwrap(), 0);
+    assert_eq!(store.replace_ciphertexts(id, vec![moved], audit("reencrypt")).await.unwrap(), 1);
+    assert_eq!(read(store, id, &["r1"]).await, [Some(b"ct2".to_vec())]);
+    assert_eq!(store.retire_key(id, 1, audit("retire")).await.unwrap(), Ok(()));
+    assert_eq!(store.retire_key(id, 1, audit("retire")).await.unwrap(), Err(RetireRefused::AlreadyRetired));
+    assert_eq!(
+        states(store.list_keys(id, DATA_PURPOSE).await.unwrap()),
+        [(1, KeyState::Retired, 0), (2, KeyState::Primary, 1)]
+    );
+    // A retired key's material is gone from what can be loaded or re-wrapped.
+    let wrapped: Vec<_> = store.wrapped_keys().await.unwrap().into_iter().map(|k| (k.purpose, k.version)).collect();
+    assert_eq!(wrapped, [("data".to_owned(), 2)]);
+    let loaded = store.load_keys().await.unwrap();
+    let v1 = loaded.iter().find(|k| k.version == 1).unwrap();
+    assert!(v1.wrapped.is_empty() && v1.state == KeyState::Retired);
+
+    // A compromised mark on rotation.
+    store.add_primary_key(id, DATA_PURPOSE, 3, b"wrapped-v3".to_vec(), Some(2), audit("rotate")).await.unwrap();
+    assert_eq!(
+        states(store.list_keys(id, DATA_PURPOSE).await.unwrap()),
+        [(1, KeyState::Retired, 0), (2, KeyState::Compromised, 1), (3, KeyState::Primary, 0)]
+    );
+    let summary = store.key_summary().await.unwrap();
+    let data: Vec<_> =
+        summary.iter().filter(|s| s.purpose == "data").map(|s| (s.state.as_str(), s.versions, s.live)).collect();
+    assert_eq!(data, [("compromised", 1, 1), ("primary", 1, 0), ("retired", 1, 0)]);
+}
+
+pub async fn a_rewrap_replaces_every_key_or_none(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    let audit_wrapped = store.vault_key("audit", b"audit-v1".to_vec()).await.unwrap();
+    assert_eq!(audit_wrapped, b"audit-v1");
+    // Asked again, the stored one answers.
+    assert_eq!(store.vault_key("audit", b"other".to_vec()).await.unwrap(), b"audit-v1");
+    let mut keys = store.wrapped_keys().await.unwrap();
+    assert_eq!(keys.len(), 2);
+    for key in &mut keys {
+        key.wrapped = [b"new-".as_slice(), &key.wrapped].concat();
+    }
+    // One key that is not there: nothing changes.
+    let mut with_ghost: Vec<WrappedKey> = keys
+        .iter()
+        .map(|k| WrappedKey {
+            collection: k.collection,
+            collection_name: k.collection_name.clone(),
+            purpose: k.purpose.clone(),
+            version: k.version,
+            wrapped: k.wrapped.clone(),
+        })
+        .collect();
+    with_ghost.push(WrappedKey {
+        collection: Some(id),
+        collection_name: "c".into(),
+        purpose: "data".into(),
+        version: 42,
+        wrapped: b"ghost".to_vec(),
+    });
+    let refused = store.rewrap_keys(with_ghost, audit("rotate_root_key")).await;
+    assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
+    assert_eq!(store.vault_key("audit", Vec::new()).await.unwrap(), b"audit-v1");
+    store.rewrap_keys(keys, audit("rotate_root_key")).await.unwrap();
+    assert_eq!(store.vault_key("audit", Vec::new()).await.unwrap(), b"new-audit-v1");
+    let loaded = store.load_keys().await.unwrap();
+    assert_eq!(loaded.iter().map(|k| k.wrapped.clone()).collect::<Vec<_>>(), [b"new-wrapped-v1".to_vec()]);
+    assert_eq!(chain(store).await.len(), 1, "only the committed rewrap is on the trail");
+}
+
+pub async fn no_audit_key_no_write(fresh: Fresh) {
+    let store = fresh.store.as_ref();
+    let id = store.create_collection("c", DATA_PURPOSE, b"w".to_vec()).await.unwrap();
+    let refused = store.insert_records(id, vec![record("t", 1, b"ct")], audit("tokenize")).await;
+    assert!(matches!(refused, Err(StoreError::AuditUnavailable)), "{refused:?}");
+    assert!(matches!(store.append_audit(audit("detokenize")).await, Err(StoreError::AuditUnavailable)));
+    assert_eq!(read(store, id, &["t"]).await, [None], "nothing written without its record");
+    assert_eq!(store.audit_head().await.unwrap(), Head::GENESIS);
+}
+
+pub async fn the_audit_trail_chains_and_answers_queries(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    store.insert_records(id, vec![record("x1", 1, b"a"), record("x2", 1, b"b")], audit("tokenize")).await.unwrap();
+    let mut read_x2 = audit("detokenize");
+    read_x2.caller = "spiffe://conformance/reader".into();
+    read_x2.tokens = vec!["x2".into()];
+    assert_eq!(store.append_audit(read_x2).await.unwrap(), 2);
+    let mut denied = audit("detokenize");
+    denied.outcome = "PERMISSION_DENIED".into();
+    assert_eq!(store.append_audit(denied).await.unwrap(), 3);
+    let rows = chain(store).await;
+    assert_eq!(rows.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3]);
+
+    let seqs = |filter: AuditFilter, limit: usize| async move {
+        store.query_audit(filter, limit).await.unwrap().into_iter().map(|r| r.seq).collect::<Vec<_>>()
+    };
+    assert_eq!(seqs(AuditFilter { token: Some("x2".into()), ..AuditFilter::default() }, 10).await, [1, 2]);
+    assert_eq!(seqs(AuditFilter { token: Some("x1".into()), ..AuditFilter::default() }, 10).await, [1]);
+    assert_eq!(
+        seqs(AuditFilter { caller: Some("spiffe://conformance/reader".into()), ..AuditFilter::default() }, 10).await,
+        [2]
+    );
+    assert_eq!(
+        seqs(AuditFilter { outcome: Some("PERMISSION_DENIED".into()), ..AuditFilter::default() }, 10).await,
+        [3]
+    );
+    assert_eq!(seqs(AuditFilter { action: Some("detokenize".into()), ..AuditFilter::default() }, 10).await, [2, 3]);
+    assert_eq!(seqs(AuditFilter { after_seq: 1, ..AuditFilter::default() }, 1).await, [2]);
+    let at = 1_700_000_000_000_000;
+    assert_eq!(seqs(AuditFilter { since: Some(at + 1), ..AuditFilter::default() }, 10).await, Vec::<u64>::new());
+    assert_eq!(seqs(AuditFilter { until: Some(at + 1), ..AuditFilter::default() }, 10).await, [1, 2, 3]);
+    let indexed = store.query_audit(AuditFilter::default(), 1).await.unwrap().remove(0).indexed_tokens;
+    assert_eq!(indexed, ["x1", "x2"]);
+    assert!(store.token_audited("x1".into()).await.unwrap());
+    assert!(!store.token_audited("never".into()).await.unwrap());
+    // The installed head follows the trail after a reinstall.
+    let head = store.install_audit_key(AuditKey::from_bytes(AUDIT_KEY)).await.unwrap();
+    assert_eq!(head.seq, 3);
+    assert_eq!(store.append_audit(audit("detokenize")).await.unwrap(), 4);
+    assert_eq!(chain(store).await.len(), 4);
+}
+
+pub async fn pending_work_is_paged_in_token_order(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    let batch = ["p3", "p1", "p4", "p2"].iter().map(|t| record(t, 1, t.as_bytes())).collect();
+    store.insert_records(id, batch, audit("tokenize")).await.unwrap();
+    store.delete_records(id, vec![lookup("p4")], audit("delete")).await.unwrap();
+    store.add_primary_key(id, DATA_PURPOSE, 2, b"v2".to_vec(), None, audit("rotate")).await.unwrap();
+    let work = Pending::Reencryption { primary: 2 };
+    let page = store.records_needing(id, work, String::new(), 2).await.unwrap();
+    assert_eq!(page.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["p1", "p2"]);
+    let next = store.records_needing(id, work, "p2".into(), 2).await.unwrap();
+    assert_eq!(next, [("p3".to_owned(), b"p3".to_vec())], "erased records need nothing");
+    assert_eq!(store.issued_by_length(id).await.unwrap(), [(2, 4)], "every token ever issued counts");
+}
+
+pub async fn index_entries_move_to_a_new_version(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    store_index_key(&fresh, id).await;
+    let store = fresh.store.as_ref();
+    let old = [1u8; 32];
+    let mut r = record("i1", 1, b"ct");
+    r.index = Some(IndexEntry { version: 1, digest: old, lookups: vec![(1, old)] });
+    store.insert_records(id, vec![r, record("i2", 1, b"ct2")], audit("tokenize")).await.unwrap();
+    store.add_primary_key(id, INDEX_PURPOSE, 2, b"index-v2".to_vec(), None, audit("rotate")).await.unwrap();
+    let states: Vec<_> = store
+        .list_keys(id, INDEX_PURPOSE)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| (k.version, k.state, k.records))
+        .collect();
+    assert_eq!(states, [(1, KeyState::Retiring, 1), (2, KeyState::Primary, 0)]);
+    let work = store.records_needing(id, Pending::Indexing { version: 2 }, String::new(), 10).await.unwrap();
+    assert_eq!(work.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["i1", "i2"]);
+    let new = [2u8; 32];
+    // i1 moves; a gone token is skipped.
+    let entries = vec![("i1".to_owned(), new), ("gone".to_owned(), [3u8; 32])];
+    assert_eq!(store.index_records(id, 2, entries, audit("reindex")).await.unwrap(), 1);
+    assert_eq!(store.retire_unused_index_keys(id, audit("reindex")).await.unwrap(), [1]);
+    // The value is found under the new digest only.
+    let mut probe = record("i9", 1, b"ct9");
+    probe.index = Some(IndexEntry { version: 2, digest: new, lookups: vec![(2, new)] });
+    assert_eq!(
+        store.insert_records(id, vec![probe], audit("tokenize")).await.unwrap(),
+        [InsertOutcome::Existing("i1".into())]
+    );
+}
+
+pub async fn collection_facts_are_recorded_once(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    assert_eq!(store.token_kind(id, "random".into()).await.unwrap(), "random");
+    assert_eq!(store.token_kind(id, "digits".into()).await.unwrap(), "random", "the first recorded kind stays");
+    assert_eq!(store.canonical_index_from(id).await.unwrap(), None);
+    assert_eq!(store.set_canonical_index_from(id, 3).await.unwrap(), 3);
+    assert_eq!(store.set_canonical_index_from(id, 5).await.unwrap(), 3);
+    assert_eq!(store.canonical_index_from(id).await.unwrap(), Some(3));
+}
+
+pub async fn backup_follows_the_capabilities(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    store.insert_records(id, vec![record("b1", 1, b"x"), record("b2", 1, b"y")], audit("tokenize")).await.unwrap();
+    store.delete_records(id, vec![lookup("b2")], audit("delete")).await.unwrap();
+    if store.capabilities().file_backup {
+        let (path, taken) = store.backup().await.unwrap();
+        assert_eq!(taken.records, 1);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), taken.bytes);
+        piivault::store::check_backup(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+    } else {
+        assert!(matches!(store.backup().await, Err(StoreError::Unsupported(_))));
+    }
+}
