@@ -94,6 +94,15 @@ pub enum VaultError {
     },
 }
 
+impl VaultError {
+    /// Whether this failure is already on the audit trail: the store wrote
+    /// its record in the same transaction as the check that refused (a key
+    /// version that cannot be retired). The caller must not record it again.
+    pub fn is_on_record(&self) -> bool {
+        matches!(self, Self::RetireRefused(_))
+    }
+}
+
 /// Machine-readable code of a per-item error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]

@@ -1091,6 +1091,46 @@ async fn sink_alerts_and_refused_handshakes() {
     assert!(!all.contains("078-05-1120") && !all.contains("219-09-9999"));
 }
 
+/// `piivault keys ARGS` as `who` against the server at `addr`.
+fn keys_cli(dir: &str, addr: &str, who: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::server::BIN)
+        .args(["keys"])
+        .args(args)
+        .args(["--data-dir", dir, "--as", who, "--addr", addr])
+        .output()
+        .unwrap()
+}
+
+/// `(version, state, records)` of `collection`'s `purpose` keys, as `keys
+/// list --json` shows them to `who`.
+fn key_list(dir: &str, addr: &str, who: &str, collection: &str, purpose: &str) -> Vec<(u64, String, u64)> {
+    let out = keys_cli(dir, addr, who, &["list", "--collection", collection, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["purpose"] == purpose)
+        .map(|v| {
+            (v["version"].as_u64().unwrap(), v["state"].as_str().unwrap().to_owned(), v["records"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+/// `(action, error_code)` of every `FAILED_PRECONDITION` record on
+/// `collection`, as the auditor's query answers.
+fn refusals_on_record(dir: &str, addr: &str, collection: &str) -> Vec<(String, String)> {
+    let args =
+        ["audit", "query", "--json", "--collection", collection, "--data-dir", dir, "--as", "auditor", "--addr", addr];
+    let audit = std::process::Command::new(common::server::BIN).args(args).output().unwrap();
+    lines(&audit)
+        .iter()
+        .filter(|v| v["outcome"] == "FAILED_PRECONDITION")
+        .map(|v| (v["action"].as_str().unwrap().to_owned(), v["error_code"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
 /// `piivault keys` as the admin caller against `piivault dev`: list, rotate,
 /// re-encrypt, retire, each checked through `ListKeys` and real detokenize
 /// calls; other callers are refused.
@@ -1099,32 +1139,8 @@ async fn key_management_through_the_admin_api() {
     let server = DevServer::start();
     let dir = server.dir.to_str().unwrap().to_owned();
     let addr = server.addr.to_string();
-    let keys = |who: &str, args: &[&str]| {
-        std::process::Command::new(common::server::BIN)
-            .args(["keys"])
-            .args(args)
-            .args(["--data-dir", &dir, "--as", who, "--addr", &addr])
-            .output()
-            .unwrap()
-    };
-    let list_of = |who: &str, collection: &str, purpose: &str| -> Vec<(u64, String, u64)> {
-        let out = keys(who, &["list", "--collection", collection, "--json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        value
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|v| v["purpose"] == purpose)
-            .map(|v| {
-                (
-                    v["version"].as_u64().unwrap(),
-                    v["state"].as_str().unwrap().to_owned(),
-                    v["records"].as_u64().unwrap(),
-                )
-            })
-            .collect()
-    };
+    let keys = |who: &str, args: &[&str]| keys_cli(&dir, &addr, who, args);
+    let list_of = |who: &str, collection: &str, purpose: &str| key_list(&dir, &addr, who, collection, purpose);
     let list = |who: &str| list_of(who, "card", "data");
     let mut writer = server.client("writer").await;
     let mut reader = server.client("reader").await;
@@ -1144,6 +1160,15 @@ async fn key_management_through_the_admin_api() {
     assert_eq!(
         String::from_utf8_lossy(&refused.stderr).trim(),
         "piivault: FAILED_PRECONDITION: cannot retire the key version: 40 records are still sealed under this version; run reencrypt first"
+    );
+    // The refusal is on the trail once, under its own action, by the store
+    // that refused it.
+    assert_eq!(
+        refusals_on_record(&dir, &addr, "card"),
+        [(
+            "retire_key_version".to_owned(),
+            "40 records are still sealed under this version; run reencrypt first".to_owned()
+        )]
     );
 
     let out = keys("admin", &["reencrypt", "--collection", "card", "--batch", "16", "--json"]);

@@ -115,6 +115,7 @@ impl Call {
         let (result, outcome) = match result {
             Ok(value) => (Ok(value), "OK"),
             Err(failure) => {
+                let on_record = matches!(&failure, Failure::Vault(e) if e.is_on_record());
                 let detail = failure.to_string();
                 let status = Status::from(failure);
                 let outcome = code_name(status.code());
@@ -133,8 +134,9 @@ impl Call {
                     live.alerts.note(&subject, "refused requests");
                 }
                 // Refusals by the rate limit are counted, not audited: see
-                // `Live::limit_request`.
-                if !rate_limited {
+                // `Live::limit_request`. A refusal the store recorded with
+                // its check is not recorded twice.
+                if !rate_limited && !on_record {
                     vault.audit_failure(&self.who, self.action, &self.collection, self.items, outcome, &detail).await;
                 }
                 (Err(status), outcome)
