@@ -653,70 +653,44 @@ fn load_config(config_path: &Path) -> Result<Config, CliError> {
 
 /// Unseals the root key named by `config` and opens the vault.
 ///
-/// A root-key rotation writes `root.sealed.new` before re-wrapping the keys
-/// and renames it over `root.sealed` after; an interruption leaves both
-/// files. Each file names the provider that sealed it, and each that opens
-/// with that provider's secret is tried; the keyring decides which root key
-/// is real: if it is the new one the rotation is completed (renamed into
-/// place), if the old one the leftover is removed. An unseal that serves
+/// An interrupted root-key rotation is completed or undone by
+/// [`crate::vault::unseal::open_sealed`]. An unseal that serves
 /// or changes the vault is recorded on the audit trail, with its provider
 /// ([`Unseal::Recorded`]); the read-only audit commands do not write to the
 /// trail they read.
 async fn open_vault(config: &Config, secret: &SecretArgs, unseal: Unseal) -> Result<Vault, CliError> {
-    let sealed_path = &config.sealed_root;
-    let pending = crate::vault::pending_sealed_path(sealed_path);
-    let sealed = std::fs::read(sealed_path)
-        .with_context(|| format!("cannot read the sealed root key {}", sealed_path.display()))
-        .or_fail(Failure::Config)?;
+    use crate::vault::unseal::UnsealError;
     let mut unlocks = secrets::Unlocks::new(config, secret);
-    let mut first_error = None;
-    for (path, bytes) in [(sealed_path.clone(), Some(sealed)), (pending.clone(), std::fs::read(&pending).ok())] {
-        let Some(bytes) = bytes else { continue };
-        let config_error =
-            |e: anyhow::Error| CliError { failure: Failure::Config, error: e.context(path.display().to_string()) };
-        let provider = match root::parse_sealed(&bytes) {
-            Ok(parsed) => parsed.provider,
-            Err(e) => {
-                first_error.get_or_insert(config_error(e.into()));
-                continue;
-            }
-        };
-        let unlocked = unlocks.get(provider).and_then(|unlock| root::unseal(&bytes, unlock).or_fail(Failure::Config));
-        let root = match unlocked {
-            Ok(root) => root,
-            Err(e) => {
-                first_error.get_or_insert(config_error(e.error));
-                continue;
-            }
-        };
-        match Vault::open(config, &root).await {
-            Ok(vault) => {
-                if path == pending {
-                    std::fs::rename(&pending, sealed_path).or_fail(Failure::Other)?;
-                    tracing::warn!("completed an interrupted root-key rotation: the new sealed root key is in place");
-                } else if pending.exists() {
-                    std::fs::remove_file(&pending).or_fail(Failure::Other)?;
-                    tracing::warn!("removed the leftover of a root-key rotation that did not complete");
-                }
-                return unsealed(config, vault, provider, &unlocks, unseal).await;
-            }
-            Err(e) => {
-                first_error.get_or_insert(CliError {
+    match crate::vault::unseal::open_sealed(config, &mut unlocks).await {
+        Ok((vault, provider)) => unsealed(config, vault, provider, &unlocks, unseal).await,
+        Err(failure) => {
+            let at = |path: &Path, error: anyhow::Error| CliError {
+                failure: Failure::Config,
+                error: error.context(path.display().to_string()),
+            };
+            let mut error = match failure.error {
+                UnsealError::Unreadable(e) => CliError {
+                    failure: Failure::Config,
+                    error: anyhow::Error::new(e)
+                        .context(format!("cannot read the sealed root key {}", config.sealed_root.display())),
+                },
+                UnsealError::Sealed { path, error } => at(&path, error.into()),
+                UnsealError::Secret { path, error } => at(&path, error.error),
+                UnsealError::Vault(e) => CliError {
                     failure: vault_failure(&e),
                     error: anyhow::Error::new(e).context(config.store_backend.to_string()),
-                });
+                },
+                UnsealError::Finish(e) => CliError { failure: Failure::Other, error: e.into() },
+            };
+            if let Some(pending) = failure.pending {
+                error.error = error.error.context(format!(
+                    "an interrupted root-key rotation left {}: try the other (old or new) secret",
+                    pending.display()
+                ));
             }
+            Err(error)
         }
     }
-    let mut error = first_error
-        .unwrap_or_else(|| CliError { failure: Failure::Config, error: anyhow!("cannot unseal the root key") });
-    if pending.exists() {
-        error.error = error.error.context(format!(
-            "an interrupted root-key rotation left {}: try the other (old or new) secret",
-            pending.display()
-        ));
-    }
-    Err(error)
 }
 
 /// Whether opening a vault puts the unseal on its audit trail.
@@ -896,8 +870,8 @@ async fn run_server(
 }
 
 /// The server's periodic work, until aborted: reloading changed policy and
-/// TLS files, automatic key rotation, the expiry purge, resuming unfinished
-/// index rebuilds, and the audit head log line.
+/// TLS files, and the vault's own background work
+/// ([`Vault::spawn_background`]).
 fn spawn_upkeep(config: &Config, vault: &Vault, live: &std::sync::Arc<Live>) -> Vec<tokio::task::JoinHandle<()>> {
     // The same reload when policy.toml or a file in pki/ changes, without
     // a signal (a watcher by polling: no platform-specific notification).
@@ -915,51 +889,9 @@ fn spawn_upkeep(config: &Config, vault: &Vault, live: &std::sync::Arc<Live>) -> 
             }
         }
     });
-    let rotation_vault = vault.clone();
-    let key_check = config.server.key_check_interval;
-    let auto_rotation = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(key_check).await;
-            if let Err(e) = rotation_vault.rotate_due().await {
-                tracing::error!(error = %e, "automatic key rotation check failed");
-            }
-        }
-    });
-    let purge_vault = vault.clone();
-    let (purge_every, purge_batch) = (config.store.purge_interval, config.store.purge_batch);
-    let purger = tokio::spawn(async move {
-        loop {
-            if let Err(e) = purge_vault.purge_expired(purge_batch).await {
-                tracing::error!(error = %e, "purging expired records failed; retrying at the next interval");
-            }
-            tokio::time::sleep(purge_every).await;
-        }
-    });
-    // Finding unfinished work scans deterministic collections: in the
-    // background, not before the server answers.
-    let resume_vault = vault.clone();
-    let resume = tokio::spawn(async move {
-        if let Err(e) = resume_vault.resume_background_work().await {
-            tracing::error!(error = %e, "cannot resume background work (blind-index rebuilds)");
-        }
-    });
-    let head_vault = vault.clone();
-    let interval = config.audit.head_log_interval;
-    let head_logger = tokio::spawn(async move {
-        let mut last = None;
-        loop {
-            tokio::time::sleep(interval).await;
-            match head_vault.audit_head().await {
-                Ok(head) if last != Some(head.seq) => {
-                    tracing::info!(seq = head.seq, mac = %hex::encode(head.mac), "audit trail head");
-                    last = Some(head.seq);
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "cannot read the audit trail head"),
-            }
-        }
-    });
-    vec![file_watch, auto_rotation, purger, resume, head_logger]
+    let mut jobs = vault.spawn_background(config);
+    jobs.push(file_watch);
+    jobs
 }
 
 /// How long requests in flight get to finish after SIGTERM/SIGINT.

@@ -237,8 +237,20 @@ impl<'a> Unlocks<'a> {
         }
     }
 
+    /// The token, if one was used to unseal.
+    pub(super) fn hsm(&self) -> Option<Arc<Hsm>> {
+        match &self.resolved[Self::slot(Provider::Pkcs11)] {
+            Some(Unlock::Pkcs11(unlock)) => Some(unlock.hsm.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl crate::vault::unseal::Secrets for Unlocks<'_> {
+    type Error = CliError;
+
     /// The secret for `provider`, read on first use.
-    pub(super) fn get(&mut self, provider: Provider) -> Result<&Unlock, CliError> {
+    fn unlock(&mut self, provider: Provider) -> Result<&Unlock, CliError> {
         let slot = Self::slot(provider);
         if self.resolved[slot].is_none() {
             let unlock = match provider {
@@ -251,14 +263,6 @@ impl<'a> Unlocks<'a> {
             self.resolved[slot] = Some(unlock);
         }
         self.resolved[slot].as_ref().ok_or_else(|| unreachable!("resolved above"))
-    }
-
-    /// The token, if one was used to unseal.
-    pub(super) fn hsm(&self) -> Option<Arc<Hsm>> {
-        match &self.resolved[Self::slot(Provider::Pkcs11)] {
-            Some(Unlock::Pkcs11(unlock)) => Some(unlock.hsm.clone()),
-            _ => None,
-        }
     }
 }
 

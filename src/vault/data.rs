@@ -1,0 +1,287 @@
+//! The data path: tokenize, detokenize (in clear or masked), delete.
+
+use super::{Collection, ItemResult, MAX_TOKEN_ATTEMPTS, Requester, Vault};
+use crate::crypto::keyring::{self, KeyPurpose};
+use crate::crypto::{CryptoError, envelope};
+use crate::error::{ItemError, VaultError};
+use crate::format::{Format, Normalize};
+use crate::store::{IndexEntry, InsertOutcome, NewRecord, TokenLookup};
+use crate::token::Token;
+use crate::value::PiiValue;
+
+impl Vault {
+    /// Swaps each value for a token of the collection's format: a new one,
+    /// or, in a deterministic collection, the one its (normalized) value
+    /// already has. Answers item by item, in order; an answer is given only
+    /// once its record is durable.
+    pub async fn tokenize(
+        &self,
+        who: &Requester,
+        collection: &str,
+        values: Vec<PiiValue>,
+    ) -> Result<Vec<ItemResult<Token>>, VaultError> {
+        let coll = self.collection(collection)?;
+        self.check_count(values.len())?;
+        let (values, mut results): (Vec<PiiValue>, Vec<Option<ItemResult<Token>>>) = values
+            .into_iter()
+            .map(|v| {
+                let (value, problem) = prepare_value(&coll.normalize, coll.max_value_len, &coll.format, v);
+                (value, problem.map(Err))
+            })
+            .unzip();
+        // Only values that will be tokenized count against the space.
+        coll.check_space(values.iter().zip(&results).filter(|(_, r)| r.is_none()).map(|(v, _)| v))?;
+        let mut pending: Vec<usize> = (0..values.len()).filter(|&i| results[i].is_none()).collect();
+        let audit = who.record("tokenize", collection, values.len(), "OK");
+        if pending.is_empty() {
+            // Nothing to store, but the request is still on the record.
+            self.inner.store.append_audit(audit.clone()).await?;
+        }
+        let expires_at = coll
+            .ttl
+            .map(|ttl| crate::store::now_micros().saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX)));
+        let indexes: Vec<Option<IndexEntry>> = if coll.deterministic {
+            values.iter().map(|v| self.index_entry(coll, v).map(Some)).collect::<Result<_, _>>()?
+        } else {
+            values.iter().map(|_| None).collect()
+        };
+
+        for _ in 0..MAX_TOKEN_ATTEMPTS {
+            if pending.is_empty() {
+                break;
+            }
+            let mut records = Vec::with_capacity(pending.len());
+            let mut tokens = Vec::with_capacity(pending.len());
+            let mut drawn = Vec::with_capacity(pending.len());
+            for &i in &pending {
+                let value = values[i].expose_secret();
+                let Some(token) = coll.format.generate(value, self.inner.tokens.as_ref())? else {
+                    results[i] = Some(Err(ItemError::TokenSpaceExhausted));
+                    continue;
+                };
+                // Stored (and bound to its ciphertext) in canonical form;
+                // answered as drawn, in the caller's writing.
+                let stored = coll.format.canonical(token.as_str()).into_owned();
+                let (key_version, ciphertext) = self
+                    .inner
+                    .keyring
+                    .with_primary(coll.id.0, KeyPurpose::Data, |version, key| {
+                        envelope::seal(key, version, coll.name.as_str(), &stored, value.as_bytes())
+                            .map(|ct| (version, ct))
+                    })
+                    .ok_or_else(|| coll.no_primary(KeyPurpose::Data))??;
+                records.push(NewRecord {
+                    token: stored,
+                    key_version,
+                    ciphertext,
+                    expires_at,
+                    index: indexes[i].clone(),
+                });
+                tokens.push(token);
+                drawn.push(i);
+            }
+            if records.is_empty() {
+                break;
+            }
+            let outcomes = self.inner.store.insert_records(coll.id, records, audit.clone()).await?;
+            let mut retry = Vec::new();
+            for ((i, token), outcome) in drawn.into_iter().zip(tokens).zip(outcomes) {
+                match outcome {
+                    InsertOutcome::Inserted => {
+                        coll.occupancy.add(crate::format::slots_of(token.as_str()), 1);
+                        results[i] = Some(Ok(token));
+                    }
+                    InsertOutcome::Existing(existing) => {
+                        // The value's token, in the writing of this request.
+                        let rendered = coll.format.render(&existing, values[i].expose_secret());
+                        results[i] =
+                            Some(rendered.and_then(|t| coll.format.parse_token(&t)).ok_or(ItemError::Unreadable));
+                    }
+                    InsertOutcome::Collision => retry.push(i),
+                }
+            }
+            if !retry.is_empty() {
+                tracing::debug!(collection = %coll.name, collisions = retry.len(), "token collisions; drawing again");
+            }
+            pending = retry;
+        }
+        if !pending.is_empty() {
+            tracing::warn!(collection = %coll.name, items = pending.len(), "no free token after {MAX_TOKEN_ATTEMPTS} draws");
+        }
+        Ok(results.into_iter().map(|r| r.unwrap_or(Err(ItemError::TokenSpaceExhausted))).collect())
+    }
+
+    /// The version of `coll`'s primary `purpose` key.
+    pub(super) fn primary_version(&self, coll: &Collection, purpose: KeyPurpose) -> Result<u32, VaultError> {
+        self.inner
+            .keyring
+            .with_primary(coll.id.0, purpose, |version, _| version)
+            .ok_or_else(|| coll.no_primary(purpose))
+    }
+
+    /// The blind index of a normalized value: its digest under every live
+    /// index-key version, primary first.
+    pub(super) fn index_entry(&self, coll: &Collection, value: &PiiValue) -> Result<IndexEntry, VaultError> {
+        let lookups = self
+            .inner
+            .keyring
+            .map_versions(coll.id.0, KeyPurpose::Index, |version, key| {
+                let form = coll.index_form(version, value.expose_secret());
+                keyring::blind_index(key, coll.name.as_str(), form.as_bytes()).map(|d| (version, d))
+            })
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let &(version, digest) = lookups.first().ok_or_else(|| coll.no_primary(KeyPurpose::Index))?;
+        Ok(IndexEntry { version, digest, lookups })
+    }
+
+    /// Swaps each token back for its value. Unknown, deleted, malformed and
+    /// other collections' tokens all answer [`ItemError::NotFound`]. No value
+    /// is returned before the audit record of this read is durable.
+    pub async fn detokenize(
+        &self,
+        who: &Requester,
+        collection: &str,
+        tokens: Vec<String>,
+    ) -> Result<Vec<ItemResult<PiiValue>>, VaultError> {
+        self.reveal(who, collection, tokens, false).await
+    }
+
+    /// [`Vault::detokenize`], with each value masked by [`mask`].
+    pub async fn detokenize_masked(
+        &self,
+        who: &Requester,
+        collection: &str,
+        tokens: Vec<String>,
+    ) -> Result<Vec<ItemResult<PiiValue>>, VaultError> {
+        self.reveal(who, collection, tokens, true).await
+    }
+
+    async fn reveal(
+        &self,
+        who: &Requester,
+        collection: &str,
+        tokens: Vec<String>,
+        masked: bool,
+    ) -> Result<Vec<ItemResult<PiiValue>>, VaultError> {
+        let coll = self.collection(collection)?;
+        self.check_count(tokens.len())?;
+        let (parsed, lookups) = parse_tokens(coll, &tokens);
+        let found = self.inner.store.get_records(coll.id, lookups).await?;
+        let mut found = found.into_iter();
+        let mut revealed = Vec::new();
+        let results: Vec<ItemResult<PiiValue>> = parsed
+            .into_iter()
+            .map(|token| {
+                token.ok_or(ItemError::NotFound)?;
+                let record = found.next().flatten().ok_or(ItemError::NotFound)?;
+                let value = self.open_record(coll, &record.token, &record.ciphertext)?;
+                revealed.push(record.token);
+                Ok(if masked { coll.mask.apply(&value) } else { value })
+            })
+            .collect();
+        let action = if masked { "detokenize_masked" } else { "detokenize" };
+        let mut audit = who.record(action, collection, tokens.len(), "OK");
+        audit.tokens = revealed;
+        // Fail closed: if this record cannot be written, no value leaves.
+        self.inner.store.append_audit(audit).await?;
+        Ok(results)
+    }
+
+    pub(super) fn open_record(&self, coll: &Collection, token: &str, ciphertext: &[u8]) -> ItemResult<PiiValue> {
+        let opened = envelope::key_version(ciphertext).and_then(|version| {
+            self.inner
+                .keyring
+                .with_version(coll.id.0, KeyPurpose::Data, version, |key| {
+                    envelope::open(key, coll.name.as_str(), token, ciphertext)
+                })
+                .unwrap_or(Err(CryptoError::Decrypt))
+        });
+        let unreadable = || {
+            tracing::error!(
+                alert = true,
+                collection = %coll.name,
+                token,
+                "stored record failed to decrypt: corruption, tampering, or a missing key version"
+            );
+            ItemError::Unreadable
+        };
+        let mut plain = opened.map_err(|_| unreadable())?;
+        match String::from_utf8(std::mem::take(&mut *plain)) {
+            Ok(value) => Ok(PiiValue::new(value)),
+            Err(not_utf8) => {
+                zeroize::Zeroize::zeroize(&mut not_utf8.into_bytes());
+                Err(unreadable())
+            }
+        }
+    }
+
+    /// Deletes the records behind tokens: `Ok(())` for each live token
+    /// deleted, [`ItemError::NotFound`] otherwise. A deleted token is never
+    /// issued again.
+    pub async fn delete(
+        &self,
+        who: &Requester,
+        collection: &str,
+        tokens: Vec<String>,
+    ) -> Result<Vec<ItemResult<()>>, VaultError> {
+        let coll = self.collection(collection)?;
+        self.check_count(tokens.len())?;
+        let (parsed, lookups) = parse_tokens(coll, &tokens);
+        let audit = who.record("delete", collection, tokens.len(), "OK");
+        let deleted = self.inner.store.delete_records(coll.id, lookups, audit).await?;
+        let mut deleted = deleted.into_iter();
+        Ok(parsed
+            .into_iter()
+            .map(|token| match token {
+                Some(_) if deleted.next() == Some(true) => Ok(()),
+                _ => Err(ItemError::NotFound),
+            })
+            .collect())
+    }
+
+    /// The form in which `token` is on the audit trail, if this vault ever
+    /// issued it (in any collection; every issued token is on the trail):
+    /// as written, or, for a shaped token written with separators, its
+    /// canonical form (the one stored and audited).
+    pub async fn issued_form(&self, token: &str) -> Result<Option<String>, VaultError> {
+        if token.is_empty() || token.len() > crate::token::MAX_TOKEN_LEN {
+            return Ok(None);
+        }
+        let canonical = crate::format::alnum_only(token);
+        for form in [token.to_owned(), canonical].into_iter().filter(|f| !f.is_empty()) {
+            if self.inner.store.token_audited(form.clone()).await? {
+                return Ok(Some(form));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// What tokenizing does to a value before anything is stored: normalizes
+/// it, then checks that it is not empty, at most `max_len` bytes, and of
+/// `format`. The normalized value, and what is wrong with it if anything.
+pub fn prepare_value(
+    normalize: &Normalize,
+    max_len: usize,
+    format: &Format,
+    value: PiiValue,
+) -> (PiiValue, Option<ItemError>) {
+    let value = normalize.apply(value);
+    let problem = match value.len() {
+        0 => Some(ItemError::EmptyValue),
+        _ if value.expose_secret().trim().is_empty() => Some(ItemError::BlankValue),
+        n if n > max_len => Some(ItemError::ValueTooLong { max: max_len }),
+        _ => format.check_value(value.expose_secret()).err().map(Into::into),
+    };
+    (value, problem)
+}
+
+/// Parses each token for `coll`; returns, per input, the parsed token (or
+/// `None` when it is not one `coll`'s format can have issued) and the list
+/// of token strings worth looking up, in the same order as the `Some`s.
+fn parse_tokens(coll: &Collection, tokens: &[String]) -> (Vec<Option<Token>>, Vec<TokenLookup>) {
+    let parsed: Vec<Option<Token>> = tokens.iter().map(|t| coll.format.parse_token(t)).collect();
+    let lookups = parsed.iter().flatten().map(|t| coll.lookup(t)).collect();
+    (parsed, lookups)
+}

@@ -1,0 +1,140 @@
+//! The audit trail as the vault uses it: records outside a data change,
+//! compliance queries, and the streaming verification.
+
+use super::{Requester, Vault};
+use crate::audit::{self, AuditRecord, Head, VerifyError};
+use crate::crypto::root as crypto_root;
+use crate::error::VaultError;
+use crate::store::{AuditFilter, AuditRow};
+
+impl Vault {
+    /// Appends the record of a request that has no data change of its own
+    /// (an audit query, a refusal). Fails closed: a caller about to answer
+    /// must not answer if this fails.
+    pub async fn record(&self, record: AuditRecord) -> Result<(), VaultError> {
+        self.inner.store.append_audit(record).await?;
+        Ok(())
+    }
+
+    /// Records a request that failed or was refused before or inside the
+    /// vault (`outcome` is the gRPC code name). Best effort: the caller
+    /// already has its error; a record that cannot be written is logged.
+    pub async fn audit_failure(
+        &self,
+        who: &Requester,
+        action: &str,
+        collection: &str,
+        items: usize,
+        outcome: &str,
+        detail: &str,
+    ) {
+        let shown = if self.has_collection(collection) { collection } else { "" };
+        let mut record = who.record(action, shown, items, outcome);
+        record.error_code = detail.to_owned();
+        if let Err(e) = self.record(record).await {
+            tracing::error!(error = %e, action, outcome, "could not write the audit record of a failed request");
+        }
+    }
+
+    /// Audit records matching `filter`, oldest first, at most `limit`, with
+    /// their chain MACs. Reading does not verify: see [`Vault::verify_audit`].
+    pub async fn query_audit(
+        &self,
+        filter: AuditFilter,
+        limit: usize,
+    ) -> Result<Vec<(u64, AuditRecord, Vec<u8>)>, VaultError> {
+        let rows = self.inner.store.query_audit(filter, limit).await?;
+        rows.into_iter()
+            .map(|row| match AuditRecord::decode(&row.record) {
+                Ok((_, record)) => Ok((row.seq, record, row.mac)),
+                Err(_) => Err(VaultError::Audit(VerifyError { seq: row.seq, reason: "malformed record" })),
+            })
+            .collect()
+    }
+
+    /// Checks the whole audit trail against its chain; returns the head or
+    /// the first bad record.
+    pub async fn verify_audit(&self) -> Result<Result<Head, VerifyError>, VaultError> {
+        // One at a time: a second caller is told to come back, not queued.
+        let Ok(_one_at_a_time) = self.inner.verifying.try_lock() else {
+            return Err(VaultError::VerifyBusy);
+        };
+        let mut chain = audit::Chain::new();
+        let mut filter = AuditFilter::default();
+        loop {
+            let page = self.inner.store.query_audit(filter.clone(), VERIFY_PAGE).await?;
+            let Some(last) = page.last() else { break };
+            filter.after_seq = last.seq;
+            for row in &page {
+                // The chain first: at one record, a broken chain is the
+                // finding; columns that disagree with an intact record next.
+                if let Err(e) = chain.push(&self.inner.audit_key, row.seq, &row.record, &row.mac) {
+                    return Ok(Err(e));
+                }
+                if !columns_match(row) {
+                    return Ok(Err(VerifyError { seq: row.seq, reason: "query columns do not match the record" }));
+                }
+            }
+        }
+        Ok(Ok(chain.head()))
+    }
+
+    /// Puts an unseal by `provider` on the audit trail (action `unseal`,
+    /// the provider as its code). Fails closed: a vault that cannot record
+    /// its unseal does not serve.
+    pub async fn record_unseal(&self, provider: crypto_root::Provider) -> Result<(), VaultError> {
+        let mut record = Requester::named("(startup)").record("unseal", "", 0, "OK");
+        provider.as_str().clone_into(&mut record.error_code);
+        self.record(record).await?;
+        tracing::info!(provider = provider.as_str(), "root key unsealed");
+        Ok(())
+    }
+
+    /// Reopens a file audit sink (SIGHUP, after log rotation).
+    pub fn reopen_audit_sink(&self) {
+        if let Some(sink) = &self.inner.sink {
+            sink.reopen();
+        }
+    }
+
+    /// The last committed audit record's number and MAC.
+    pub async fn audit_head(&self) -> Result<Head, VaultError> {
+        Ok(self.inner.store.audit_head().await?)
+    }
+
+    /// The stored MAC of audit record `seq` (hex), if it exists.
+    pub async fn audit_mac(&self, seq: u64) -> Result<Option<String>, VaultError> {
+        let after = AuditFilter { after_seq: seq.saturating_sub(1), ..AuditFilter::default() };
+        let rows = self.inner.store.query_audit(after, 1).await?;
+        Ok(rows.into_iter().find(|r| r.seq == seq).map(|r| hex::encode(r.mac)))
+    }
+
+    /// Audit records with `seq > after`, in order, at most `limit`, decoded.
+    /// A row that does not decode is returned as an error naming it.
+    pub async fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditRecord)>, VaultError> {
+        let after = AuditFilter { after_seq: after, ..AuditFilter::default() };
+        Ok(self.query_audit(after, limit).await?.into_iter().map(|(seq, record, _)| (seq, record)).collect())
+    }
+}
+
+/// Records per page of an audit verification: what it holds in memory at
+/// most (a record lists at most `max_items_per_call` tokens).
+const VERIFY_PAGE: usize = 256;
+
+/// Whether the query columns and the token index of `row` say what its
+/// (MAC-protected) record says.
+fn columns_match(row: &AuditRow) -> bool {
+    AuditRecord::decode(&row.record).is_ok_and(|(_, r)| {
+        let mut recorded: Vec<&String> = r.tokens.iter().collect();
+        recorded.sort();
+        recorded.dedup();
+        let mut indexed: Vec<&String> = row.indexed_tokens.iter().collect();
+        indexed.sort();
+        r.at_micros == row.at
+            && r.caller == row.caller
+            && r.action == row.action
+            && r.collection == row.collection
+            && r.outcome == row.outcome
+            && recorded == indexed
+    })
+}

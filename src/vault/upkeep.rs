@@ -1,0 +1,240 @@
+//! Upkeep: the background work a serving vault does (automatic rotation,
+//! the expiry purge, blind-index rebuilds) and the online backup.
+
+use super::{INDEX_BATCH, Requester, Vault};
+use crate::config::Config;
+use crate::crypto::keyring::{self, KeyPurpose};
+use crate::error::VaultError;
+use crate::store::{DATA_PURPOSE, INDEX_PURPOSE, KeyState, Pending};
+
+impl Vault {
+    /// Indexes every live record of deterministic `collection` under the
+    /// primary index key (moving it off older versions), `INDEX_BATCH` per
+    /// transaction while traffic goes on, then destroys the index-key
+    /// versions nothing uses any more. Resumable: the state is the index
+    /// itself. Returns how many records were (re)indexed.
+    pub async fn rebuild_index(&self, who: &Requester, collection: &str) -> Result<u64, VaultError> {
+        let coll = self.collection(collection)?;
+        if !coll.deterministic {
+            return Err(VaultError::NotDeterministic);
+        }
+        let mut done = 0u64;
+        let mut after = String::new();
+        loop {
+            let primary = self.primary_version(coll, KeyPurpose::Index)?;
+            let page = self
+                .inner
+                .store
+                .records_needing(coll.id, Pending::Indexing { version: primary }, after.clone(), INDEX_BATCH)
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            after.clone_from(last);
+            let mut entries = Vec::with_capacity(page.len());
+            for (token, ciphertext) in &page {
+                // An unreadable record was alerted by open_record; it keeps
+                // its old entry (if any) and is retried next time.
+                let Ok(value) = self.open_record(coll, token, ciphertext) else { continue };
+                let value = coll.normalize.apply(value);
+                let digest = self
+                    .inner
+                    .keyring
+                    .with_version(coll.id.0, KeyPurpose::Index, primary, |key| {
+                        let form = coll.index_form(primary, value.expose_secret());
+                        keyring::blind_index(key, coll.name.as_str(), form.as_bytes())
+                    })
+                    .ok_or_else(|| coll.no_primary(KeyPurpose::Index))??;
+                entries.push((token.clone(), digest));
+            }
+            let audit = who.record("reindex", collection, entries.len(), "OK");
+            done += self.inner.store.index_records(coll.id, primary, entries, audit).await? as u64;
+        }
+        let retired = self
+            .inner
+            .store
+            .retire_unused_index_keys(coll.id, who.record("retire_index_keys", collection, 0, "OK"))
+            .await?;
+        for version in &retired {
+            self.inner.keyring.remove(coll.id.0, KeyPurpose::Index, *version);
+        }
+        tracing::info!(collection, indexed = done, retired = ?retired, "blind index rebuilt");
+        Ok(done)
+    }
+
+    /// Starts what a previous run left unfinished: a blind-index rebuild of
+    /// each deterministic collection that has records not indexed under its
+    /// primary index key (after an index-key rotation, a crash, or a
+    /// collection made deterministic).
+    pub async fn resume_background_work(&self) -> Result<(), VaultError> {
+        for name in self.collection_names() {
+            let coll = self.collection(&name)?;
+            if !coll.deterministic {
+                continue;
+            }
+            let primary = self.primary_version(coll, KeyPurpose::Index)?;
+            let unindexed = self
+                .inner
+                .store
+                .records_needing(coll.id, Pending::Indexing { version: primary }, String::new(), 1)
+                .await?;
+            let retiring = self
+                .inner
+                .store
+                .list_keys(coll.id, INDEX_PURPOSE)
+                .await?
+                .iter()
+                .any(|k| !matches!(k.state, KeyState::Primary | KeyState::Retired));
+            if unindexed.is_empty() && !retiring {
+                continue;
+            }
+            tracing::info!(collection = %name, "resuming the blind-index rebuild");
+            let vault = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = vault.rebuild_index(&Requester::named("(startup)"), &name).await {
+                    tracing::error!(error = %e, collection = %name, "blind-index rebuild stopped");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Erases the records of every collection with a `ttl` that have
+    /// expired, `batch` per transaction, each batch audited. Returns how
+    /// many.
+    pub async fn purge_expired(&self, batch: usize) -> Result<u64, VaultError> {
+        let who = Requester::named("(expiry)");
+        let now = crate::store::now_micros();
+        let mut purged = 0u64;
+        for name in self.collection_names() {
+            let coll = self.collection(&name)?;
+            if coll.ttl.is_none() {
+                continue;
+            }
+            loop {
+                let audit = who.record("purge", &name, 0, "OK");
+                let n = self.inner.store.purge_expired(coll.id, now, batch.max(1), audit).await?;
+                purged += n as u64;
+                if n < batch.max(1) {
+                    break;
+                }
+            }
+        }
+        if purged > 0 {
+            tracing::info!(purged, "expired records purged");
+        }
+        Ok(purged)
+    }
+
+    /// Rotates the data key of every collection whose primary has reached
+    /// its configured age (`rotate_after`) or count (`max_encryptions`).
+    /// Returns the collections rotated, with their new versions.
+    pub async fn rotate_due(&self) -> Result<Vec<(String, u32)>, VaultError> {
+        let now = crate::store::now_micros();
+        let mut rotated = Vec::new();
+        for name in self.collection_names() {
+            let coll = self.collection(&name)?;
+            if coll.rotate_after.is_none() && coll.max_encryptions.is_none() {
+                continue;
+            }
+            let keys = self.inner.store.list_keys(coll.id, DATA_PURPOSE).await?;
+            let Some(primary) = keys.iter().find(|k| k.state == KeyState::Primary) else { continue };
+            let age = std::time::Duration::from_micros(u64::try_from(now - primary.created_at).unwrap_or(0));
+            let reason = match (coll.rotate_after, coll.max_encryptions) {
+                (Some(limit), _) if age >= limit => "age",
+                (_, Some(limit)) if primary.encryptions >= limit => "encryptions",
+                _ => continue,
+            };
+            let version = self.rotate_data_key(&Requester::named("(automatic rotation)"), &name).await?;
+            tracing::info!(collection = %name, version, reason, "automatic data-key rotation");
+            rotated.push((name, version));
+        }
+        Ok(rotated)
+    }
+
+    /// Writes a consistent copy of the whole store, taken while traffic goes
+    /// on, to a new private file the store names; returns its path (the
+    /// caller streams it out, then removes it). Audited before it starts:
+    /// no record, no backup.
+    pub async fn backup(&self, who: &Requester) -> Result<std::path::PathBuf, VaultError> {
+        if !self.inner.store.capabilities().file_backup {
+            return Err(crate::store::StoreError::Unsupported("copy itself into a backup file").into());
+        }
+        self.record(who.record("backup", "", 0, "STARTED")).await?;
+        let (dest, taken) = self.inner.store.backup().await?;
+        // What left: its size and how many values it holds (fail closed:
+        // no record, no copy).
+        let mut done = who.record("backup", "", usize::try_from(taken.records).unwrap_or(usize::MAX), "OK");
+        done.error_code = format!("bytes={}", taken.bytes);
+        if let Err(e) = self.record(done).await {
+            let _ = std::fs::remove_file(&dest);
+            return Err(e);
+        }
+        tracing::info!(pages = taken.pages, bytes = taken.bytes, records = taken.records, "store backup taken");
+        Ok(dest)
+    }
+
+    /// Live records per collection name.
+    pub async fn record_counts(&self) -> Result<Vec<(String, u64)>, VaultError> {
+        let counts = self.inner.store.record_counts().await?;
+        let mut out: Vec<(String, u64)> = self
+            .inner
+            .collections
+            .values()
+            .map(|c| (c.name.to_string(), counts.iter().find(|(id, _)| *id == c.id).map_or(0, |(_, n)| *n)))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Starts the background work of a serving vault, until the returned
+    /// tasks are aborted: automatic key rotation (checked every
+    /// `server.key_check_interval`), the expiry purge (`store.purge_*`),
+    /// resuming unfinished index rebuilds, and the audit head log line
+    /// (`audit.head_log_interval`). Every embedding that serves runs it.
+    pub fn spawn_background(&self, config: &Config) -> Vec<tokio::task::JoinHandle<()>> {
+        let rotation_vault = self.clone();
+        let key_check = config.server.key_check_interval;
+        let auto_rotation = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(key_check).await;
+                if let Err(e) = rotation_vault.rotate_due().await {
+                    tracing::error!(error = %e, "automatic key rotation check failed");
+                }
+            }
+        });
+        let purge_vault = self.clone();
+        let (purge_every, purge_batch) = (config.store.purge_interval, config.store.purge_batch);
+        let purger = tokio::spawn(async move {
+            loop {
+                if let Err(e) = purge_vault.purge_expired(purge_batch).await {
+                    tracing::error!(error = %e, "purging expired records failed; retrying at the next interval");
+                }
+                tokio::time::sleep(purge_every).await;
+            }
+        });
+        // Finding unfinished work scans deterministic collections: in the
+        // background, not before the server answers.
+        let resume_vault = self.clone();
+        let resume = tokio::spawn(async move {
+            if let Err(e) = resume_vault.resume_background_work().await {
+                tracing::error!(error = %e, "cannot resume background work (blind-index rebuilds)");
+            }
+        });
+        let head_vault = self.clone();
+        let interval = config.audit.head_log_interval;
+        let head_logger = tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                tokio::time::sleep(interval).await;
+                match head_vault.audit_head().await {
+                    Ok(head) if last != Some(head.seq) => {
+                        tracing::info!(seq = head.seq, mac = %hex::encode(head.mac), "audit trail head");
+                        last = Some(head.seq);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot read the audit trail head"),
+                }
+            }
+        });
+        vec![auto_rotation, purger, resume, head_logger]
+    }
+}
