@@ -29,6 +29,128 @@ pub const MAC_LEN: usize = 32;
 /// The MAC before the first record.
 pub const GENESIS_MAC: [u8; MAC_LEN] = [0; MAC_LEN];
 
+/// Generates a fieldless enum whose variants each have one stored name.
+macro_rules! named {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)*
+        }
+
+        impl $name {
+            /// Every variant.
+            pub const ALL: &'static [Self] = &[$(Self::$variant,)*];
+
+            /// The name stored in the trail and shown to auditors.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)*
+                }
+            }
+
+            /// The variant stored as `text`, if any.
+            pub fn parse(text: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|v| v.as_str() == text)
+            }
+        }
+    };
+}
+
+named! {
+    /// What an audit record is about: its `action` column. One writer per
+    /// record: the store for a data change and its record, the vault for a
+    /// record of its own, the RPC wrapper for a failed call.
+    Event {
+        /// Values swapped for tokens.
+        Tokenize = "tokenize",
+        /// Values read back in clear.
+        Detokenize = "detokenize",
+        /// Values read back masked.
+        DetokenizeMasked = "detokenize_masked",
+        /// Values deleted.
+        Delete = "delete",
+        /// Expired values erased by the background purge.
+        Purge = "purge",
+        /// The trail queried or exported.
+        AuditQuery = "audit_query",
+        /// The trail verified.
+        AuditVerify = "audit_verify",
+        /// A copy of the whole store taken.
+        Backup = "backup",
+        /// Key versions listed.
+        ListKeys = "list_keys",
+        /// A new primary data key.
+        RotateDataKey = "rotate_data_key",
+        /// A new primary blind-index key.
+        RotateIndexKey = "rotate_index_key",
+        /// Records moved onto the primary data key.
+        Reencrypt = "reencrypt",
+        /// Blind-index entries moved onto the primary index key.
+        Reindex = "reindex",
+        /// A data key version destroyed.
+        RetireKeyVersion = "retire_key_version",
+        /// Unused index key versions destroyed.
+        RetireIndexKeys = "retire_index_keys",
+        /// The root key replaced.
+        RotateRootKey = "rotate_root_key",
+        /// The policy reloaded on request.
+        ReloadPolicy = "reload_policy",
+        /// The root key unsealed at start.
+        Unseal = "unseal",
+        /// TLS handshakes refused (a bounded summary).
+        Handshake = "handshake",
+    }
+}
+
+named! {
+    /// How it ended: its `outcome` column. `Ok`, the two stages of
+    /// long operations, a refused handshake, or the gRPC status code of a
+    /// failed call.
+    Outcome {
+        /// Done.
+        Ok = "OK",
+        /// A long operation began (its end is a record of its own).
+        Started = "STARTED",
+        /// Asked for; it takes effect asynchronously.
+        Requested = "REQUESTED",
+        /// A TLS handshake was refused.
+        Refused = "REFUSED",
+        /// `CANCELLED`.
+        Cancelled = "CANCELLED",
+        /// `UNKNOWN`.
+        Unknown = "UNKNOWN",
+        /// `INVALID_ARGUMENT`.
+        InvalidArgument = "INVALID_ARGUMENT",
+        /// `DEADLINE_EXCEEDED`.
+        DeadlineExceeded = "DEADLINE_EXCEEDED",
+        /// `NOT_FOUND`.
+        NotFound = "NOT_FOUND",
+        /// `ALREADY_EXISTS`.
+        AlreadyExists = "ALREADY_EXISTS",
+        /// `PERMISSION_DENIED`.
+        PermissionDenied = "PERMISSION_DENIED",
+        /// `RESOURCE_EXHAUSTED`.
+        ResourceExhausted = "RESOURCE_EXHAUSTED",
+        /// `FAILED_PRECONDITION`.
+        FailedPrecondition = "FAILED_PRECONDITION",
+        /// `ABORTED`.
+        Aborted = "ABORTED",
+        /// `OUT_OF_RANGE`.
+        OutOfRange = "OUT_OF_RANGE",
+        /// `UNIMPLEMENTED`.
+        Unimplemented = "UNIMPLEMENTED",
+        /// `INTERNAL`.
+        Internal = "INTERNAL",
+        /// `UNAVAILABLE`.
+        Unavailable = "UNAVAILABLE",
+        /// `DATA_LOSS`.
+        DataLoss = "DATA_LOSS",
+        /// `UNAUTHENTICATED`.
+        Unauthenticated = "UNAUTHENTICATED",
+    }
+}
+
 /// One audited request. No field ever holds a value.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AuditRecord {
@@ -36,8 +158,8 @@ pub struct AuditRecord {
     pub at_micros: i64,
     /// The caller's name, or empty when unauthenticated.
     pub caller: String,
-    /// What was asked (`tokenize`, `detokenize`, `detokenize_masked`,
-    /// `delete`, `handshake`, ...).
+    /// What happened: an [`Event`]'s name (kept as text so that a record
+    /// written by a newer release still decodes and verifies).
     pub action: String,
     /// The collection, or empty.
     pub collection: String,
@@ -45,7 +167,7 @@ pub struct AuditRecord {
     pub items: u32,
     /// Tokens involved (issued, read or deleted).
     pub tokens: Vec<String>,
-    /// `OK` or the gRPC code name of the failure.
+    /// How it ended: an [`Outcome`]'s name.
     pub outcome: String,
     /// A finer error code, or empty.
     pub error_code: String,

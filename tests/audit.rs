@@ -55,7 +55,16 @@ async fn every_operation_leaves_exactly_its_record() {
     vault.detokenize_masked(&alice(), "card", vec![tokens[0].clone()]).await.unwrap();
     vault.delete(&alice(), "card", vec![tokens[0].clone(), unknown]).await.unwrap();
     vault.tokenize(&alice(), "email", vec![PiiValue::from(secret_values[1])]).await.unwrap();
-    vault.audit_failure(&alice(), "tokenize", "no_such_collection", 3, "PERMISSION_DENIED", "permission denied").await;
+    vault
+        .audit_failure(
+            &alice(),
+            piivault::audit::Event::Tokenize,
+            "no_such_collection",
+            3,
+            piivault::audit::Outcome::PermissionDenied,
+            "permission denied",
+        )
+        .await;
 
     let got = records(&vault).await;
     let email_token = got[4].1.tokens.clone();

@@ -64,7 +64,12 @@ async fn verifying_a_large_trail_holds_one_page() {
         let vault = vault.clone();
         writers.spawn(async move {
             for i in 0..10 {
-                let mut record = Requester::named("loader").record("tokenize", "name", 100, "OK");
+                let mut record = Requester::named("loader").record(
+                    piivault::audit::Event::Tokenize,
+                    "name",
+                    100,
+                    piivault::audit::Outcome::Ok,
+                );
                 record.tokens = (0..100).map(|t| format!("name_{chunk:04}{i:03}{t:03}AAAAAAAAAAAA")).collect();
                 vault.record(record).await.unwrap();
             }

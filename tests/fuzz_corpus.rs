@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use piivault::audit::{Event, Outcome};
 use piivault::fuzz::TARGETS;
 
 fn corpus_dir(target: &str) -> PathBuf {
@@ -39,7 +40,7 @@ fn every_committed_fuzz_input_replays_cleanly() {
 fn audit_decoding_refuses_a_non_canonical_encoding() {
     // What the audit target's round-trip property rests on: a valid
     // encoding decodes, the same bytes with a trailing byte do not.
-    let record = piivault::vault::Requester::named("auditor").record("tokenize", "card", 1, "OK");
+    let record = piivault::vault::Requester::named("auditor").record(Event::Tokenize, "card", 1, Outcome::Ok);
     let mut encoded = record.encode(7);
     assert_eq!(piivault::audit::AuditRecord::decode(&encoded).unwrap(), (7, record));
     encoded.push(0);
@@ -123,11 +124,11 @@ fn write_seed_corpus() {
 
     let who =
         piivault::vault::Requester { caller: "writer".into(), peer: "127.0.0.1:5000".into(), request_id: "r1".into() };
-    let mut record = who.record("tokenize", "card", 2, "OK");
+    let mut record = who.record(Event::Tokenize, "card", 2, Outcome::Ok);
     record.tokens = vec!["4000007261836483".into(), "4000001234567899".into()];
     write("audit_decode", "tokenize", &record.encode(42));
-    write("audit_decode", "failure", &who.record("detokenize", "", 0, "PERMISSION_DENIED").encode(1));
-    write("audit_decode", "empty", &piivault::vault::Requester::named("").record("", "", 0, "").encode(0));
+    write("audit_decode", "failure", &who.record(Event::Detokenize, "", 0, Outcome::PermissionDenied).encode(1));
+    write("audit_decode", "empty", &piivault::audit::AuditRecord::default().encode(0));
 
     let values = vec!["4111111111111111".to_owned(), "5500-0055-5555-5559".to_owned()];
     write("grpc_request", "tokenize", &request(0, &proto::TokenizeRequest { collection: "card".into(), values }));

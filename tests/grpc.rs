@@ -1118,16 +1118,19 @@ fn key_list(dir: &str, addr: &str, who: &str, collection: &str, purpose: &str) -
         .collect()
 }
 
-/// `(action, error_code)` of every `FAILED_PRECONDITION` record on
-/// `collection`, as the auditor's query answers.
-fn refusals_on_record(dir: &str, addr: &str, collection: &str) -> Vec<(String, String)> {
+/// `(action, caller or error code)` of every record on `collection` with
+/// `outcome`, as the auditor's query answers.
+fn refusals_on_record(dir: &str, addr: &str, collection: &str, outcome: &str) -> Vec<(String, String)> {
     let args =
         ["audit", "query", "--json", "--collection", collection, "--data-dir", dir, "--as", "auditor", "--addr", addr];
     let audit = std::process::Command::new(common::server::BIN).args(args).output().unwrap();
     lines(&audit)
         .iter()
-        .filter(|v| v["outcome"] == "FAILED_PRECONDITION")
-        .map(|v| (v["action"].as_str().unwrap().to_owned(), v["error_code"].as_str().unwrap().to_owned()))
+        .filter(|v| v["outcome"] == outcome)
+        .map(|v| {
+            let detail = if outcome == "PERMISSION_DENIED" { &v["caller"] } else { &v["error_code"] };
+            (v["action"].as_str().unwrap().to_owned(), detail.as_str().unwrap().to_owned())
+        })
         .collect()
 }
 
@@ -1164,7 +1167,7 @@ async fn key_management_through_the_admin_api() {
     // The refusal is on the trail once, under its own action, by the store
     // that refused it.
     assert_eq!(
-        refusals_on_record(&dir, &addr, "card"),
+        refusals_on_record(&dir, &addr, "card", "FAILED_PRECONDITION"),
         [(
             "retire_key_version".to_owned(),
             "40 records are still sealed under this version; run reencrypt first".to_owned()
@@ -1194,6 +1197,11 @@ async fn key_management_through_the_admin_api() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"), "{who}");
     }
     assert_eq!(list("admin").len(), 2, "the refused rotations changed nothing");
+    // Each refusal is recorded under what was asked, not the grant it lacked.
+    assert_eq!(
+        refusals_on_record(&dir, &addr, "card", "PERMISSION_DENIED"),
+        ["writer", "reader", "auditor"].map(|who| ("rotate_data_key".to_owned(), who.to_owned()))
+    );
 
     // The blind index of a deterministic collection: its key rotates online
     // and the index is rebuilt under the new one in the background.

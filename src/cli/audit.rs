@@ -7,6 +7,7 @@ use anyhow::anyhow;
 use clap::Subcommand;
 
 use super::{Classify as _, CliError, Failure, SecretArgs, Unseal, client, open_offline, say, vault_failure};
+use crate::audit::{Event, Outcome};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum AuditCommand {
@@ -69,14 +70,14 @@ pub(super) struct AuditFilterArgs {
     caller: Option<String>,
     /// Records of this action (`tokenize`, `detokenize`,
     /// `detokenize_masked`, `delete`, `audit_query`, `handshake`, ...).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Event::ALL.iter().map(|e| e.as_str())))]
     action: Option<String>,
     /// Records on this collection.
     #[arg(long)]
     collection: Option<String>,
     /// Records with this outcome (`OK`, `PERMISSION_DENIED`,
     /// `UNAUTHENTICATED`, `REFUSED`, ...).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Outcome::ALL.iter().map(|o| o.as_str())))]
     outcome: Option<String>,
     /// Records at or after this time (RFC 3339, e.g. 2026-11-29T00:00:00Z).
     #[arg(long, value_parser = parse_time)]

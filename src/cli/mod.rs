@@ -439,4 +439,24 @@ mod tests {
     fn the_command_line_definition_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    /// Audit filters name actions and outcomes the trail can hold: a typo
+    /// is a usage error, not an empty answer.
+    #[test]
+    fn audit_filters_take_known_names_only() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["piivault", "audit", "query", "--data-dir", "/d"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).map(|_| ()).map_err(|e| e.kind())
+        };
+        assert_eq!(parse(&["--action", "detokenize_masked", "--outcome", "PERMISSION_DENIED"]), Ok(()));
+        assert_eq!(parse(&["--action", "detokenise"]), Err(clap::error::ErrorKind::InvalidValue));
+        assert_eq!(parse(&["--outcome", "ok"]), Err(clap::error::ErrorKind::InvalidValue));
+        for event in crate::audit::Event::ALL {
+            assert_eq!(crate::audit::Event::parse(event.as_str()), Some(*event));
+        }
+        for outcome in crate::audit::Outcome::ALL {
+            assert_eq!(crate::audit::Outcome::parse(outcome.as_str()), Some(*outcome));
+        }
+    }
 }

@@ -13,6 +13,7 @@ use super::proto::admin_server::Admin;
 use super::proto::{self, ReencryptProgress};
 use super::server::Live;
 use super::{EdgeError, Failure};
+use crate::audit::{Event, Outcome};
 use crate::crypto::root::{Passphrase, Pkcs11Unlock, RawKey, Unlock};
 use crate::policy::Action;
 use crate::vault::Vault;
@@ -99,7 +100,7 @@ impl Admin for AdminService {
     type BackupStream = ChunkStream;
 
     async fn backup(&self, request: Request<proto::BackupRequest>) -> Result<Response<ChunkStream>, Status> {
-        let mut call = Call::start("Backup", "backup", &request, "", 0);
+        let mut call = Call::start("Backup", Event::Backup, &request, "", 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::Backup])?;
             let path = self.vault.backup(&call.who).await?;
@@ -113,7 +114,7 @@ impl Admin for AdminService {
         &self,
         request: Request<proto::ListKeysRequest>,
     ) -> Result<Response<proto::ListKeysResponse>, Status> {
-        let mut call = Call::start("ListKeys", "list_keys", &request, &request.get_ref().collection, 0);
+        let mut call = Call::start("ListKeys", Event::ListKeys, &request, &request.get_ref().collection, 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::Admin])?;
             let asked = request.into_inner().collection;
@@ -146,7 +147,7 @@ impl Admin for AdminService {
         &self,
         request: Request<proto::RotateDataKeyRequest>,
     ) -> Result<Response<proto::RotateDataKeyResponse>, Status> {
-        let mut call = Call::start("RotateDataKey", "rotate_data_key", &request, &request.get_ref().collection, 0);
+        let mut call = Call::start("RotateDataKey", Event::RotateDataKey, &request, &request.get_ref().collection, 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::Admin])?;
             let proto::RotateDataKeyRequest { collection, compromised_version } = request.into_inner();
@@ -165,7 +166,7 @@ impl Admin for AdminService {
         &self,
         request: Request<proto::RotateIndexKeyRequest>,
     ) -> Result<Response<proto::RotateIndexKeyResponse>, Status> {
-        let mut call = Call::start("RotateIndexKey", "rotate_index_key", &request, &request.get_ref().collection, 0);
+        let mut call = Call::start("RotateIndexKey", Event::RotateIndexKey, &request, &request.get_ref().collection, 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::Admin])?;
             let collection = request.into_inner().collection;
@@ -177,7 +178,7 @@ impl Admin for AdminService {
     }
 
     async fn reencrypt(&self, request: Request<proto::ReencryptRequest>) -> Result<Response<ProgressStream>, Status> {
-        let mut call = Call::start("Reencrypt", "reencrypt", &request, &request.get_ref().collection, 0);
+        let mut call = Call::start("Reencrypt", Event::Reencrypt, &request, &request.get_ref().collection, 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::Admin])?;
             let proto::ReencryptRequest { collection, batch_size } = request.into_inner();
@@ -233,7 +234,7 @@ impl Admin for AdminService {
         request: Request<proto::RetireKeyVersionRequest>,
     ) -> Result<Response<proto::RetireKeyVersionResponse>, Status> {
         let mut call =
-            Call::start("RetireKeyVersion", "retire_key_version", &request, &request.get_ref().collection, 0);
+            Call::start("RetireKeyVersion", Event::RetireKeyVersion, &request, &request.get_ref().collection, 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::Admin])?;
             let proto::RetireKeyVersionRequest { collection, version } = request.into_inner();
@@ -248,7 +249,7 @@ impl Admin for AdminService {
         &self,
         request: Request<proto::RotateRootKeyRequest>,
     ) -> Result<Response<proto::RotateRootKeyResponse>, Status> {
-        let mut call = Call::start("RotateRootKey", "rotate_root_key", &request, "", 0);
+        let mut call = Call::start("RotateRootKey", Event::RotateRootKey, &request, "", 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::RotateRoot])?;
             let proto::RotateRootKeyRequest {
@@ -305,12 +306,12 @@ impl Admin for AdminService {
         &self,
         request: Request<proto::ReloadPolicyRequest>,
     ) -> Result<Response<proto::ReloadPolicyResponse>, Status> {
-        let mut call = Call::start("ReloadPolicy", "reload_policy", &request, "", 0);
+        let mut call = Call::start("ReloadPolicy", Event::ReloadPolicy, &request, "", 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::Admin])?;
             // On the record before anything changes (a failed reload adds
             // its own failure record).
-            self.vault.record(call.who.record("reload_policy", "", 0, "REQUESTED")).await?;
+            self.vault.record(call.who.record(Event::ReloadPolicy, "", 0, Outcome::Requested)).await?;
             self.live.reload().map_err(EdgeError::Precondition)?;
             Ok::<_, Failure>(Response::new(proto::ReloadPolicyResponse {}))
         }

@@ -13,7 +13,7 @@ use super::call::Call;
 use super::proto::audit_server::Audit;
 use super::proto::{self, AuditEvent};
 use super::server::Live;
-use crate::audit::AuditRecord;
+use crate::audit::{AuditRecord, Event, Outcome};
 use crate::policy::Action;
 use crate::store::AuditFilter;
 use crate::vault::Vault;
@@ -63,7 +63,7 @@ impl Audit for AuditService {
     type QueryStream = EventStream;
 
     async fn query(&self, request: Request<proto::AuditQueryRequest>) -> Result<Response<EventStream>, Status> {
-        let mut call = Call::start("AuditQuery", "audit_query", &request, "", 0);
+        let mut call = Call::start("AuditQuery", Event::AuditQuery, &request, "", 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::Audit])?;
             let q = request.into_inner();
@@ -83,7 +83,7 @@ impl Audit for AuditService {
             // is free text, and a format-preserving token looks like the
             // value it stands for): no record, no answer.
             let collection = filter.collection.as_deref().filter(|c| self.vault.has_collection(c)).unwrap_or("");
-            let mut record = call.who.record("audit_query", collection, 0, "OK");
+            let mut record = call.who.record(Event::AuditQuery, collection, 0, Outcome::Ok);
             if let Some(token) = &filter.token
                 && let Some(issued) = self.vault.issued_form(token).await?
             {
@@ -130,12 +130,12 @@ impl Audit for AuditService {
         &self,
         request: Request<proto::AuditVerifyRequest>,
     ) -> Result<Response<proto::AuditVerifyResponse>, Status> {
-        let mut call = Call::start("AuditVerify", "audit_verify", &request, "", 0);
+        let mut call = Call::start("AuditVerify", Event::AuditVerify, &request, "", 0);
         let result = async {
             call.admit(&self.live, &request, &[Action::Audit])?;
             let verdict = self.vault.verify_audit().await?;
             let outcome = if verdict.is_ok() { "OK" } else { "BROKEN" };
-            let mut record = call.who.record("audit_verify", "", 0, "OK");
+            let mut record = call.who.record(Event::AuditVerify, "", 0, Outcome::Ok);
             outcome.clone_into(&mut record.error_code);
             self.vault.record(record).await?;
             Ok::<_, Failure>(Response::new(match verdict {

@@ -7,7 +7,8 @@ use tonic::{Request, Status};
 
 use super::alerts::Subject;
 use super::server::{ConnInfo, Live};
-use super::{EdgeError, Failure, code_name};
+use super::{EdgeError, Failure};
+use crate::audit::{Event, Outcome};
 use crate::metrics::{Metrics, metrics};
 use crate::policy::{Action, CallerId};
 use crate::vault::{Requester, Vault};
@@ -18,7 +19,7 @@ use crate::vault::{Requester, Vault};
 /// Never a value.
 pub(super) struct Call {
     pub(super) method: &'static str,
-    action: &'static str,
+    event: Event,
     started: Instant,
     pub(super) who: Requester,
     caller: Option<CallerId>,
@@ -65,7 +66,7 @@ fn request_id<T>(request: &Request<T>) -> String {
 impl Call {
     pub(super) fn start<T>(
         method: &'static str,
-        action: &'static str,
+        event: Event,
         request: &Request<T>,
         collection: &str,
         items: usize,
@@ -73,7 +74,7 @@ impl Call {
         let peer = request.extensions().get::<ConnInfo>().map(|c| c.peer.to_string()).unwrap_or_default();
         Self {
             method,
-            action,
+            event,
             started: Instant::now(),
             who: Requester { caller: String::new(), peer, request_id: request_id(request) },
             caller: None,
@@ -97,7 +98,10 @@ impl Call {
         let caller = self.caller.insert(caller);
         live.limit_request(caller)?;
         let action = live.authorize(caller, actions, &self.collection)?;
-        self.action = action.as_str();
+        // A detokenize call on the masked grant is recorded as such.
+        if action == Action::DetokenizeMasked {
+            self.event = Event::DetokenizeMasked;
+        }
         Ok(action)
     }
 
@@ -113,12 +117,12 @@ impl Call {
         let authenticated = self.caller.is_some();
         let rate_limited = matches!(&result, Err(Failure::Edge(EdgeError::RateLimited)));
         let (result, outcome) = match result {
-            Ok(value) => (Ok(value), "OK"),
+            Ok(value) => (Ok(value), Outcome::Ok),
             Err(failure) => {
                 let on_record = matches!(&failure, Failure::Vault(e) if e.is_on_record());
                 let detail = failure.to_string();
                 let status = Status::from(failure);
-                let outcome = code_name(status.code());
+                let outcome = super::outcome(status.code());
                 let denial = match status.code() {
                     tonic::Code::PermissionDenied => Some("permission_denied"),
                     tonic::Code::Unauthenticated => Some("unauthenticated"),
@@ -137,11 +141,12 @@ impl Call {
                 // `Live::limit_request`. A refusal the store recorded with
                 // its check is not recorded twice.
                 if !rate_limited && !on_record {
-                    vault.audit_failure(&self.who, self.action, &self.collection, self.items, outcome, &detail).await;
+                    vault.audit_failure(&self.who, self.event, &self.collection, self.items, outcome, &detail).await;
                 }
                 (Err(status), outcome)
             }
         };
+        let outcome = outcome.as_str();
         metrics().request(self.method, outcome, latency);
         let caller = if authenticated { self.who.caller.as_str() } else { "-" };
         // Only a configured collection's name is logged: the field is caller

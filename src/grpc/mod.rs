@@ -22,6 +22,7 @@ pub use tokenizer::TokenizerService;
 
 use tonic::{Code, Status};
 
+use crate::audit::Outcome;
 use crate::error::{ItemError, ItemErrorCode, VaultError};
 
 /// The answer to both an unknown collection and an ungranted one, so that a
@@ -113,27 +114,33 @@ impl From<Failure> for Status {
     }
 }
 
-/// The gRPC code of a status, as a log-friendly string.
-pub fn code_name(code: Code) -> &'static str {
+/// The audit outcome of a call that ended with `code`.
+pub fn outcome(code: Code) -> Outcome {
     match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
+        Code::Ok => Outcome::Ok,
+        Code::Cancelled => Outcome::Cancelled,
+        Code::Unknown => Outcome::Unknown,
+        Code::InvalidArgument => Outcome::InvalidArgument,
+        Code::DeadlineExceeded => Outcome::DeadlineExceeded,
+        Code::NotFound => Outcome::NotFound,
+        Code::AlreadyExists => Outcome::AlreadyExists,
+        Code::PermissionDenied => Outcome::PermissionDenied,
+        Code::ResourceExhausted => Outcome::ResourceExhausted,
+        Code::FailedPrecondition => Outcome::FailedPrecondition,
+        Code::Aborted => Outcome::Aborted,
+        Code::OutOfRange => Outcome::OutOfRange,
+        Code::Unimplemented => Outcome::Unimplemented,
+        Code::Internal => Outcome::Internal,
+        Code::Unavailable => Outcome::Unavailable,
+        Code::DataLoss => Outcome::DataLoss,
+        Code::Unauthenticated => Outcome::Unauthenticated,
     }
+}
+
+/// The name of a gRPC status code, as logs, metrics and audit records
+/// spell it.
+pub fn code_name(code: Code) -> &'static str {
+    outcome(code).as_str()
 }
 
 /// A per-item error as it goes on the wire.

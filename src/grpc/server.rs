@@ -21,6 +21,7 @@ use super::proto::admin_server::AdminServer;
 use super::proto::audit_server::AuditServer;
 use super::proto::tokenizer_server::TokenizerServer;
 use super::{AdminService, AuditService, EdgeError, TokenizerService};
+use crate::audit::{Event, Outcome};
 use crate::config::{CollectionName, Config};
 use crate::metrics::{Metrics, metrics};
 use crate::policy::{Action, CallerId, Policy, PolicyError};
@@ -362,7 +363,7 @@ const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20
 async fn refused(live: &Live, vault: &Vault, peer: SocketAddr, reason: &str) {
     live.alerts.note(&Subject::peer(peer.ip()), "failed TLS handshakes");
     let who = crate::vault::Requester { caller: String::new(), peer: peer.to_string(), request_id: String::new() };
-    vault.audit_failure(&who, "handshake", "", 0, "REFUSED", reason).await;
+    vault.audit_failure(&who, Event::Handshake, "", 0, Outcome::Refused, reason).await;
 }
 
 /// Rewrites tonic's answer to an oversized message (`OUT_OF_RANGE`, "decoded

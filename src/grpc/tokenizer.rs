@@ -8,6 +8,7 @@ use super::item_error;
 use super::proto::tokenizer_server::Tokenizer;
 use super::proto::{self, delete_result, detokenize_result, tokenize_result};
 use super::server::Live;
+use crate::audit::Event;
 use crate::policy::Action;
 use crate::value::PiiValue;
 use crate::vault::Vault;
@@ -32,7 +33,7 @@ impl Tokenizer for TokenizerService {
         request: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
         let body = request.get_ref();
-        let mut call = Call::start("Tokenize", "tokenize", &request, &body.collection, body.values.len());
+        let mut call = Call::start("Tokenize", Event::Tokenize, &request, &body.collection, body.values.len());
         let result = async {
             call.admit(&self.live, &request, &[Action::Tokenize])?;
             let proto::TokenizeRequest { collection, values } = request.into_inner();
@@ -58,7 +59,7 @@ impl Tokenizer for TokenizerService {
         request: Request<proto::DetokenizeRequest>,
     ) -> Result<Response<proto::DetokenizeResponse>, Status> {
         let body = request.get_ref();
-        let mut call = Call::start("Detokenize", "detokenize", &request, &body.collection, body.tokens.len());
+        let mut call = Call::start("Detokenize", Event::Detokenize, &request, &body.collection, body.tokens.len());
         let result = async {
             let action = call.admit(&self.live, &request, &[Action::Detokenize, Action::DetokenizeMasked])?;
             let masked = action == Action::DetokenizeMasked;
@@ -93,7 +94,7 @@ impl Tokenizer for TokenizerService {
 
     async fn delete(&self, request: Request<proto::DeleteRequest>) -> Result<Response<proto::DeleteResponse>, Status> {
         let body = request.get_ref();
-        let mut call = Call::start("Delete", "delete", &request, &body.collection, body.tokens.len());
+        let mut call = Call::start("Delete", Event::Delete, &request, &body.collection, body.tokens.len());
         let result = async {
             call.admit(&self.live, &request, &[Action::Delete])?;
             let proto::DeleteRequest { collection, tokens } = request.into_inner();

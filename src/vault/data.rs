@@ -1,6 +1,7 @@
 //! The data path: tokenize, detokenize (in clear or masked), delete.
 
 use super::{Collection, ItemResult, MAX_TOKEN_ATTEMPTS, Requester, Vault};
+use crate::audit::{Event, Outcome};
 use crate::crypto::keyring::{self, KeyPurpose};
 use crate::crypto::{CryptoError, envelope};
 use crate::error::{ItemError, VaultError};
@@ -32,7 +33,7 @@ impl Vault {
         // Only values that will be tokenized count against the space.
         coll.check_space(values.iter().zip(&results).filter(|(_, r)| r.is_none()).map(|(v, _)| v))?;
         let mut pending: Vec<usize> = (0..values.len()).filter(|&i| results[i].is_none()).collect();
-        let audit = who.record("tokenize", collection, values.len(), "OK");
+        let audit = who.record(Event::Tokenize, collection, values.len(), Outcome::Ok);
         if pending.is_empty() {
             // Nothing to store, but the request is still on the record.
             self.inner.store.append_audit(audit.clone()).await?;
@@ -180,8 +181,8 @@ impl Vault {
                 Ok(if masked { coll.mask.apply(&value) } else { value })
             })
             .collect();
-        let action = if masked { "detokenize_masked" } else { "detokenize" };
-        let mut audit = who.record(action, collection, tokens.len(), "OK");
+        let event = if masked { Event::DetokenizeMasked } else { Event::Detokenize };
+        let mut audit = who.record(event, collection, tokens.len(), Outcome::Ok);
         audit.tokens = revealed;
         // Fail closed: if this record cannot be written, no value leaves.
         self.inner.store.append_audit(audit).await?;
@@ -228,7 +229,7 @@ impl Vault {
         let coll = self.collection(collection)?;
         self.check_count(tokens.len())?;
         let (parsed, lookups) = parse_tokens(coll, &tokens);
-        let audit = who.record("delete", collection, tokens.len(), "OK");
+        let audit = who.record(Event::Delete, collection, tokens.len(), Outcome::Ok);
         let deleted = self.inner.store.delete_records(coll.id, lookups, audit).await?;
         let mut deleted = deleted.into_iter();
         Ok(parsed

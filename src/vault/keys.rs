@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::{ReencryptProgress, Requester, Vault, pending_sealed_path};
+use crate::audit::{Event, Outcome};
 use crate::crypto::envelope;
 use crate::crypto::keyring::{self, DataKey, KeyPurpose};
 use crate::crypto::root::{self as crypto_root, KdfParams, Unlock};
@@ -18,7 +19,7 @@ impl Vault {
         let coll = self.collection(collection)?;
         let mut keys = self.inner.store.list_keys(coll.id, DATA_PURPOSE).await?;
         keys.extend(self.inner.store.list_keys(coll.id, INDEX_PURPOSE).await?);
-        self.record(who.record("list_keys", collection, 0, "OK")).await?;
+        self.record(who.record(Event::ListKeys, collection, 0, Outcome::Ok)).await?;
         Ok(keys)
     }
 
@@ -90,12 +91,12 @@ impl Vault {
             let root = self.inner.root.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             keyring::wrap(&root, purpose, collection, version, &key)?
         };
-        let (action, what) = if purpose == KeyPurpose::Index {
-            ("rotate_index_key", "index key")
+        let (event, what) = if purpose == KeyPurpose::Index {
+            (Event::RotateIndexKey, "index key")
         } else {
-            ("rotate_data_key", "data key")
+            (Event::RotateDataKey, "data key")
         };
-        let mut audit = who.record(action, collection, 0, "OK");
+        let mut audit = who.record(event, collection, 0, Outcome::Ok);
         audit.error_code = match compromised {
             Some(bad) => format!("new primary version {version}; version {bad} compromised"),
             None => format!("new primary {what} version {version}"),
@@ -125,7 +126,7 @@ impl Vault {
         progress: &mut (dyn FnMut(&ReencryptProgress) + Send),
     ) -> Result<ReencryptProgress, VaultError> {
         let coll = self.collection(collection)?;
-        self.record(who.record("reencrypt", collection, 0, "STARTED")).await?;
+        self.record(who.record(Event::Reencrypt, collection, 0, Outcome::Started)).await?;
         self.inner.store.mark_retiring(coll.id).await?;
         let mut done = ReencryptProgress::default();
         let mut after = String::new();
@@ -163,7 +164,7 @@ impl Vault {
                     None => done.unreadable += 1,
                 }
             }
-            let audit = who.record("reencrypt", collection, moved.len(), "OK");
+            let audit = who.record(Event::Reencrypt, collection, moved.len(), Outcome::Ok);
             done.moved += self.inner.store.replace_ciphertexts(coll.id, moved, audit).await? as u64;
             progress(&done);
         }
@@ -224,7 +225,7 @@ impl Vault {
             }
         }
         let count = rewrapped.len();
-        let mut audit = who.record("rotate_root_key", "", count, "OK");
+        let mut audit = who.record(Event::RotateRootKey, "", count, Outcome::Ok);
         // The provider that seals the new root key.
         unlock.provider().as_str().clone_into(&mut audit.error_code);
         if let Err(e) = self.inner.store.rewrap_keys(rewrapped, audit).await {
@@ -289,7 +290,7 @@ impl Vault {
     pub async fn retire_key_version(&self, who: &Requester, collection: &str, version: u32) -> Result<(), VaultError> {
         let coll = self.collection(collection)?;
         let _one_at_a_time = self.inner.key_ops.lock().await;
-        let mut audit = who.record("retire_key_version", collection, 0, "OK");
+        let mut audit = who.record(Event::RetireKeyVersion, collection, 0, Outcome::Ok);
         audit.error_code = format!("version {version}");
         self.inner.store.retire_key(coll.id, version, audit).await?.map_err(VaultError::RetireRefused)?;
         self.inner.keyring.remove(coll.id.0, KeyPurpose::Data, version);

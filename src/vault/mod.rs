@@ -17,7 +17,7 @@ mod upkeep;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::audit::{AuditKey, AuditRecord, AuditSink};
+use crate::audit::{AuditKey, AuditRecord, AuditSink, Event, Outcome};
 use crate::config::{CollectionName, Config, Limits, SinkSetting};
 use crate::crypto::keyring::{self, DataKey, KeyPurpose, Keyring};
 use crate::crypto::root::RootKey;
@@ -85,15 +85,15 @@ impl Requester {
     }
 
     /// The audit record of an outcome of this requester's call.
-    pub fn record(&self, action: &str, collection: &str, items: usize, outcome: &str) -> AuditRecord {
+    pub fn record(&self, event: Event, collection: &str, items: usize, outcome: Outcome) -> AuditRecord {
         AuditRecord {
             at_micros: crate::store::now_micros(),
             caller: self.caller.clone(),
-            action: action.to_owned(),
+            action: event.as_str().to_owned(),
             collection: collection.to_owned(),
             items: u32::try_from(items).unwrap_or(u32::MAX),
             tokens: Vec::new(),
-            outcome: outcome.to_owned(),
+            outcome: outcome.as_str().to_owned(),
             error_code: String::new(),
             request_id: self.request_id.clone(),
             peer: self.peer.clone(),
@@ -469,7 +469,7 @@ async fn decide_canonical_index(
     if settings.deterministic {
         let key = DataKey::generate()?;
         let wrapped = keyring::wrap(root, KeyPurpose::Index, name.as_str(), version, &key)?;
-        let mut audit = Requester::named("(upgrade)").record("rotate_index_key", name.as_str(), 0, "OK");
+        let mut audit = Requester::named("(upgrade)").record(Event::RotateIndexKey, name.as_str(), 0, Outcome::Ok);
         audit.error_code = format!("new primary index key version {version}: canonical values");
         store.add_primary_key(id, INDEX_PURPOSE, version, wrapped, None, audit).await?;
         tracing::info!(collection = %name, version, "index key rotated to index canonical values; the index is rebuilt before serving");

@@ -2,7 +2,7 @@
 //! compliance queries, and the streaming verification.
 
 use super::{Requester, Vault};
-use crate::audit::{self, AuditRecord, Head, VerifyError};
+use crate::audit::{self, AuditRecord, Event, Head, Outcome, VerifyError};
 use crate::crypto::root as crypto_root;
 use crate::error::VaultError;
 use crate::store::{AuditFilter, AuditRow};
@@ -22,17 +22,17 @@ impl Vault {
     pub async fn audit_failure(
         &self,
         who: &Requester,
-        action: &str,
+        event: Event,
         collection: &str,
         items: usize,
-        outcome: &str,
+        outcome: Outcome,
         detail: &str,
     ) {
         let shown = if self.has_collection(collection) { collection } else { "" };
-        let mut record = who.record(action, shown, items, outcome);
+        let mut record = who.record(event, shown, items, outcome);
         record.error_code = detail.to_owned();
         if let Err(e) = self.record(record).await {
-            tracing::error!(error = %e, action, outcome, "could not write the audit record of a failed request");
+            tracing::error!(error = %e, action = event.as_str(), outcome = outcome.as_str(), "could not write the audit record of a failed request");
         }
     }
 
@@ -83,7 +83,7 @@ impl Vault {
     /// the provider as its code). Fails closed: a vault that cannot record
     /// its unseal does not serve.
     pub async fn record_unseal(&self, provider: crypto_root::Provider) -> Result<(), VaultError> {
-        let mut record = Requester::named("(startup)").record("unseal", "", 0, "OK");
+        let mut record = Requester::named("(startup)").record(Event::Unseal, "", 0, Outcome::Ok);
         provider.as_str().clone_into(&mut record.error_code);
         self.record(record).await?;
         tracing::info!(provider = provider.as_str(), "root key unsealed");

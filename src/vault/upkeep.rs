@@ -2,6 +2,7 @@
 //! the expiry purge, blind-index rebuilds) and the online backup.
 
 use super::{INDEX_BATCH, Requester, Vault};
+use crate::audit::{Event, Outcome};
 use crate::config::Config;
 use crate::crypto::keyring::{self, KeyPurpose};
 use crate::error::VaultError;
@@ -45,13 +46,13 @@ impl Vault {
                     .ok_or_else(|| coll.no_primary(KeyPurpose::Index))??;
                 entries.push((token.clone(), digest));
             }
-            let audit = who.record("reindex", collection, entries.len(), "OK");
+            let audit = who.record(Event::Reindex, collection, entries.len(), Outcome::Ok);
             done += self.inner.store.index_records(coll.id, primary, entries, audit).await? as u64;
         }
         let retired = self
             .inner
             .store
-            .retire_unused_index_keys(coll.id, who.record("retire_index_keys", collection, 0, "OK"))
+            .retire_unused_index_keys(coll.id, who.record(Event::RetireIndexKeys, collection, 0, Outcome::Ok))
             .await?;
         for version in &retired {
             self.inner.keyring.remove(coll.id.0, KeyPurpose::Index, *version);
@@ -110,7 +111,7 @@ impl Vault {
                 continue;
             }
             loop {
-                let audit = who.record("purge", &name, 0, "OK");
+                let audit = who.record(Event::Purge, &name, 0, Outcome::Ok);
                 let n = self.inner.store.purge_expired(coll.id, now, batch.max(1), audit).await?;
                 purged += n as u64;
                 if n < batch.max(1) {
@@ -158,11 +159,11 @@ impl Vault {
         if !self.inner.store.capabilities().file_backup {
             return Err(crate::store::StoreError::Unsupported("copy itself into a backup file").into());
         }
-        self.record(who.record("backup", "", 0, "STARTED")).await?;
+        self.record(who.record(Event::Backup, "", 0, Outcome::Started)).await?;
         let (dest, taken) = self.inner.store.backup().await?;
         // What left: its size and how many values it holds (fail closed:
         // no record, no copy).
-        let mut done = who.record("backup", "", usize::try_from(taken.records).unwrap_or(usize::MAX), "OK");
+        let mut done = who.record(Event::Backup, "", usize::try_from(taken.records).unwrap_or(usize::MAX), Outcome::Ok);
         done.error_code = format!("bytes={}", taken.bytes);
         if let Err(e) = self.record(done).await {
             let _ = std::fs::remove_file(&dest);

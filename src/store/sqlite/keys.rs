@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension as _, params};
 
 use super::SqliteStore;
-use crate::audit::AuditRecord;
+use crate::audit::{AuditRecord, Outcome};
 use crate::store::{
     CollectionId, INDEX_PURPOSE, KeyInfo, KeyState, KeyStore, KeySummary, RetireRefused, StoreError, StoredKey,
     WrappedKey, now_micros,
@@ -127,7 +127,7 @@ impl KeyStore for SqliteStore {
             };
             if let Some(refusal) = refusal {
                 let mut audit = audit;
-                "FAILED_PRECONDITION".clone_into(&mut audit.outcome);
+                Outcome::FailedPrecondition.as_str().clone_into(&mut audit.outcome);
                 audit.error_code = refusal.to_string();
                 tx.append_audit(&audit)?;
                 return Ok(Err(refusal));
