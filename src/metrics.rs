@@ -275,7 +275,11 @@ async fn refresh_store_gauges(vault: &Vault) {
             m.tokens.clear();
             m.key_versions.clear();
             for row in summary {
-                let labels = KeyLabels { collection: row.collection.clone(), purpose: row.purpose, state: row.state };
+                let labels = KeyLabels {
+                    collection: row.collection.clone(),
+                    purpose: row.purpose.as_str().to_owned(),
+                    state: row.state.as_str().to_owned(),
+                };
                 m.key_versions.get_or_create(&labels).set(i64::try_from(row.versions).unwrap_or(i64::MAX));
                 if labels.purpose == "data" {
                     m.tokens

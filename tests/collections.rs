@@ -21,7 +21,7 @@ async fn index_keys(vault: &Vault, collection: &str) -> Vec<(u32, String, u64)> 
         .await
         .unwrap()
         .into_iter()
-        .filter(|k| k.purpose == "index")
+        .filter(|k| k.purpose == piivault::crypto::keyring::KeyPurpose::Index)
         .map(|k| (k.version, k.state.as_str().to_owned(), k.records))
         .collect()
 }

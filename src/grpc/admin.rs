@@ -132,7 +132,7 @@ impl Admin for AdminService {
                         created_at_micros: k.created_at,
                         records: k.records,
                         encryptions: k.encryptions,
-                        purpose: k.purpose,
+                        purpose: k.purpose.as_str().to_owned(),
                     })
                     .collect();
                 collections.push(proto::CollectionKeys { collection: name, versions });

@@ -30,6 +30,7 @@ use async_trait::async_trait;
 
 use crate::audit::{AuditKey, AuditRecord, AuditSink, Head};
 use crate::config::{StoreBackend, StoreSettings};
+use crate::crypto::keyring::KeyPurpose;
 
 /// Whether [`open`] may create a new store or must find an existing one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,7 +188,7 @@ pub trait RecordStore: Send + Sync {
 #[async_trait]
 pub trait KeyStore: Send + Sync {
     /// The key versions of `collection` for `purpose`, oldest first.
-    async fn list_keys(&self, collection: CollectionId, purpose: &'static str) -> Result<Vec<KeyInfo>, StoreError>;
+    async fn list_keys(&self, collection: CollectionId, purpose: KeyPurpose) -> Result<Vec<KeyInfo>, StoreError>;
 
     /// Makes `version` (wrapped as `wrapped`) the primary data key of
     /// `collection`; the previous primary becomes active (or keeps a
@@ -196,7 +197,7 @@ pub trait KeyStore: Send + Sync {
     async fn add_primary_key(
         &self,
         collection: CollectionId,
-        purpose: &'static str,
+        purpose: KeyPurpose,
         version: u32,
         wrapped: Vec<u8>,
         compromised: Option<u32>,
@@ -230,7 +231,7 @@ pub trait KeyStore: Send + Sync {
 
     /// The wrapped vault-level key for `purpose` (version 1), creating it
     /// with `wrapped` if there is none.
-    async fn vault_key(&self, purpose: &'static str, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError>;
+    async fn vault_key(&self, purpose: KeyPurpose, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError>;
 
     /// Adds version 1 of a `purpose` key to `collection`, as primary, unless
     /// it has a key of that purpose already (like creating a collection,
@@ -238,7 +239,7 @@ pub trait KeyStore: Send + Sync {
     async fn add_first_key(
         &self,
         collection: CollectionId,
-        purpose: &'static str,
+        purpose: KeyPurpose,
         wrapped: Vec<u8>,
     ) -> Result<(), StoreError>;
 
@@ -267,7 +268,7 @@ pub trait CollectionStore: Send + Sync {
     async fn create_collection(
         &self,
         name: &str,
-        purpose: &'static str,
+        purpose: KeyPurpose,
         wrapped_v1: Vec<u8>,
     ) -> Result<CollectionId, StoreError>;
 
@@ -430,8 +431,8 @@ pub struct StoredKey {
     pub collection: CollectionId,
     /// The collection's name (bound into the wrap AAD).
     pub collection_name: String,
-    /// What the key is for (`data`, ...).
-    pub purpose: String,
+    /// What the key is for.
+    pub purpose: KeyPurpose,
     /// Version, from 1.
     pub version: u32,
     /// Lifecycle state.
@@ -440,16 +441,11 @@ pub struct StoredKey {
     pub wrapped: Vec<u8>,
 }
 
-/// The purpose of keys that encrypt records.
-pub const DATA_PURPOSE: &str = "data";
-/// The purpose of keys that compute a deterministic collection's blind index.
-pub const INDEX_PURPOSE: &str = "index";
-
 /// One key version as operators see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyInfo {
-    /// `data` (encrypts records) or `index` (blind index).
-    pub purpose: String,
+    /// Data (encrypts records) or index (blind index).
+    pub purpose: KeyPurpose,
     /// Version, from 1.
     pub version: u32,
     /// Lifecycle state.
@@ -469,10 +465,10 @@ pub struct KeyInfo {
 pub struct KeySummary {
     /// The collection's name.
     pub collection: String,
-    /// `data` or `index`.
-    pub purpose: String,
-    /// The state (`primary`, `active`, `retiring`, `compromised`, `retired`).
-    pub state: String,
+    /// Data or index.
+    pub purpose: KeyPurpose,
+    /// The state.
+    pub state: KeyState,
     /// Versions in this state.
     pub versions: u64,
     /// Live records sealed under them (data keys; 0 for index keys).
@@ -627,7 +623,7 @@ pub struct WrappedKey {
     /// The collection's name (empty for vault keys), bound into the AAD.
     pub collection_name: String,
     /// What it is for.
-    pub purpose: String,
+    pub purpose: KeyPurpose,
     /// Its version.
     pub version: u32,
     /// The wrapped bytes.

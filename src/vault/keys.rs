@@ -9,7 +9,7 @@ use crate::crypto::envelope;
 use crate::crypto::keyring::{self, DataKey, KeyPurpose};
 use crate::crypto::root::{self as crypto_root, KdfParams, Unlock};
 use crate::error::VaultError;
-use crate::store::{DATA_PURPOSE, INDEX_PURPOSE, KeyInfo, KeyState, Pending, Reencrypted};
+use crate::store::{KeyInfo, KeyState, Pending, Reencrypted};
 
 impl Vault {
     /// The data-key versions of `collection`, oldest first, with state,
@@ -17,8 +17,8 @@ impl Vault {
     /// deterministic). Audited.
     pub async fn list_keys(&self, who: &Requester, collection: &str) -> Result<Vec<KeyInfo>, VaultError> {
         let coll = self.collection(collection)?;
-        let mut keys = self.inner.store.list_keys(coll.id, DATA_PURPOSE).await?;
-        keys.extend(self.inner.store.list_keys(coll.id, INDEX_PURPOSE).await?);
+        let mut keys = self.inner.store.list_keys(coll.id, KeyPurpose::Data).await?;
+        keys.extend(self.inner.store.list_keys(coll.id, KeyPurpose::Index).await?);
         self.record(who.record(Event::ListKeys, collection, 0, Outcome::Ok)).await?;
         Ok(keys)
     }
@@ -78,7 +78,7 @@ impl Vault {
     ) -> Result<u32, VaultError> {
         let coll = self.collection(collection)?;
         let _one_at_a_time = self.inner.key_ops.lock().await;
-        let keys = self.inner.store.list_keys(coll.id, purpose.as_str()).await?;
+        let keys = self.inner.store.list_keys(coll.id, purpose).await?;
         if let Some(bad) = compromised
             && !keys.iter().any(|k| k.version == bad && k.state != KeyState::Retired)
         {
@@ -101,14 +101,12 @@ impl Vault {
             Some(bad) => format!("new primary version {version}; version {bad} compromised"),
             None => format!("new primary {what} version {version}"),
         };
-        self.inner
-            .store
-            .add_primary_key(coll.id, purpose.as_str(), version, wrapped, compromised, audit)
-            .await
-            .map_err(|e| match e {
+        self.inner.store.add_primary_key(coll.id, purpose, version, wrapped, compromised, audit).await.map_err(
+            |e| match e {
                 crate::store::StoreError::Conflict => VaultError::KeyConflict,
                 other => VaultError::Store(other),
-            })?;
+            },
+        )?;
         self.inner.keyring.insert(coll.id.0, purpose, version, key, true);
         tracing::info!(collection, version, "{what} rotated");
         Ok(version)
@@ -171,7 +169,7 @@ impl Vault {
         done.remaining = self
             .inner
             .store
-            .list_keys(coll.id, DATA_PURPOSE)
+            .list_keys(coll.id, KeyPurpose::Data)
             .await?
             .iter()
             .filter(|k| k.state != KeyState::Primary)
@@ -211,10 +209,7 @@ impl Vault {
         {
             let old_root = self.inner.root.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             for mut key in stored {
-                let purpose = KeyPurpose::parse(&key.purpose).ok_or(VaultError::Keyring {
-                    collection: key.collection_name.clone(),
-                    reason: "a stored key has an unknown purpose",
-                })?;
+                let purpose = key.purpose;
                 let clear = keyring::unwrap(&old_root, purpose, &key.collection_name, key.version, &key.wrapped)
                     .map_err(|_| VaultError::Keyring {
                         collection: key.collection_name.clone(),

@@ -23,7 +23,7 @@ use crate::crypto::keyring::{self, DataKey, KeyPurpose, Keyring};
 use crate::crypto::root::RootKey;
 use crate::error::{ItemError, VaultError};
 use crate::format::{Format, Mask, Normalize};
-use crate::store::{CollectionId, INDEX_PURPOSE, KeyInfo, KeyState, OpenMode, Store, TokenLookup};
+use crate::store::{CollectionId, KeyInfo, KeyState, OpenMode, Store, TokenLookup};
 use crate::token::{RandomTokens, Token, TokenGenerator};
 use crate::value::PiiValue;
 
@@ -292,7 +292,7 @@ impl Vault {
         // key, before anything new is wrapped under it.
         let candidate = DataKey::generate()?;
         let wrapped = keyring::wrap(root, KeyPurpose::Audit, "", 1, &candidate)?;
-        let stored = store.vault_key(KeyPurpose::Audit.as_str(), wrapped).await?;
+        let stored = store.vault_key(KeyPurpose::Audit, wrapped).await?;
         let audit_key = keyring::unwrap(root, KeyPurpose::Audit, "", 1, &stored).map_err(|_| VaultError::Keyring {
             collection: "(audit)".to_owned(),
             reason: "the audit key does not open with this root key",
@@ -315,12 +315,7 @@ impl Vault {
             if stored.state == KeyState::Retired {
                 continue;
             }
-            let Some(purpose) = KeyPurpose::parse(&stored.purpose) else {
-                return Err(VaultError::Keyring {
-                    collection: collection.name.to_string(),
-                    reason: "a stored key has an unknown purpose",
-                });
-            };
+            let purpose = stored.purpose;
             let key = keyring::unwrap(root, purpose, &stored.collection_name, stored.version, &stored.wrapped)
                 .map_err(|_| VaultError::Keyring {
                     collection: collection.name.to_string(),
@@ -400,7 +395,7 @@ async fn open_collection(
     } else {
         let key = DataKey::generate()?;
         let wrapped = keyring::wrap(root, KeyPurpose::Data, name.as_str(), 1, &key)?;
-        let id = store.create_collection(name.as_str(), KeyPurpose::Data.as_str(), wrapped).await?;
+        let id = store.create_collection(name.as_str(), KeyPurpose::Data, wrapped).await?;
         tracing::info!(collection = %name, "created collection with data key version 1");
         id
     };
@@ -409,21 +404,21 @@ async fn open_collection(
     if stored != configured {
         return Err(VaultError::FormatChanged { collection: name.to_string(), stored, configured });
     }
-    let index_keys = store.list_keys(id, INDEX_PURPOSE).await?;
+    let index_keys = store.list_keys(id, KeyPurpose::Index).await?;
     let canonical_index_from = match store.canonical_index_from(id).await? {
         Some(version) => version,
         None => decide_canonical_index(store, root, name, settings, id, &index_keys).await?,
     };
     let reindex_before_serving = settings.deterministic
         && store
-            .list_keys(id, INDEX_PURPOSE)
+            .list_keys(id, KeyPurpose::Index)
             .await?
             .iter()
             .any(|k| k.version < canonical_index_from && k.state != KeyState::Retired);
     if settings.deterministic && index_keys.is_empty() {
         let key = DataKey::generate()?;
         let wrapped = keyring::wrap(root, KeyPurpose::Index, name.as_str(), 1, &key)?;
-        store.add_first_key(id, INDEX_PURPOSE, wrapped).await?;
+        store.add_first_key(id, KeyPurpose::Index, wrapped).await?;
         tracing::info!(collection = %name, "created blind-index key version 1");
     }
     let issued = if settings.format.is_canonicalized() { store.issued_by_length(id).await? } else { Vec::new() };
@@ -471,7 +466,7 @@ async fn decide_canonical_index(
         let wrapped = keyring::wrap(root, KeyPurpose::Index, name.as_str(), version, &key)?;
         let mut audit = Requester::named("(upgrade)").record(Event::RotateIndexKey, name.as_str(), 0, Outcome::Ok);
         audit.error_code = format!("new primary index key version {version}: canonical values");
-        store.add_primary_key(id, INDEX_PURPOSE, version, wrapped, None, audit).await?;
+        store.add_primary_key(id, KeyPurpose::Index, version, wrapped, None, audit).await?;
         tracing::info!(collection = %name, version, "index key rotated to index canonical values; the index is rebuilt before serving");
     }
     Ok(store.set_canonical_index_from(id, version).await?)

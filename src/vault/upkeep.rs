@@ -6,7 +6,7 @@ use crate::audit::{Event, Outcome};
 use crate::config::Config;
 use crate::crypto::keyring::{self, KeyPurpose};
 use crate::error::VaultError;
-use crate::store::{DATA_PURPOSE, INDEX_PURPOSE, KeyState, Pending};
+use crate::store::{KeyState, Pending};
 
 impl Vault {
     /// Indexes every live record of deterministic `collection` under the
@@ -80,7 +80,7 @@ impl Vault {
             let retiring = self
                 .inner
                 .store
-                .list_keys(coll.id, INDEX_PURPOSE)
+                .list_keys(coll.id, KeyPurpose::Index)
                 .await?
                 .iter()
                 .any(|k| !matches!(k.state, KeyState::Primary | KeyState::Retired));
@@ -136,7 +136,7 @@ impl Vault {
             if coll.rotate_after.is_none() && coll.max_encryptions.is_none() {
                 continue;
             }
-            let keys = self.inner.store.list_keys(coll.id, DATA_PURPOSE).await?;
+            let keys = self.inner.store.list_keys(coll.id, KeyPurpose::Data).await?;
             let Some(primary) = keys.iter().find(|k| k.state == KeyState::Primary) else { continue };
             let age = std::time::Duration::from_micros(u64::try_from(now - primary.created_at).unwrap_or(0));
             let reason = match (coll.rotate_after, coll.max_encryptions) {

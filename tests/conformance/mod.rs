@@ -8,9 +8,10 @@
 use std::sync::Arc;
 
 use piivault::audit::{AuditKey, AuditRecord, Head};
+use piivault::crypto::keyring::KeyPurpose;
 use piivault::store::{
-    AuditFilter, CollectionId, DATA_PURPOSE, INDEX_PURPOSE, IndexEntry, InsertOutcome, KeyState, NewRecord, Pending,
-    Reencrypted, RetireRefused, Store, StoreError, TokenLookup, WrappedKey,
+    AuditFilter, CollectionId, IndexEntry, InsertOutcome, KeyState, NewRecord, Pending, Reencrypted, RetireRefused,
+    Store, StoreError, TokenLookup, WrappedKey,
 };
 
 /// A new, empty store and whatever keeps it alive (a directory, a
@@ -87,7 +88,7 @@ fn now() -> i64 {
 async fn ready(fresh: &Fresh) -> CollectionId {
     let head = fresh.store.install_audit_key(AuditKey::from_bytes(AUDIT_KEY)).await.unwrap();
     assert_eq!(head, Head::GENESIS);
-    fresh.store.create_collection("c", DATA_PURPOSE, b"wrapped-v1".to_vec()).await.unwrap()
+    fresh.store.create_collection("c", KeyPurpose::Data, b"wrapped-v1".to_vec()).await.unwrap()
 }
 
 /// The ciphertexts `get_records` answers for `tokens`.
@@ -119,8 +120,8 @@ pub async fn records_round_trip_in_the_order_asked(fresh: Fresh) {
     assert_eq!(store.collection_id("c").await.unwrap(), Some(id));
     assert_eq!(store.collection_id("d").await.unwrap(), None);
     // Creating it again (another process got there first) finds it.
-    assert_eq!(store.create_collection("c", DATA_PURPOSE, b"other".to_vec()).await.unwrap(), id);
-    let other = store.create_collection("d", DATA_PURPOSE, b"wrapped-d".to_vec()).await.unwrap();
+    assert_eq!(store.create_collection("c", KeyPurpose::Data, b"other".to_vec()).await.unwrap(), id);
+    let other = store.create_collection("d", KeyPurpose::Data, b"wrapped-d".to_vec()).await.unwrap();
     assert_ne!(other, id);
     // Collections do not see each other's records.
     assert_eq!(read(store, other, &["t0"]).await, [None]);
@@ -170,10 +171,10 @@ pub async fn one_value_gets_one_token_under_concurrency(fresh: Fresh) {
 }
 
 async fn store_index_key(fresh: &Fresh, id: CollectionId) {
-    fresh.store.add_first_key(id, INDEX_PURPOSE, b"wrapped-index".to_vec()).await.unwrap();
+    fresh.store.add_first_key(id, KeyPurpose::Index, b"wrapped-index".to_vec()).await.unwrap();
     // Only once: a second call keeps the first.
-    fresh.store.add_first_key(id, INDEX_PURPOSE, b"other".to_vec()).await.unwrap();
-    let keys = fresh.store.list_keys(id, INDEX_PURPOSE).await.unwrap();
+    fresh.store.add_first_key(id, KeyPurpose::Index, b"other".to_vec()).await.unwrap();
+    let keys = fresh.store.list_keys(id, KeyPurpose::Index).await.unwrap();
     assert_eq!(keys.iter().map(|k| (k.version, k.state)).collect::<Vec<_>>(), [(1, KeyState::Primary)]);
 }
 
@@ -217,7 +218,7 @@ pub async fn erased_tokens_are_gone_and_never_issued_again(fresh: Fresh) {
     assert_eq!(again, [InsertOutcome::Collision]);
     let rows = chain(store).await;
     assert_eq!(rows[1].1.tokens, ["a"], "the delete record lists the tokens it erased");
-    let keys = store.list_keys(id, DATA_PURPOSE).await.unwrap();
+    let keys = store.list_keys(id, KeyPurpose::Data).await.unwrap();
     assert_eq!((keys[0].records, keys[0].encryptions), (1, 2), "live and ever-sealed counts");
     // What the backend promises about residue is stated, either way.
     let caps = store.capabilities();
@@ -231,15 +232,15 @@ pub async fn key_versions_follow_their_lifecycle(fresh: Fresh) {
         keys.into_iter().map(|k| (k.version, k.state, k.records)).collect()
     };
     store.insert_records(id, vec![record("r1", 1, b"ct")], audit("tokenize")).await.unwrap();
-    store.add_primary_key(id, DATA_PURPOSE, 2, b"wrapped-v2".to_vec(), None, audit("rotate")).await.unwrap();
+    store.add_primary_key(id, KeyPurpose::Data, 2, b"wrapped-v2".to_vec(), None, audit("rotate")).await.unwrap();
     assert_eq!(
-        states(store.list_keys(id, DATA_PURPOSE).await.unwrap()),
+        states(store.list_keys(id, KeyPurpose::Data).await.unwrap()),
         [(1, KeyState::Active, 1), (2, KeyState::Primary, 0)]
     );
     // A version another rotation took is a conflict, and nothing changes.
-    let taken = store.add_primary_key(id, DATA_PURPOSE, 2, b"again".to_vec(), None, audit("rotate")).await;
+    let taken = store.add_primary_key(id, KeyPurpose::Data, 2, b"again".to_vec(), None, audit("rotate")).await;
     assert!(matches!(taken, Err(StoreError::Conflict)), "{taken:?}");
-    assert_eq!(store.list_keys(id, DATA_PURPOSE).await.unwrap().len(), 2);
+    assert_eq!(store.list_keys(id, KeyPurpose::Data).await.unwrap().len(), 2);
 
     assert_eq!(store.retire_key(id, 2, audit("retire")).await.unwrap(), Err(RetireRefused::Primary));
     assert_eq!(store.retire_key(id, 9, audit("retire")).await.unwrap(), Err(RetireRefused::NoSuchVersion));
@@ -250,7 +251,7 @@ pub async fn key_versions_follow_their_lifecycle(fresh: Fresh) {
     assert_eq!(refused, ["FAILED_PRECONDITION"; 3]);
 
     store.mark_retiring(id).await.unwrap();
-    assert_eq!(store.list_keys(id, DATA_PURPOSE).await.unwrap()[0].state, KeyState::Retiring);
+    assert_eq!(store.list_keys(id, KeyPurpose::Data).await.unwrap()[0].state, KeyState::Retiring);
     let work = store.records_needing(id, Pending::Reencryption { primary: 2 }, String::new(), 10).await.unwrap();
     assert_eq!(work, [("r1".to_owned(), b"ct".to_vec())]);
     let moved = Reencrypted { token: "r1".into(), from_version: 1, to_version: 2, ciphertext: b"ct2".to_vec() };
@@ -262,35 +263,35 @@ pub async fn key_versions_follow_their_lifecycle(fresh: Fresh) {
     assert_eq!(store.retire_key(id, 1, audit("retire")).await.unwrap(), Ok(()));
     assert_eq!(store.retire_key(id, 1, audit("retire")).await.unwrap(), Err(RetireRefused::AlreadyRetired));
     assert_eq!(
-        states(store.list_keys(id, DATA_PURPOSE).await.unwrap()),
+        states(store.list_keys(id, KeyPurpose::Data).await.unwrap()),
         [(1, KeyState::Retired, 0), (2, KeyState::Primary, 1)]
     );
     // A retired key's material is gone from what can be loaded or re-wrapped.
     let wrapped: Vec<_> = store.wrapped_keys().await.unwrap().into_iter().map(|k| (k.purpose, k.version)).collect();
-    assert_eq!(wrapped, [("data".to_owned(), 2)]);
+    assert_eq!(wrapped, [(KeyPurpose::Data, 2)]);
     let loaded = store.load_keys().await.unwrap();
     let v1 = loaded.iter().find(|k| k.version == 1).unwrap();
     assert!(v1.wrapped.is_empty() && v1.state == KeyState::Retired);
 
     // A compromised mark on rotation.
-    store.add_primary_key(id, DATA_PURPOSE, 3, b"wrapped-v3".to_vec(), Some(2), audit("rotate")).await.unwrap();
+    store.add_primary_key(id, KeyPurpose::Data, 3, b"wrapped-v3".to_vec(), Some(2), audit("rotate")).await.unwrap();
     assert_eq!(
-        states(store.list_keys(id, DATA_PURPOSE).await.unwrap()),
+        states(store.list_keys(id, KeyPurpose::Data).await.unwrap()),
         [(1, KeyState::Retired, 0), (2, KeyState::Compromised, 1), (3, KeyState::Primary, 0)]
     );
     let summary = store.key_summary().await.unwrap();
     let data: Vec<_> =
-        summary.iter().filter(|s| s.purpose == "data").map(|s| (s.state.as_str(), s.versions, s.live)).collect();
-    assert_eq!(data, [("compromised", 1, 1), ("primary", 1, 0), ("retired", 1, 0)]);
+        summary.iter().filter(|s| s.purpose == KeyPurpose::Data).map(|s| (s.state, s.versions, s.live)).collect();
+    assert_eq!(data, [(KeyState::Compromised, 1, 1), (KeyState::Primary, 1, 0), (KeyState::Retired, 1, 0)]);
 }
 
 pub async fn a_rewrap_replaces_every_key_or_none(fresh: Fresh) {
     let id = ready(&fresh).await;
     let store = fresh.store.as_ref();
-    let audit_wrapped = store.vault_key("audit", b"audit-v1".to_vec()).await.unwrap();
+    let audit_wrapped = store.vault_key(KeyPurpose::Audit, b"audit-v1".to_vec()).await.unwrap();
     assert_eq!(audit_wrapped, b"audit-v1");
     // Asked again, the stored one answers.
-    assert_eq!(store.vault_key("audit", b"other".to_vec()).await.unwrap(), b"audit-v1");
+    assert_eq!(store.vault_key(KeyPurpose::Audit, b"other".to_vec()).await.unwrap(), b"audit-v1");
     let mut keys = store.wrapped_keys().await.unwrap();
     assert_eq!(keys.len(), 2);
     for key in &mut keys {
@@ -302,7 +303,7 @@ pub async fn a_rewrap_replaces_every_key_or_none(fresh: Fresh) {
         .map(|k| WrappedKey {
             collection: k.collection,
             collection_name: k.collection_name.clone(),
-            purpose: k.purpose.clone(),
+            purpose: k.purpose,
             version: k.version,
             wrapped: k.wrapped.clone(),
         })
@@ -310,15 +311,15 @@ pub async fn a_rewrap_replaces_every_key_or_none(fresh: Fresh) {
     with_ghost.push(WrappedKey {
         collection: Some(id),
         collection_name: "c".into(),
-        purpose: "data".into(),
+        purpose: KeyPurpose::Data,
         version: 42,
         wrapped: b"ghost".to_vec(),
     });
     let refused = store.rewrap_keys(with_ghost, audit("rotate_root_key")).await;
     assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
-    assert_eq!(store.vault_key("audit", Vec::new()).await.unwrap(), b"audit-v1");
+    assert_eq!(store.vault_key(KeyPurpose::Audit, Vec::new()).await.unwrap(), b"audit-v1");
     store.rewrap_keys(keys, audit("rotate_root_key")).await.unwrap();
-    assert_eq!(store.vault_key("audit", Vec::new()).await.unwrap(), b"new-audit-v1");
+    assert_eq!(store.vault_key(KeyPurpose::Audit, Vec::new()).await.unwrap(), b"new-audit-v1");
     let loaded = store.load_keys().await.unwrap();
     assert_eq!(loaded.iter().map(|k| k.wrapped.clone()).collect::<Vec<_>>(), [b"new-wrapped-v1".to_vec()]);
     assert_eq!(chain(store).await.len(), 1, "only the committed rewrap is on the trail");
@@ -326,7 +327,7 @@ pub async fn a_rewrap_replaces_every_key_or_none(fresh: Fresh) {
 
 pub async fn no_audit_key_no_write(fresh: Fresh) {
     let store = fresh.store.as_ref();
-    let id = store.create_collection("c", DATA_PURPOSE, b"w".to_vec()).await.unwrap();
+    let id = store.create_collection("c", KeyPurpose::Data, b"w".to_vec()).await.unwrap();
     let refused = store.insert_records(id, vec![record("t", 1, b"ct")], audit("tokenize")).await;
     assert!(matches!(refused, Err(StoreError::AuditUnavailable)), "{refused:?}");
     assert!(matches!(store.append_audit(audit("detokenize")).await, Err(StoreError::AuditUnavailable)));
@@ -383,7 +384,7 @@ pub async fn pending_work_is_paged_in_token_order(fresh: Fresh) {
     let batch = ["p3", "p1", "p4", "p2"].iter().map(|t| record(t, 1, t.as_bytes())).collect();
     store.insert_records(id, batch, audit("tokenize")).await.unwrap();
     store.delete_records(id, vec![lookup("p4")], audit("delete")).await.unwrap();
-    store.add_primary_key(id, DATA_PURPOSE, 2, b"v2".to_vec(), None, audit("rotate")).await.unwrap();
+    store.add_primary_key(id, KeyPurpose::Data, 2, b"v2".to_vec(), None, audit("rotate")).await.unwrap();
     let work = Pending::Reencryption { primary: 2 };
     let page = store.records_needing(id, work, String::new(), 2).await.unwrap();
     assert_eq!(page.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["p1", "p2"]);
@@ -400,9 +401,9 @@ pub async fn index_entries_move_to_a_new_version(fresh: Fresh) {
     let mut r = record("i1", 1, b"ct");
     r.index = Some(IndexEntry { version: 1, digest: old, lookups: vec![(1, old)] });
     store.insert_records(id, vec![r, record("i2", 1, b"ct2")], audit("tokenize")).await.unwrap();
-    store.add_primary_key(id, INDEX_PURPOSE, 2, b"index-v2".to_vec(), None, audit("rotate")).await.unwrap();
+    store.add_primary_key(id, KeyPurpose::Index, 2, b"index-v2".to_vec(), None, audit("rotate")).await.unwrap();
     let states: Vec<_> = store
-        .list_keys(id, INDEX_PURPOSE)
+        .list_keys(id, KeyPurpose::Index)
         .await
         .unwrap()
         .into_iter()

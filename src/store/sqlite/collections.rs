@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::SqliteStore;
+use crate::crypto::keyring::KeyPurpose;
 use crate::store::{CollectionId, CollectionStore, KeyState, StoreError, now_micros};
 
 #[async_trait]
@@ -24,7 +25,7 @@ impl CollectionStore for SqliteStore {
     async fn create_collection(
         &self,
         name: &str,
-        purpose: &'static str,
+        purpose: KeyPurpose,
         wrapped_v1: Vec<u8>,
     ) -> Result<CollectionId, StoreError> {
         let name = name.to_owned();

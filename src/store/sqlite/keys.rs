@@ -6,14 +6,14 @@ use rusqlite::{OptionalExtension as _, params};
 
 use super::SqliteStore;
 use crate::audit::{AuditRecord, Outcome};
+use crate::crypto::keyring::KeyPurpose;
 use crate::store::{
-    CollectionId, INDEX_PURPOSE, KeyInfo, KeyState, KeyStore, KeySummary, RetireRefused, StoreError, StoredKey,
-    WrappedKey, now_micros,
+    CollectionId, KeyInfo, KeyState, KeyStore, KeySummary, RetireRefused, StoreError, StoredKey, WrappedKey, now_micros,
 };
 
 #[async_trait]
 impl KeyStore for SqliteStore {
-    async fn list_keys(&self, collection: CollectionId, purpose: &'static str) -> Result<Vec<KeyInfo>, StoreError> {
+    async fn list_keys(&self, collection: CollectionId, purpose: KeyPurpose) -> Result<Vec<KeyInfo>, StoreError> {
         self.read(move |conn| {
             // Index keys count their entries; data keys keep a counter.
             let mut stmt = conn.prepare_cached(
@@ -35,7 +35,7 @@ impl KeyStore for SqliteStore {
             rows.map(|row| {
                 let (version, state, created_at, encryptions, records) = row?;
                 Ok(KeyInfo {
-                    purpose: purpose.to_owned(),
+                    purpose,
                     version: u32::try_from(version).map_err(|_| StoreError::Corrupt)?,
                     state: KeyState::parse(&state).ok_or(StoreError::Corrupt)?,
                     created_at,
@@ -51,7 +51,7 @@ impl KeyStore for SqliteStore {
     async fn add_primary_key(
         &self,
         collection: CollectionId,
-        purpose: &'static str,
+        purpose: KeyPurpose,
         version: u32,
         wrapped: Vec<u8>,
         compromised: Option<u32>,
@@ -60,7 +60,7 @@ impl KeyStore for SqliteStore {
         self.write(move |tx| {
             // An old index key only serves lookups until the rebuild has
             // moved its entries: it is retiring from the start.
-            let demoted = if purpose == INDEX_PURPOSE { "retiring" } else { "active" };
+            let demoted = if purpose == KeyPurpose::Index { KeyState::Retiring } else { KeyState::Active };
             tx.conn
                 .prepare_cached(
                     "UPDATE keys SET state = ?3
@@ -223,9 +223,9 @@ impl KeyStore for SqliteStore {
                 Ok((
                     row.get::<_, i64>(0)?,
                     row.get::<_, String>(1)?,
-                    row.get::<_, String>(2)?,
+                    row.get::<_, KeyPurpose>(2)?,
                     row.get::<_, i64>(3)?,
-                    row.get::<_, String>(4)?,
+                    row.get::<_, KeyState>(4)?,
                     row.get::<_, Vec<u8>>(5)?,
                 ))
             })?;
@@ -237,7 +237,7 @@ impl KeyStore for SqliteStore {
                     collection_name: name,
                     purpose,
                     version: u32::try_from(version).map_err(|_| StoreError::Corrupt)?,
-                    state: KeyState::parse(&state).ok_or(StoreError::Corrupt)?,
+                    state,
                     wrapped,
                 });
             }
@@ -246,7 +246,7 @@ impl KeyStore for SqliteStore {
         .await
     }
 
-    async fn vault_key(&self, purpose: &'static str, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    async fn vault_key(&self, purpose: KeyPurpose, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         self.write(move |tx| {
             tx.conn
                 .prepare_cached(
@@ -265,7 +265,7 @@ impl KeyStore for SqliteStore {
     async fn add_first_key(
         &self,
         collection: CollectionId,
-        purpose: &'static str,
+        purpose: KeyPurpose,
         wrapped: Vec<u8>,
     ) -> Result<(), StoreError> {
         self.write(move |tx| {

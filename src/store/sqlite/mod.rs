@@ -32,7 +32,8 @@ use rusqlite::{Connection, ErrorCode};
 use tokio::sync::oneshot;
 
 use crate::audit::AuditSink;
-use crate::store::{BackupTaken, Capabilities, OpenMode, Store, StoreError};
+use crate::crypto::keyring::KeyPurpose;
+use crate::store::{BackupTaken, Capabilities, KeyState, OpenMode, Store, StoreError};
 
 pub use backup::check_backup;
 pub use schema::{APPLICATION_ID, schema_version};
@@ -40,6 +41,11 @@ use writer::{Job, ReadJob, WriteJob, WriteTx};
 
 impl From<rusqlite::Error> for StoreError {
     fn from(error: rusqlite::Error) -> Self {
+        // A stored value that does not decode (an unknown key purpose or
+        // state, a wrong type) is damage, not a request error.
+        if matches!(error, rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..)) {
+            return Self::Corrupt;
+        }
         match error.sqlite_error_code() {
             Some(ErrorCode::DiskFull) => Self::Full,
             Some(ErrorCode::ReadOnly) => Self::ReadOnly,
@@ -58,6 +64,32 @@ impl From<rusqlite::Error> for StoreError {
             }
             _ => Self::Backend(error.to_string()),
         }
+    }
+}
+
+/// Key purposes are stored by their stable names.
+impl rusqlite::types::ToSql for KeyPurpose {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for KeyPurpose {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        Self::parse(value.as_str()?).ok_or(rusqlite::types::FromSqlError::InvalidType)
+    }
+}
+
+/// Key states are stored by their names.
+impl rusqlite::types::ToSql for KeyState {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for KeyState {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        Self::parse(value.as_str()?).ok_or(rusqlite::types::FromSqlError::InvalidType)
     }
 }
 
