@@ -97,8 +97,14 @@ pub struct Metrics {
     /// WARN alerts raised for repeated refusals of one caller or address.
     pub alerts: Counter,
     /// Requests refused by a caller's limits (`requests`: the rate limit;
-    /// `detokenize_values`: the bulk-detokenize guard).
+    /// `detokenize_values`: the bulk-detokenize guard; `tokenize_values`,
+    /// `delete_tokens`, `deterministic_hits`: the other quotas).
     pub rate_limited: Family<Reason, Counter>,
+    /// Tokenized values of deterministic collections that already had a
+    /// token (each confirms a guess about a token's value).
+    pub deterministic_hits: Counter,
+    /// Deleted tokens that were not found.
+    pub delete_misses: Counter,
     /// Requests per group commit (one durable transaction).
     pub commit_batch: Histogram,
     /// Reloads of policy or TLS material that failed (`policy`, `tls`);
@@ -134,6 +140,8 @@ impl Metrics {
             malformed_messages: Counter::default(),
             alerts: Counter::default(),
             rate_limited: Family::default(),
+            deterministic_hits: Counter::default(),
+            delete_misses: Counter::default(),
             commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             reload_failures: Family::default(),
             reload_failing: Family::default(),
@@ -158,6 +166,12 @@ impl Metrics {
         );
         registry.register("alerts", "alerts raised for repeated refusals", metrics.alerts.clone());
         registry.register("rate_limited", "requests refused by a caller's limits", metrics.rate_limited.clone());
+        registry.register(
+            "deterministic_hits",
+            "tokenized values of deterministic collections that already had a token",
+            metrics.deterministic_hits.clone(),
+        );
+        registry.register("delete_misses", "deleted tokens that were not found", metrics.delete_misses.clone());
         registry.register(
             "store_commit_batch_requests",
             "requests per group commit (one durable transaction)",

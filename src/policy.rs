@@ -28,10 +28,14 @@
 //! burst = 1000                     # ... and size (default: the rate)
 //! detokenize_max_values = 100000   # values read back (clear or masked) ...
 //! detokenize_window = "1h"         # ... within any such sliding window
+//! tokenize_max_values = 1000000    # values tokenized per window
+//! delete_max_values = 10000        # tokens deleted per window, found or not
+//! deterministic_hits_max = 10000   # values that already had a token
 //! ```
 //!
-//! A caller's own table may set the same four limits; each one it sets
-//! replaces the default. Callers the policy does not name get the defaults
+//! Each quota's window is `<kind>_window` (default one hour). A caller's own
+//! table may set the same limits; each rate or quota it sets replaces the
+//! default one. Callers the policy does not name get the defaults
 //! too (their requests are refused, but refusing is work as well).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -217,10 +221,11 @@ pub struct RequestRate {
     pub burst: u32,
 }
 
-/// The bulk-detokenize guard: values a caller may read back (clear or
-/// masked) within any sliding window of this length.
+/// A per-caller quota: values at most within any sliding window of this
+/// length (the bulk-detokenize guard, and the quotas on tokenized values,
+/// deletes and deterministic hits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DetokenizeQuota {
+pub struct Quota {
     /// Values at most.
     pub max_values: u64,
     /// The window.
@@ -233,8 +238,24 @@ pub struct CallerLimits {
     /// Requests of every kind.
     pub requests: Option<RequestRate>,
     /// Values detokenized.
-    pub detokenize: Option<DetokenizeQuota>,
+    pub detokenize: Option<Quota>,
+    /// Values tokenized (each may become a new token of its collection).
+    pub tokenize: Option<Quota>,
+    /// Tokens deleted (hits and misses alike: guessing costs quota).
+    pub delete: Option<Quota>,
+    /// Tokenized values of deterministic collections that already had a
+    /// token: each one confirms a guess.
+    pub deterministic_hits: Option<Quota>,
 }
+
+/// The quota settings of a policy table, by kind: the two keys that set
+/// each, and the field they fill.
+const QUOTA_KEYS: [(&str, &str); 4] = [
+    ("detokenize_max_values", "detokenize_window"),
+    ("tokenize_max_values", "tokenize_window"),
+    ("delete_max_values", "delete_window"),
+    ("deterministic_hits_max", "deterministic_hits_window"),
+];
 
 /// The checked policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -284,7 +305,7 @@ struct RawPolicy {
     callers: BTreeMap<Spanned<String>, RawGrants>,
 }
 
-/// The four limit settings, in `[defaults]` or a caller's table.
+/// The limit settings, in `[defaults]` or a caller's table.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
@@ -292,12 +313,33 @@ struct RawLimits {
     burst: Option<Spanned<i64>>,
     detokenize_max_values: Option<Spanned<i64>>,
     detokenize_window: Option<Spanned<String>>,
+    tokenize_max_values: Option<Spanned<i64>>,
+    tokenize_window: Option<Spanned<String>>,
+    delete_max_values: Option<Spanned<i64>>,
+    delete_window: Option<Spanned<String>>,
+    deterministic_hits_max: Option<Spanned<i64>>,
+    deterministic_hits_window: Option<Spanned<String>>,
+}
+
+/// One quota's `(max, window)` settings as written.
+type RawQuota<'a> = (Option<&'a Spanned<i64>>, Option<&'a Spanned<String>>);
+
+impl RawLimits {
+    /// Each quota's `(max, window)` settings, in [`QUOTA_KEYS`] order.
+    fn quotas(&self) -> [RawQuota<'_>; 4] {
+        [
+            (self.detokenize_max_values.as_ref(), self.detokenize_window.as_ref()),
+            (self.tokenize_max_values.as_ref(), self.tokenize_window.as_ref()),
+            (self.delete_max_values.as_ref(), self.delete_window.as_ref()),
+            (self.deterministic_hits_max.as_ref(), self.deterministic_hits_window.as_ref()),
+        ]
+    }
 }
 
 /// Largest accepted request rate or burst.
 const MAX_RATE: i64 = 1_000_000;
-/// Default `detokenize_window`.
-const DEFAULT_DETOKENIZE_WINDOW: Duration = Duration::from_hours(1);
+/// Default window of a quota that names only its maximum.
+const DEFAULT_QUOTA_WINDOW: Duration = Duration::from_hours(1);
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -319,6 +361,12 @@ struct RawGrants {
     burst: Option<Spanned<i64>>,
     detokenize_max_values: Option<Spanned<i64>>,
     detokenize_window: Option<Spanned<String>>,
+    tokenize_max_values: Option<Spanned<i64>>,
+    tokenize_window: Option<Spanned<String>>,
+    delete_max_values: Option<Spanned<i64>>,
+    delete_window: Option<Spanned<String>>,
+    deterministic_hits_max: Option<Spanned<i64>>,
+    deterministic_hits_window: Option<Spanned<String>>,
 }
 
 impl Policy {
@@ -356,13 +404,23 @@ impl Policy {
                 burst: raw_grants.burst,
                 detokenize_max_values: raw_grants.detokenize_max_values,
                 detokenize_window: raw_grants.detokenize_window,
+                tokenize_max_values: raw_grants.tokenize_max_values,
+                tokenize_window: raw_grants.tokenize_window,
+                delete_max_values: raw_grants.delete_max_values,
+                delete_window: raw_grants.delete_window,
+                deterministic_hits_max: raw_grants.deterministic_hits_max,
+                deterministic_hits_window: raw_grants.deterministic_hits_window,
             };
             let rate_set = own.requests_per_second.is_some() || own.burst.is_some();
-            let quota_set = own.detokenize_max_values.is_some() || own.detokenize_window.is_some();
+            let set = own.quotas().map(|(max, window)| max.is_some() || window.is_some());
             let mine = parse_limits(&own, &format!("caller {caller}"), &invalid)?;
+            let pick = |i: usize, own: Option<Quota>, default: Option<Quota>| if set[i] { own } else { default };
             let caller_limits = CallerLimits {
                 requests: if rate_set { mine.requests } else { defaults.requests },
-                detokenize: if quota_set { mine.detokenize } else { defaults.detokenize },
+                detokenize: pick(0, mine.detokenize, defaults.detokenize),
+                tokenize: pick(1, mine.tokenize, defaults.tokenize),
+                delete: pick(2, mine.delete, defaults.delete),
+                deterministic_hits: pick(3, mine.deterministic_hits, defaults.deterministic_hits),
             };
             let global = [
                 (Action::Admin, raw_grants.admin),
@@ -462,32 +520,35 @@ fn parse_limits(
             })
         }
     };
-    let detokenize = match (&raw.detokenize_max_values, &raw.detokenize_window) {
-        (None, None) => None,
-        (None, Some(window)) => {
-            return Err(invalid(
-                window.span().start,
-                format!("{context}: detokenize_window needs detokenize_max_values"),
-            ));
-        }
-        (Some(max), window) => {
-            let max_values = positive(max, "detokenize_max_values", i64::MAX)?;
-            let window = match window {
-                None => DEFAULT_DETOKENIZE_WINDOW,
-                Some(w) => crate::config::parse_duration(w.get_ref()).ok_or_else(|| {
-                    invalid(
-                        w.span().start,
-                        format!(
-                            "detokenize_window must be a whole number and a unit (s, m, h, d), got {:?}",
-                            w.get_ref()
-                        ),
-                    )
-                })?,
-            };
-            Some(DetokenizeQuota { max_values, window })
-        }
-    };
-    Ok(CallerLimits { requests, detokenize })
+    let mut quotas = [None; 4];
+    for (slot, ((max, window), (max_key, window_key))) in
+        quotas.iter_mut().zip(raw.quotas().into_iter().zip(QUOTA_KEYS))
+    {
+        *slot = match (max, window) {
+            (None, None) => None,
+            (None, Some(window)) => {
+                return Err(invalid(window.span().start, format!("{context}: {window_key} needs {max_key}")));
+            }
+            (Some(max), window) => {
+                let max_values = positive(max, max_key, i64::MAX)?;
+                let window = match window {
+                    None => DEFAULT_QUOTA_WINDOW,
+                    Some(w) => crate::config::parse_duration(w.get_ref()).ok_or_else(|| {
+                        invalid(
+                            w.span().start,
+                            format!(
+                                "{window_key} must be a whole number and a unit (s, m, h, d), got {:?}",
+                                w.get_ref()
+                            ),
+                        )
+                    })?,
+                };
+                Some(Quota { max_values, window })
+            }
+        };
+    }
+    let [detokenize, tokenize, delete, deterministic_hits] = quotas;
+    Ok(CallerLimits { requests, detokenize, tokenize, delete, deterministic_hits })
 }
 
 /// The `policy.toml` written by `piivault init`: nobody is granted anything.
@@ -510,6 +571,10 @@ pub const EMPTY_POLICY: &str = "\
 # burst = 400                      # ... and size (default: the rate)
 # detokenize_max_values = 50000    # bulk-detokenize guard: values per window
 # detokenize_window = \"1h\"
+#
+# [callers.loader]
+# tokenize = [\"name\"]
+# tokenize_max_values = 10000000   # a bulk load: raise its own quota
 
 # Limits for every caller without its own table's limits, and for callers not
 # listed here. Conservative on purpose: a caller that needs more gets its own
@@ -519,12 +584,21 @@ requests_per_second = 500        # token bucket: refill rate ...
 burst = 1000                     # ... and size
 detokenize_max_values = 50000    # values read back (clear or masked) ...
 detokenize_window = \"1h\"         # ... within any sliding hour
+tokenize_max_values = 1000000    # values tokenized: a writer cannot fill a shaped collection
+tokenize_window = \"1h\"
+delete_max_values = 10000        # tokens deleted, found or not: guessing short tokens costs quota
+delete_window = \"1h\"
+deterministic_hits_max = 10000   # values that already had a token (deterministic collections):
+deterministic_hits_window = \"1h\" # each confirms a guess about a token's value
 ";
 
 /// The limits `init` writes into `[defaults]` of a new policy.
 pub const SHIPPED_DEFAULTS: CallerLimits = CallerLimits {
     requests: Some(RequestRate { per_second: 500, burst: 1000 }),
-    detokenize: Some(DetokenizeQuota { max_values: 50_000, window: Duration::from_hours(1) }),
+    detokenize: Some(Quota { max_values: 50_000, window: Duration::from_hours(1) }),
+    tokenize: Some(Quota { max_values: 1_000_000, window: Duration::from_hours(1) }),
+    delete: Some(Quota { max_values: 10_000, window: Duration::from_hours(1) }),
+    deterministic_hits: Some(Quota { max_values: 10_000, window: Duration::from_hours(1) }),
 };
 
 #[cfg(test)]
@@ -579,18 +653,41 @@ mod tests {
              [callers.bulk]\ndetokenize = [\"*\"]\ndetokenize_max_values = 9\ndetokenize_window = \"30m\"\n",
         )
         .unwrap();
-        let default_quota = Some(DetokenizeQuota { max_values: 5000, window: Duration::from_hours(1) });
+        let default_quota = Some(Quota { max_values: 5000, window: Duration::from_hours(1) });
         assert_eq!(
             policy.limits(&caller("batch")),
-            CallerLimits { requests: Some(RequestRate { per_second: 10, burst: 40 }), detokenize: default_quota }
+            CallerLimits {
+                requests: Some(RequestRate { per_second: 10, burst: 40 }),
+                detokenize: default_quota,
+                ..CallerLimits::default()
+            }
         );
         assert_eq!(
             policy.limits(&caller("bulk")),
             CallerLimits {
                 requests: Some(RequestRate { per_second: 100, burst: 100 }),
-                detokenize: Some(DetokenizeQuota { max_values: 9, window: Duration::from_mins(30) }),
+                detokenize: Some(Quota { max_values: 9, window: Duration::from_mins(30) }),
+                ..CallerLimits::default()
             }
         );
+        // The writer quotas: each pair replaces its default on its own.
+        let writers = parse(
+            "[defaults]\ntokenize_max_values = 100\ndelete_max_values = 10\ndelete_window = \"10m\"\n\
+             deterministic_hits_max = 7\n[callers.loader]\ntokenize = [\"*\"]\ntokenize_max_values = 5000\n\
+             tokenize_window = \"1d\"\n",
+        )
+        .unwrap();
+        let hour = Duration::from_hours(1);
+        assert_eq!(
+            writers.limits(&caller("loader")),
+            CallerLimits {
+                tokenize: Some(Quota { max_values: 5000, window: Duration::from_hours(24) }),
+                delete: Some(Quota { max_values: 10, window: Duration::from_mins(10) }),
+                deterministic_hits: Some(Quota { max_values: 7, window: hour }),
+                ..CallerLimits::default()
+            }
+        );
+        assert_eq!(writers.limits(&caller("stranger")).tokenize, Some(Quota { max_values: 100, window: hour }));
         // Callers the policy does not name get the defaults.
         assert_eq!(policy.limits(&caller("stranger")), policy.limits(&caller("nobody")));
         assert_eq!(policy.limits(&caller("stranger")).requests, Some(RequestRate { per_second: 100, burst: 100 }));
@@ -608,6 +705,10 @@ mod tests {
         assert_eq!(err, "policy.toml: line 2: caller a: detokenize_window needs detokenize_max_values");
         let err = parse("[defaults]\ndetokenize_max_values = 5\ndetokenize_window = \"soon\"\n").unwrap_err();
         assert!(err.to_string().starts_with("policy.toml: line 3: detokenize_window must be"), "{err}");
+        let err = parse("[callers.a]\ndelete_window = \"1h\"\n").unwrap_err().to_string();
+        assert_eq!(err, "policy.toml: line 2: caller a: delete_window needs delete_max_values");
+        let err = parse("[defaults]\ndeterministic_hits_max = 0\n").unwrap_err().to_string();
+        assert_eq!(err, "policy.toml: line 2: deterministic_hits_max must be between 1 and 9223372036854775807, got 0");
         let err = parse("[defaults]\nrate = 5\n").unwrap_err().to_string();
         assert!(err.contains("unknown field `rate`"), "{err}");
     }

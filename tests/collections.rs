@@ -336,7 +336,7 @@ async fn a_crowded_collection_warns_at_one_percent_and_refuses_at_ten() {
     assert!(
         warnings[0].contains(
             "the collection holds more than 1% of the token space of this length; new values are refused at 10%"
-        ) && warnings[0].contains("collection=pin length=6 issued=10000 space=1000000"),
+        ) && warnings[0].contains("collection=pin caller=\"test\" length=6 issued=10000 space=1000000"),
         "{warnings:?}"
     );
     drop(vault);

@@ -94,6 +94,75 @@ async fn the_rate_limit_refuses_beyond_the_burst_without_auditing_each_refusal()
     assert_eq!(server.metric("piivault_requests_total{method=\"Tokenize\",outcome=\"RESOURCE_EXHAUSTED\"}"), Some(1.0));
 }
 
+async fn delete(client: &mut Client, collection: &str, tokens: &[String]) -> Result<Vec<bool>, tonic::Status> {
+    let request = proto::DeleteRequest { collection: collection.into(), tokens: tokens.to_vec() };
+    let results = client.delete(request).await?.into_inner().results;
+    Ok(results
+        .into_iter()
+        .map(|r| matches!(r.outcome.unwrap(), proto::delete_result::Outcome::Deleted(true)))
+        .collect())
+}
+
+/// A writer's quotas (issue 16, items 3 and 4): values tokenized, tokens
+/// deleted (found or not; misses are counted and alerted), and values of a
+/// deterministic collection that already had a token (an equality oracle:
+/// once the quota is used, that caller's tokenizes there are refused).
+#[tokio::test]
+async fn writer_quotas_bound_new_tokens_deletes_and_deterministic_hits() {
+    let server = DevServer::start();
+    extend_policy(
+        &server,
+        "\n[callers.loader]\ntokenize = [\"name\", \"email\"]\ndelete = [\"name\"]\n\
+         tokenize_max_values = 14\ndelete_max_values = 6\ndeterministic_hits_max = 3\ndeterministic_hits_window = \"1h\"\n",
+        &["loader"],
+    );
+    let mut loader = server.client("loader").await;
+    let values: Vec<String> = (0..8).map(|i| format!("Person {i}")).collect();
+    let tokens = tokenize(&mut loader, "name", &values).await.unwrap();
+    // 8 + 7 > 14: refused whole, using none of the quota.
+    let refused = tokenize(&mut loader, "name", &values[..7]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(refused.message(), "this caller may tokenize at most 14 values per 3600 s; the limit is reached");
+
+    // Deletes: misses count like hits, and are counted and alerted.
+    let guesses: Vec<String> = (0..5).map(|i| format!("name_{i:022}")).collect();
+    assert_eq!(delete(&mut loader, "name", &guesses).await.unwrap(), [false; 5]);
+    assert_eq!(server.metric("piivault_delete_misses_total"), Some(5.0));
+    assert_eq!(delete(&mut loader, "name", &tokens[..1]).await.unwrap(), [true]);
+    let refused = delete(&mut loader, "name", &tokens[1..2]).await.unwrap_err();
+    assert_eq!(refused.message(), "this caller may delete at most 6 tokens per 3600 s; the limit is reached");
+    let output = server.output();
+    assert!(
+        output.lines().any(|l| l.contains("deletes of unknown tokens") && l.contains("alert=true")),
+        "five misses from one caller raise the alert: {output}"
+    );
+
+    // Deterministic hits: the first tokenize of a value is not a hit; each
+    // repeat confirms it, and the third fills the quota.
+    let first = tokenize(&mut loader, "email", &["ada@example.org".into()]).await.unwrap();
+    let again = tokenize(&mut loader, "email", &["ada@example.org".into(), "ada@example.org".into()]).await.unwrap();
+    assert_eq!(again, [first[0].clone(), first[0].clone()]);
+    assert_eq!(server.metric("piivault_deterministic_hits_total"), Some(2.0));
+    tokenize(&mut loader, "email", &["ada@example.org".into()]).await.unwrap();
+    let refused = tokenize(&mut loader, "email", &["bob@example.org".into()]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(
+        refused.message(),
+        "this caller may tokenize at most 3 values that already have a token (deterministic collections) per 3600 s; the limit is reached"
+    );
+    assert_eq!(server.metric("piivault_rate_limited_total{reason=\"deterministic_hits\"}"), Some(1.0));
+    // The dev writer (no quotas) is not affected, nor are this caller's
+    // other collections by the hit quota.
+    let mut writer = server.client("writer").await;
+    assert_eq!(tokenize(&mut writer, "email", &["ada@example.org".into()]).await.unwrap(), first);
+    assert_eq!(audited(&server, "loader", "RESOURCE_EXHAUSTED"), 3);
+    let output = server.output();
+    assert!(output.lines().any(|l| l.contains("deterministic-hit quota reached") && l.contains("alert=true")));
+    for secret in values.iter().chain(["ada@example.org".to_owned(), "bob@example.org".to_owned()].iter()) {
+        assert!(!output.contains(secret.as_str()), "the log holds a value");
+    }
+}
+
 #[tokio::test]
 async fn the_bulk_detokenize_guard_refuses_audits_and_alerts() {
     let server = DevServer::start();
@@ -119,8 +188,8 @@ async fn the_bulk_detokenize_guard_refuses_audits_and_alerts() {
     // Each refusal is on the audit trail, raised a WARN alert and was counted.
     assert_eq!(audited(&server, "bulk", "RESOURCE_EXHAUSTED"), 2);
     let output = server.output();
-    assert_eq!(output.matches("bulk-detokenize guard: request refused").count(), 2, "{output}");
-    assert!(output.lines().any(|l| l.contains("bulk-detokenize guard") && l.contains("alert=true")));
+    assert_eq!(output.matches("per-caller quota: request refused").count(), 2, "{output}");
+    assert!(output.lines().any(|l| l.contains("quota=\"detokenize_values\"") && l.contains("alert=true")), "{output}");
     assert_eq!(server.metric("piivault_rate_limited_total{reason=\"detokenize_values\"}"), Some(2.0));
     // No value or token in the log.
     for secret in values.iter().chain(&tokens) {

@@ -6,6 +6,7 @@ use std::time::Instant;
 use tonic::{Request, Status};
 
 use super::alerts::Subject;
+use super::limits::Metered;
 use super::server::{ConnInfo, Live};
 use super::{EdgeError, Failure};
 use crate::audit::{Event, Outcome};
@@ -105,10 +106,14 @@ impl Call {
         Ok(action)
     }
 
-    /// Applies the caller's bulk-detokenize guard to this call's items.
-    pub(super) fn limit_detokenize(&self, live: &Live) -> Result<(), Failure> {
-        let caller = self.caller.as_ref().ok_or_else(|| EdgeError::Unauthenticated("no caller".into()))?;
-        Ok(live.limit_detokenize(caller, self.items)?)
+    /// The admitted caller.
+    pub(super) fn caller(&self) -> Result<&CallerId, Failure> {
+        Ok(self.caller.as_ref().ok_or_else(|| EdgeError::Unauthenticated("no caller".into()))?)
+    }
+
+    /// Applies the caller's quota of `kind` to this call's items.
+    pub(super) fn limit(&self, live: &Live, kind: Metered) -> Result<(), Failure> {
+        Ok(live.limit(self.caller()?, kind, self.items)?)
     }
 
     pub(super) async fn finish<T>(self, vault: &Vault, live: &Live, result: Result<T, Failure>) -> Result<T, Status> {

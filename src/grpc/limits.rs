@@ -1,5 +1,6 @@
-//! Per-caller traffic limits: a token bucket on requests and a sliding
-//! window on detokenized values (the bulk-detokenize guard). The limits
+//! Per-caller traffic limits: a token bucket on requests and sliding
+//! windows on values: detokenized (the bulk-detokenize guard), tokenized,
+//! deleted, and deterministic hits (see [`Metered`]). The limits
 //! themselves come from the policy, so a reload changes them at once; the
 //! use so far is kept here, per caller.
 
@@ -7,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::policy::{CallerId, DetokenizeQuota, RequestRate};
+use crate::policy::{CallerId, Quota, RequestRate};
 
 /// Callers tracked at once; beyond it, the ones idle longest are forgotten
 /// (a forgotten caller starts again with a full bucket and an empty window).
@@ -16,13 +17,67 @@ const MAX_TRACKED: usize = 10_000;
 /// Slots a detokenize window is cut into: the window slides by 1/SLOTS.
 const SLOTS: usize = 60;
 
+/// What a per-caller quota counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metered {
+    /// Values detokenized (clear or masked).
+    Detokenize = 0,
+    /// Values tokenized.
+    Tokenize = 1,
+    /// Tokens deleted, found or not.
+    Delete = 2,
+    /// Tokenized values of deterministic collections that already had a
+    /// token.
+    DeterministicHits = 3,
+}
+
+impl Metered {
+    /// What the caller does, in a refusal's message.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Self::Detokenize => "detokenize",
+            Self::Tokenize | Self::DeterministicHits => "tokenize",
+            Self::Delete => "delete",
+        }
+    }
+
+    /// What is counted, in a refusal's message.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Self::Detokenize | Self::Tokenize => "values",
+            Self::Delete => "tokens",
+            Self::DeterministicHits => "values that already have a token (deterministic collections)",
+        }
+    }
+
+    /// The metric label of a refusal.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Detokenize => "detokenize_values",
+            Self::Tokenize => "tokenize_values",
+            Self::Delete => "delete_tokens",
+            Self::DeterministicHits => "deterministic_hits",
+        }
+    }
+
+    /// The caller's quota of this kind.
+    pub fn quota(self, limits: &crate::policy::CallerLimits) -> Option<Quota> {
+        match self {
+            Self::Detokenize => limits.detokenize,
+            Self::Tokenize => limits.tokenize,
+            Self::Delete => limits.delete,
+            Self::DeterministicHits => limits.deterministic_hits,
+        }
+    }
+}
+
 /// One caller's use of its limits.
 struct Use {
     /// Requests left in the bucket, and when it was last refilled.
     tokens: f64,
     refilled: Instant,
-    /// Values detokenized per slot of the current window.
-    window: SlidingWindow,
+    /// Values per slot of the current window, by [`Metered`] kind.
+    windows: [SlidingWindow; 4],
     last_seen: Instant,
 }
 
@@ -40,7 +95,23 @@ impl SlidingWindow {
     }
 
     /// Adds `n` if the window's total stays within `max`.
-    fn take(&mut self, n: u64, quota: DetokenizeQuota, since_epoch: Duration) -> bool {
+    fn take(&mut self, n: u64, quota: Quota, since_epoch: Duration) -> bool {
+        if self.used(quota, since_epoch).saturating_add(n) > quota.max_values {
+            return false;
+        }
+        self.add(n);
+        true
+    }
+
+    /// Adds `n` to the newest slot, whatever the total (for what is only
+    /// known after the fact); call [`SlidingWindow::used`] first.
+    fn add(&mut self, n: u64) {
+        let slot = usize::try_from(self.newest % SLOTS as u128).unwrap_or(0);
+        self.counts[slot] = self.counts[slot].saturating_add(n);
+    }
+
+    /// The window's total under `quota` at `since_epoch`, after sliding it.
+    fn used(&mut self, quota: Quota, since_epoch: Duration) -> u64 {
         if quota.window != self.length {
             // The policy changed the window: count afresh under the new one.
             *self = Self::new(quota.window);
@@ -56,13 +127,7 @@ impl SlidingWindow {
             }
         }
         self.newest = self.newest.max(now);
-        let used: u64 = self.counts.iter().sum();
-        if used.saturating_add(n) > quota.max_values {
-            return false;
-        }
-        let slot = usize::try_from(self.newest % SLOTS as u128).unwrap_or(0);
-        self.counts[slot] += n;
-        true
+        self.counts.iter().fold(0u64, |sum, n| sum.saturating_add(*n))
     }
 }
 
@@ -96,24 +161,46 @@ impl Limiter {
         })
     }
 
-    /// `values` detokenized by `caller` under `quota` (none: unlimited), at
+    /// `values` of `kind` by `caller` under `quota` (none: unlimited), at
     /// `now`; refused with the quota it would exceed. A refused request uses
     /// none of the quota.
-    pub fn detokenize(
+    pub fn take(
         &self,
         caller: &CallerId,
+        kind: Metered,
         values: usize,
-        quota: Option<DetokenizeQuota>,
+        quota: Option<Quota>,
         now: Instant,
-    ) -> Result<(), DetokenizeQuota> {
+    ) -> Result<(), Quota> {
         let Some(quota) = quota else { return Ok(()) };
         let since_epoch = now.saturating_duration_since(self.epoch);
         self.with(caller, now, |usage| {
-            if usage.window.take(u64::try_from(values).unwrap_or(u64::MAX), quota, since_epoch) {
+            if usage.windows[kind as usize].take(u64::try_from(values).unwrap_or(u64::MAX), quota, since_epoch) {
                 Ok(())
             } else {
                 Err(quota)
             }
+        })
+    }
+
+    /// Whether `caller`'s window of `kind` is already full under `quota`
+    /// (for what is counted only after the request: deterministic hits).
+    pub fn exhausted(&self, caller: &CallerId, kind: Metered, quota: Option<Quota>, now: Instant) -> bool {
+        let Some(quota) = quota else { return false };
+        let since_epoch = now.saturating_duration_since(self.epoch);
+        self.with(caller, now, |usage| usage.windows[kind as usize].used(quota, since_epoch) >= quota.max_values)
+    }
+
+    /// Counts `values` of `kind` that already happened; returns whether the
+    /// window is now full (the next request of that kind is refused).
+    pub fn count(&self, caller: &CallerId, kind: Metered, values: usize, quota: Option<Quota>, now: Instant) -> bool {
+        let Some(quota) = quota else { return false };
+        let since_epoch = now.saturating_duration_since(self.epoch);
+        self.with(caller, now, |usage| {
+            let window = &mut usage.windows[kind as usize];
+            let used = window.used(quota, since_epoch);
+            window.add(u64::try_from(values).unwrap_or(u64::MAX));
+            used.saturating_add(u64::try_from(values).unwrap_or(u64::MAX)) >= quota.max_values
         })
     }
 
@@ -130,7 +217,7 @@ impl Limiter {
         let usage = callers.entry(caller.clone()).or_insert_with(|| Use {
             tokens: f64::INFINITY,
             refilled: now,
-            window: SlidingWindow::new(Duration::ZERO),
+            windows: std::array::from_fn(|_| SlidingWindow::new(Duration::ZERO)),
             last_seen: now,
         });
         usage.last_seen = now;
@@ -177,25 +264,51 @@ mod tests {
     #[test]
     fn the_detokenize_window_slides() {
         let limiter = Limiter::default();
-        let quota = DetokenizeQuota { max_values: 100, window: Duration::from_mins(1) };
+        let quota = Quota { max_values: 100, window: Duration::from_mins(1) };
         let a = caller("a");
         let t0 = limiter.epoch;
-        assert_eq!(limiter.detokenize(&a, 60, Some(quota), t0), Ok(()));
-        assert_eq!(limiter.detokenize(&a, 30, Some(quota), t0 + Duration::from_secs(30)), Ok(()));
+        assert_eq!(limiter.take(&a, Metered::Detokenize, 60, Some(quota), t0), Ok(()));
+        assert_eq!(limiter.take(&a, Metered::Detokenize, 30, Some(quota), t0 + Duration::from_secs(30)), Ok(()));
         // 90 used: 11 more would be 101.
-        assert_eq!(limiter.detokenize(&a, 11, Some(quota), t0 + Duration::from_secs(59)), Err(quota));
+        assert_eq!(limiter.take(&a, Metered::Detokenize, 11, Some(quota), t0 + Duration::from_secs(59)), Err(quota));
         // The refused request used nothing.
-        assert_eq!(limiter.detokenize(&a, 10, Some(quota), t0 + Duration::from_secs(59)), Ok(()));
-        assert_eq!(limiter.detokenize(&a, 1, Some(quota), t0 + Duration::from_secs(59)), Err(quota));
+        assert_eq!(limiter.take(&a, Metered::Detokenize, 10, Some(quota), t0 + Duration::from_secs(59)), Ok(()));
+        assert_eq!(limiter.take(&a, Metered::Detokenize, 1, Some(quota), t0 + Duration::from_secs(59)), Err(quota));
         // At 60 s the first 60 have left the window; the 30 from 30 s and the
         // 10 from 59 s have not.
-        assert_eq!(limiter.detokenize(&a, 60, Some(quota), t0 + Duration::from_secs(61)), Ok(()));
-        assert_eq!(limiter.detokenize(&a, 1, Some(quota), t0 + Duration::from_secs(61)), Err(quota));
+        assert_eq!(limiter.take(&a, Metered::Detokenize, 60, Some(quota), t0 + Duration::from_secs(61)), Ok(()));
+        assert_eq!(limiter.take(&a, Metered::Detokenize, 1, Some(quota), t0 + Duration::from_secs(61)), Err(quota));
         // Long after, the whole quota again; a request over the quota never passes.
         let later = t0 + Duration::from_hours(2);
-        assert_eq!(limiter.detokenize(&a, 101, Some(quota), later), Err(quota));
-        assert_eq!(limiter.detokenize(&a, 100, Some(quota), later), Ok(()));
-        assert_eq!(limiter.detokenize(&a, 5, None, later), Ok(()));
+        assert_eq!(limiter.take(&a, Metered::Detokenize, 101, Some(quota), later), Err(quota));
+        assert_eq!(limiter.take(&a, Metered::Detokenize, 100, Some(quota), later), Ok(()));
+        assert_eq!(limiter.take(&a, Metered::Detokenize, 5, None, later), Ok(()));
+    }
+
+    /// Each kind has its own window; what is counted after the fact fills
+    /// its window, and a full window is seen before the next request.
+    #[test]
+    fn each_kind_counts_apart_and_after_the_fact() {
+        let limiter = Limiter::default();
+        let quota = Some(Quota { max_values: 10, window: Duration::from_mins(1) });
+        let (a, b) = (caller("a"), caller("b"));
+        let t0 = limiter.epoch;
+        assert_eq!(limiter.take(&a, Metered::Tokenize, 10, quota, t0), Ok(()));
+        assert!(limiter.take(&a, Metered::Tokenize, 1, quota, t0).is_err());
+        // Deletes and detokenizes are not touched by tokenizes.
+        assert_eq!(limiter.take(&a, Metered::Delete, 10, quota, t0), Ok(()));
+        assert_eq!(limiter.take(&a, Metered::Detokenize, 10, quota, t0), Ok(()));
+        assert!(!limiter.exhausted(&a, Metered::DeterministicHits, quota, t0));
+        assert!(!limiter.count(&a, Metered::DeterministicHits, 9, quota, t0));
+        assert!(!limiter.exhausted(&a, Metered::DeterministicHits, quota, t0));
+        // The tenth hit fills it (a request's hits may go past the maximum).
+        assert!(limiter.count(&a, Metered::DeterministicHits, 3, quota, t0));
+        assert!(limiter.exhausted(&a, Metered::DeterministicHits, quota, t0));
+        assert!(!limiter.exhausted(&b, Metered::DeterministicHits, quota, t0), "another caller's window is its own");
+        // The window slides for hits too; without a quota nothing is counted.
+        assert!(!limiter.exhausted(&a, Metered::DeterministicHits, quota, t0 + Duration::from_secs(61)));
+        assert!(!limiter.count(&a, Metered::DeterministicHits, 1_000, None, t0));
+        assert!(!limiter.exhausted(&a, Metered::DeterministicHits, None, t0));
     }
 
     #[test]

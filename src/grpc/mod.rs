@@ -49,9 +49,12 @@ pub enum EdgeError {
     /// The caller's request rate limit (policy) is reached.
     #[error("this caller's request rate limit is reached; retry later")]
     RateLimited,
-    /// The request would take the caller over its bulk-detokenize guard.
-    #[error("this caller may detokenize at most {max_values} values per {window_s} s; the limit is reached")]
-    DetokenizeQuota {
+    /// The request would take the caller over one of its quotas (the
+    /// bulk-detokenize guard, tokenized values, deletes, deterministic hits).
+    #[error("this caller may {} at most {max_values} {} per {window_s} s; the limit is reached", kind.verb(), kind.noun())]
+    Quota {
+        /// Which quota.
+        kind: limits::Metered,
         /// Values per window.
         max_values: u64,
         /// The window, seconds.
@@ -69,7 +72,7 @@ pub fn status_of(error: &Failure) -> Status {
         }
         Failure::Edge(EdgeError::InvalidArgument(message)) => Status::invalid_argument(message.clone()),
         Failure::Vault(VaultError::EmptyRequest) => Status::invalid_argument("the request has no items"),
-        Failure::Edge(e @ (EdgeError::RateLimited | EdgeError::DetokenizeQuota { .. })) => {
+        Failure::Edge(e @ (EdgeError::RateLimited | EdgeError::Quota { .. })) => {
             Status::resource_exhausted(e.to_string())
         }
         Failure::Vault(
@@ -178,7 +181,10 @@ mod tests {
             (Failure::Edge(EdgeError::Unauthenticated("x".into())), Code::Unauthenticated),
             (Failure::Edge(EdgeError::InvalidArgument("x".into())), Code::InvalidArgument),
             (Failure::Edge(EdgeError::RateLimited), Code::ResourceExhausted),
-            (Failure::Edge(EdgeError::DetokenizeQuota { max_values: 5, window_s: 60 }), Code::ResourceExhausted),
+            (
+                Failure::Edge(EdgeError::Quota { kind: limits::Metered::Detokenize, max_values: 5, window_s: 60 }),
+                Code::ResourceExhausted,
+            ),
         ];
         for (failure, code) in cases {
             assert_eq!(status_of(&failure).code(), code, "{failure:?}");

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use super::alerts::{Alerts, Subject};
-use super::limits::Limiter;
+use super::limits::{Limiter, Metered};
 use super::proto::admin_server::AdminServer;
 use super::proto::audit_server::AuditServer;
 use super::proto::tokenizer_server::TokenizerServer;
@@ -183,23 +183,71 @@ impl Live {
         Err(EdgeError::RateLimited)
     }
 
-    /// `values` detokenized by `caller`, under its bulk-detokenize guard. A
-    /// refusal is counted and logged as an alert (and audited by the call).
-    pub fn limit_detokenize(&self, caller: &CallerId, values: usize) -> Result<(), EdgeError> {
-        let quota = self.policy().limits(caller).detokenize;
-        self.limiter.detokenize(caller, values, quota, std::time::Instant::now()).map_err(|quota| {
-            Metrics::count(&metrics().rate_limited, "detokenize_values");
-            let (max_values, window_s) = (quota.max_values, quota.window.as_secs());
-            tracing::warn!(
-                alert = true,
-                caller = %caller,
-                requested = values,
-                max_values,
-                window_s,
-                "bulk-detokenize guard: request refused"
-            );
-            EdgeError::DetokenizeQuota { max_values, window_s }
-        })
+    /// `values` of `kind` by `caller`, under its quota of that kind. A
+    /// refusal is counted and logged as an alert (and audited by the call);
+    /// a refused request uses none of the quota.
+    pub fn limit(&self, caller: &CallerId, kind: Metered, values: usize) -> Result<(), EdgeError> {
+        let quota = kind.quota(&self.policy().limits(caller));
+        self.limiter
+            .take(caller, kind, values, quota, std::time::Instant::now())
+            .map_err(|quota| Self::quota_refusal(caller, kind, values, quota))
+    }
+
+    /// Refuses a request of a deterministic collection when `caller` has
+    /// used up its quota of deterministic hits: what is counted only once
+    /// the vault has answered ([`Live::count_deterministic_hits`]).
+    pub fn limit_deterministic_hits(&self, caller: &CallerId, values: usize) -> Result<(), EdgeError> {
+        let kind = Metered::DeterministicHits;
+        let quota = kind.quota(&self.policy().limits(caller));
+        match quota {
+            Some(quota) if self.limiter.exhausted(caller, kind, Some(quota), std::time::Instant::now()) => {
+                Err(Self::quota_refusal(caller, kind, values, quota))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts `hits`: tokenized values of a deterministic collection that
+    /// already had a token (each one confirms a guess about a token's
+    /// value). Filling the quota raises an alert at once.
+    pub fn count_deterministic_hits(&self, caller: &CallerId, hits: usize) {
+        if hits == 0 {
+            return;
+        }
+        metrics().deterministic_hits.inc_by(u64::try_from(hits).unwrap_or(u64::MAX));
+        let kind = Metered::DeterministicHits;
+        let quota = kind.quota(&self.policy().limits(caller));
+        if self.limiter.count(caller, kind, hits, quota, std::time::Instant::now()) {
+            tracing::warn!(alert = true, caller = %caller, hits, "deterministic-hit quota reached: this caller's tokenizes of deterministic collections are refused until its window frees");
+        }
+    }
+
+    /// Counts `misses`: tokens a delete did not find. Guessing short shaped
+    /// tokens shows as misses, alerted like refused requests.
+    pub fn count_delete_misses(&self, caller: &CallerId, misses: usize) {
+        if misses == 0 {
+            return;
+        }
+        metrics().delete_misses.inc_by(u64::try_from(misses).unwrap_or(u64::MAX));
+        let subject = Subject::caller(caller.as_str());
+        for _ in 0..misses {
+            self.alerts.note(&subject, "deletes of unknown tokens");
+        }
+    }
+
+    fn quota_refusal(caller: &CallerId, kind: Metered, values: usize, quota: crate::policy::Quota) -> EdgeError {
+        Metrics::count(&metrics().rate_limited, kind.label());
+        let (max_values, window_s) = (quota.max_values, quota.window.as_secs());
+        tracing::warn!(
+            alert = true,
+            caller = %caller,
+            quota = kind.label(),
+            requested = values,
+            max_values,
+            window_s,
+            "per-caller quota: request refused"
+        );
+        EdgeError::Quota { kind, max_values, window_s }
     }
 }
 

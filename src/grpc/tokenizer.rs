@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::call::Call;
 use super::item_error;
+use super::limits::Metered;
 use super::proto::tokenizer_server::Tokenizer;
 use super::proto::{self, delete_result, detokenize_result, tokenize_result};
 use super::server::Live;
@@ -34,11 +35,21 @@ impl Tokenizer for TokenizerService {
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
         let body = request.get_ref();
         let mut call = Call::start("Tokenize", Event::Tokenize, &request, &body.collection, body.values.len());
+        let (body_collection, call_items) = (body.collection.clone(), body.values.len());
         let result = async {
             call.admit(&self.live, &request, &[Action::Tokenize])?;
+            call.limit(&self.live, Metered::Tokenize)?;
+            let deterministic = self.vault.is_deterministic(&body_collection);
+            if deterministic {
+                self.live.limit_deterministic_hits(call.caller()?, call_items)?;
+            }
             let proto::TokenizeRequest { collection, values } = request.into_inner();
             let values = values.into_iter().map(PiiValue::new).collect();
-            let results = self.vault.tokenize(&call.who, &collection, values).await?;
+            let tokenized = self.vault.tokenize_counted(&call.who, &collection, values).await?;
+            if deterministic {
+                self.live.count_deterministic_hits(call.caller()?, tokenized.existing);
+            }
+            let results = tokenized.results;
             let results = results
                 .into_iter()
                 .map(|r| proto::TokenizeResult {
@@ -66,7 +77,7 @@ impl Tokenizer for TokenizerService {
             if masked {
                 call.method = "Detokenize(masked)";
             }
-            call.limit_detokenize(&self.live)?;
+            call.limit(&self.live, Metered::Detokenize)?;
             let proto::DetokenizeRequest { collection, tokens } = request.into_inner();
             let results = if masked {
                 self.vault.detokenize_masked(&call.who, &collection, tokens).await?
@@ -97,8 +108,11 @@ impl Tokenizer for TokenizerService {
         let mut call = Call::start("Delete", Event::Delete, &request, &body.collection, body.tokens.len());
         let result = async {
             call.admit(&self.live, &request, &[Action::Delete])?;
+            call.limit(&self.live, Metered::Delete)?;
             let proto::DeleteRequest { collection, tokens } = request.into_inner();
             let results = self.vault.delete(&call.who, &collection, tokens).await?;
+            let misses = results.iter().filter(|r| matches!(r, Err(crate::error::ItemError::NotFound))).count();
+            self.live.count_delete_misses(call.caller()?, misses);
             let results = results
                 .into_iter()
                 .map(|r| proto::DeleteResult {

@@ -10,6 +10,15 @@ use crate::store::{IndexEntry, InsertOutcome, NewRecord, TokenLookup};
 use crate::token::Token;
 use crate::value::PiiValue;
 
+/// What a tokenize answered.
+#[derive(Debug)]
+pub struct Tokenized {
+    /// Per value, in order: its token or what was wrong.
+    pub results: Vec<ItemResult<Token>>,
+    /// Values that already had a token (deterministic collections).
+    pub existing: usize,
+}
+
 impl Vault {
     /// Swaps each value for a token of the collection's format: a new one,
     /// or, in a deterministic collection, the one its (normalized) value
@@ -21,6 +30,18 @@ impl Vault {
         collection: &str,
         values: Vec<PiiValue>,
     ) -> Result<Vec<ItemResult<Token>>, VaultError> {
+        Ok(self.tokenize_counted(who, collection, values).await?.results)
+    }
+
+    /// [`Vault::tokenize`], also saying how many values already had a token
+    /// (deterministic collections): each such answer confirms a guess about
+    /// a token's value, so callers count them against a quota.
+    pub async fn tokenize_counted(
+        &self,
+        who: &Requester,
+        collection: &str,
+        values: Vec<PiiValue>,
+    ) -> Result<Tokenized, VaultError> {
         let coll = self.collection(collection)?;
         self.check_count(values.len())?;
         let (values, mut results): (Vec<PiiValue>, Vec<Option<ItemResult<Token>>>) = values
@@ -31,8 +52,9 @@ impl Vault {
             })
             .unzip();
         // Only values that will be tokenized count against the space.
-        coll.check_space(values.iter().zip(&results).filter(|(_, r)| r.is_none()).map(|(v, _)| v))?;
+        coll.check_space(&who.caller, values.iter().zip(&results).filter(|(_, r)| r.is_none()).map(|(v, _)| v))?;
         let mut pending: Vec<usize> = (0..values.len()).filter(|&i| results[i].is_none()).collect();
+        let mut existing = 0;
         let audit = who.record(Event::Tokenize, collection, values.len(), Outcome::Ok);
         if pending.is_empty() {
             // Nothing to store, but the request is still on the record.
@@ -92,9 +114,10 @@ impl Vault {
                         coll.occupancy.add(crate::format::slots_of(token.as_str()), 1);
                         results[i] = Some(Ok(token));
                     }
-                    InsertOutcome::Existing(existing) => {
+                    InsertOutcome::Existing(token) => {
+                        existing += 1;
                         // The value's token, in the writing of this request.
-                        let rendered = coll.format.render(&existing, values[i].expose_secret());
+                        let rendered = coll.format.render(&token, values[i].expose_secret());
                         results[i] =
                             Some(rendered.and_then(|t| coll.format.parse_token(&t)).ok_or(ItemError::Unreadable));
                     }
@@ -109,7 +132,8 @@ impl Vault {
         if !pending.is_empty() {
             tracing::warn!(collection = %coll.name, items = pending.len(), "no free token after {MAX_TOKEN_ATTEMPTS} draws");
         }
-        Ok(results.into_iter().map(|r| r.unwrap_or(Err(ItemError::TokenSpaceExhausted))).collect())
+        let results = results.into_iter().map(|r| r.unwrap_or(Err(ItemError::TokenSpaceExhausted))).collect();
+        Ok(Tokenized { results, existing })
     }
 
     /// The version of `coll`'s primary `purpose` key.

@@ -172,8 +172,9 @@ impl Collection {
 
     /// `Err` when the collection has issued a tenth of the token space of
     /// the length of any of `values` (letters and digits); warns once per
-    /// length past a hundredth.
-    fn check_space<'v>(&self, values: impl Iterator<Item = &'v PiiValue>) -> Result<(), VaultError> {
+    /// length past a hundredth, naming `caller` (whose request crossed it),
+    /// long before values are refused.
+    fn check_space<'v>(&self, caller: &str, values: impl Iterator<Item = &'v PiiValue>) -> Result<(), VaultError> {
         if !self.format.is_canonicalized() {
             return Ok(());
         }
@@ -186,7 +187,7 @@ impl Collection {
             let issued = self.occupancy.issued(length);
             let after = u128::from(issued) + u128::from(n);
             if after > space / SPACE_REFUSE_DIVISOR {
-                tracing::error!(alert = true, collection = %self.name, length, issued, space, "token space a tenth full: new values of this length refused");
+                tracing::error!(alert = true, collection = %self.name, caller, length, issued, space, "token space a tenth full: new values of this length refused");
                 return Err(VaultError::TokenSpaceFull { issued, space });
             }
             if after > space / SPACE_WARN_DIVISOR
@@ -199,6 +200,7 @@ impl Collection {
                 tracing::warn!(
                     alert = true,
                     collection = %self.name,
+                    caller,
                     length,
                     issued,
                     space,
@@ -373,6 +375,12 @@ impl Vault {
         self.inner.collections.contains_key(name)
     }
 
+    /// Whether `name` is a configured deterministic collection (one value,
+    /// one token).
+    pub fn is_deterministic(&self, name: &str) -> bool {
+        self.inner.collections.get(name).is_some_and(|c| c.deterministic)
+    }
+
     /// Names of the collections this vault serves, sorted.
     pub fn collection_names(&self) -> Vec<String> {
         let mut names: Vec<_> = self.inner.collections.keys().cloned().collect();
@@ -472,4 +480,4 @@ async fn decide_canonical_index(
     Ok(store.set_canonical_index_from(id, version).await?)
 }
 
-pub use data::prepare_value;
+pub use data::{Tokenized, prepare_value};
