@@ -51,6 +51,8 @@ const SERVER_DAYS: i64 = 825;
 const BACKDATE: Duration = Duration::minutes(5);
 /// A CRL is re-signed at least this often (`next_update`).
 const CRL_DAYS: i64 = 30;
+/// The `certs` commands re-sign a CRL this close to its `next_update`.
+const CRL_REFRESH_DAYS: i64 = 7;
 
 /// Errors of the PKI commands.
 #[derive(Debug, thiserror::Error)]
@@ -360,8 +362,44 @@ impl Ca {
         Ok(self.load_register()?.certificates)
     }
 
-    fn write_crl(&self, register: &mut Register) -> Result<(), PkiError> {
+    /// Re-signs `crl.pem` (valid for 30 days) if `force`, or if it is
+    /// missing, unreadable, or due: its `nextUpdate` within a week. Every
+    /// `certs` command calls it, so a vault whose PKI is used never serves
+    /// an expired CRL. Returns the new `nextUpdate` (unix seconds) if it
+    /// re-signed.
+    pub fn refresh_crl(&self, force: bool) -> Result<Option<i64>, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        let current = crate::tls::Revocations::load(&self.dir.join(CRL), i64::MIN).ok().and_then(|r| r.next_update);
+        let due = (now + Duration::days(CRL_REFRESH_DAYS)).unix_timestamp();
+        if !force && current.is_some_and(|next| next > due) {
+            return Ok(None);
+        }
+        let next_update = now + Duration::days(CRL_DAYS);
+        self.write_crl_until(&mut self.load_register()?, next_update)?;
+        Ok(Some(next_update.unix_timestamp()))
+    }
+
+    /// The CRL for the register as it stands, valid until `next_update`,
+    /// PEM, not written anywhere (tests make stale ones with it).
+    pub fn sign_crl(&self, next_update: OffsetDateTime) -> Result<String, PkiError> {
+        let mut register = self.load_register()?;
         register.crl_number += 1;
+        self.crl_pem(&register, next_update)
+    }
+
+    fn write_crl(&self, register: &mut Register) -> Result<(), PkiError> {
+        self.write_crl_until(register, OffsetDateTime::now_utc() + Duration::days(CRL_DAYS))
+    }
+
+    fn write_crl_until(&self, register: &mut Register, next_update: OffsetDateTime) -> Result<(), PkiError> {
+        register.crl_number += 1;
+        let pem = self.crl_pem(register, next_update)?;
+        // The register keeps the CRL number, so none is ever reused.
+        self.save_register(register)?;
+        replace_private(&self.dir.join(CRL), pem.as_bytes())
+    }
+
+    fn crl_pem(&self, register: &Register, next_update: OffsetDateTime) -> Result<String, PkiError> {
         let now = OffsetDateTime::now_utc();
         let mut revoked_certs = Vec::new();
         for cert in register.certificates.iter().filter(|c| c.revoked_at.is_some()) {
@@ -378,8 +416,8 @@ impl Ca {
             });
         }
         let crl = CertificateRevocationListParams {
-            this_update: now - BACKDATE,
-            next_update: now + Duration::days(CRL_DAYS),
+            this_update: (now - BACKDATE).min(next_update - Duration::seconds(1)),
+            next_update,
             crl_number: SerialNumber::from(register.crl_number),
             issuing_distribution_point: None,
             revoked_certs,
@@ -387,7 +425,7 @@ impl Ca {
         }
         .signed_by(&self.issuer)
         .map_err(cert_error)?;
-        replace_private(&self.dir.join(CRL), crl.pem().map_err(cert_error)?.as_bytes())
+        crl.pem().map_err(cert_error)
     }
 
     fn load_register(&self) -> Result<Register, PkiError> {

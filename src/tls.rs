@@ -43,6 +43,15 @@ pub enum TlsError {
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Config(String),
+    /// The CRL's `nextUpdate` has passed: whoever holds an old signed CRL
+    /// could otherwise un-revoke certificates by putting it back.
+    #[error("{path}: the CRL expired at {next_update} (its nextUpdate); re-sign it with `piivault certs crl`")]
+    CrlExpired {
+        /// The file.
+        path: String,
+        /// When it expired, RFC 3339.
+        next_update: String,
+    },
 }
 
 /// The *ring* provider, restricted to AEAD suites with ephemeral key
@@ -76,15 +85,49 @@ fn pem_all<T: PemObject>(path: &Path) -> Result<Vec<T>, TlsError> {
     Ok(items)
 }
 
-/// The revoked serial numbers (lowercase hex) listed in a CRL file.
-pub fn revoked_serials(path: &Path) -> Result<HashSet<String>, TlsError> {
-    let mut serials = HashSet::new();
-    for crl in pem_all::<CertificateRevocationListDer<'static>>(path)? {
-        let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
-            .map_err(|_| TlsError::Pem(path.display().to_string()))?;
-        serials.extend(parsed.iter_revoked_certificates().map(|r| hex::encode(r.raw_serial())));
+/// A CRL in force: the serials it revokes and when it must be replaced.
+#[derive(Debug, Clone, Default)]
+pub struct Revocations {
+    /// Revoked serial numbers, lowercase hex.
+    pub serials: HashSet<String>,
+    /// The earliest `nextUpdate` of the file's CRLs (unix seconds); `None`
+    /// if none says.
+    pub next_update: Option<i64>,
+}
+
+impl Revocations {
+    /// Reads the CRL file at `path`; one whose `nextUpdate` is before `now`
+    /// (unix seconds) is refused.
+    pub fn load(path: &Path, now: i64) -> Result<Self, TlsError> {
+        let mut revocations = Self::default();
+        for crl in pem_all::<CertificateRevocationListDer<'static>>(path)? {
+            let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
+                .map_err(|_| TlsError::Pem(path.display().to_string()))?;
+            revocations.serials.extend(parsed.iter_revoked_certificates().map(|r| hex::encode(r.raw_serial())));
+            if let Some(next) = parsed.next_update() {
+                let next = next.timestamp();
+                revocations.next_update = Some(revocations.next_update.map_or(next, |n| n.min(next)));
+            }
+        }
+        revocations.check(path, now)?;
+        Ok(revocations)
     }
-    Ok(serials)
+
+    /// Refuses a CRL whose `nextUpdate` is before `now` (unix seconds).
+    pub fn check(&self, path: &Path, now: i64) -> Result<(), TlsError> {
+        match self.next_update {
+            Some(next) if next < now => Err(TlsError::CrlExpired {
+                path: path.display().to_string(),
+                next_update: crate::pki::format_time(next),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Now, in unix seconds.
+pub fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 /// What the server needs to accept connections, loaded from the PKI
@@ -92,9 +135,9 @@ pub fn revoked_serials(path: &Path) -> Result<HashSet<String>, TlsError> {
 pub struct ServerTls {
     /// The rustls configuration.
     pub config: Arc<ServerConfig>,
-    /// Serials on the CRL, checked again on every request so that a reload
-    /// also cuts off connections opened before the revocation.
-    pub revoked: HashSet<String>,
+    /// The CRL the verifier was built with (the server also reloads the
+    /// CRL on its own: see `Live::reload`).
+    pub revocations: Revocations,
 }
 
 impl ServerTls {
@@ -107,6 +150,7 @@ impl ServerTls {
             roots.add(ca).map_err(|e| TlsError::Config(e.to_string()))?;
         }
         let crl_path = pki_dir.join(pki::CRL);
+        let revocations = Revocations::load(&crl_path, now_unix())?;
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .with_crls(pem_all(&crl_path)?)
             .only_check_end_entity_revocation()
@@ -123,7 +167,7 @@ impl ServerTls {
             .map_err(|e| TlsError::Config(e.to_string()))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         config.ignore_client_order = true;
-        Ok(Self { config: Arc::new(config), revoked: revoked_serials(&crl_path)? })
+        Ok(Self { config: Arc::new(config), revocations })
     }
 }
 
@@ -136,6 +180,9 @@ pub struct PeerCert {
     pub serial: String,
     /// SHA-256 of the certificate (DER), lowercase hex.
     pub fingerprint: String,
+    /// The end of its validity (unix seconds): checked on every request
+    /// and by the connection, which closes at it.
+    pub not_after: i64,
 }
 
 impl PeerCert {
@@ -143,7 +190,7 @@ impl PeerCert {
     pub fn inspect(der: &[u8], trust_domain: &str) -> Self {
         let fingerprint = hex::encode(Sha256::digest(der));
         let Ok((_, cert)) = X509Certificate::from_der(der) else {
-            return Self { identity: Err(IdentityError::Unparsable), serial: String::new(), fingerprint };
+            return Self { identity: Err(IdentityError::Unparsable), serial: String::new(), fingerprint, not_after: 0 };
         };
         let serial = hex::encode(cert.raw_serial());
         let identity = match cert.subject_alternative_name() {
@@ -166,7 +213,8 @@ impl PeerCert {
             Ok(_) => Err(IdentityError::NotForClients),
             Err(_) => Err(IdentityError::Unparsable),
         });
-        Self { identity, serial, fingerprint }
+        let not_after = cert.validity().not_after.timestamp();
+        Self { identity, serial, fingerprint, not_after }
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
-use super::{Classify as _, CliError, Failure, say};
+use super::{Classify as _, CliError, Failure, report, say};
 use crate::config::{CONFIG_FILE, Config};
 use crate::pki::{self, Ca};
 use crate::policy::CallerId;
@@ -46,6 +46,14 @@ pub(super) enum CertsCommand {
         #[arg(value_name = "NAME_OR_SERIAL")]
         selector: String,
     },
+    /// Re-sign pki/crl.pem now (valid 30 days). Every other certs command
+    /// re-signs it when its nextUpdate is within a week; a server refuses a
+    /// CRL past its nextUpdate.
+    Crl {
+        /// The data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
     /// List issued certificates.
     List {
         /// The data directory.
@@ -55,6 +63,18 @@ pub(super) enum CertsCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The vault CA of `data_dir`, its CRL re-signed first if it is due.
+fn loaded(data_dir: &Path) -> Result<Ca, CliError> {
+    let ca = Ca::load(data_dir).or_fail(Failure::Config)?;
+    if let Some(next) = ca.refresh_crl(false).or_fail(Failure::Other)? {
+        report(&format!(
+            "pki/crl.pem was due (its nextUpdate within a week or passed): re-signed, valid until {}",
+            pki::format_time(next)
+        ));
+    }
+    Ok(ca)
 }
 
 pub(super) fn certs(command: CertsCommand) -> Result<(), CliError> {
@@ -69,7 +89,7 @@ pub(super) fn certs(command: CertsCommand) -> Result<(), CliError> {
         CertsCommand::Issue { data_dir, name, days, out } => {
             let config = load_config(&data_dir)?;
             let caller: CallerId = name.parse().or_fail(Failure::Usage)?;
-            let ca = Ca::load(&data_dir).or_fail(Failure::Config)?;
+            let ca = loaded(&data_dir)?;
             let out = out.unwrap_or_else(|| data_dir.join("clients").join(caller.as_str()));
             let issued = ca.issue(&caller, &config.server.trust_domain, days, &out).map_err(|e| CliError {
                 failure: if matches!(e, pki::PkiError::Invalid(_)) { Failure::Usage } else { Failure::Other },
@@ -95,8 +115,16 @@ pub(super) fn certs(command: CertsCommand) -> Result<(), CliError> {
             }
             say("pki/crl.pem updated; send SIGHUP to a running server to apply it");
         }
-        CertsCommand::List { data_dir, json } => {
+        CertsCommand::Crl { data_dir } => {
             let ca = Ca::load(&data_dir).or_fail(Failure::Config)?;
+            let next = ca.refresh_crl(true).or_fail(Failure::Other)?.unwrap_or_default();
+            say(&format!(
+                "pki/crl.pem re-signed, valid until {}; a running server reloads it within seconds",
+                pki::format_time(next)
+            ));
+        }
+        CertsCommand::List { data_dir, json } => {
+            let ca = loaded(&data_dir)?;
             let list = ca.list().or_fail(Failure::Other)?;
             if json {
                 say(&serde_json::to_string_pretty(&list).or_fail(Failure::Other)?);

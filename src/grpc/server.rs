@@ -25,7 +25,7 @@ use crate::audit::{Event, Outcome};
 use crate::config::{CollectionName, Config};
 use crate::metrics::{Metrics, metrics};
 use crate::policy::{Action, CallerId, Policy, PolicyError};
-use crate::tls::{PeerCert, ServerTls, TlsError};
+use crate::tls::{PeerCert, Revocations, ServerTls, TlsError, now_unix};
 use crate::vault::Vault;
 
 /// Errors starting the server.
@@ -69,6 +69,9 @@ pub struct Live {
     collections: std::collections::BTreeSet<CollectionName>,
     policy: RwLock<Arc<Policy>>,
     tls: RwLock<Arc<ServerTls>>,
+    /// The CRL in force, reloaded on its own: a broken server certificate
+    /// file keeps the previous TLS configuration, never an older CRL.
+    revocations: RwLock<Arc<Revocations>>,
     /// Repeated refusals.
     pub alerts: Alerts,
     limiter: Limiter,
@@ -86,6 +89,7 @@ impl Live {
             pki_dir: config.server.pki_dir.clone(),
             collections,
             policy: RwLock::new(Arc::new(policy)),
+            revocations: RwLock::new(Arc::new(tls.revocations.clone())),
             tls: RwLock::new(Arc::new(tls)),
             alerts: Alerts::new(config.audit.alert_window, config.audit.alert_threshold),
             limiter: Limiter::default(),
@@ -111,14 +115,28 @@ impl Live {
         }
         match ServerTls::load(&self.pki_dir) {
             Ok(tls) => {
-                let revoked = tls.revoked.len();
                 *self.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(tls);
-                tracing::info!(revoked, "TLS material and CRL reloaded");
+                tracing::info!("TLS material reloaded");
                 metrics().reloaded("tls", true);
             }
             Err(e) => {
-                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates and CRL");
+                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
                 metrics().reloaded("tls", false);
+                problems.push(e.to_string());
+            }
+        }
+        // The CRL on its own, whatever became of the rest.
+        let crl = self.pki_dir.join(crate::pki::CRL);
+        match Revocations::load(&crl, now_unix()) {
+            Ok(revocations) => {
+                let revoked = revocations.serials.len();
+                *self.revocations.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(revocations);
+                tracing::info!(revoked, "CRL reloaded");
+                metrics().reloaded("crl", true);
+            }
+            Err(e) => {
+                tracing::error!(alert = true, error = %e, "CRL reload failed; keeping the previous CRL until its nextUpdate");
+                metrics().reloaded("crl", false);
                 problems.push(e.to_string());
             }
         }
@@ -148,15 +166,36 @@ impl Live {
         self.tls.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
+    fn revocations(&self) -> Arc<Revocations> {
+        self.revocations.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
     /// Who is calling: the caller named by the connection's verified client
-    /// certificate, provided that certificate has not been revoked since.
+    /// certificate, provided that certificate has not expired or been
+    /// revoked since the handshake, and the CRL that says so is in date.
     pub fn authenticate(&self, conn: Option<&ConnInfo>) -> Result<CallerId, EdgeError> {
         let conn = conn.ok_or_else(|| EdgeError::Unauthenticated("no client certificate".into()))?;
         let caller = conn.cert.identity.clone().map_err(|e| EdgeError::Unauthenticated(e.to_string()))?;
-        if self.tls().revoked.contains(&conn.cert.serial) {
+        self.still_valid(&conn.cert)?;
+        Ok(caller)
+    }
+
+    /// Whether a certificate verified at the handshake still stands now:
+    /// not expired, not revoked by the CRL in force, and that CRL not past
+    /// its `nextUpdate` (fail closed: without a current CRL, revocation
+    /// cannot be checked).
+    fn still_valid(&self, cert: &PeerCert) -> Result<(), EdgeError> {
+        let now = now_unix();
+        if cert.not_after < now {
+            return Err(EdgeError::Unauthenticated("the client certificate has expired".into()));
+        }
+        let revocations = self.revocations();
+        if revocations.serials.contains(&cert.serial) {
             return Err(EdgeError::Unauthenticated("the client certificate has been revoked".into()));
         }
-        Ok(caller)
+        revocations
+            .check(&self.pki_dir.join(crate::pki::CRL), now)
+            .map_err(|e| EdgeError::Precondition(format!("revocation cannot be checked: {e}")))
     }
 
     fn policy(&self) -> Arc<Policy> {
@@ -264,7 +303,19 @@ struct AuthenticatedStream {
     /// then says nothing would otherwise hold its connection slot forever
     /// (HTTP/2 keepalive only starts once HTTP/2 has).
     first_bytes_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// How often the connection checks that its certificate still stands
+    /// (not expired, not revoked): one that no longer does is closed, even
+    /// while idle.
+    recheck: tokio::time::Interval,
+    live: Arc<Live>,
 }
+
+/// How long requests in flight on a connection past its maximum age may
+/// still run before it is closed.
+const CONNECTION_AGE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How often an open connection re-checks its certificate.
+const CONNECTION_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Connected for AuthenticatedStream {
     type ConnectInfo = ConnInfo;
@@ -276,6 +327,15 @@ impl Connected for AuthenticatedStream {
 
 impl AsyncRead for AuthenticatedStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        while self.recheck.poll_tick(cx).is_ready() {
+            if let Err(e) = self.live.still_valid(&self.info.cert) {
+                tracing::warn!(peer = %self.info.peer, reason = %e, "connection closed: its client certificate no longer stands");
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "client certificate no longer valid",
+                )));
+            }
+        }
         let filled = buf.filled().len();
         let read = Pin::new(&mut self.inner).poll_read(cx, buf);
         if self.first_bytes_deadline.is_none() {
@@ -383,7 +443,19 @@ fn accept_loop(
                         }
                         let info = ConnInfo { peer, cert: Arc::new(cert) };
                         let first_bytes_deadline = Some(Box::pin(tokio::time::sleep(handshake_timeout)));
-                        let stream = AuthenticatedStream { inner: stream, info, _slot: slot, first_bytes_deadline };
+                        let mut recheck = tokio::time::interval_at(
+                            tokio::time::Instant::now() + CONNECTION_RECHECK,
+                            CONNECTION_RECHECK,
+                        );
+                        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        let stream = AuthenticatedStream {
+                            inner: stream,
+                            info,
+                            _slot: slot,
+                            first_bytes_deadline,
+                            recheck,
+                            live: live.clone(),
+                        };
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(e)) => {
@@ -470,6 +542,8 @@ pub async fn serve(
         .max_concurrent_streams(Some(config.server.max_concurrent_streams))
         .http2_keepalive_interval(Some(config.server.keepalive_interval))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_connection_age(config.server.max_connection_age)
+        .max_connection_age_grace(CONNECTION_AGE_GRACE)
         .layer(tower::util::MapResponseLayer::new(oversized_message_status))
         .add_service(health_service)
         .add_service(reflection)

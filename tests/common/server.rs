@@ -123,14 +123,13 @@ impl DevServer {
 
     /// Sends SIGHUP and waits until the server logged the reload.
     pub fn reload(&self) {
+        let crl_loads = |out: &str| out.matches("CRL reloaded").count() + out.matches("CRL reload failed").count();
         let before = self.output().matches("SIGHUP: reloading").count();
+        let crl_before = crl_loads(&self.output());
         self.signal("HUP");
         for _ in 0..200 {
             let out = self.output();
-            if out.matches("SIGHUP: reloading").count() > before
-                && out.matches("TLS material and CRL reloaded").count() + out.matches("TLS reload failed").count()
-                    > before
-            {
+            if out.matches("SIGHUP: reloading").count() > before && crl_loads(&out) > crl_before {
                 return;
             }
             std::thread::sleep(Duration::from_millis(25));
