@@ -330,3 +330,109 @@ async fn a_flooding_identity_does_not_slow_another_down() {
     assert!(accepted <= 20 + 8 * 20, "{accepted} served in ~7 s at 20/s");
     assert!(flooded_p99 <= quiet_p99 * 2, "victim p99 rose from {quiet_p99:?} to {flooded_p99:?}");
 }
+
+/// The handshake records on the trail: `(records, refusals they account
+/// for)`, read from the database file of a stopped server.
+fn handshake_trail(db: &std::path::Path) -> (usize, u64) {
+    let conn = common::tamper::open_read_only(db);
+    let mut stmt = conn.prepare("SELECT record FROM audit WHERE action = 'handshake'").unwrap();
+    let records: Vec<Vec<u8>> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+    let refusals = records.iter().map(|r| u64::from(piivault::audit::AuditRecord::decode(r).unwrap().1.items)).sum();
+    (records.len(), refusals)
+}
+
+/// The server's peak resident memory, MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kib / 1024
+}
+
+/// Issue 16, item 1: 10,000 connections from one address that send junk
+/// and close write a handful of audit records (the first refusal, then one
+/// summary per window), not one each; the refusals are all accounted for,
+/// and the server's memory stays put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_connections_leave_a_bounded_trail() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let server = DevServer::start();
+    let addr = server.addr;
+    let rss_before = peak_rss_mib(server.pid());
+    // 20 at a time: under the per-address cap on handshakes in progress, so
+    // that every one reaches the TLS layer and is refused there.
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        workers.spawn(async move {
+            for _ in 0..500 {
+                let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+                let mut sink = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut sink)).await;
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(server.metric("piivault_tls_handshake_failures_total{reason=\"refused\"}"), Some(10_000.0));
+    let rss_after = peak_rss_mib(server.pid());
+    assert!(rss_after <= rss_before + 64, "peak RSS grew from {rss_before} to {rss_after} MiB");
+    // A clean stop writes the last window's summary.
+    let db = server.db_path();
+    let (status, _tmp) = tokio::task::spawn_blocking(move || server.stop()).await.unwrap();
+    assert!(status.success());
+    let (records, accounted) = handshake_trail(&db);
+    assert!(records <= 4, "{records} handshake records for 10,000 refusals");
+    assert_eq!(accounted, 10_000, "every refusal is accounted for by the records");
+}
+
+/// Issue 16, item 1: 2,000 connections held open in silence from one
+/// address take at most its share of handshake places; a caller from
+/// another address (127.0.0.2, loopback too) connects and calls at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_from_one_address_do_not_lock_out_another() {
+    let server = DevServer::start();
+    let mut silent = Vec::with_capacity(2_000);
+    for _ in 0..2_000 {
+        silent.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    // Every one past the per-address cap was closed at accept.
+    for _ in 0..200 {
+        if server.metric("piivault_tls_handshake_failures_total{reason=\"too_many_pending\"}") >= Some(1_900.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let capped = 2_000 - u32::try_from(piivault::grpc::handshakes::MAX_PENDING_PER_SOURCE).unwrap();
+    assert_eq!(
+        server.metric("piivault_tls_handshake_failures_total{reason=\"too_many_pending\"}"),
+        Some(f64::from(capped))
+    );
+    let connector = common::server::raw_tls_connector(&server.dir, "writer");
+    let addr = server.addr;
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let connector = connector.clone();
+            async move {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind("127.0.0.2:0".parse().unwrap())?;
+                let tcp = socket.connect(addr).await?;
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut client = Client::new(channel);
+    assert_eq!(tokenize(&mut client, "name", &["Ada Lovelace".into()]).await.unwrap().len(), 1);
+    drop(silent);
+}

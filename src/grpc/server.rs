@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use super::alerts::{Alerts, Subject};
+use super::handshakes::{HandshakeLedger, PendingHandshakes, Refusal};
 use super::limits::{Limiter, Metered};
 use super::proto::admin_server::AdminServer;
 use super::proto::audit_server::AuditServer;
@@ -75,6 +76,11 @@ pub struct Live {
     /// Repeated refusals.
     pub alerts: Alerts,
     limiter: Limiter,
+    /// Refused handshakes beyond the first of each source and reason, for
+    /// the window's summary record.
+    handshakes: HandshakeLedger,
+    /// Handshakes in progress per source.
+    pending: Arc<PendingHandshakes>,
 }
 
 impl Live {
@@ -93,6 +99,8 @@ impl Live {
             tls: RwLock::new(Arc::new(tls)),
             alerts: Alerts::new(config.audit.alert_window, config.audit.alert_threshold),
             limiter: Limiter::default(),
+            handshakes: HandshakeLedger::default(),
+            pending: Arc::default(),
         })
     }
 
@@ -274,6 +282,18 @@ impl Live {
         }
     }
 
+    /// Ends the window of refused handshakes: one audit record per source
+    /// and reason that had more than its first, with how many more (in
+    /// `items`). Best effort, like every failure record.
+    pub async fn record_handshake_summaries(&self, vault: &Vault) {
+        for (source, reason, more) in self.handshakes.drain() {
+            let who = crate::vault::Requester { caller: String::new(), peer: source, request_id: String::new() };
+            let detail = format!("{reason} (summary: {more} more refused in the window)");
+            let items = usize::try_from(more).unwrap_or(usize::MAX);
+            vault.audit_failure(&who, Event::Handshake, "", items, Outcome::Refused, &detail).await;
+        }
+    }
+
     fn quota_refusal(caller: &CallerId, kind: Metered, values: usize, quota: crate::policy::Quota) -> EdgeError {
         Metrics::count(&metrics().rate_limited, kind.label());
         let (max_values, window_s) = (quota.max_values, quota.window.as_secs());
@@ -421,13 +441,25 @@ fn accept_loop(
                 drop(tcp);
                 continue;
             };
+            // One address may have only so many handshakes in progress: a
+            // peer that opens connections and says nothing cannot hold
+            // every slot until the handshake timeout.
+            let Some(pending) = live.pending.enter(Subject::peer(peer.ip())) else {
+                tracing::debug!(%peer, "connection refused: too many handshakes in progress from this address");
+                Metrics::count(&metrics().handshake_failures, "too_many_pending");
+                live.alerts.note(&Subject::peer(peer.ip()), "connections over the per-address cap");
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(live.tls().config.clone());
             let tx = tx.clone();
             let trust_domain = live.trust_domain.clone();
             let (live, vault) = (live.clone(), vault.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+                drop(pending);
+                match handshake {
                     Ok(Ok(stream)) => {
                         let Some(der) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
                             tracing::warn!(%peer, "TLS handshake completed without a client certificate; dropped");
@@ -478,12 +510,16 @@ fn accept_loop(
 /// How long a peer has to answer an HTTP/2 keepalive ping.
 const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// A refused handshake goes on the record and counts towards an alert for
-/// its address.
+/// A refused handshake counts towards an alert for its address; the first
+/// of its source and reason in a window goes on the record at once, the
+/// rest into the window's summary ([`Live::record_handshake_summaries`]).
 async fn refused(live: &Live, vault: &Vault, peer: SocketAddr, reason: &str) {
-    live.alerts.note(&Subject::peer(peer.ip()), "failed TLS handshakes");
-    let who = crate::vault::Requester { caller: String::new(), peer: peer.to_string(), request_id: String::new() };
-    vault.audit_failure(&who, Event::Handshake, "", 0, Outcome::Refused, reason).await;
+    let source = Subject::peer(peer.ip());
+    live.alerts.note(&source, "failed TLS handshakes");
+    if live.handshakes.note(&source, reason) == Refusal::First {
+        let who = crate::vault::Requester { caller: String::new(), peer: peer.to_string(), request_id: String::new() };
+        vault.audit_failure(&who, Event::Handshake, "", 1, Outcome::Refused, reason).await;
+    }
 }
 
 /// Rewrites tonic's answer to an oversized message (`OUT_OF_RANGE`, "decoded
@@ -537,8 +573,19 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError::Transport(e.to_string()))?;
+    // Refused handshakes beyond each window's first per source and reason
+    // go on the record as one summary per window, and once more at the end.
+    let (summary_live, summary_vault, window) = (live.clone(), audit_vault.clone(), config.audit.alert_window);
+    let summaries = tokio::spawn(async move {
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + window, window);
+        loop {
+            every.tick().await;
+            summary_live.record_handshake_summaries(&summary_vault).await;
+        }
+    });
+    let (final_live, final_vault) = (live.clone(), audit_vault.clone());
     let incoming = accept_loop(listener, live, audit_vault, &config.server);
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(config.server.max_concurrent_streams))
         .http2_keepalive_interval(Some(config.server.keepalive_interval))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
@@ -552,5 +599,8 @@ pub async fn serve(
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-        .map_err(|e| ServeError::Transport(e.to_string()))
+        .map_err(|e| ServeError::Transport(e.to_string()));
+    summaries.abort();
+    final_live.record_handshake_summaries(&final_vault).await;
+    served
 }
