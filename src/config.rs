@@ -267,6 +267,9 @@ pub struct ServerSettings {
     /// How often policy.toml and pki/ are checked for changes (reloaded
     /// like on SIGHUP).
     pub reload_check_interval: std::time::Duration,
+    /// A request that has not answered within this is cancelled
+    /// (`DEADLINE_EXCEEDED`); for a streaming answer, until it starts.
+    pub request_timeout: std::time::Duration,
     /// A connection older than this is asked to go away (HTTP/2 GOAWAY;
     /// requests in flight get 30 s more), so that clients reconnect and
     /// present their current certificate.
@@ -410,6 +413,7 @@ struct RawServer {
     keepalive_interval_s: Option<i64>,
     reload_check_interval_s: Option<i64>,
     max_connection_age_s: Option<i64>,
+    request_timeout_s: Option<i64>,
     metrics_listen: Option<String>,
 }
 
@@ -491,6 +495,9 @@ fn parse_server(raw: RawServer, data_dir: &Path) -> Result<ServerSettings, Confi
         reload_check_interval: std::time::Duration::from_secs(
             u64::try_from(bounded("server.reload_check_interval_s", raw.reload_check_interval_s, 2, 1, 3600)?)
                 .unwrap_or(2),
+        ),
+        request_timeout: std::time::Duration::from_secs(
+            u64::try_from(bounded("server.request_timeout_s", raw.request_timeout_s, 60, 1, 3600)?).unwrap_or(60),
         ),
         max_connection_age: std::time::Duration::from_secs(
             u64::try_from(bounded("server.max_connection_age_s", raw.max_connection_age_s, 3600, 1, 604_800)?)
@@ -973,6 +980,7 @@ impl Config {
              keepalive_interval_s = 30       # HTTP/2 pings; no answer within 20 s closes\n\
              reload_check_interval_s = 2     # policy.toml and pki/ changes reload (as SIGHUP does)\n\
              max_connection_age_s = 3600     # older connections are asked to reconnect (GOAWAY)\n\
+             request_timeout_s = 60          # a request not answered by then is DEADLINE_EXCEEDED\n\
              # Prometheus metrics over plain HTTP (no values, no tokens): keep it on\n\
              # loopback or a private network; \"none\" turns it off.\n\
              metrics_listen = \"{DEFAULT_METRICS_LISTEN}\"\n\

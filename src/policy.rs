@@ -484,6 +484,20 @@ impl Policy {
         }
     }
 
+    /// Whether `caller` may perform `action` on at least one collection (or,
+    /// for the global actions, at all).
+    pub fn grants_anywhere(&self, caller: &CallerId, action: Action) -> bool {
+        let Some(grants) = self.callers.get(caller) else { return false };
+        if action.is_global() {
+            grants.global.contains(&action)
+        } else {
+            grants.collections.get(&action).is_some_and(|scope| match scope {
+                Scope::All => true,
+                Scope::Some(set) => !set.is_empty(),
+            })
+        }
+    }
+
     /// The callers the policy names.
     pub fn callers(&self) -> impl Iterator<Item = &CallerId> {
         self.callers.keys()

@@ -436,3 +436,36 @@ async fn silent_connections_from_one_address_do_not_lock_out_another() {
     assert_eq!(tokenize(&mut client, "name", &["Ada Lovelace".into()]).await.unwrap().len(), 1);
     drop(silent);
 }
+
+/// Issue 16, item 2: a certificate with no grant at all opens many large
+/// requests on one connection; each is refused before its body is read, so
+/// the server's memory stays put (before: 200 such requests took its peak
+/// RSS from 76 to 880 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_without_grants_cannot_make_the_server_buffer_its_requests() {
+    let server = DevServer::start();
+    let ca = server.ca();
+    ca.issue(&"stranger".parse().unwrap(), "piivault.local", 1, &server.dir.join("clients/stranger")).unwrap();
+    let client = server.client("stranger").await;
+    let rss_before = peak_rss_mib(server.pid());
+    let request = TokenizeRequest { collection: "name".into(), values: vec!["x".repeat(7 << 20)] };
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..60 {
+        let (mut client, request) = (client.clone(), request.clone());
+        calls.spawn(async move { client.tokenize(request).await.map(|_| ()).unwrap_err() });
+    }
+    let mut refused = 0;
+    while let Some(status) = calls.join_next().await {
+        let status = status.unwrap();
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::PermissionDenied, "permission denied for this collection"),
+            "{status:?}"
+        );
+        refused += 1;
+    }
+    assert_eq!(refused, 60);
+    let rss_after = peak_rss_mib(server.pid());
+    assert!(rss_after <= rss_before + 64, "peak RSS grew from {rss_before} to {rss_after} MiB");
+    assert_eq!(audited(&server, "stranger", "PERMISSION_DENIED"), 60);
+}

@@ -47,8 +47,8 @@ fn rate_limit_hold() -> std::time::Duration {
 /// `[A-Za-z0-9._-]`, are replaced by a fresh one.
 const MAX_REQUEST_ID: usize = 64;
 
-fn request_id<T>(request: &Request<T>) -> String {
-    let given = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).filter(|id| {
+fn request_id(given: Option<&str>) -> String {
+    let given = given.filter(|id| {
         !id.is_empty()
             && id.len() <= MAX_REQUEST_ID
             && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
@@ -72,16 +72,47 @@ impl Call {
         collection: &str,
         items: usize,
     ) -> Self {
-        let peer = request.extensions().get::<ConnInfo>().map(|c| c.peer.to_string()).unwrap_or_default();
+        let given = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok());
+        Self::begin(method, event, request.extensions().get::<ConnInfo>(), given, collection, items)
+    }
+
+    /// [`Call::start`] from what the edge sees before the body is read: the
+    /// connection and the request id header.
+    pub(super) fn begin(
+        method: &'static str,
+        event: Event,
+        conn: Option<&ConnInfo>,
+        request_id_header: Option<&str>,
+        collection: &str,
+        items: usize,
+    ) -> Self {
+        let peer = conn.map(|c| c.peer.to_string()).unwrap_or_default();
         Self {
             method,
             event,
             started: Instant::now(),
-            who: Requester { caller: String::new(), peer, request_id: request_id(request) },
+            who: Requester { caller: String::new(), peer, request_id: request_id(request_id_header) },
             caller: None,
             collection: collection.to_owned(),
             items,
         }
+    }
+
+    /// What the edge checks before a request's body is read (and so before
+    /// it is buffered or decoded): the caller is authenticated, within its
+    /// request rate, and holds at least one of `actions` somewhere. The
+    /// collection is checked once the body is decoded ([`Call::admit`]).
+    pub(super) fn admit_early(
+        &mut self,
+        live: &Live,
+        conn: Option<&ConnInfo>,
+        actions: &[Action],
+    ) -> Result<(), Failure> {
+        let caller = live.authenticate(conn)?;
+        caller.as_str().clone_into(&mut self.who.caller);
+        let caller = self.caller.insert(caller);
+        live.limit_request(caller)?;
+        if live.grants_any(caller, actions) { Ok(()) } else { Err(EdgeError::Denied.into()) }
     }
 
     /// Authenticates, applies the caller's request rate limit, and
@@ -97,7 +128,10 @@ impl Call {
         let caller = live.authenticate(request.extensions().get::<ConnInfo>())?;
         caller.as_str().clone_into(&mut self.who.caller);
         let caller = self.caller.insert(caller);
-        live.limit_request(caller)?;
+        // The edge applied the rate limit before the body was read.
+        if request.extensions().get::<super::edge::Admitted>().is_none() {
+            live.limit_request(caller)?;
+        }
         let action = live.authorize(caller, actions, &self.collection)?;
         // A detokenize call on the masked grant is recorded as such.
         if action == Action::DetokenizeMasked {

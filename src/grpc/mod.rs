@@ -11,6 +11,7 @@ pub mod alerts;
 mod audit;
 mod call;
 pub mod codec;
+pub mod edge;
 pub mod handshakes;
 pub mod limits;
 pub mod proto;

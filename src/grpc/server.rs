@@ -210,6 +210,14 @@ impl Live {
         self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
+    /// Whether the policy grants `caller` any of `actions` at all (on some
+    /// collection, or globally): what the edge can know before the body
+    /// names the collection.
+    pub fn grants_any(&self, caller: &CallerId, actions: &[Action]) -> bool {
+        let policy = self.policy();
+        actions.iter().any(|action| policy.grants_anywhere(caller, *action))
+    }
+
     /// The one authorization decision: the first of `actions` the policy
     /// grants `caller` on `collection`.
     pub fn authorize(&self, caller: &CallerId, actions: &[Action], collection: &str) -> Result<Action, EdgeError> {
@@ -329,6 +337,11 @@ struct AuthenticatedStream {
     recheck: tokio::time::Interval,
     live: Arc<Live>,
 }
+
+/// Requests one connection may have the server read and decode at once
+/// (the others wait, their bytes held back by HTTP/2 flow control): with
+/// `max_message_bytes`, what one connection can make the server buffer.
+pub const DECODING_PER_CONNECTION: usize = 16;
 
 /// How long requests in flight on a connection past its maximum age may
 /// still run before it is closed.
@@ -584,14 +597,20 @@ pub async fn serve(
         }
     });
     let (final_live, final_vault) = (live.clone(), audit_vault.clone());
+    let edge = super::edge::EdgeLayer::new(live.clone(), audit_vault.clone());
     let incoming = accept_loop(listener, live, audit_vault, &config.server);
     let served = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(config.server.max_concurrent_streams))
+        // Requests decoded at once per connection: with the message size
+        // cap, what one connection can make the server buffer.
+        .concurrency_limit_per_connection(DECODING_PER_CONNECTION)
         .http2_keepalive_interval(Some(config.server.keepalive_interval))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_connection_age(config.server.max_connection_age)
         .max_connection_age_grace(CONNECTION_AGE_GRACE)
         .layer(tower::util::MapResponseLayer::new(oversized_message_status))
+        .layer(edge)
+        .layer(super::edge::DeadlineLayer(config.server.request_timeout))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(tokenizer)
