@@ -267,8 +267,8 @@ pub struct ServerSettings {
     /// How often policy.toml and pki/ are checked for changes (reloaded
     /// like on SIGHUP).
     pub reload_check_interval: std::time::Duration,
-    /// A request that has not answered within this is cancelled
-    /// (`DEADLINE_EXCEEDED`); for a streaming answer, until it starts.
+    /// A data request (tokenize, detokenize, delete) that has not answered
+    /// within this is cancelled (`DEADLINE_EXCEEDED`).
     pub request_timeout: std::time::Duration,
     /// A connection older than this is asked to go away (HTTP/2 GOAWAY;
     /// requests in flight get 30 s more), so that clients reconnect and
@@ -980,7 +980,7 @@ impl Config {
              keepalive_interval_s = 30       # HTTP/2 pings; no answer within 20 s closes\n\
              reload_check_interval_s = 2     # policy.toml and pki/ changes reload (as SIGHUP does)\n\
              max_connection_age_s = 3600     # older connections are asked to reconnect (GOAWAY)\n\
-             request_timeout_s = 60          # a request not answered by then is DEADLINE_EXCEEDED\n\
+             request_timeout_s = 60          # a data request not answered by then: DEADLINE_EXCEEDED\n\
              # Prometheus metrics over plain HTTP (no values, no tokens): keep it on\n\
              # loopback or a private network; \"none\" turns it off.\n\
              metrics_listen = \"{DEFAULT_METRICS_LISTEN}\"\n\
