@@ -508,14 +508,21 @@ fn accept_loop(
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(%peer, error = %e, "TLS handshake refused");
                         Metrics::count(&metrics().handshake_failures, "refused");
-                        refused(&live, &vault, peer, &e.to_string()).await;
+                        let reason = e.to_string();
+                        if refused(&live, &vault, peer, &reason).await == Refusal::First {
+                            tracing::warn!(%peer, error = %reason, "TLS handshake refused");
+                        } else {
+                            tracing::debug!(%peer, error = %reason, "TLS handshake refused");
+                        }
                     }
                     Err(_) => {
-                        tracing::warn!(%peer, "TLS handshake timed out");
                         Metrics::count(&metrics().handshake_failures, "timeout");
-                        refused(&live, &vault, peer, "handshake timed out").await;
+                        if refused(&live, &vault, peer, "handshake timed out").await == Refusal::First {
+                            tracing::warn!(%peer, "TLS handshake timed out");
+                        } else {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                        }
                     }
                 }
             });
@@ -528,15 +535,19 @@ fn accept_loop(
 const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A refused handshake counts towards an alert for its address; the first
-/// of its source and reason in a window goes on the record at once, the
-/// rest into the window's summary ([`Live::record_handshake_summaries`]).
-async fn refused(live: &Live, vault: &Vault, peer: SocketAddr, reason: &str) {
+/// of its source and reason in a window goes on the record (and the log at
+/// WARN) at once, the rest into the window's summary
+/// ([`Live::record_handshake_summaries`]), so that junk connections flood
+/// neither the trail nor the log.
+async fn refused(live: &Live, vault: &Vault, peer: SocketAddr, reason: &str) -> Refusal {
     let source = Subject::peer(peer.ip());
     live.alerts.note(&source, "failed TLS handshakes");
-    if live.handshakes.note(&source, reason) == Refusal::First {
+    let refusal = live.handshakes.note(&source, reason);
+    if refusal == Refusal::First {
         let who = crate::vault::Requester { caller: String::new(), peer: peer.to_string(), request_id: String::new() };
         vault.audit_failure(&who, Event::Handshake, "", 1, Outcome::Refused, reason).await;
     }
+    refusal
 }
 
 /// Rewrites tonic's answer to an oversized message (`OUT_OF_RANGE`, "decoded
