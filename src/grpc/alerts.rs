@@ -104,15 +104,34 @@ impl Alerts {
         self.note_at(subject, what, Instant::now())
     }
 
+    /// Notes `n` refusals of `subject` at once (the misses of one request):
+    /// one lock, and at most one alert, however many.
+    pub fn note_many(&self, subject: &Subject, what: &'static str, n: usize) -> Raised {
+        if n == 0 {
+            return Raised::default();
+        }
+        self.note_n_at(subject, what, n, Instant::now())
+    }
+
     fn note_at(&self, subject: &Subject, what: &'static str, now: Instant) -> Raised {
+        self.note_n_at(subject, what, 1, now)
+    }
+
+    fn note_n_at(&self, subject: &Subject, what: &'static str, n: usize, now: Instant) -> Raised {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let raised = Raised { global: self.count_globally(&mut state, now), subject: false };
+        // Beyond the threshold more entries change nothing but memory.
+        let n = n.min(self.threshold.max(1));
+        let mut global = false;
+        for _ in 0..n {
+            global |= self.count_globally(&mut state, now);
+        }
+        let raised = Raised { global, subject: false };
         if state.subjects.len() >= MAX_SUBJECTS && !state.subjects.contains_key(subject) {
             forget_least_recent(&mut state.subjects);
         }
         let seen = state.subjects.entry(subject.clone()).or_insert_with(|| Seen { times: VecDeque::new(), last: now });
         seen.last = now;
-        seen.times.push_back(now);
+        seen.times.extend(std::iter::repeat_n(now, n));
         while seen.times.front().is_some_and(|t| now.duration_since(*t) >= self.window) {
             seen.times.pop_front();
         }
@@ -221,6 +240,19 @@ mod tests {
         assert_eq!([caller(0).subject, caller(1).subject, caller(2).subject], [false, false, true]);
         let tracked = alerts.state.lock().unwrap().subjects.len();
         assert!(tracked <= MAX_SUBJECTS && tracked > MAX_SUBJECTS - MAX_SUBJECTS / 10 - 2, "{tracked}");
+    }
+
+    /// Many refusals noted at once (one request's misses) raise the alert
+    /// once, and keep no more than the threshold's worth of entries.
+    #[test]
+    fn many_at_once_raise_one_alert() {
+        let alerts = Alerts::new(Duration::from_mins(1), 5);
+        let who = Subject::caller("guesser");
+        assert_eq!(alerts.note_many(&who, "deletes of unknown tokens", 0), Raised::default());
+        assert!(!alerts.note_many(&who, "deletes of unknown tokens", 4).subject);
+        assert!(alerts.note_many(&who, "deletes of unknown tokens", 1000).subject);
+        assert!(alerts.state.lock().unwrap().subjects[&who].times.is_empty(), "cleared when it fired");
+        assert!(!alerts.note_many(&who, "deletes of unknown tokens", 4).subject);
     }
 
     /// Refusals spread over many subjects, each below its threshold, raise

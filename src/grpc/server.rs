@@ -121,21 +121,27 @@ impl Live {
                 problems.push(e.to_string());
             }
         }
-        match ServerTls::load(&self.pki_dir) {
+        // The CRL comes with the TLS material, or, when that fails to load,
+        // on its own: whatever became of the rest, the newest good CRL is in
+        // force.
+        let revocations = match ServerTls::load(&self.pki_dir) {
             Ok(tls) => {
+                let revocations = tls.revocations.clone();
                 *self.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(tls);
                 tracing::info!("TLS material reloaded");
                 metrics().reloaded("tls", true);
+                Ok(revocations)
             }
             Err(e) => {
                 tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
                 metrics().reloaded("tls", false);
-                problems.push(e.to_string());
+                if !matches!(e, TlsError::CrlExpired { .. }) {
+                    problems.push(e.to_string());
+                }
+                Revocations::load(&self.pki_dir.join(crate::pki::CRL), now_unix())
             }
-        }
-        // The CRL on its own, whatever became of the rest.
-        let crl = self.pki_dir.join(crate::pki::CRL);
-        match Revocations::load(&crl, now_unix()) {
+        };
+        match revocations {
             Ok(revocations) => {
                 let revoked = revocations.serials.len();
                 *self.revocations.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(revocations);
@@ -288,10 +294,7 @@ impl Live {
             return;
         }
         metrics().delete_misses.inc_by(u64::try_from(misses).unwrap_or(u64::MAX));
-        let subject = Subject::caller(caller.as_str());
-        for _ in 0..misses {
-            self.alerts.note(&subject, "deletes of unknown tokens");
-        }
+        self.alerts.note_many(&Subject::caller(caller.as_str()), "deletes of unknown tokens", misses);
     }
 
     /// Ends the window of refused handshakes: one audit record per source
