@@ -85,7 +85,9 @@ impl Luhn {
 /// What a collection's tokens look like.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Format {
-    /// `<prefix>_<22 base64url characters>`: 128 random bits.
+    /// `<prefix>_<22 base64url characters>`: the record's sequence number
+    /// and 64 random bits, sealed under the collection's token key by the
+    /// vault ([`crate::token::TokenKey`]).
     Random {
         /// The collection's token prefix.
         prefix: TokenPrefix,

@@ -1,15 +1,24 @@
 //! Tokens: what callers hold instead of a value.
 //!
 //! The default format is `<prefix>_<body>`: a short collection prefix of
-//! lowercase letters and digits, then 128 bits from the OS CSPRNG as 22
-//! characters of unpadded URL-safe base64. A token is never derived from the
-//! value it stands for; it carries no information about it.
+//! lowercase letters and digits, then 128 bits as 22 characters of unpadded
+//! URL-safe base64. A token is never derived from the value it stands for;
+//! it carries no information about it.
+//!
+//! A default token *locates* its record (../shared/DESIGN.md §4): its 128
+//! bits are one AES-256 block under the collection's token key, the
+//! encryption of (the record's 64-bit sequence number ‖ 64 random bits).
+//! Opening it gives the sequence number to read and the random half to
+//! compare. Tokens issued before this scheme are random bodies; they are
+//! found by their text.
 //!
 //! This module parses and generates tokens. It never sees a value.
 
 use std::fmt;
 use std::str::FromStr;
 
+use aes::Aes256;
+use aes::cipher::{BlockDecrypt as _, BlockEncrypt as _, KeyInit as _};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
@@ -118,6 +127,65 @@ impl FromStr for Token {
     }
 }
 
+impl Token {
+    /// The 128-bit body of a default token (`None` for shaped tokens).
+    fn body(&self) -> Option<[u8; TOKEN_RANDOM_BYTES]> {
+        let body = self.text.get(self.prefix_len + 1..).filter(|_| self.prefix_len > 0)?;
+        let mut raw = [0u8; TOKEN_RANDOM_BYTES + 2];
+        match URL_SAFE_NO_PAD.decode_slice(body, &mut raw) {
+            Ok(TOKEN_RANDOM_BYTES) => raw[..TOKEN_RANDOM_BYTES].try_into().ok(),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes of a sealed token's random half, stored with its record and
+/// compared (in constant time) on every lookup.
+pub const CHECK_BYTES: usize = 8;
+
+/// What a default token holds under its collection's token key: where its
+/// record is, and the random half that proves the token was issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sealed {
+    /// The record's sequence number in its collection.
+    pub seq: u64,
+    /// 64 bits from the OS CSPRNG, drawn when the token was issued.
+    pub check: [u8; CHECK_BYTES],
+}
+
+/// A collection's token key, ready to seal and open default tokens: a keyed
+/// pseudorandom permutation of 128-bit blocks. No `Debug`; the key schedule
+/// is zeroized on drop.
+pub struct TokenKey(Aes256);
+
+impl TokenKey {
+    /// The permutation keyed by `key` (the collection's `token` key).
+    pub fn new(key: &[u8; 32]) -> Self {
+        Self(Aes256::new(key.into()))
+    }
+
+    /// The default token with `prefix` for `sealed`.
+    pub fn seal(&self, prefix: &TokenPrefix, sealed: Sealed) -> Token {
+        let mut block = [0u8; TOKEN_RANDOM_BYTES];
+        block[..8].copy_from_slice(&sealed.seq.to_be_bytes());
+        block[8..].copy_from_slice(&sealed.check);
+        let mut block = block.into();
+        self.0.encrypt_block(&mut block);
+        token_from_bytes(prefix, &block.into())
+    }
+
+    /// What a default token holds (`None` for a shaped token). Every body
+    /// opens to something: whether a record has that sequence number and
+    /// check is the store's to say.
+    pub fn open(&self, token: &Token) -> Option<Sealed> {
+        let mut block = token.body()?.into();
+        self.0.decrypt_block(&mut block);
+        let block: [u8; TOKEN_RANDOM_BYTES] = block.into();
+        let (seq, check) = block.split_at(8);
+        Some(Sealed { seq: u64::from_be_bytes(seq.try_into().ok()?), check: check.try_into().ok()? })
+    }
+}
+
 /// Where the randomness of new tokens comes from. Production uses
 /// [`RandomTokens`] (the OS CSPRNG); tests can supply a source that repeats
 /// itself to exercise collision handling. Each token drawn calls
@@ -210,7 +278,62 @@ mod tests {
         }
     }
 
+    /// Known answers: AES-256 (FIPS 197, appendix C.3 key) over
+    /// `seq ‖ check`, checked against an independent implementation
+    /// (`openssl enc -aes-256-ecb`).
+    #[test]
+    fn sealed_tokens_known_answers() {
+        let key: [u8; 32] = core::array::from_fn(|i| u8::try_from(i).unwrap());
+        let tokens = TokenKey::new(&key);
+        let p = prefix("tok");
+        for (seq, check, expected) in KNOWN_ANSWERS {
+            let sealed = Sealed { seq: *seq, check: *check };
+            let token = tokens.seal(&p, sealed);
+            assert_eq!(token.as_str(), *expected);
+            assert_eq!(tokens.open(&token.as_str().parse().unwrap()), Some(sealed));
+        }
+    }
+
+    const KNOWN_ANSWERS: &[(u64, [u8; 8], &str)] = &[
+        (1, [0; 8], "tok_UR3V75poK32kn5HIbE96ww"),
+        (0x0102_0304_0506_0708, *b"\x11\x22\x33\x44\x55\x66\x77\x88", "tok_-CN8l3dWDdCFNEpqmUvLdA"),
+        (u64::MAX, [0xff; 8], "tok_6ZnkHUyncNpThxF7XY9X7g"),
+    ];
+
+    #[test]
+    fn fail_a_token_under_another_key_or_with_one_bit_changed_opens_to_another_record() {
+        let a = TokenKey::new(&[1; 32]);
+        let b = TokenKey::new(&[2; 32]);
+        let p = prefix("tok");
+        let sealed = Sealed { seq: 42, check: [7; 8] };
+        let token = a.seal(&p, sealed);
+        assert_ne!(b.open(&token), Some(sealed));
+        let mut text = token.into_string();
+        // The first body character, changed to another of the alphabet.
+        let first = text.as_bytes()[4];
+        text.replace_range(4..5, if first == b'A' { "B" } else { "A" });
+        assert_ne!(a.open(&text.parse().unwrap()), Some(sealed));
+        // Shaped tokens are not sealed.
+        assert_eq!(a.open(&Token::preserved("4111111111111111".into())), None);
+    }
+
     proptest! {
+        #[test]
+        fn sealing_then_opening_is_the_identity(seq: u64, check: [u8; 8], key: [u8; 32], p in "[a-z0-9]{1,8}") {
+            let tokens = TokenKey::new(&key);
+            let token = tokens.seal(&prefix(&p), Sealed { seq, check });
+            let parsed: Token = token.as_str().parse().unwrap();
+            prop_assert_eq!(tokens.open(&parsed), Some(Sealed { seq, check }));
+        }
+
+        #[test]
+        fn distinct_sequence_numbers_give_distinct_tokens(a: u64, b: u64, check: [u8; 8], key: [u8; 32]) {
+            prop_assume!(a != b);
+            let tokens = TokenKey::new(&key);
+            let p = prefix("t");
+            prop_assert_ne!(tokens.seal(&p, Sealed { seq: a, check }), tokens.seal(&p, Sealed { seq: b, check }));
+        }
+
         #[test]
         fn any_body_round_trips(raw in any::<[u8; 16]>(), p in "[a-z0-9]{1,8}") {
             let token = token_from_bytes(&prefix(&p), &raw);

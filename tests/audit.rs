@@ -132,7 +132,7 @@ async fn the_schema_refuses_to_change_or_remove_a_record() {
     for sql in [
         "UPDATE audit SET caller = 'mallory' WHERE seq = 2",
         "DELETE FROM audit WHERE seq = 5",
-        "DELETE FROM audit_tokens",
+        "DELETE FROM audit_records",
     ] {
         let err = db.execute(sql, []).unwrap_err().to_string();
         assert!(err.contains("audit records are append-only"), "{sql}: {err}");
@@ -150,7 +150,7 @@ async fn tampering_below_the_triggers_is_detected() {
         (
             "hide a token from the index",
             |db| {
-                db.execute("DELETE FROM audit_tokens WHERE seq = 2", []).unwrap();
+                db.execute("DELETE FROM audit_records WHERE audit_seq = 2", []).unwrap();
             },
             Err((2, "query columns do not match the record")),
         ),
@@ -212,7 +212,7 @@ async fn tampering_below_the_triggers_is_detected() {
         trail_of_five(&fx).await;
         let db = raw(&fx);
         db.execute_batch(
-            "DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete; DROP TRIGGER audit_tokens_no_update; DROP TRIGGER audit_tokens_no_delete;",
+            "DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete; DROP TRIGGER audit_records_no_update; DROP TRIGGER audit_records_no_delete;",
         )
         .unwrap();
         tamper(&db);
@@ -296,7 +296,7 @@ fn audit_verify_and_head_from_the_command_line() {
     // Truncate the tail below the triggers: the chain alone still verifies,
     // the anchored head does not.
     let db = common::tamper::open(&tmp.path().join("vault.db"));
-    db.execute_batch("DROP TRIGGER audit_no_delete; DROP TRIGGER audit_tokens_no_delete; DELETE FROM audit_tokens WHERE seq = 3; DELETE FROM audit WHERE seq = 3;").unwrap();
+    db.execute_batch("DROP TRIGGER audit_no_delete; DROP TRIGGER audit_records_no_delete; DELETE FROM audit_records WHERE audit_seq = 3; DELETE FROM audit WHERE seq = 3;").unwrap();
     drop(db);
     assert!(run(&["audit", "verify", "--data-dir", dir]).status.success());
     let truncated = run(&["audit", "verify", "--data-dir", dir, "--expect-head", &head]);

@@ -50,32 +50,38 @@ fn reset_peak() -> usize {
     live
 }
 
-/// 1,500 records of 100 tokens each (about 12 MiB once decoded with their
-/// token index, which the old verification held at once): verifying them
+/// 1,501 records of 100 tokens each, a tokenize and 1,500 reads of its
+/// tokens (about 12 MiB once decoded with their token index, which the old
+/// verification held at once): verifying them
 /// allocates at most 4 MiB beyond what was live before, the head is the
 /// last record, and a second verification while one runs is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verifying_a_large_trail_holds_one_page() {
-    const RECORDS: usize = 1500;
+    const RECORDS: usize = 1501;
     let fx = Fixture::new();
     let vault = fx.create().await;
-    let mut writers = tokio::task::JoinSet::new();
-    for chunk in 0..RECORDS / 10 {
+    // One tokenize of 100 values, then reads of all 100 tokens: each read's
+    // record lists them, and the token index holds each under each.
+    let values: Vec<piivault::PiiValue> = (0..100).map(|i| piivault::PiiValue::from(format!("Person {i}"))).collect();
+    let tokens: Vec<String> = vault
+        .tokenize(&Requester::named("loader"), "name", values)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.unwrap().into_string())
+        .collect();
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..(RECORDS - 1) / 10 {
         let vault = vault.clone();
-        writers.spawn(async move {
-            for i in 0..10 {
-                let mut record = Requester::named("loader").record(
-                    piivault::audit::Event::Tokenize,
-                    "name",
-                    100,
-                    piivault::audit::Outcome::Ok,
-                );
-                record.tokens = (0..100).map(|t| format!("name_{chunk:04}{i:03}{t:03}AAAAAAAAAAAA")).collect();
-                vault.record(record).await.unwrap();
+        let tokens = tokens.clone();
+        readers.spawn(async move {
+            for _ in 0..10 {
+                let read = vault.detokenize(&Requester::named("reader"), "name", tokens.clone()).await.unwrap();
+                assert!(read.iter().all(Result::is_ok));
             }
         });
     }
-    while let Some(done) = writers.join_next().await {
+    while let Some(done) = readers.join_next().await {
         done.unwrap();
     }
     let head = vault.audit_head().await.unwrap();

@@ -107,7 +107,7 @@ async fn large_inputs_are_split_and_a_lower_server_limit_is_learned() {
     // Three requests of at most 1000 (and their audit records).
     let db = common::tamper::open(&server.db_path());
     let items: Vec<i64> = db
-        .prepare("SELECT count(*) FROM audit_tokens JOIN audit USING (seq) WHERE audit.action = 'tokenize' GROUP BY seq ORDER BY seq")
+        .prepare("SELECT count(*) FROM audit_records x JOIN audit a ON a.seq = x.audit_seq WHERE a.action = 'tokenize' GROUP BY a.seq ORDER BY a.seq")
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()

@@ -235,7 +235,7 @@ async fn erased_ciphertext_is_gone_from_the_database_and_the_wal() {
     let (ciphertext, digest): (Vec<u8>, Vec<u8>) = raw
         .query_row(
             "SELECT r.ciphertext, b.digest FROM records r JOIN blind_index b
-             ON b.collection_id = r.collection_id AND b.token = r.token WHERE r.token = ?1",
+             ON b.collection_id = r.collection_id AND b.seq = r.seq WHERE r.token = ?1",
             [&token],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
@@ -293,18 +293,23 @@ fn add_tombstones(fx: &Fixture, name: &str, from: usize, n: usize) {
     let mut raw = common::tamper::open(&fx.db_path());
     let tx = raw.transaction().unwrap();
     {
-        // Six-digit tombstones, counted per length with the real tokens;
-        // a number a real token already holds is skipped, so exactly `n`
-        // are added.
+        // Six-digit tombstones, counted per length with the real tokens,
+        // each at the collection's next sequence number; a number a real
+        // token already holds is skipped, so exactly `n` are added.
         let mut insert = tx
             .prepare(
-                "INSERT OR IGNORE INTO records (collection_id, token, created_at, deleted_at)
-                 SELECT id, printf('%06d', ?1), 0, 0 FROM collections WHERE name = ?2",
+                "INSERT OR IGNORE INTO records (collection_id, seq, token, created_at, deleted_at)
+                 SELECT id, next_seq, printf('%06d', ?1), 0, 0 FROM collections WHERE name = ?2",
             )
             .unwrap();
+        let mut taken = tx.prepare("UPDATE collections SET next_seq = next_seq + 1 WHERE name = ?1").unwrap();
         let (mut i, mut added) = (from, 0);
         while added < n {
-            added += insert.execute(common::tamper::params![i, name]).unwrap();
+            let one = insert.execute(common::tamper::params![i, name]).unwrap();
+            if one == 1 {
+                taken.execute([name]).unwrap();
+            }
+            added += one;
             i += 1;
         }
     }

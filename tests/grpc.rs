@@ -570,10 +570,18 @@ async fn a_corrupted_record_fails_alone_with_an_alert() {
     let t = tokens(&mut writer, "name", &["Grace Hopper", "Alan Turing"]).await;
     {
         let db = common::tamper::open(&server.db_path());
-        let mut ct: Vec<u8> =
-            db.query_row("SELECT ciphertext FROM records WHERE token = ?1", [&t[0]], |r| r.get(0)).unwrap();
+        // The first record of the collection: t[0] (records are kept in
+        // the order they were added).
+        let (id, seq) = common::tamper::nth_record(&db, "name", 0);
+        let mut ct: Vec<u8> = db
+            .query_row("SELECT ciphertext FROM records WHERE collection_id = ?1 AND seq = ?2", [id, seq], |r| r.get(0))
+            .unwrap();
         ct[20] ^= 0x01;
-        db.execute("UPDATE records SET ciphertext = ?1 WHERE token = ?2", common::tamper::params![ct, t[0]]).unwrap();
+        db.execute(
+            "UPDATE records SET ciphertext = ?1 WHERE collection_id = ?2 AND seq = ?3",
+            common::tamper::params![ct, id, seq],
+        )
+        .unwrap();
     }
     let back = detokenize(&mut reader, "name", &t).await.unwrap();
     assert_eq!(back, vec![(Err(ItemErrorCode::Unreadable as i32), false), (Ok("Alan Turing".into()), false)]);
@@ -1295,7 +1303,7 @@ async fn root_key_rotation_online() {
     assert_eq!(std::fs::read(dir.join("root.sealed")).unwrap(), sealed_before);
     let out = rotate("admin");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("root key rotated: 8 keys re-wrapped"));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("root key rotated: 13 keys re-wrapped"));
     // Traffic is unaffected, including new keys wrapped under the new root.
     let after = tokens(&mut writer, "name", &["Grace Hopper"]).await;
     let mut admin = proto::admin_client::AdminClient::new(server.channel("admin").await);

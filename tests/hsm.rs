@@ -720,7 +720,7 @@ fn rotate_online_both_ways(hsm: &Hsm, tokens: &[String], pass: &[(&str, &str)], 
     let rotated = hsm.call_with(&served, "root-admin", &into_token, both);
     assert!(rotated.status.success(), "{}", stderr(&rotated));
     assert!(
-        stdout(&rotated).starts_with("root key rotated: 8 keys re-wrapped, sealed by the PKCS#11 key \"root-online\""),
+        stdout(&rotated).starts_with("root key rotated: 13 keys re-wrapped, sealed by the PKCS#11 key \"root-online\""),
         "{}",
         stdout(&rotated)
     );

@@ -271,34 +271,61 @@ impl TokenGenerator for Shared {
     }
 }
 
+/// A collection of shaped tokens (drawn, not sealed).
+const PIN: &str = "[collections.pin]\nformat = \"digits\"\nmin_len = 9\n";
+
 #[tokio::test]
-async fn collisions_are_retried_never_returned() {
-    let fx = Fixture::new();
+async fn collisions_of_shaped_tokens_are_retried_never_returned() {
+    let fx = Fixture::with_config(PIN);
     let generator = Arc::new(Repeating { repeats: 3, calls: AtomicUsize::new(0) });
     let vault = fx.create_with(Box::new(Shared(generator.clone()))).await;
     // Draw 1 and 2 give the same token inside one batch; draw 3 repeats it
     // again; draw 4 is fresh.
-    let tokens = tokenize_ok(&vault, "card", &["first", "second"]).await;
+    let tokens = tokenize_ok(&vault, "pin", &["123456789", "987654321"]).await;
     assert_eq!(generator.calls.load(Ordering::SeqCst), 4);
     assert_ne!(tokens[0], tokens[1]);
-    assert_eq!(tokens[0], token_from_bytes(&"card".parse().unwrap(), &[0xab; 16]).into_string());
+    // Byte 0xab is digit 1 (171 mod 10).
+    assert_eq!(tokens[0], "111111111");
+    let back = detokenize_strings(&vault, "pin", &tokens).await;
+    assert_eq!(back, vec![Ok("123456789".to_owned()), Ok("987654321".to_owned())]);
+}
+
+#[tokio::test]
+async fn default_tokens_are_unique_by_construction_without_retries() {
+    let fx = Fixture::new();
+    // A source that only ever repeats itself: the random halves are all
+    // equal, the tokens still differ (their sequence numbers do), and
+    // nothing is drawn twice.
+    let generator = Arc::new(Repeating { repeats: usize::MAX, calls: AtomicUsize::new(0) });
+    let vault = fx.create_with(Box::new(Shared(generator.clone()))).await;
+    let tokens = tokenize_ok(&vault, "card", &["first", "second", "third"]).await;
+    assert_eq!(generator.calls.load(Ordering::SeqCst), 3, "one draw per token");
+    let distinct: std::collections::HashSet<&String> = tokens.iter().collect();
+    assert_eq!(distinct.len(), 3, "{tokens:?}");
+    assert!(tokens.iter().all(|t| t.starts_with("card_") && t.len() == 5 + 22), "{tokens:?}");
     let back = detokenize_strings(&vault, "card", &tokens).await;
-    assert_eq!(back, vec![Ok("first".to_owned()), Ok("second".to_owned())]);
+    assert_eq!(back, vec![Ok("first".to_owned()), Ok("second".to_owned()), Ok("third".to_owned())]);
+    // A token with its body changed opens to another place, or the same
+    // place with another random half: unknown either way.
+    let mut forged = tokens[0].clone().into_bytes();
+    forged[10] = if forged[10] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    assert_eq!(detokenize_strings(&vault, "card", &[forged]).await, vec![Err(ItemError::NotFound)]);
 }
 
 #[tokio::test]
 async fn an_exhausted_token_space_fails_the_item_and_a_deleted_token_is_never_reissued() {
-    let fx = Fixture::new();
+    let fx = Fixture::with_config(PIN);
     let vault = fx.create_with(Box::new(Repeating { repeats: usize::MAX, calls: AtomicUsize::new(0) })).await;
-    let first = tokenize_ok(&vault, "ssn", &["078-05-1120"]).await;
-    let again = vault.tokenize(&who(), "ssn", values(&["219-09-9999"])).await.unwrap();
+    let first = tokenize_ok(&vault, "pin", &["123456789"]).await;
+    let again = vault.tokenize(&who(), "pin", values(&["987654321"])).await.unwrap();
     assert_eq!(again, vec![Err(ItemError::TokenSpaceExhausted)]);
-    assert_eq!(detokenize_strings(&vault, "ssn", &first).await, vec![Ok("078-05-1120".to_owned())]);
+    assert_eq!(detokenize_strings(&vault, "pin", &first).await, vec![Ok("123456789".to_owned())]);
     // Deleted, the token stays taken: it is never handed out for a new value.
-    assert_eq!(vault.delete(&who(), "ssn", first.clone()).await.unwrap(), vec![Ok(())]);
-    let after_delete = vault.tokenize(&who(), "ssn", values(&["219-09-9999"])).await.unwrap();
+    assert_eq!(vault.delete(&who(), "pin", first.clone()).await.unwrap(), vec![Ok(())]);
+    let after_delete = vault.tokenize(&who(), "pin", values(&["987654321"])).await.unwrap();
     assert_eq!(after_delete, vec![Err(ItemError::TokenSpaceExhausted)]);
-    assert_eq!(detokenize_strings(&vault, "ssn", &first).await, vec![Err(ItemError::NotFound)]);
+    assert_eq!(detokenize_strings(&vault, "pin", &first).await, vec![Err(ItemError::NotFound)]);
 }
 
 #[tokio::test]
@@ -365,16 +392,29 @@ async fn a_corrupted_or_moved_ciphertext_fails_only_its_own_item() {
     drop(vault);
     {
         let db = raw_db(&fx);
+        // Records are kept in the order they were added.
+        let first = common::tamper::nth_record(&db, "card", 0);
+        let third = common::tamper::nth_record(&db, "card", 2);
+        let ssn = common::tamper::nth_record(&db, "ssn", 0);
         // Flip one bit of the first record.
-        let mut ct: Vec<u8> =
-            db.query_row("SELECT ciphertext FROM records WHERE token = ?1", [&tokens[0]], |r| r.get(0)).unwrap();
-        ct[20] ^= 0x04;
-        db.execute("UPDATE records SET ciphertext = ?1 WHERE token = ?2", common::tamper::params![ct, tokens[0]])
+        let mut ct: Vec<u8> = db
+            .query_row(
+                "SELECT ciphertext FROM records WHERE collection_id = ?1 AND seq = ?2",
+                [first.0, first.1],
+                |r| r.get(0),
+            )
             .unwrap();
+        ct[20] ^= 0x04;
+        db.execute(
+            "UPDATE records SET ciphertext = ?1 WHERE collection_id = ?2 AND seq = ?3",
+            common::tamper::params![ct, first.0, first.1],
+        )
+        .unwrap();
         // Move the ssn record's ciphertext onto the third card token.
         db.execute(
-            "UPDATE records SET ciphertext = (SELECT ciphertext FROM records WHERE token = ?1) WHERE token = ?2",
-            [&other[0], &tokens[2]],
+            "UPDATE records SET ciphertext = (SELECT ciphertext FROM records WHERE collection_id = ?1 AND seq = ?2)
+             WHERE collection_id = ?3 AND seq = ?4",
+            [ssn.0, ssn.1, third.0, third.1],
         )
         .unwrap();
     }

@@ -97,7 +97,8 @@ pub(super) fn parse_time(text: &str) -> Result<i64, String> {
 /// `piivault audit query` and `export`: from a server as an auditor, or
 /// from a data directory offline.
 pub(super) async fn audit_read(
-    filter: crate::store::AuditFilter,
+    mut filter: crate::store::AuditFilter,
+    token: Option<String>,
     limit: Option<u64>,
     json: bool,
     connect: &client::ConnectArgs,
@@ -122,6 +123,11 @@ pub(super) async fn audit_read(
     if let Some(dir) = connect.offline_dir() {
         let vault = open_offline(dir, secret, Unseal::ReadOnly).await?;
         let limit = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+        if let Some(token) = &token {
+            let located =
+                vault.locate_issued(token).await.map_err(|e| CliError { failure: Failure::Other, error: e.into() })?;
+            filter.record = located.map_or(crate::store::RecordMatch::Unissued, |(_, at)| at);
+        }
         let records = vault
             .query_audit(filter, limit)
             .await
@@ -133,7 +139,7 @@ pub(super) async fn audit_read(
     }
     let channel = client::channel(connect).await?;
     let request = crate::grpc::proto::AuditQueryRequest {
-        token: filter.token.unwrap_or_default(),
+        token: token.unwrap_or_default(),
         caller: filter.caller.unwrap_or_default(),
         action: filter.action.unwrap_or_default(),
         collection: filter.collection.unwrap_or_default(),
@@ -172,8 +178,9 @@ pub(super) async fn audit(command: AuditCommand) -> Result<(), CliError> {
         AuditCommand::Verify { data_dir, expect_head, secret } => (data_dir, secret, Some(expect_head), true),
         AuditCommand::Head { data_dir, secret } => (data_dir, secret, None, false),
         AuditCommand::Query { filter, limit, json, connect, secret } => {
+            let token = filter.token;
             let filter = crate::store::AuditFilter {
-                token: filter.token,
+                record: crate::store::RecordMatch::Any,
                 caller: filter.caller,
                 action: filter.action,
                 collection: filter.collection,
@@ -182,10 +189,10 @@ pub(super) async fn audit(command: AuditCommand) -> Result<(), CliError> {
                 until: filter.until,
                 after_seq: 0,
             };
-            return audit_read(filter, limit, json, &connect, secret).await;
+            return audit_read(filter, token, limit, json, &connect, secret).await;
         }
         AuditCommand::Export { format: _, connect, secret } => {
-            return audit_read(crate::store::AuditFilter::default(), None, true, &connect, secret).await;
+            return audit_read(crate::store::AuditFilter::default(), None, None, true, &connect, secret).await;
         }
     };
     let expected = match expect.flatten() {

@@ -34,6 +34,10 @@ pub enum KeyPurpose {
     Audit,
     /// Keys the blind index of a deterministic collection (HMAC).
     Index,
+    /// Keys the permutation that makes a record's sequence number its
+    /// token (AES-256 over one block). Never rotated by routine rotation:
+    /// it guards guessability, not values.
+    Token,
 }
 
 impl KeyPurpose {
@@ -43,6 +47,7 @@ impl KeyPurpose {
             Self::Data => "data",
             Self::Audit => "audit",
             Self::Index => "index",
+            Self::Token => "token",
         }
     }
 
@@ -52,6 +57,7 @@ impl KeyPurpose {
             "data" => Some(Self::Data),
             "audit" => Some(Self::Audit),
             "index" => Some(Self::Index),
+            "token" => Some(Self::Token),
             _ => None,
         }
     }

@@ -15,7 +15,7 @@ use super::proto::{self, AuditEvent};
 use super::server::Live;
 use crate::audit::{AuditRecord, Event, Outcome};
 use crate::policy::Action;
-use crate::store::AuditFilter;
+use crate::store::{AuditFilter, RecordMatch};
 use crate::vault::Vault;
 
 /// Records sent per page of a query stream.
@@ -67,8 +67,9 @@ impl Audit for AuditService {
         let result = async {
             call.admit(&self.live, &request, &[Action::Audit])?;
             let q = request.into_inner();
+            let token = optional(q.token);
             let mut filter = AuditFilter {
-                token: optional(q.token),
+                record: RecordMatch::Any,
                 caller: optional(q.caller),
                 action: optional(q.action),
                 collection: optional(q.collection),
@@ -84,13 +85,16 @@ impl Audit for AuditService {
             // value it stands for): no record, no answer.
             let collection = filter.collection.as_deref().filter(|c| self.vault.has_collection(c)).unwrap_or("");
             let mut record = call.who.record(Event::AuditQuery, collection, 0, Outcome::Ok);
-            if let Some(token) = &filter.token
-                && let Some(issued) = self.vault.issued_form(token).await?
-            {
-                record.tokens.push(issued.clone());
-                filter.token = Some(issued);
+            if let Some(token) = &token {
+                filter.record = match self.vault.locate_issued(token).await? {
+                    Some((issued, at)) => {
+                        record.tokens.push(issued);
+                        at
+                    }
+                    None => RecordMatch::Unissued,
+                };
             }
-            self.vault.record(record).await?;
+            self.vault.record_about(record, filter.record).await?;
             let (tx, rx) = tokio::sync::mpsc::channel(PAGE);
             let vault = self.vault.clone();
             tokio::spawn(async move {

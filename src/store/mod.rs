@@ -31,6 +31,7 @@ use async_trait::async_trait;
 use crate::audit::{AuditKey, AuditRecord, AuditSink, Head};
 use crate::config::{StoreBackend, StoreSettings};
 use crate::crypto::keyring::KeyPurpose;
+use crate::token::{CHECK_BYTES, Sealed};
 
 /// Whether [`open`] may create a new store or must find an existing one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,18 +100,21 @@ pub trait Store: RecordStore + KeyStore + CollectionStore + AuditStore {
 /// Records: tokens and their sealed values, and the background work over them.
 #[async_trait]
 pub trait RecordStore: Send + Sync {
-    /// Inserts records; a token that already exists in the collection (live
-    /// or deleted) is reported as a collision and not written. A record with
+    /// Inserts records at the sequence numbers they were given
+    /// ([`CollectionStore::reserve_sequences`]); a record whose sequence
+    /// number or token text already exists in the collection (live or
+    /// deleted) is reported as a collision and not written. A record with
     /// a blind index whose value already has a live token answers that token
     /// instead (checked here, in the writer, so two concurrent requests for
     /// one value get one token); an expired one is erased and replaced.
-    /// `audit`, with the tokens handed out, is appended in the same
-    /// transaction.
+    /// `audit`, with the tokens handed out (as `render` writes them), is
+    /// appended in the same transaction.
     async fn insert_records(
         &self,
         collection: CollectionId,
         records: Vec<NewRecord>,
         mut audit: AuditRecord,
+        render: RenderToken,
     ) -> Result<Vec<InsertOutcome>, StoreError>;
 
     /// Looks up live records, answering in the order asked.
@@ -119,6 +123,14 @@ pub trait RecordStore: Send + Sync {
         collection: CollectionId,
         lookups: Vec<TokenLookup>,
     ) -> Result<Vec<Option<StoredRecord>>, StoreError>;
+
+    /// The record `lookup` names, live, expired or deleted (a token ever
+    /// issued), for audit queries.
+    async fn locate_record(
+        &self,
+        collection: CollectionId,
+        lookup: TokenLookup,
+    ) -> Result<Option<RecordRef>, StoreError>;
 
     /// Deletes live records: the ciphertext is cleared (and overwritten on
     /// disk by `secure_delete`, then the WAL is truncated), the token row
@@ -134,29 +146,31 @@ pub trait RecordStore: Send + Sync {
     ) -> Result<Vec<bool>, StoreError>;
 
     /// Erases up to `limit` records of `collection` that expired by `now`,
-    /// like a delete; `audit` (with the tokens purged) is appended in the
-    /// same transaction if any was. Returns how many.
+    /// like a delete; `audit` (with the tokens purged, as `render` writes
+    /// them) is appended in the same transaction if any was. Returns how
+    /// many.
     async fn purge_expired(
         &self,
         collection: CollectionId,
         now: i64,
         limit: usize,
         mut audit: AuditRecord,
+        render: RenderToken,
     ) -> Result<usize, StoreError>;
 
     /// Tokens ever issued in `collection` (live, expired or deleted: none is
     /// issued again), per length in letters and digits.
     async fn issued_by_length(&self, collection: CollectionId) -> Result<Vec<(usize, u64)>, StoreError>;
 
-    /// Live records of `collection` that still need `work`, after
-    /// `after_token` in token order: `(token, ciphertext)`, at most `limit`.
+    /// Live records of `collection` that still need `work`, after sequence
+    /// number `after_seq`, in order, at most `limit`.
     async fn records_needing(
         &self,
         collection: CollectionId,
         work: Pending,
-        after_token: String,
+        after_seq: u64,
         limit: usize,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    ) -> Result<Vec<StoredRecord>, StoreError>;
 
     /// Replaces ciphertexts with re-encrypted ones, each only if the record
     /// is still live under the version it was read under (a concurrent
@@ -168,7 +182,7 @@ pub trait RecordStore: Send + Sync {
         audit: AuditRecord,
     ) -> Result<usize, StoreError>;
 
-    /// Moves each `(token, digest)` to index version `version`: its entries
+    /// Moves each `(record seq, digest)` to index version `version`: its entries
     /// under other versions go, the new one is added (unless another token
     /// of the same value holds it, or the record is gone meanwhile). Returns
     /// how many were indexed.
@@ -176,7 +190,7 @@ pub trait RecordStore: Send + Sync {
         &self,
         collection: CollectionId,
         version: u32,
-        entries: Vec<(String, [u8; 32])>,
+        entries: Vec<(u64, [u8; 32])>,
         audit: AuditRecord,
     ) -> Result<usize, StoreError>;
 
@@ -284,15 +298,30 @@ pub trait CollectionStore: Send + Sync {
     /// Records [`CollectionStore::canonical_index_from`] (once: a decided version is
     /// kept). Returns the version in force.
     async fn set_canonical_index_from(&self, collection: CollectionId, version: u32) -> Result<u32, StoreError>;
+
+    /// Reserves `n` new sequence numbers of `collection` (durably: none is
+    /// ever handed out twice) and returns the first; the block is
+    /// `first..first + n`. Numbers reserved and never used are gaps.
+    async fn reserve_sequences(&self, collection: CollectionId, n: u64) -> Result<u64, StoreError>;
 }
 
 /// The hash-chained audit trail. Records that go with a data change are
 /// written by that change's own method, in its transaction.
 #[async_trait]
 pub trait AuditStore: Send + Sync {
-    /// Appends one audit record on its own (a read, a denial, a failure),
+    /// Appends one audit record on its own (a denial, a failure),
     /// answering once it is durable.
     async fn append_audit(&self, record: AuditRecord) -> Result<u64, StoreError>;
+
+    /// Appends the record of a read of `collection`'s records at `seqs` (the
+    /// record lists their tokens), indexing it under each, answering once
+    /// it is durable.
+    async fn append_read_audit(
+        &self,
+        collection: CollectionId,
+        seqs: Vec<u64>,
+        record: AuditRecord,
+    ) -> Result<u64, StoreError>;
 
     /// Gives the writer the audit key and the current head of the trail.
     /// Until then, every write that must be audited fails.
@@ -303,9 +332,6 @@ pub trait AuditStore: Send + Sync {
 
     /// Audit rows matching `filter`, oldest first, at most `limit`.
     async fn query_audit(&self, filter: AuditFilter, limit: usize) -> Result<Vec<AuditRow>, StoreError>;
-
-    /// Whether any audit record involves `token`.
-    async fn token_audited(&self, token: String) -> Result<bool, StoreError>;
 }
 
 /// Errors of the store, typed: callers match on the variant, never on a
@@ -477,8 +503,8 @@ pub struct KeySummary {
 
 /// A record whose ciphertext re-encryption replaces.
 pub struct Reencrypted {
-    /// The token.
-    pub token: String,
+    /// The record's sequence number.
+    pub seq: u64,
     /// The version the record was under when it was read.
     pub from_version: u32,
     /// The new version.
@@ -487,12 +513,17 @@ pub struct Reencrypted {
     pub ciphertext: Vec<u8>,
 }
 
-/// How a presented token is looked for: as written, and, for a shaped
-/// token, under its canonical form (its letters and digits), which is how
-/// shaped tokens are stored, and through the canonical forms of tokens
-/// issued before that (`legacy_tokens`). The first live record found wins.
+/// How a presented token is looked for: a default token first by what it
+/// opens to under the collection's token key (a sequence number, and the
+/// random half compared in constant time); then by its text, as written,
+/// and, for a shaped token, under its canonical form (its letters and
+/// digits), which is how shaped tokens are stored, and through the
+/// canonical forms of tokens issued before that (`legacy_tokens`). The
+/// first live record found wins.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenLookup {
+    /// What a default token opens to.
+    pub sealed: Option<Sealed>,
     /// The token as the caller wrote it.
     pub exact: String,
     /// Its canonical form, for shaped formats.
@@ -507,10 +538,35 @@ impl TokenLookup {
     }
 }
 
+/// How a record's token is kept with it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TokenForm {
+    /// A sealed default token: its random half (its sequence number is the
+    /// record's own). The token is rebuilt under the token key.
+    Sealed([u8; CHECK_BYTES]),
+    /// A token found by its text: shaped tokens, and the default tokens
+    /// issued before sealed tokens.
+    Text(String),
+}
+
+/// Where a record is, and how its token is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RecordRef {
+    /// The record's sequence number in its collection: its place in the
+    /// store, in the order records were added.
+    pub seq: u64,
+    /// Its token.
+    pub token: TokenForm,
+}
+
+/// Writes a record's token (the vault's, under the collection's token key),
+/// for the audit records a store method writes itself.
+pub type RenderToken = Box<dyn Fn(&RecordRef) -> String + Send>;
+
 /// A record to insert.
 pub struct NewRecord {
-    /// The token (primary key within the collection).
-    pub token: String,
+    /// Where it goes and its token.
+    pub at: RecordRef,
     /// Data-key version used.
     pub key_version: u32,
     /// The sealed value.
@@ -556,16 +612,16 @@ pub enum InsertOutcome {
     /// The token already exists (live or deleted) in the collection; nothing
     /// was written. The caller draws a new token.
     Collision,
-    /// Deterministic collections: the value already has this live token;
+    /// Deterministic collections: the value already has this live record;
     /// nothing was written.
-    Existing(String),
+    Existing(RecordRef),
 }
 
 /// Which audit records a query wants. Empty fields match everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditFilter {
-    /// Records involving this token.
-    pub token: Option<String>,
+    /// Records involving one record's token.
+    pub record: RecordMatch,
     /// Records of this caller.
     pub caller: Option<String>,
     /// Records of this action.
@@ -580,6 +636,18 @@ pub struct AuditFilter {
     pub until: Option<i64>,
     /// Only records with a sequence number above this.
     pub after_seq: u64,
+}
+
+/// Which records' tokens an audit query is about.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RecordMatch {
+    /// Any (no filter).
+    #[default]
+    Any,
+    /// The token of this record (as [`RecordStore::locate_record`] finds it).
+    Of(CollectionId, u64),
+    /// A token the vault never issued: no audit record involves it.
+    Unissued,
 }
 
 /// What a backup copied.
@@ -612,8 +680,9 @@ pub struct AuditRow {
     pub collection: String,
     /// Column: outcome.
     pub outcome: String,
-    /// The tokens the index (`audit_tokens`) lists for this record.
-    pub indexed_tokens: Vec<String>,
+    /// The records the token index lists for this record, with their
+    /// collection's id.
+    pub indexed: Vec<(CollectionId, RecordRef)>,
 }
 
 /// A wrapped key, for re-wrapping under a new root key. No `Debug`.
@@ -649,8 +718,8 @@ pub enum RetireRefused {
 
 /// A live record as read back.
 pub struct StoredRecord {
-    /// The token as stored (the one its ciphertext is bound to).
-    pub token: String,
+    /// Where it is, and its token (the one its ciphertext is bound to).
+    pub at: RecordRef,
     /// The sealed value.
     pub ciphertext: Vec<u8>,
 }

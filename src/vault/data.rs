@@ -6,8 +6,8 @@ use crate::crypto::keyring::{self, KeyPurpose};
 use crate::crypto::{CryptoError, envelope};
 use crate::error::{ItemError, VaultError};
 use crate::format::{Format, Normalize};
-use crate::store::{IndexEntry, InsertOutcome, NewRecord, TokenLookup};
-use crate::token::Token;
+use crate::store::{IndexEntry, InsertOutcome, NewRecord, RecordMatch, RecordRef, TokenForm, TokenLookup};
+use crate::token::{CHECK_BYTES, Sealed, Token};
 use crate::value::PiiValue;
 
 /// What a tokenize answered.
@@ -76,15 +76,27 @@ impl Vault {
             let mut records = Vec::with_capacity(pending.len());
             let mut tokens = Vec::with_capacity(pending.len());
             let mut drawn = Vec::with_capacity(pending.len());
-            for &i in &pending {
+            let seqs = coll.take_seqs(self.inner.store.as_ref(), pending.len()).await?;
+            for (&i, seq) in pending.iter().zip(seqs) {
                 let value = values[i].expose_secret();
-                let Some(token) = coll.format.generate(value, self.inner.tokens.as_ref())? else {
-                    results[i] = Some(Err(ItemError::TokenSpaceExhausted));
-                    continue;
+                let (token, form) = if let Format::Random { prefix } = &coll.format {
+                    // The record's place, sealed with 64 random bits.
+                    let key = coll.token_key.as_ref().ok_or_else(|| coll.no_primary(KeyPurpose::Token))?;
+                    let mut check = [0u8; CHECK_BYTES];
+                    self.inner.tokens.fill(&mut check)?;
+                    (key.seal(prefix, Sealed { seq, check }), TokenForm::Sealed(check))
+                } else {
+                    let Some(token) = coll.format.generate(value, self.inner.tokens.as_ref())? else {
+                        results[i] = Some(Err(ItemError::TokenSpaceExhausted));
+                        continue;
+                    };
+                    // Stored (and bound to its ciphertext) in canonical
+                    // form; answered as drawn, in the caller's writing.
+                    let stored = coll.format.canonical(token.as_str()).into_owned();
+                    (token, TokenForm::Text(stored))
                 };
-                // Stored (and bound to its ciphertext) in canonical form;
-                // answered as drawn, in the caller's writing.
-                let stored = coll.format.canonical(token.as_str()).into_owned();
+                let at = RecordRef { seq, token: form };
+                let stored = coll.token_text(&at);
                 let (key_version, ciphertext) = self
                     .inner
                     .keyring
@@ -93,20 +105,14 @@ impl Vault {
                             .map(|ct| (version, ct))
                     })
                     .ok_or_else(|| coll.no_primary(KeyPurpose::Data))??;
-                records.push(NewRecord {
-                    token: stored,
-                    key_version,
-                    ciphertext,
-                    expires_at,
-                    index: indexes[i].clone(),
-                });
+                records.push(NewRecord { at, key_version, ciphertext, expires_at, index: indexes[i].clone() });
                 tokens.push(token);
                 drawn.push(i);
             }
             if records.is_empty() {
                 break;
             }
-            let outcomes = self.inner.store.insert_records(coll.id, records, audit.clone()).await?;
+            let outcomes = self.inner.store.insert_records(coll.id, records, audit.clone(), coll.renderer()).await?;
             let mut retry = Vec::new();
             for ((i, token), outcome) in drawn.into_iter().zip(tokens).zip(outcomes) {
                 match outcome {
@@ -114,8 +120,9 @@ impl Vault {
                         coll.occupancy.add(crate::format::slots_of(token.as_str()), 1);
                         results[i] = Some(Ok(token));
                     }
-                    InsertOutcome::Existing(token) => {
+                    InsertOutcome::Existing(at) => {
                         existing += 1;
+                        let token = coll.token_text(&at);
                         // The value's token, in the writing of this request.
                         let rendered = coll.format.render(&token, values[i].expose_secret());
                         results[i] =
@@ -192,16 +199,24 @@ impl Vault {
         let coll = self.collection(collection)?;
         self.check_count(tokens.len())?;
         let (parsed, lookups) = parse_tokens(coll, &tokens);
-        let found = self.inner.store.get_records(coll.id, lookups).await?;
-        let mut found = found.into_iter();
+        let found = self.inner.store.get_records(coll.id, lookups.clone()).await?;
+        let mut found = lookups.into_iter().zip(found);
         let mut revealed = Vec::new();
+        let mut seqs = Vec::new();
         let results: Vec<ItemResult<PiiValue>> = parsed
             .into_iter()
             .map(|token| {
                 token.ok_or(ItemError::NotFound)?;
-                let record = found.next().flatten().ok_or(ItemError::NotFound)?;
-                let value = self.open_record(coll, &record.token, &record.ciphertext)?;
-                revealed.push(record.token);
+                let (lookup, record) = found.next().ok_or(ItemError::NotFound)?;
+                let record = record.ok_or(ItemError::NotFound)?;
+                // A sealed token has one writing: the one presented.
+                let text = match record.at.token {
+                    TokenForm::Text(text) => text,
+                    TokenForm::Sealed(_) => lookup.exact,
+                };
+                let value = self.open_record(coll, &text, &record.ciphertext)?;
+                revealed.push(text);
+                seqs.push(record.at.seq);
                 Ok(if masked { coll.mask.apply(&value) } else { value })
             })
             .collect();
@@ -209,7 +224,7 @@ impl Vault {
         let mut audit = who.record(event, collection, tokens.len(), Outcome::Ok);
         audit.tokens = revealed;
         // Fail closed: if this record cannot be written, no value leaves.
-        self.inner.store.append_audit(audit).await?;
+        self.inner.store.append_read_audit(coll.id, seqs, audit).await?;
         Ok(results)
     }
 
@@ -265,18 +280,21 @@ impl Vault {
             .collect())
     }
 
-    /// The form in which `token` is on the audit trail, if this vault ever
-    /// issued it (in any collection; every issued token is on the trail):
-    /// as written, or, for a shaped token written with separators, its
-    /// canonical form (the one stored and audited).
-    pub async fn issued_form(&self, token: &str) -> Result<Option<String>, VaultError> {
+    /// Where `token` is, if this vault ever issued it (in any served
+    /// collection): the form in which it is on the audit trail (as
+    /// stored: for a shaped token written with separators, its canonical
+    /// form) and the audit filter that finds the records involving it.
+    pub async fn locate_issued(&self, token: &str) -> Result<Option<(String, RecordMatch)>, VaultError> {
         if token.is_empty() || token.len() > crate::token::MAX_TOKEN_LEN {
             return Ok(None);
         }
-        let canonical = crate::format::alnum_only(token);
-        for form in [token.to_owned(), canonical].into_iter().filter(|f| !f.is_empty()) {
-            if self.inner.store.token_audited(form.clone()).await? {
-                return Ok(Some(form));
+        let mut names: Vec<&String> = self.inner.collections.keys().collect();
+        names.sort();
+        for name in names {
+            let coll = &self.inner.collections[name];
+            let Some(parsed) = coll.format.parse_token(token) else { continue };
+            if let Some(at) = self.inner.store.locate_record(coll.id, coll.lookup(&parsed)).await? {
+                return Ok(Some((coll.token_text(&at), RecordMatch::Of(coll.id, at.seq))));
             }
         }
         Ok(None)

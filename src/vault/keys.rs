@@ -127,31 +127,33 @@ impl Vault {
         self.record(who.record(Event::Reencrypt, collection, 0, Outcome::Started)).await?;
         self.inner.store.mark_retiring(coll.id).await?;
         let mut done = ReencryptProgress::default();
-        let mut after = String::new();
+        let mut after = 0;
         loop {
             let primary = self.primary_version(coll, KeyPurpose::Data)?;
             let page = self
                 .inner
                 .store
-                .records_needing(coll.id, Pending::Reencryption { primary }, after.clone(), batch.max(1))
+                .records_needing(coll.id, Pending::Reencryption { primary }, after, batch.max(1))
                 .await?;
-            let Some((last, _)) = page.last() else { break };
-            after.clone_from(last);
+            let Some(last) = page.last() else { break };
+            after = last.at.seq;
             let mut moved = Vec::with_capacity(page.len());
-            for (text, ciphertext) in &page {
+            for record in &page {
+                let text = coll.token_text(&record.at);
+                let ciphertext = &record.ciphertext;
                 let reopened = (|| {
                     let from = envelope::key_version(ciphertext).ok()?;
-                    let value = self.open_record(coll, text, ciphertext).ok()?;
+                    let value = self.open_record(coll, &text, ciphertext).ok()?;
                     let sealed = self
                         .inner
                         .keyring
                         .with_primary(coll.id.0, KeyPurpose::Data, |version, key| {
-                            envelope::seal(key, version, collection, text, value.expose_secret().as_bytes())
+                            envelope::seal(key, version, collection, &text, value.expose_secret().as_bytes())
                                 .map(|ct| (version, ct))
                         })?
                         .ok()?;
                     Some(Reencrypted {
-                        token: text.clone(),
+                        seq: record.at.seq,
                         from_version: from,
                         to_version: sealed.0,
                         ciphertext: sealed.1,

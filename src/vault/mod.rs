@@ -23,14 +23,18 @@ use crate::crypto::keyring::{self, DataKey, KeyPurpose, Keyring};
 use crate::crypto::root::RootKey;
 use crate::error::{ItemError, VaultError};
 use crate::format::{Format, Mask, Normalize};
-use crate::store::{CollectionId, KeyInfo, KeyState, OpenMode, Store, TokenLookup};
-use crate::token::{RandomTokens, Token, TokenGenerator};
+use crate::store::{CollectionId, KeyInfo, KeyState, OpenMode, RecordRef, RenderToken, Store, TokenForm, TokenLookup};
+use crate::token::{RandomTokens, Sealed, Token, TokenGenerator, TokenKey};
 use crate::value::PiiValue;
 
 /// How many tokens are drawn for one value before giving up. With 128-bit
 /// tokens a single collision is already beyond belief; the bound exists for
 /// small format-preserving token spaces.
 const MAX_TOKEN_ATTEMPTS: usize = 8;
+
+/// Sequence numbers reserved at once (one durable write per block; the
+/// rest of a block is a gap after a restart).
+const SEQ_BLOCK: u64 = 16_384;
 
 /// Share of its token space a collection may issue before new values are
 /// refused (a tenth), and before the server warns (a hundredth).
@@ -123,6 +127,10 @@ struct Collection {
     reindex_before_serving: bool,
     /// Tokens issued so far, per length.
     occupancy: Occupancy,
+    /// The collection's token key, once loaded (it is never rotated).
+    token_key: Option<Arc<TokenKey>>,
+    /// Sequence numbers reserved in the store and not yet used.
+    seqs: tokio::sync::Mutex<std::ops::Range<u64>>,
 }
 
 /// Tokens a shaped collection has issued, per value length (letters and
@@ -162,10 +170,10 @@ impl Collection {
     fn no_primary(&self, purpose: KeyPurpose) -> VaultError {
         VaultError::Keyring {
             collection: self.name.to_string(),
-            reason: if purpose == KeyPurpose::Index {
-                "it has no primary index key"
-            } else {
-                "it has no primary data key"
+            reason: match purpose {
+                KeyPurpose::Index => "it has no primary index key",
+                KeyPurpose::Token => "it has no token key",
+                KeyPurpose::Data | KeyPurpose::Audit => "it has no primary data key",
             },
         }
     }
@@ -215,7 +223,36 @@ impl Collection {
     fn lookup(&self, token: &Token) -> TokenLookup {
         let exact = token.as_str();
         let canonical = self.format.is_canonicalized().then(|| self.format.canonical(exact).into_owned());
-        TokenLookup { exact: exact.to_owned(), canonical }
+        let sealed = self.token_key.as_ref().filter(|_| !self.format.preserves_shape()).and_then(|k| k.open(token));
+        TokenLookup { sealed, exact: exact.to_owned(), canonical }
+    }
+
+    /// The token text of the record at `at` (the one its ciphertext is bound
+    /// to): kept with it, or sealed again under the token key.
+    fn token_text(&self, at: &RecordRef) -> String {
+        render_token(self.token_key.as_deref(), &self.format, at)
+    }
+
+    /// [`Collection::token_text`] for the store's own audit records.
+    fn renderer(&self) -> RenderToken {
+        let key = self.token_key.clone();
+        let format = self.format.clone();
+        Box::new(move |at| render_token(key.as_deref(), &format, at))
+    }
+
+    /// `n` sequence numbers for new records, from the reserved block (a new
+    /// block is reserved in the store when it runs out).
+    async fn take_seqs(&self, store: &dyn Store, n: usize) -> Result<Vec<u64>, VaultError> {
+        let mut block = self.seqs.lock().await;
+        let n64 = u64::try_from(n).unwrap_or(u64::MAX);
+        if block.end - block.start < n64 {
+            let size = n64.max(SEQ_BLOCK);
+            let first = store.reserve_sequences(self.id, size).await?;
+            *block = first..first.saturating_add(size);
+        }
+        let taken = block.start..block.start + n64;
+        block.start = taken.end;
+        Ok(taken.collect())
     }
 
     /// What the blind index digests under index-key `version`: the
@@ -227,6 +264,21 @@ impl Collection {
         } else {
             std::borrow::Cow::Borrowed(value)
         }
+    }
+}
+
+/// The token of the record at `at`: its text, or its sealed token under
+/// `key` (a collection of the default format).
+fn render_token(key: Option<&TokenKey>, format: &Format, at: &RecordRef) -> String {
+    match (&at.token, key, format) {
+        (TokenForm::Text(text), ..) => text.clone(),
+        (TokenForm::Sealed(check), Some(key), Format::Random { prefix }) => {
+            key.seal(prefix, Sealed { seq: at.seq, check: *check }).into_string()
+        }
+        // A sealed record in a shaped collection, or no token key: the
+        // store and the configuration disagree (a format change is refused
+        // at start, so this is damage). Nothing matches this text.
+        (TokenForm::Sealed(_), ..) => String::new(),
     }
 }
 
@@ -311,24 +363,31 @@ impl Vault {
 
         let keyring = Keyring::new();
         for stored in store.load_keys().await? {
-            let Some(collection) = collections.values().find(|c| c.id == stored.collection) else {
-                continue; // in the store but no longer configured: not served
-            };
-            if stored.state == KeyState::Retired {
+            let configured = collections.values().any(|c| c.id == stored.collection);
+            // A collection in the store but no longer configured is not
+            // served; its token key still is loaded, so that `audit verify`
+            // can match the tokens its audit records list.
+            if (!configured && stored.purpose != KeyPurpose::Token) || stored.state == KeyState::Retired {
                 continue;
             }
             let purpose = stored.purpose;
             let key = keyring::unwrap(root, purpose, &stored.collection_name, stored.version, &stored.wrapped)
                 .map_err(|_| VaultError::Keyring {
-                    collection: collection.name.to_string(),
+                    collection: stored.collection_name.clone(),
                     reason: "a wrapped key does not open with this root key",
                 })?;
             keyring.insert(stored.collection.0, purpose, stored.version, key, stored.state == KeyState::Primary);
         }
 
-        for collection in collections.values() {
+        for collection in collections.values_mut() {
             if keyring.with_primary(collection.id.0, KeyPurpose::Data, |_, _| ()).is_none() {
                 return Err(collection.no_primary(KeyPurpose::Data));
+            }
+            collection.token_key = keyring.with_primary(collection.id.0, KeyPurpose::Token, |_, key| {
+                Arc::new(TokenKey::new(key.expose_secret()))
+            });
+            if collection.token_key.is_none() {
+                return Err(collection.no_primary(KeyPurpose::Token));
             }
         }
 
@@ -429,6 +488,12 @@ async fn open_collection(
         store.add_first_key(id, KeyPurpose::Index, wrapped).await?;
         tracing::info!(collection = %name, "created blind-index key version 1");
     }
+    if store.list_keys(id, KeyPurpose::Token).await?.is_empty() {
+        let key = DataKey::generate()?;
+        let wrapped = keyring::wrap(root, KeyPurpose::Token, name.as_str(), 1, &key)?;
+        store.add_first_key(id, KeyPurpose::Token, wrapped).await?;
+        tracing::info!(collection = %name, "created token key");
+    }
     let issued = if settings.format.is_canonicalized() { store.issued_by_length(id).await? } else { Vec::new() };
     Ok(Collection {
         id,
@@ -444,6 +509,8 @@ async fn open_collection(
         canonical_index_from,
         reindex_before_serving,
         occupancy: Occupancy::new(&issued),
+        token_key: None,
+        seqs: tokio::sync::Mutex::new(0..0),
     })
 }
 

@@ -3,9 +3,11 @@
 
 use super::{Requester, Vault};
 use crate::audit::{self, AuditRecord, Event, Head, Outcome, VerifyError};
+use crate::crypto::keyring::KeyPurpose;
 use crate::crypto::root as crypto_root;
 use crate::error::VaultError;
-use crate::store::{AuditFilter, AuditRow};
+use crate::store::{AuditFilter, AuditRow, CollectionId, RecordMatch, RecordRef, TokenForm};
+use crate::token::{Sealed, Token, TokenKey};
 
 impl Vault {
     /// Appends the record of a request that has no data change of its own
@@ -13,6 +15,21 @@ impl Vault {
     /// must not answer if this fails.
     pub async fn record(&self, record: AuditRecord) -> Result<(), VaultError> {
         self.inner.store.append_audit(record).await?;
+        Ok(())
+    }
+
+    /// [`Vault::record`] of a request about the token of the record that
+    /// `about` names (an audit query by token): indexed under it, so that
+    /// the query itself shows up when that token is looked up.
+    pub async fn record_about(&self, record: AuditRecord, about: RecordMatch) -> Result<(), VaultError> {
+        match about {
+            RecordMatch::Of(collection, seq) => {
+                self.inner.store.append_read_audit(collection, vec![seq], record).await?;
+            }
+            RecordMatch::Any | RecordMatch::Unissued => {
+                self.inner.store.append_audit(record).await?;
+            }
+        }
         Ok(())
     }
 
@@ -71,7 +88,7 @@ impl Vault {
                 if let Err(e) = chain.push(&self.inner.audit_key, row.seq, &row.record, &row.mac) {
                     return Ok(Err(e));
                 }
-                if !columns_match(row) {
+                if !self.columns_match(row) {
                     return Ok(Err(VerifyError { seq: row.seq, reason: "query columns do not match the record" }));
                 }
             }
@@ -121,20 +138,56 @@ impl Vault {
 /// most (a record lists at most `max_items_per_call` tokens).
 const VERIFY_PAGE: usize = 256;
 
-/// Whether the query columns and the token index of `row` say what its
-/// (MAC-protected) record says.
-fn columns_match(row: &AuditRow) -> bool {
-    AuditRecord::decode(&row.record).is_ok_and(|(_, r)| {
-        let mut recorded: Vec<&String> = r.tokens.iter().collect();
+impl Vault {
+    /// Whether the query columns and the token index of `row` say what its
+    /// (MAC-protected) record says.
+    fn columns_match(&self, row: &AuditRow) -> bool {
+        AuditRecord::decode(&row.record).is_ok_and(|(_, r)| {
+            r.at_micros == row.at
+                && r.caller == row.caller
+                && r.action == row.action
+                && r.collection == row.collection
+                && r.outcome == row.outcome
+                && self.index_matches(&r.tokens, &row.indexed)
+        })
+    }
+
+    /// Whether the token index lists exactly the records of the tokens in
+    /// `tokens`: a kept text equal to the token, or a sealed token that
+    /// opens (under its collection's token key) to the record's place and
+    /// random half.
+    fn index_matches(&self, tokens: &[String], indexed: &[(CollectionId, RecordRef)]) -> bool {
+        let mut recorded: Vec<&String> = tokens.iter().collect();
         recorded.sort();
         recorded.dedup();
-        let mut indexed: Vec<&String> = row.indexed_tokens.iter().collect();
-        indexed.sort();
-        r.at_micros == row.at
-            && r.caller == row.caller
-            && r.action == row.action
-            && r.collection == row.collection
-            && r.outcome == row.outcome
-            && recorded == indexed
-    })
+        if recorded.len() != indexed.len() {
+            return false;
+        }
+        let mut matched = vec![false; indexed.len()];
+        recorded.into_iter().all(|token| {
+            let names = |(collection, at): &(CollectionId, RecordRef)| match &at.token {
+                TokenForm::Text(text) => text == token,
+                TokenForm::Sealed(check) => {
+                    self.open_sealed(*collection, token) == Some(Sealed { seq: at.seq, check: *check })
+                }
+            };
+            match indexed.iter().enumerate().position(|(i, entry)| !matched[i] && names(entry)) {
+                Some(i) => {
+                    matched[i] = true;
+                    true
+                }
+                None => false,
+            }
+        })
+    }
+
+    /// What `token` opens to under `collection`'s token key, if it is a
+    /// default token and the key is loaded.
+    fn open_sealed(&self, collection: CollectionId, token: &str) -> Option<Sealed> {
+        let token: Token = token.parse().ok()?;
+        self.inner
+            .keyring
+            .with_primary(collection.0, KeyPurpose::Token, |_, key| TokenKey::new(key.expose_secret()).open(&token))
+            .flatten()
+    }
 }

@@ -20,21 +20,23 @@ impl Vault {
             return Err(VaultError::NotDeterministic);
         }
         let mut done = 0u64;
-        let mut after = String::new();
+        let mut after = 0;
         loop {
             let primary = self.primary_version(coll, KeyPurpose::Index)?;
             let page = self
                 .inner
                 .store
-                .records_needing(coll.id, Pending::Indexing { version: primary }, after.clone(), INDEX_BATCH)
+                .records_needing(coll.id, Pending::Indexing { version: primary }, after, INDEX_BATCH)
                 .await?;
-            let Some((last, _)) = page.last() else { break };
-            after.clone_from(last);
+            let Some(last) = page.last() else { break };
+            after = last.at.seq;
             let mut entries = Vec::with_capacity(page.len());
-            for (token, ciphertext) in &page {
+            for record in &page {
                 // An unreadable record was alerted by open_record; it keeps
                 // its old entry (if any) and is retried next time.
-                let Ok(value) = self.open_record(coll, token, ciphertext) else { continue };
+                let Ok(value) = self.open_record(coll, &coll.token_text(&record.at), &record.ciphertext) else {
+                    continue;
+                };
                 let value = coll.normalize.apply(value);
                 let digest = self
                     .inner
@@ -44,7 +46,7 @@ impl Vault {
                         keyring::blind_index(key, coll.name.as_str(), form.as_bytes())
                     })
                     .ok_or_else(|| coll.no_primary(KeyPurpose::Index))??;
-                entries.push((token.clone(), digest));
+                entries.push((record.at.seq, digest));
             }
             let audit = who.record(Event::Reindex, collection, entries.len(), Outcome::Ok);
             done += self.inner.store.index_records(coll.id, primary, entries, audit).await? as u64;
@@ -72,11 +74,8 @@ impl Vault {
                 continue;
             }
             let primary = self.primary_version(coll, KeyPurpose::Index)?;
-            let unindexed = self
-                .inner
-                .store
-                .records_needing(coll.id, Pending::Indexing { version: primary }, String::new(), 1)
-                .await?;
+            let unindexed =
+                self.inner.store.records_needing(coll.id, Pending::Indexing { version: primary }, 0, 1).await?;
             let retiring = self
                 .inner
                 .store
@@ -112,7 +111,7 @@ impl Vault {
             }
             loop {
                 let audit = who.record(Event::Purge, &name, 0, Outcome::Ok);
-                let n = self.inner.store.purge_expired(coll.id, now, batch.max(1), audit).await?;
+                let n = self.inner.store.purge_expired(coll.id, now, batch.max(1), audit, coll.renderer()).await?;
                 purged += n as u64;
                 if n < batch.max(1) {
                     break;

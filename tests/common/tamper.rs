@@ -12,6 +12,20 @@ pub fn open(path: &Path) -> Connection {
     Connection::open(path).expect("open the SQLite file below the vault")
 }
 
+/// `(collection id, sequence number)` of the `n`-th record (from 0, in the
+/// order records were added) of collection `name`: how a test finds the
+/// row of a token the vault sealed (its text is not stored).
+#[allow(dead_code)] // each test crate uses what it needs
+pub fn nth_record(conn: &Connection, name: &str, n: i64) -> (i64, i64) {
+    conn.query_row(
+        "SELECT r.collection_id, r.seq FROM records r JOIN collections c ON c.id = r.collection_id
+         WHERE c.name = ?1 ORDER BY r.seq LIMIT 1 OFFSET ?2",
+        params![name, n],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )
+    .expect("the collection has that many records")
+}
+
 /// The store's file, read-only.
 pub fn open_read_only(path: &Path) -> Connection {
     Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)

@@ -6,13 +6,15 @@
 #![allow(dead_code)] // each backend's crate runs every check, through the macro
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use piivault::audit::{AuditKey, AuditRecord, Head};
 use piivault::crypto::keyring::KeyPurpose;
 use piivault::store::{
-    AuditFilter, CollectionId, IndexEntry, InsertOutcome, KeyState, NewRecord, Pending, Reencrypted, RetireRefused,
-    Store, StoreError, TokenLookup, WrappedKey,
+    AuditFilter, CollectionId, IndexEntry, InsertOutcome, KeyState, NewRecord, Pending, RecordMatch, RecordRef,
+    Reencrypted, RenderToken, RetireRefused, Store, StoreError, StoredRecord, TokenForm, TokenLookup, WrappedKey,
 };
+use piivault::token::Sealed;
 
 /// A new, empty store and whatever keeps it alive (a directory, a
 /// database).
@@ -29,6 +31,8 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@each $fresh;
             records_round_trip_in_the_order_asked,
             a_taken_token_fails_alone,
+            sealed_records_are_found_by_place_and_random_half,
+            sequence_numbers_are_never_handed_out_twice,
             one_value_gets_one_token_under_concurrency,
             expired_records_answer_like_unknown_ones_and_are_purged,
             erased_tokens_are_gone_and_never_issued_again,
@@ -36,7 +40,7 @@ macro_rules! conformance_suite {
             a_rewrap_replaces_every_key_or_none,
             no_audit_key_no_write,
             the_audit_trail_chains_and_answers_queries,
-            pending_work_is_paged_in_token_order,
+            pending_work_is_paged_in_record_order,
             index_entries_move_to_a_new_version,
             collection_facts_are_recorded_once,
             backup_follows_the_capabilities,
@@ -66,18 +70,53 @@ fn audit(action: &str) -> AuditRecord {
     }
 }
 
+/// Sequence numbers for the text records of every check (unique across
+/// them; each check's store is its own).
+static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// A record whose token is kept as text, at a new sequence number.
 fn record(token: &str, version: u32, ciphertext: &[u8]) -> NewRecord {
-    NewRecord {
-        token: token.into(),
-        key_version: version,
-        ciphertext: ciphertext.to_vec(),
-        expires_at: None,
-        index: None,
-    }
+    at(
+        RecordRef { seq: NEXT_SEQ.fetch_add(1, Ordering::Relaxed), token: TokenForm::Text(token.into()) },
+        version,
+        ciphertext,
+    )
+}
+
+/// A record at `at`.
+fn at(at: RecordRef, version: u32, ciphertext: &[u8]) -> NewRecord {
+    NewRecord { at, key_version: version, ciphertext: ciphertext.to_vec(), expires_at: None, index: None }
+}
+
+/// A sealed record: found by `seq` and `check`.
+fn sealed(seq: u64, check: [u8; 8], ciphertext: &[u8]) -> NewRecord {
+    at(RecordRef { seq, token: TokenForm::Sealed(check) }, 1, ciphertext)
 }
 
 fn lookup(token: &str) -> TokenLookup {
-    TokenLookup { exact: token.into(), canonical: None }
+    TokenLookup { sealed: None, exact: token.into(), canonical: None }
+}
+
+fn lookup_sealed(seq: u64, check: [u8; 8]) -> TokenLookup {
+    TokenLookup { sealed: Some(Sealed { seq, check }), exact: format!("s{seq}"), canonical: None }
+}
+
+/// How these checks write a record's token: its text, or `s<seq>` for a
+/// sealed one (the vault seals it under the token key).
+fn name(at: &RecordRef) -> String {
+    match &at.token {
+        TokenForm::Text(text) => text.clone(),
+        TokenForm::Sealed(_) => format!("s{}", at.seq),
+    }
+}
+
+fn render() -> RenderToken {
+    Box::new(name)
+}
+
+/// `(token, ciphertext)` of records read back.
+fn named(records: &[StoredRecord]) -> Vec<(String, Vec<u8>)> {
+    records.iter().map(|r| (name(&r.at), r.ciphertext.clone())).collect()
 }
 
 fn now() -> i64 {
@@ -113,7 +152,7 @@ pub async fn records_round_trip_in_the_order_asked(fresh: Fresh) {
     let id = ready(&fresh).await;
     let store = fresh.store.as_ref();
     let batch = vec![record("t0", 1, b"ct0"), record("t1", 1, b"ct1"), record("t2", 1, b"ct2")];
-    let outcomes = store.insert_records(id, batch, audit("tokenize")).await.unwrap();
+    let outcomes = store.insert_records(id, batch, audit("tokenize"), render()).await.unwrap();
     assert_eq!(outcomes, [InsertOutcome::Inserted, InsertOutcome::Inserted, InsertOutcome::Inserted]);
     assert_eq!(read(store, id, &["t2", "nope", "t0"]).await, [Some(b"ct2".to_vec()), None, Some(b"ct0".to_vec())]);
     assert_eq!(store.record_counts().await.unwrap(), [(id, 3)]);
@@ -133,13 +172,104 @@ pub async fn records_round_trip_in_the_order_asked(fresh: Fresh) {
 pub async fn a_taken_token_fails_alone(fresh: Fresh) {
     let id = ready(&fresh).await;
     let store = fresh.store.as_ref();
-    store.insert_records(id, vec![record("t1", 1, b"first")], audit("tokenize")).await.unwrap();
+    store.insert_records(id, vec![record("t1", 1, b"first")], audit("tokenize"), render()).await.unwrap();
     let batch = vec![record("t2", 1, b"ct2"), record("t1", 1, b"second"), record("t3", 1, b"ct3")];
-    let outcomes = store.insert_records(id, batch, audit("tokenize")).await.unwrap();
+    let outcomes = store.insert_records(id, batch, audit("tokenize"), render()).await.unwrap();
     assert_eq!(outcomes, [InsertOutcome::Inserted, InsertOutcome::Collision, InsertOutcome::Inserted]);
     assert_eq!(read(store, id, &["t1"]).await, [Some(b"first".to_vec())]);
     let rows = chain(store).await;
     assert_eq!(rows[1].1.tokens, ["t2", "t3"], "the audit record lists what was handed out");
+}
+
+pub async fn sealed_records_are_found_by_place_and_random_half(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    let first = store.reserve_sequences(id, 3).await.unwrap();
+    let check = |i: u8| [i; 8];
+    let batch = (0..3)
+        .map(|i| sealed(first + i, check(u8::try_from(i).unwrap() + 1), &[b'v', u8::try_from(i).unwrap()]))
+        .collect();
+    let outcomes = store.insert_records(id, batch, audit("tokenize"), render()).await.unwrap();
+    assert_eq!(outcomes, [const { InsertOutcome::Inserted }; 3]);
+    let found = store
+        .get_records(
+            id,
+            vec![
+                lookup_sealed(first + 2, check(3)),
+                lookup_sealed(first + 2, check(4)), // the wrong random half
+                lookup_sealed(first + 7, check(3)), // no such place
+                lookup_sealed(first, check(1)),
+            ],
+        )
+        .await
+        .unwrap();
+    let found: Vec<Option<(RecordRef, Vec<u8>)>> = found.into_iter().map(|r| r.map(|r| (r.at, r.ciphertext))).collect();
+    assert_eq!(
+        found,
+        [
+            Some((RecordRef { seq: first + 2, token: TokenForm::Sealed(check(3)) }, b"v\x02".to_vec())),
+            None,
+            None,
+            Some((RecordRef { seq: first, token: TokenForm::Sealed(check(1)) }, b"v\x00".to_vec())),
+        ]
+    );
+    // A place that is taken is a collision, whatever the random half.
+    let again = store.insert_records(id, vec![sealed(first + 1, check(9), b"x")], audit("tokenize"), render()).await;
+    assert_eq!(again.unwrap(), [InsertOutcome::Collision]);
+    // A delete with the wrong random half erases nothing.
+    let deleted = store
+        .delete_records(
+            id,
+            vec![lookup_sealed(first + 1, check(9)), lookup_sealed(first + 1, check(2))],
+            audit("delete"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, [false, true]);
+    let located = store.locate_record(id, lookup_sealed(first + 1, check(2))).await.unwrap();
+    assert_eq!(
+        located,
+        Some(RecordRef { seq: first + 1, token: TokenForm::Sealed(check(2)) }),
+        "deleted, still issued"
+    );
+    assert_eq!(store.locate_record(id, lookup_sealed(first + 1, check(1))).await.unwrap(), None);
+    // The audit records list the tokens as rendered, and are indexed by place.
+    let rows = chain(store).await;
+    let names: Vec<String> = (0..3).map(|i| format!("s{}", first + i)).collect();
+    assert_eq!(rows[0].1.tokens, names);
+    assert_eq!(rows[2].1.tokens, [format!("s{}", first + 1)]);
+    let about = store
+        .query_audit(AuditFilter { record: RecordMatch::Of(id, first + 1), ..AuditFilter::default() }, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        about.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [1, 3],
+        "issued, then deleted (the collision is not on it)"
+    );
+}
+
+pub async fn sequence_numbers_are_never_handed_out_twice(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let other = fresh.store.create_collection("d", KeyPurpose::Data, b"w".to_vec()).await.unwrap();
+    let tasks: Vec<_> = (0..8u64)
+        .map(|i| {
+            let store = fresh.store.clone();
+            tokio::spawn(async move { (store.reserve_sequences(id, i + 1).await.unwrap(), i + 1) })
+        })
+        .collect();
+    let mut blocks = Vec::new();
+    for task in tasks {
+        blocks.push(task.await.unwrap());
+    }
+    blocks.sort_unstable();
+    assert_eq!(blocks[0].0, 1, "numbering starts at 1");
+    for pair in blocks.windows(2) {
+        assert_eq!(pair[0].0 + pair[0].1, pair[1].0, "blocks are disjoint and leave no gap: {blocks:?}");
+    }
+    // Each collection counts on its own.
+    assert_eq!(fresh.store.reserve_sequences(other, 5).await.unwrap(), 1);
+    assert_eq!(fresh.store.reserve_sequences(other, 1).await.unwrap(), 6);
 }
 
 pub async fn one_value_gets_one_token_under_concurrency(fresh: Fresh) {
@@ -152,7 +282,7 @@ pub async fn one_value_gets_one_token_under_concurrency(fresh: Fresh) {
             tokio::spawn(async move {
                 let mut r = record(&format!("d{i:02}"), 1, b"ct");
                 r.index = Some(IndexEntry { version: 1, digest, lookups: vec![(1, digest)] });
-                store.insert_records(id, vec![r], audit("tokenize")).await.unwrap().remove(0)
+                store.insert_records(id, vec![r], audit("tokenize"), render()).await.unwrap().remove(0)
             })
         })
         .collect();
@@ -162,11 +292,16 @@ pub async fn one_value_gets_one_token_under_concurrency(fresh: Fresh) {
     }
     let inserted = outcomes.iter().filter(|o| **o == InsertOutcome::Inserted).count();
     assert_eq!(inserted, 1, "{outcomes:?}");
+    let tokens: Vec<String> = chain(fresh.store.as_ref()).await.into_iter().map(|(_, r)| r.tokens[0].clone()).collect();
     let winner = (0..16).find(|i| outcomes[*i] == InsertOutcome::Inserted).unwrap();
-    let token = format!("d{winner:02}");
-    for outcome in &outcomes {
-        assert!(matches!(outcome, InsertOutcome::Inserted) || *outcome == InsertOutcome::Existing(token.clone()));
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match outcome {
+            InsertOutcome::Existing(at) => assert_eq!(name(at), format!("d{winner:02}")),
+            _ => assert_eq!(i, winner),
+        }
     }
+    // Every request's audit record lists the one token.
+    assert_eq!(tokens, vec![format!("d{winner:02}"); 16]);
     assert_eq!(fresh.store.record_counts().await.unwrap(), [(id, 1)]);
 }
 
@@ -185,7 +320,10 @@ pub async fn expired_records_answer_like_unknown_ones_and_are_purged(fresh: Fres
     gone.expires_at = Some(now() - 1_000_000);
     let mut later = record("later", 1, b"ct-later");
     later.expires_at = Some(now() + 3_600_000_000);
-    store.insert_records(id, vec![gone, later, record("kept", 1, b"ct-kept")], audit("tokenize")).await.unwrap();
+    store
+        .insert_records(id, vec![gone, later, record("kept", 1, b"ct-kept")], audit("tokenize"), render())
+        .await
+        .unwrap();
     assert_eq!(
         read(store, id, &["old", "later", "kept"]).await,
         [None, Some(b"ct-later".to_vec()), Some(b"ct-kept".to_vec())]
@@ -193,28 +331,31 @@ pub async fn expired_records_answer_like_unknown_ones_and_are_purged(fresh: Fres
     // An expired token cannot be deleted (it is not live) ...
     assert_eq!(store.delete_records(id, vec![lookup("old")], audit("delete")).await.unwrap(), [false]);
     // ... it is purged, with its own record.
-    assert_eq!(store.purge_expired(id, now(), 10, audit("purge")).await.unwrap(), 1);
+    assert_eq!(store.purge_expired(id, now(), 10, audit("purge"), render()).await.unwrap(), 1);
     let head = store.audit_head().await.unwrap();
-    assert_eq!(store.purge_expired(id, now(), 10, audit("purge")).await.unwrap(), 0);
+    assert_eq!(store.purge_expired(id, now(), 10, audit("purge"), render()).await.unwrap(), 0);
     assert_eq!(store.audit_head().await.unwrap(), head, "nothing purged, nothing recorded");
     let rows = chain(store).await;
     let purge = &rows.last().unwrap().1;
     assert_eq!((purge.action.as_str(), purge.items, purge.tokens.clone()), ("purge", 1, vec!["old".to_owned()]));
     assert_eq!(store.record_counts().await.unwrap(), [(id, 2)]);
     // Its token is never issued again.
-    let again = store.insert_records(id, vec![record("old", 1, b"new")], audit("tokenize")).await.unwrap();
+    let again = store.insert_records(id, vec![record("old", 1, b"new")], audit("tokenize"), render()).await.unwrap();
     assert_eq!(again, [InsertOutcome::Collision]);
 }
 
 pub async fn erased_tokens_are_gone_and_never_issued_again(fresh: Fresh) {
     let id = ready(&fresh).await;
     let store = fresh.store.as_ref();
-    store.insert_records(id, vec![record("a", 1, b"ct-a"), record("b", 1, b"ct-b")], audit("tokenize")).await.unwrap();
+    store
+        .insert_records(id, vec![record("a", 1, b"ct-a"), record("b", 1, b"ct-b")], audit("tokenize"), render())
+        .await
+        .unwrap();
     let deleted =
         store.delete_records(id, vec![lookup("a"), lookup("a"), lookup("zz")], audit("delete")).await.unwrap();
     assert_eq!(deleted, [true, false, false]);
     assert_eq!(read(store, id, &["a", "b"]).await, [None, Some(b"ct-b".to_vec())]);
-    let again = store.insert_records(id, vec![record("a", 1, b"new")], audit("tokenize")).await.unwrap();
+    let again = store.insert_records(id, vec![record("a", 1, b"new")], audit("tokenize"), render()).await.unwrap();
     assert_eq!(again, [InsertOutcome::Collision]);
     let rows = chain(store).await;
     assert_eq!(rows[1].1.tokens, ["a"], "the delete record lists the tokens it erased");
@@ -231,7 +372,7 @@ pub async fn key_versions_follow_their_lifecycle(fresh: Fresh) {
     let states = |keys: Vec<piivault::store::KeyInfo>| -> Vec<(u32, KeyState, u64)> {
         keys.into_iter().map(|k| (k.version, k.state, k.records)).collect()
     };
-    store.insert_records(id, vec![record("r1", 1, b"ct")], audit("tokenize")).await.unwrap();
+    store.insert_records(id, vec![record("r1", 1, b"ct")], audit("tokenize"), render()).await.unwrap();
     store.add_primary_key(id, KeyPurpose::Data, 2, b"wrapped-v2".to_vec(), None, audit("rotate")).await.unwrap();
     assert_eq!(
         states(store.list_keys(id, KeyPurpose::Data).await.unwrap()),
@@ -252,11 +393,12 @@ pub async fn key_versions_follow_their_lifecycle(fresh: Fresh) {
 
     store.mark_retiring(id).await.unwrap();
     assert_eq!(store.list_keys(id, KeyPurpose::Data).await.unwrap()[0].state, KeyState::Retiring);
-    let work = store.records_needing(id, Pending::Reencryption { primary: 2 }, String::new(), 10).await.unwrap();
-    assert_eq!(work, [("r1".to_owned(), b"ct".to_vec())]);
-    let moved = Reencrypted { token: "r1".into(), from_version: 1, to_version: 2, ciphertext: b"ct2".to_vec() };
+    let work = store.records_needing(id, Pending::Reencryption { primary: 2 }, 0, 10).await.unwrap();
+    assert_eq!(named(&work), [("r1".to_owned(), b"ct".to_vec())]);
+    let seq = work[0].at.seq;
+    let moved = Reencrypted { seq, from_version: 1, to_version: 2, ciphertext: b"ct2".to_vec() };
     // Read under version 3 (stale): not replaced.
-    let stale = Reencrypted { token: "r1".into(), from_version: 3, to_version: 2, ciphertext: b"x".to_vec() };
+    let stale = Reencrypted { seq, from_version: 3, to_version: 2, ciphertext: b"x".to_vec() };
     assert_eq!(store.replace_ciphertexts(id, vec![stale], audit("reencrypt")).await.unwrap(), 0);
     assert_eq!(store.replace_ciphertexts(id, vec![moved], audit("reencrypt")).await.unwrap(), 1);
     assert_eq!(read(store, id, &["r1"]).await, [Some(b"ct2".to_vec())]);
@@ -328,7 +470,7 @@ pub async fn a_rewrap_replaces_every_key_or_none(fresh: Fresh) {
 pub async fn no_audit_key_no_write(fresh: Fresh) {
     let store = fresh.store.as_ref();
     let id = store.create_collection("c", KeyPurpose::Data, b"w".to_vec()).await.unwrap();
-    let refused = store.insert_records(id, vec![record("t", 1, b"ct")], audit("tokenize")).await;
+    let refused = store.insert_records(id, vec![record("t", 1, b"ct")], audit("tokenize"), render()).await;
     assert!(matches!(refused, Err(StoreError::AuditUnavailable)), "{refused:?}");
     assert!(matches!(store.append_audit(audit("detokenize")).await, Err(StoreError::AuditUnavailable)));
     assert_eq!(read(store, id, &["t"]).await, [None], "nothing written without its record");
@@ -338,11 +480,16 @@ pub async fn no_audit_key_no_write(fresh: Fresh) {
 pub async fn the_audit_trail_chains_and_answers_queries(fresh: Fresh) {
     let id = ready(&fresh).await;
     let store = fresh.store.as_ref();
-    store.insert_records(id, vec![record("x1", 1, b"a"), record("x2", 1, b"b")], audit("tokenize")).await.unwrap();
+    store
+        .insert_records(id, vec![record("x1", 1, b"a"), record("x2", 1, b"b")], audit("tokenize"), render())
+        .await
+        .unwrap();
     let mut read_x2 = audit("detokenize");
     read_x2.caller = "spiffe://conformance/reader".into();
     read_x2.tokens = vec!["x2".into()];
-    assert_eq!(store.append_audit(read_x2).await.unwrap(), 2);
+    let x2 = store.locate_record(id, lookup("x2")).await.unwrap().unwrap();
+    assert_eq!(x2.token, TokenForm::Text("x2".into()));
+    assert_eq!(store.append_read_audit(id, vec![x2.seq], read_x2).await.unwrap(), 2);
     let mut denied = audit("detokenize");
     denied.outcome = "PERMISSION_DENIED".into();
     assert_eq!(store.append_audit(denied).await.unwrap(), 3);
@@ -352,8 +499,14 @@ pub async fn the_audit_trail_chains_and_answers_queries(fresh: Fresh) {
     let seqs = |filter: AuditFilter, limit: usize| async move {
         store.query_audit(filter, limit).await.unwrap().into_iter().map(|r| r.seq).collect::<Vec<_>>()
     };
-    assert_eq!(seqs(AuditFilter { token: Some("x2".into()), ..AuditFilter::default() }, 10).await, [1, 2]);
-    assert_eq!(seqs(AuditFilter { token: Some("x1".into()), ..AuditFilter::default() }, 10).await, [1]);
+    let x1 = store.locate_record(id, lookup("x1")).await.unwrap().unwrap();
+    assert_eq!(seqs(AuditFilter { record: RecordMatch::Of(id, x2.seq), ..AuditFilter::default() }, 10).await, [1, 2]);
+    assert_eq!(seqs(AuditFilter { record: RecordMatch::Of(id, x1.seq), ..AuditFilter::default() }, 10).await, [1]);
+    assert_eq!(
+        seqs(AuditFilter { record: RecordMatch::Unissued, ..AuditFilter::default() }, 10).await,
+        Vec::<u64>::new()
+    );
+    assert_eq!(store.locate_record(id, lookup("never")).await.unwrap(), None);
     assert_eq!(
         seqs(AuditFilter { caller: Some("spiffe://conformance/reader".into()), ..AuditFilter::default() }, 10).await,
         [2]
@@ -367,10 +520,20 @@ pub async fn the_audit_trail_chains_and_answers_queries(fresh: Fresh) {
     let at = 1_700_000_000_000_000;
     assert_eq!(seqs(AuditFilter { since: Some(at + 1), ..AuditFilter::default() }, 10).await, Vec::<u64>::new());
     assert_eq!(seqs(AuditFilter { until: Some(at + 1), ..AuditFilter::default() }, 10).await, [1, 2, 3]);
-    let indexed = store.query_audit(AuditFilter::default(), 1).await.unwrap().remove(0).indexed_tokens;
-    assert_eq!(indexed, ["x1", "x2"]);
-    assert!(store.token_audited("x1".into()).await.unwrap());
-    assert!(!store.token_audited("never".into()).await.unwrap());
+    let rows = store.query_audit(AuditFilter::default(), 3).await.unwrap();
+    let indexed: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            r.indexed
+                .iter()
+                .map(|(c, at)| {
+                    assert_eq!(*c, id);
+                    name(at)
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(indexed, [vec!["x1", "x2"], vec!["x2"], vec![]]);
     // The installed head follows the trail after a reinstall.
     let head = store.install_audit_key(AuditKey::from_bytes(AUDIT_KEY)).await.unwrap();
     assert_eq!(head.seq, 3);
@@ -378,18 +541,19 @@ pub async fn the_audit_trail_chains_and_answers_queries(fresh: Fresh) {
     assert_eq!(chain(store).await.len(), 4);
 }
 
-pub async fn pending_work_is_paged_in_token_order(fresh: Fresh) {
+pub async fn pending_work_is_paged_in_record_order(fresh: Fresh) {
     let id = ready(&fresh).await;
     let store = fresh.store.as_ref();
     let batch = ["p3", "p1", "p4", "p2"].iter().map(|t| record(t, 1, t.as_bytes())).collect();
-    store.insert_records(id, batch, audit("tokenize")).await.unwrap();
+    store.insert_records(id, batch, audit("tokenize"), render()).await.unwrap();
     store.delete_records(id, vec![lookup("p4")], audit("delete")).await.unwrap();
     store.add_primary_key(id, KeyPurpose::Data, 2, b"v2".to_vec(), None, audit("rotate")).await.unwrap();
     let work = Pending::Reencryption { primary: 2 };
-    let page = store.records_needing(id, work, String::new(), 2).await.unwrap();
-    assert_eq!(page.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["p1", "p2"]);
-    let next = store.records_needing(id, work, "p2".into(), 2).await.unwrap();
-    assert_eq!(next, [("p3".to_owned(), b"p3".to_vec())], "erased records need nothing");
+    let page = store.records_needing(id, work, 0, 2).await.unwrap();
+    assert_eq!(named(&page).into_iter().map(|(t, _)| t).collect::<Vec<_>>(), ["p3", "p1"], "in the order added");
+    let next = store.records_needing(id, work, page[1].at.seq, 2).await.unwrap();
+    assert_eq!(named(&next), [("p2".to_owned(), b"p2".to_vec())], "erased records need nothing");
+    assert!(store.records_needing(id, work, next[0].at.seq, 2).await.unwrap().is_empty());
     assert_eq!(store.issued_by_length(id).await.unwrap(), [(2, 4)], "every token ever issued counts");
 }
 
@@ -400,7 +564,7 @@ pub async fn index_entries_move_to_a_new_version(fresh: Fresh) {
     let old = [1u8; 32];
     let mut r = record("i1", 1, b"ct");
     r.index = Some(IndexEntry { version: 1, digest: old, lookups: vec![(1, old)] });
-    store.insert_records(id, vec![r, record("i2", 1, b"ct2")], audit("tokenize")).await.unwrap();
+    store.insert_records(id, vec![r, record("i2", 1, b"ct2")], audit("tokenize"), render()).await.unwrap();
     store.add_primary_key(id, KeyPurpose::Index, 2, b"index-v2".to_vec(), None, audit("rotate")).await.unwrap();
     let states: Vec<_> = store
         .list_keys(id, KeyPurpose::Index)
@@ -410,19 +574,19 @@ pub async fn index_entries_move_to_a_new_version(fresh: Fresh) {
         .map(|k| (k.version, k.state, k.records))
         .collect();
     assert_eq!(states, [(1, KeyState::Retiring, 1), (2, KeyState::Primary, 0)]);
-    let work = store.records_needing(id, Pending::Indexing { version: 2 }, String::new(), 10).await.unwrap();
-    assert_eq!(work.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["i1", "i2"]);
+    let work = store.records_needing(id, Pending::Indexing { version: 2 }, 0, 10).await.unwrap();
+    assert_eq!(named(&work).into_iter().map(|(t, _)| t).collect::<Vec<_>>(), ["i1", "i2"]);
     let new = [2u8; 32];
-    // i1 moves; a gone token is skipped.
-    let entries = vec![("i1".to_owned(), new), ("gone".to_owned(), [3u8; 32])];
+    // i1 moves; a record that is not there is skipped.
+    let entries = vec![(work[0].at.seq, new), (u64::from(u32::MAX), [3u8; 32])];
     assert_eq!(store.index_records(id, 2, entries, audit("reindex")).await.unwrap(), 1);
     assert_eq!(store.retire_unused_index_keys(id, audit("reindex")).await.unwrap(), [1]);
     // The value is found under the new digest only.
     let mut probe = record("i9", 1, b"ct9");
     probe.index = Some(IndexEntry { version: 2, digest: new, lookups: vec![(2, new)] });
     assert_eq!(
-        store.insert_records(id, vec![probe], audit("tokenize")).await.unwrap(),
-        [InsertOutcome::Existing("i1".into())]
+        store.insert_records(id, vec![probe], audit("tokenize"), render()).await.unwrap(),
+        [InsertOutcome::Existing(work[0].at.clone())]
     );
 }
 
@@ -440,7 +604,10 @@ pub async fn collection_facts_are_recorded_once(fresh: Fresh) {
 pub async fn backup_follows_the_capabilities(fresh: Fresh) {
     let id = ready(&fresh).await;
     let store = fresh.store.as_ref();
-    store.insert_records(id, vec![record("b1", 1, b"x"), record("b2", 1, b"y")], audit("tokenize")).await.unwrap();
+    store
+        .insert_records(id, vec![record("b1", 1, b"x"), record("b2", 1, b"y")], audit("tokenize"), render())
+        .await
+        .unwrap();
     store.delete_records(id, vec![lookup("b2")], audit("delete")).await.unwrap();
     if store.capabilities().file_backup {
         let (path, taken) = store.backup().await.unwrap();

@@ -93,4 +93,16 @@ impl CollectionStore for SqliteStore {
         })
         .await
     }
+
+    async fn reserve_sequences(&self, collection: CollectionId, n: u64) -> Result<u64, StoreError> {
+        let n = i64::try_from(n).map_err(|_| StoreError::Unsupported("reserve that many sequence numbers"))?;
+        self.write(move |tx| {
+            let next: i64 = tx
+                .conn
+                .prepare_cached("UPDATE collections SET next_seq = next_seq + ?2 WHERE id = ?1 RETURNING next_seq")?
+                .query_row(params![collection.0, n], |row| row.get(0))?;
+            u64::try_from(next - n).map_err(|_| StoreError::Corrupt)
+        })
+        .await
+    }
 }

@@ -1,17 +1,19 @@
-//! Records: one row per token ever issued (its ciphertext cleared on
-//! erasure), and the blind index of deterministic collections.
+//! Records: one row per token ever issued, kept by its sequence number (its
+//! ciphertext cleared on erasure), and the blind index of deterministic
+//! collections.
 
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension as _, params};
+use subtle::ConstantTimeEq as _;
 
 use super::SqliteStore;
 use super::writer::WriteTx;
 use crate::audit::AuditRecord;
 use crate::store::{
-    CollectionId, IndexEntry, InsertOutcome, NewRecord, Pending, RecordStore, Reencrypted, StoreError, StoredRecord,
-    TokenLookup, now_micros,
+    CollectionId, IndexEntry, InsertOutcome, NewRecord, Pending, RecordRef, RecordStore, Reencrypted, RenderToken,
+    StoreError, StoredRecord, TokenForm, TokenLookup, now_micros,
 };
 
 #[async_trait]
@@ -21,38 +23,49 @@ impl RecordStore for SqliteStore {
         collection: CollectionId,
         records: Vec<NewRecord>,
         mut audit: AuditRecord,
+        render: RenderToken,
     ) -> Result<Vec<InsertOutcome>, StoreError> {
         self.write(move |tx| {
             let now = now_micros();
             let mut outcomes = Vec::with_capacity(records.len());
             let mut per_version: BTreeMap<u32, i64> = BTreeMap::new();
-            for r in &records {
+            let mut located = Vec::with_capacity(records.len());
+            for r in records {
                 if let Some(index) = &r.index
-                    && let Some(token) = indexed_token(tx, collection, index, now)?
+                    && let Some(existing) = indexed_record(tx, collection, index, now)?
                 {
-                    outcomes.push(InsertOutcome::Existing(token));
+                    audit.tokens.push(render(&existing));
+                    located.push(existing.seq);
+                    outcomes.push(InsertOutcome::Existing(existing));
                     continue;
                 }
-                // A token issued before canonical storage may hold this
-                // canonical form in another writing.
-                let legacy = tx
-                    .conn
-                    .prepare_cached(
-                        "SELECT EXISTS (SELECT 1 FROM legacy_tokens WHERE collection_id = ?1 AND canonical = ?2)",
-                    )?
-                    .query_row(params![collection.0, r.token], |row| row.get::<_, bool>(0))?;
-                if legacy {
-                    outcomes.push(InsertOutcome::Collision);
-                    continue;
-                }
+                let (check, text) = match &r.at.token {
+                    TokenForm::Sealed(check) => (Some(check.as_slice()), None),
+                    TokenForm::Text(text) => {
+                        // A token issued before canonical storage may hold
+                        // this canonical form in another writing.
+                        let legacy = tx
+                            .conn
+                            .prepare_cached(
+                                "SELECT EXISTS (SELECT 1 FROM legacy_tokens WHERE collection_id = ?1 AND canonical = ?2)",
+                            )?
+                            .query_row(params![collection.0, text], |row| row.get::<_, bool>(0))?;
+                        if legacy {
+                            outcomes.push(InsertOutcome::Collision);
+                            continue;
+                        }
+                        (None, Some(text.as_str()))
+                    }
+                };
+                let seq = sql_seq(r.at.seq)?;
                 let changed = tx
                     .conn
                     .prepare_cached(
-                        "INSERT INTO records (collection_id, token, key_version, ciphertext, created_at, expires_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                         ON CONFLICT (collection_id, token) DO NOTHING",
+                        "INSERT INTO records (collection_id, seq, token_check, token, key_version, ciphertext, created_at, expires_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                         ON CONFLICT DO NOTHING",
                     )?
-                    .execute(params![collection.0, r.token, r.key_version, r.ciphertext, now, r.expires_at])?;
+                    .execute(params![collection.0, seq, check, text, r.key_version, r.ciphertext, now, r.expires_at])?;
                 if changed != 1 {
                     outcomes.push(InsertOutcome::Collision);
                     continue;
@@ -60,24 +73,17 @@ impl RecordStore for SqliteStore {
                 if let Some(index) = &r.index {
                     tx.conn
                         .prepare_cached(
-                            "INSERT INTO blind_index (collection_id, version, digest, token) VALUES (?1, ?2, ?3, ?4)",
+                            "INSERT INTO blind_index (collection_id, version, digest, seq) VALUES (?1, ?2, ?3, ?4)",
                         )?
-                        .execute(params![collection.0, index.version, index.digest.as_slice(), r.token])?;
+                        .execute(params![collection.0, index.version, index.digest.as_slice(), seq])?;
                 }
                 *per_version.entry(r.key_version).or_default() += 1;
+                audit.tokens.push(render(&r.at));
+                located.push(r.at.seq);
                 outcomes.push(InsertOutcome::Inserted);
             }
             count(tx.conn, COUNT_SEALED, collection, &per_version)?;
-            audit.tokens = records
-                .iter()
-                .zip(&outcomes)
-                .filter_map(|(r, o)| match o {
-                    InsertOutcome::Inserted => Some(r.token.clone()),
-                    InsertOutcome::Existing(token) => Some(token.clone()),
-                    InsertOutcome::Collision => None,
-                })
-                .collect();
-            tx.append_audit(&audit)?;
+            tx.append_audit_of(&audit, collection, &located)?;
             Ok(outcomes)
         })
         .await
@@ -89,33 +95,26 @@ impl RecordStore for SqliteStore {
         lookups: Vec<TokenLookup>,
     ) -> Result<Vec<Option<StoredRecord>>, StoreError> {
         self.read(move |conn| {
-            let now = now_micros();
-            let mut stmt = conn.prepare_cached(
-                "SELECT ciphertext FROM records
-                 WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL
-                   AND (expires_at IS NULL OR expires_at > ?3)",
-            )?;
-            let mut find = |token: &str| -> Result<Option<StoredRecord>, StoreError> {
-                let found =
-                    stmt.query_row(params![collection.0, token, now], |row| row.get::<_, Vec<u8>>(0)).optional()?;
-                Ok(found.map(|ciphertext| StoredRecord { token: token.to_owned(), ciphertext }))
-            };
+            let now = Some(now_micros());
             lookups
                 .iter()
                 .map(|lookup| {
-                    for token in lookup.candidates() {
-                        if let Some(found) = find(token)? {
-                            return Ok(Some(found));
-                        }
-                    }
-                    match legacy_token(conn, collection, lookup)? {
-                        Some(token) => find(&token),
-                        None => Ok(None),
-                    }
+                    Ok(first_row(conn, collection, lookup, |row| row.is_live(now))?.and_then(|row| {
+                        let ciphertext = row.ciphertext?;
+                        Some(StoredRecord { at: row.at, ciphertext })
+                    }))
                 })
                 .collect()
         })
         .await
+    }
+
+    async fn locate_record(
+        &self,
+        collection: CollectionId,
+        lookup: TokenLookup,
+    ) -> Result<Option<RecordRef>, StoreError> {
+        self.read(move |conn| Ok(first_row(conn, collection, &lookup, |_| true)?.map(|row| row.at))).await
     }
 
     async fn delete_records(
@@ -125,26 +124,27 @@ impl RecordStore for SqliteStore {
         mut audit: AuditRecord,
     ) -> Result<Vec<bool>, StoreError> {
         self.write(move |tx| {
-            let now = now_micros();
+            let now = Some(now_micros());
             let mut deleted = Vec::with_capacity(lookups.len());
+            let mut located = Vec::new();
             for lookup in &lookups {
-                let mut erased = None;
-                for token in lookup.candidates() {
-                    if erase(tx, collection, token, Some(now))? {
-                        erased = Some(token.to_owned());
-                        break;
-                    }
+                let row = first_row(tx.conn, collection, lookup, |row| row.is_live(now))?;
+                let erased = match &row {
+                    Some(row) => erase(tx, collection, row)?,
+                    None => false,
+                };
+                if let (true, Some(row)) = (erased, row) {
+                    // The token as stored; a sealed token as presented (it
+                    // has one writing).
+                    audit.tokens.push(match row.at.token {
+                        TokenForm::Text(text) => text,
+                        TokenForm::Sealed(_) => lookup.exact.clone(),
+                    });
+                    located.push(row.at.seq);
                 }
-                if erased.is_none()
-                    && let Some(token) = legacy_token(tx.conn, collection, lookup)?
-                    && erase(tx, collection, &token, Some(now))?
-                {
-                    erased = Some(token);
-                }
-                deleted.push(erased.is_some());
-                audit.tokens.extend(erased);
+                deleted.push(erased);
             }
-            tx.append_audit(&audit)?;
+            tx.append_audit_of(&audit, collection, &located)?;
             Ok(deleted)
         })
         .await
@@ -156,29 +156,30 @@ impl RecordStore for SqliteStore {
         now: i64,
         limit: usize,
         mut audit: AuditRecord,
+        render: RenderToken,
     ) -> Result<usize, StoreError> {
         self.write(move |tx| {
-            let expired: Vec<String> = {
-                let mut stmt = tx.conn.prepare_cached(
-                    "SELECT token FROM records
+            let expired: Vec<Row> = {
+                let mut stmt = tx.conn.prepare_cached(&format!(
+                    "SELECT {ROW_COLUMNS} FROM records
                      WHERE collection_id = ?1 AND ciphertext IS NOT NULL AND expires_at IS NOT NULL AND expires_at <= ?2
-                     LIMIT ?3",
-                )?;
+                     LIMIT ?3"
+                ))?;
                 let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-                let rows = stmt.query_map(params![collection.0, now, limit], |row| row.get(0))?;
+                let rows = stmt.query_map(params![collection.0, now, limit], Row::read)?;
                 rows.collect::<Result<_, _>>()?
             };
-            let mut purged = Vec::with_capacity(expired.len());
-            for token in expired {
-                if erase(tx, collection, &token, None)? {
-                    purged.push(token);
+            let mut located = Vec::with_capacity(expired.len());
+            for row in expired {
+                if erase(tx, collection, &row)? {
+                    audit.tokens.push(render(&row.at));
+                    located.push(row.at.seq);
                 }
             }
-            let n = purged.len();
+            let n = located.len();
             if n > 0 {
                 audit.items = u32::try_from(n).unwrap_or(u32::MAX);
-                audit.tokens = purged;
-                tx.append_audit(&audit)?;
+                tx.append_audit_of(&audit, collection, &located)?;
             }
             Ok(n)
         })
@@ -188,10 +189,11 @@ impl RecordStore for SqliteStore {
     async fn issued_by_length(&self, collection: CollectionId) -> Result<Vec<(usize, u64)>, StoreError> {
         self.read(move |conn| {
             // Canonical tokens are counted by length in SQL; tokens stored
-            // with separators (before schema version 5) one by one.
+            // with separators (before schema version 5) one by one. Sealed
+            // tokens are never shaped.
             let mut stmt = conn.prepare_cached(
                 "SELECT length(token), CASE WHEN token GLOB '*[^0-9A-Za-z]*' THEN token END, count(*)
-                 FROM records WHERE collection_id = ?1 GROUP BY 1, 2",
+                 FROM records WHERE collection_id = ?1 AND token IS NOT NULL GROUP BY 1, 2",
             )?;
             let rows = stmt.query_map([collection.0], |row| {
                 Ok((row.get::<_, i64>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, i64>(2)?))
@@ -214,34 +216,39 @@ impl RecordStore for SqliteStore {
         &self,
         collection: CollectionId,
         work: Pending,
-        after_token: String,
+        after_seq: u64,
         limit: usize,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<StoredRecord>, StoreError> {
         self.read(move |conn| {
             let (mut stmt, version) = match work {
                 Pending::Reencryption { primary } => (
-                    conn.prepare_cached(
-                        "SELECT token, ciphertext FROM records
-                         WHERE collection_id = ?1 AND key_version != ?2 AND ciphertext IS NOT NULL AND token > ?3
-                         ORDER BY token LIMIT ?4",
-                    )?,
+                    conn.prepare_cached(&format!(
+                        "SELECT {ROW_COLUMNS} FROM records
+                         WHERE collection_id = ?1 AND key_version != ?2 AND ciphertext IS NOT NULL AND seq > ?3
+                         ORDER BY seq LIMIT ?4"
+                    ))?,
                     primary,
                 ),
                 Pending::Indexing { version } => (
-                    conn.prepare_cached(
-                        "SELECT r.token, r.ciphertext FROM records r
-                         WHERE r.collection_id = ?1 AND r.ciphertext IS NOT NULL AND r.token > ?3
+                    conn.prepare_cached(&format!(
+                        "SELECT {ROW_COLUMNS} FROM records r
+                         WHERE r.collection_id = ?1 AND r.ciphertext IS NOT NULL AND r.seq > ?3
                            AND NOT EXISTS (SELECT 1 FROM blind_index b
-                                           WHERE b.collection_id = r.collection_id AND b.token = r.token AND b.version = ?2)
-                         ORDER BY r.token LIMIT ?4",
-                    )?,
+                                           WHERE b.collection_id = r.collection_id AND b.seq = r.seq AND b.version = ?2)
+                         ORDER BY r.seq LIMIT ?4"
+                    ))?,
                     version,
                 ),
             };
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = stmt
-                .query_map(params![collection.0, version, after_token, limit], |row| Ok((row.get(0)?, row.get(1)?)))?;
-            rows.map(|r| r.map_err(StoreError::from)).collect()
+            let rows = stmt.query_map(params![collection.0, version, sql_seq(after_seq)?, limit], Row::read)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let row = row?;
+                let ciphertext = row.ciphertext.ok_or(StoreError::Corrupt)?;
+                out.push(StoredRecord { at: row.at, ciphertext });
+            }
+            Ok(out)
         })
         .await
     }
@@ -255,13 +262,15 @@ impl RecordStore for SqliteStore {
         self.write(move |tx| {
             let mut stmt = tx.conn.prepare_cached(
                 "UPDATE records SET key_version = ?1, ciphertext = ?2
-                 WHERE collection_id = ?3 AND token = ?4 AND key_version = ?5 AND ciphertext IS NOT NULL",
+                 WHERE collection_id = ?3 AND seq = ?4 AND key_version = ?5 AND ciphertext IS NOT NULL",
             )?;
             let mut replaced = 0;
             let mut sealed: BTreeMap<u32, i64> = BTreeMap::new();
             let mut removed: BTreeMap<u32, i64> = BTreeMap::new();
             for r in &records {
-                if stmt.execute(params![r.to_version, r.ciphertext, collection.0, r.token, r.from_version])? == 1 {
+                if stmt.execute(params![r.to_version, r.ciphertext, collection.0, sql_seq(r.seq)?, r.from_version])?
+                    == 1
+                {
                     replaced += 1;
                     *sealed.entry(r.to_version).or_default() += 1;
                     *removed.entry(r.from_version).or_default() += 1;
@@ -283,34 +292,33 @@ impl RecordStore for SqliteStore {
         &self,
         collection: CollectionId,
         version: u32,
-        entries: Vec<(String, [u8; 32])>,
+        entries: Vec<(u64, [u8; 32])>,
         audit: AuditRecord,
     ) -> Result<usize, StoreError> {
         self.write(move |tx| {
             let mut indexed = 0;
-            for (token, digest) in &entries {
+            for (seq, digest) in &entries {
+                let seq = sql_seq(*seq)?;
                 let live: bool = tx
                     .conn
                     .prepare_cached(
                         "SELECT EXISTS (SELECT 1 FROM records
-                         WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL)",
+                         WHERE collection_id = ?1 AND seq = ?2 AND ciphertext IS NOT NULL)",
                     )?
-                    .query_row(params![collection.0, token], |row| row.get(0))?;
+                    .query_row(params![collection.0, seq], |row| row.get(0))?;
                 if !live {
                     continue;
                 }
                 tx.conn
-                    .prepare_cached(
-                        "DELETE FROM blind_index WHERE collection_id = ?1 AND token = ?2 AND version != ?3",
-                    )?
-                    .execute(params![collection.0, token, version])?;
+                    .prepare_cached("DELETE FROM blind_index WHERE collection_id = ?1 AND seq = ?2 AND version != ?3")?
+                    .execute(params![collection.0, seq, version])?;
                 indexed += tx
                     .conn
                     .prepare_cached(
-                        "INSERT INTO blind_index (collection_id, version, digest, token) VALUES (?1, ?2, ?3, ?4)
+                        "INSERT INTO blind_index (collection_id, version, digest, seq) VALUES (?1, ?2, ?3, ?4)
                          ON CONFLICT DO NOTHING",
                     )?
-                    .execute(params![collection.0, version, digest.as_slice(), token])?;
+                    .execute(params![collection.0, version, digest.as_slice(), seq])?;
             }
             tx.append_audit(&audit)?;
             Ok(indexed)
@@ -334,6 +342,101 @@ impl RecordStore for SqliteStore {
     }
 }
 
+/// A sequence number as SQLite stores it (a positive `INTEGER`).
+pub(super) fn sql_seq(seq: u64) -> Result<i64, StoreError> {
+    i64::try_from(seq).map_err(|_| StoreError::Unsupported("store a sequence number above 2^63"))
+}
+
+/// The columns [`Row::read`] reads, in its order.
+const ROW_COLUMNS: &str = "seq, token_check, token, ciphertext, key_version, expires_at";
+
+/// A record row, live or not.
+struct Row {
+    at: RecordRef,
+    ciphertext: Option<Vec<u8>>,
+    key_version: Option<u32>,
+    expires_at: Option<i64>,
+}
+
+impl Row {
+    /// Reads [`ROW_COLUMNS`].
+    fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        let seq: i64 = row.get(0)?;
+        let check: Option<[u8; crate::token::CHECK_BYTES]> = row.get(1)?;
+        let token = match (check, row.get::<_, Option<String>>(2)?) {
+            (Some(check), None) => TokenForm::Sealed(check),
+            (None, Some(text)) => TokenForm::Text(text),
+            _ => return Err(rusqlite::Error::InvalidColumnType(1, "token_check".into(), rusqlite::types::Type::Null)),
+        };
+        let seq = u64::try_from(seq)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Integer, Box::new(e)))?;
+        Ok(Self {
+            at: RecordRef { seq, token },
+            ciphertext: row.get(3)?,
+            key_version: row.get(4)?,
+            expires_at: row.get(5)?,
+        })
+    }
+
+    /// Whether it holds a value that has not expired by `now` (any time if
+    /// `None`).
+    fn is_live(&self, now: Option<i64>) -> bool {
+        self.ciphertext.is_some() && now.is_none_or(|now| self.expires_at.is_none_or(|at| at > now))
+    }
+}
+
+/// The row at `seq` (none above 2^63, where a token that was never issued
+/// may point).
+fn row_at(conn: &Connection, collection: CollectionId, seq: u64) -> Result<Option<Row>, StoreError> {
+    let Ok(seq) = i64::try_from(seq) else { return Ok(None) };
+    Ok(conn
+        .prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM records WHERE collection_id = ?1 AND seq = ?2"))?
+        .query_row(params![collection.0, seq], Row::read)
+        .optional()?)
+}
+
+/// The row of the token stored as `text`.
+fn row_of_text(conn: &Connection, collection: CollectionId, text: &str) -> Result<Option<Row>, StoreError> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM records WHERE collection_id = ?1 AND token = ?2"))?
+        .query_row(params![collection.0, text], Row::read)
+        .optional()?)
+}
+
+/// The first row `lookup` names that `wanted` accepts, tried in order: the
+/// record a sealed token opens to (if its random half matches, compared in
+/// constant time), the token's text as written and in canonical form, then
+/// the token issued before canonical storage that its canonical form
+/// stands for.
+fn first_row(
+    conn: &Connection,
+    collection: CollectionId,
+    lookup: &TokenLookup,
+    wanted: impl Fn(&Row) -> bool,
+) -> Result<Option<Row>, StoreError> {
+    if let Some(sealed) = lookup.sealed
+        && let Some(row) = row_at(conn, collection, sealed.seq)?
+        && matches!(&row.at.token, TokenForm::Sealed(check) if bool::from(check.ct_eq(&sealed.check)))
+        && wanted(&row)
+    {
+        return Ok(Some(row));
+    }
+    for text in lookup.candidates() {
+        if let Some(row) = row_of_text(conn, collection, text)?
+            && wanted(&row)
+        {
+            return Ok(Some(row));
+        }
+    }
+    if let Some(token) = legacy_token(conn, collection, lookup)?
+        && let Some(row) = row_of_text(conn, collection, &token)?
+        && wanted(&row)
+    {
+        return Ok(Some(row));
+    }
+    Ok(None)
+}
+
 /// The token issued before canonical storage that `lookup`'s canonical
 /// form stands for, if there is exactly one.
 fn legacy_token(
@@ -349,74 +452,54 @@ fn legacy_token(
         .flatten())
 }
 
-/// The live token a blind index points to, looked up under every live index
-/// version. An entry whose record is gone is dropped; one whose record has
-/// expired erases it, so the value gets a new token.
-fn indexed_token(
+/// The live record a blind index points to, looked up under every live
+/// index version. An entry whose record is gone is dropped; one whose
+/// record has expired erases it, so the value gets a new token.
+fn indexed_record(
     tx: &mut WriteTx<'_>,
     collection: CollectionId,
     index: &IndexEntry,
     now: i64,
-) -> Result<Option<String>, StoreError> {
+) -> Result<Option<RecordRef>, StoreError> {
     for (version, digest) in &index.lookups {
-        let token: Option<String> = tx
+        let seq: Option<i64> = tx
             .conn
-            .prepare_cached("SELECT token FROM blind_index WHERE collection_id = ?1 AND version = ?2 AND digest = ?3")?
+            .prepare_cached("SELECT seq FROM blind_index WHERE collection_id = ?1 AND version = ?2 AND digest = ?3")?
             .query_row(params![collection.0, version, digest.as_slice()], |row| row.get(0))
             .optional()?;
-        let Some(token) = token else { continue };
-        let expires_at: Option<Option<i64>> = tx
-            .conn
-            .prepare_cached(
-                "SELECT expires_at FROM records WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL",
-            )?
-            .query_row(params![collection.0, token], |row| row.get(0))
-            .optional()?;
-        match expires_at {
-            Some(None) => return Ok(Some(token)),
-            Some(Some(at)) if at > now => return Ok(Some(token)),
-            Some(Some(_)) => {
-                erase(tx, collection, &token, None)?;
+        let Some(seq) = seq else { continue };
+        let row = row_at(tx.conn, collection, u64::try_from(seq).map_err(|_| StoreError::Corrupt)?)?;
+        match row {
+            Some(row) if row.is_live(Some(now)) => return Ok(Some(row.at)),
+            Some(row) if row.is_live(None) => {
+                erase(tx, collection, &row)?;
             }
-            None => {
+            _ => {
                 tx.conn
-                    .prepare_cached("DELETE FROM blind_index WHERE collection_id = ?1 AND token = ?2")?
-                    .execute(params![collection.0, token])?;
+                    .prepare_cached("DELETE FROM blind_index WHERE collection_id = ?1 AND seq = ?2")?
+                    .execute(params![collection.0, seq])?;
             }
         }
     }
     Ok(None)
 }
 
-/// Erases the record behind `token` if it is live (and, with `unexpired_at`,
-/// not expired at that time): the ciphertext is cleared, the token row kept,
-/// its index entries removed, its key version's live count lowered. Returns
-/// whether it erased.
-fn erase(
-    tx: &mut WriteTx<'_>,
-    collection: CollectionId,
-    token: &str,
-    unexpired_at: Option<i64>,
-) -> Result<bool, StoreError> {
-    let version: Option<u32> = tx
-        .conn
-        .prepare_cached(
-            "SELECT key_version FROM records
-             WHERE collection_id = ?1 AND token = ?2 AND ciphertext IS NOT NULL
-               AND (?3 IS NULL OR expires_at IS NULL OR expires_at > ?3)",
-        )?
-        .query_row(params![collection.0, token, unexpired_at], |row| row.get(0))
-        .optional()?;
-    let Some(version) = version else { return Ok(false) };
+/// Erases `row` if it holds a value: the ciphertext is cleared, the row
+/// kept (its sequence number and token are never issued again), its index
+/// entries removed, its key version's live count lowered. Returns whether
+/// it erased.
+fn erase(tx: &mut WriteTx<'_>, collection: CollectionId, row: &Row) -> Result<bool, StoreError> {
+    let Some(version) = row.key_version.filter(|_| row.ciphertext.is_some()) else { return Ok(false) };
+    let seq = sql_seq(row.at.seq)?;
     tx.conn
         .prepare_cached(
             "UPDATE records SET ciphertext = NULL, key_version = NULL, deleted_at = ?3
-             WHERE collection_id = ?1 AND token = ?2",
+             WHERE collection_id = ?1 AND seq = ?2",
         )?
-        .execute(params![collection.0, token, now_micros()])?;
+        .execute(params![collection.0, seq, now_micros()])?;
     tx.conn
-        .prepare_cached("DELETE FROM blind_index WHERE collection_id = ?1 AND token = ?2")?
-        .execute(params![collection.0, token])?;
+        .prepare_cached("DELETE FROM blind_index WHERE collection_id = ?1 AND seq = ?2")?
+        .execute(params![collection.0, seq])?;
     count(tx.conn, COUNT_REMOVED, collection, &std::iter::once((version, 1)).collect())?;
     *tx.erased = true;
     Ok(true)

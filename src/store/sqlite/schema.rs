@@ -17,12 +17,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema, one entry per file in `migrations/`, in order. The position
 /// of the last one is the schema version recorded in `user_version`.
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     include_str!("../../../migrations/0001_init.sql"),
     include_str!("../../../migrations/0002_audit.sql"),
     include_str!("../../../migrations/0003_key_lifecycle.sql"),
     include_str!("../../../migrations/0004_collections.sql"),
     include_str!("../../../migrations/0005_canonical_tokens.sql"),
+    include_str!("../../../migrations/0006_sequenced_records.sql"),
 ];
 
 /// The version whose migration also runs [`fill_legacy_tokens`].

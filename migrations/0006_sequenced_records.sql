@@ -1,0 +1,85 @@
+-- piivault schema, version 6: records that append.
+--
+-- A record is kept by its sequence number in its collection, so a new
+-- record goes at the end of the table instead of at a random place (the
+-- token used to be the key). A default token issued from this version on
+-- is its record's sequence number and 64 random bits, sealed under the
+-- collection's token key (purpose 'token'): the record keeps the random
+-- half (`token_check`) and is found by opening the token. Shaped tokens and
+-- every token issued before keep their text (`token`) and are found by it
+-- through `records_by_token`, which new default tokens never touch.
+--
+-- The records that exist get sequence numbers in the order they were
+-- made; `collections.next_seq` continues after them.
+
+ALTER TABLE collections ADD COLUMN next_seq INTEGER NOT NULL DEFAULT 1 CHECK (next_seq > 0);
+
+CREATE TABLE records_v6 (
+    collection_id  INTEGER NOT NULL REFERENCES collections(id),
+    seq            INTEGER NOT NULL CHECK (seq > 0),
+    token_check    BLOB CHECK (length(token_check) = 8),
+    token          TEXT,
+    key_version    INTEGER,
+    ciphertext     BLOB,
+    created_at     INTEGER NOT NULL,
+    deleted_at     INTEGER,
+    expires_at     INTEGER,
+    PRIMARY KEY (collection_id, seq),
+    CHECK ((token_check IS NULL) != (token IS NULL)),
+    CHECK ((ciphertext IS NULL) = (deleted_at IS NOT NULL)),
+    CHECK ((ciphertext IS NULL) = (key_version IS NULL))
+) STRICT, WITHOUT ROWID;
+
+INSERT INTO records_v6 (collection_id, seq, token, key_version, ciphertext, created_at, deleted_at, expires_at)
+    SELECT collection_id, row_number() OVER (PARTITION BY collection_id ORDER BY created_at, token),
+           token, key_version, ciphertext, created_at, deleted_at, expires_at
+    FROM records;
+
+UPDATE collections SET next_seq = 1 + (SELECT count(*) FROM records_v6 r WHERE r.collection_id = collections.id);
+
+-- The blind index points at the record's sequence number.
+CREATE TABLE blind_index_v6 (
+    collection_id  INTEGER NOT NULL REFERENCES collections(id),
+    version        INTEGER NOT NULL CHECK (version > 0),
+    digest         BLOB    NOT NULL CHECK (length(digest) = 32),
+    seq            INTEGER NOT NULL,
+    PRIMARY KEY (collection_id, version, digest)
+) STRICT, WITHOUT ROWID;
+
+INSERT INTO blind_index_v6 (collection_id, version, digest, seq)
+    SELECT b.collection_id, b.version, b.digest, r.seq
+    FROM blind_index b JOIN records_v6 r ON r.collection_id = b.collection_id AND r.token = b.token;
+
+-- Which audit records involve which record: keyed by the record's place,
+-- so the records of a tokenize append here too.
+CREATE TABLE audit_records (
+    collection_id  INTEGER NOT NULL REFERENCES collections(id),
+    record_seq     INTEGER NOT NULL,
+    audit_seq      INTEGER NOT NULL REFERENCES audit (seq),
+    PRIMARY KEY (collection_id, record_seq, audit_seq)
+) STRICT, WITHOUT ROWID;
+
+INSERT OR IGNORE INTO audit_records (collection_id, record_seq, audit_seq)
+    SELECT r.collection_id, r.seq, t.seq
+    FROM audit_tokens t
+    JOIN audit a ON a.seq = t.seq
+    JOIN collections c ON c.name = a.collection
+    JOIN records_v6 r ON r.collection_id = c.id AND r.token = t.token;
+
+CREATE INDEX audit_records_by_audit ON audit_records (audit_seq);
+
+DROP TABLE audit_tokens;
+DROP TABLE blind_index;
+DROP TABLE records;
+ALTER TABLE records_v6 RENAME TO records;
+ALTER TABLE blind_index_v6 RENAME TO blind_index;
+
+CREATE UNIQUE INDEX records_by_token ON records (collection_id, token) WHERE token IS NOT NULL;
+CREATE INDEX records_expiry ON records (collection_id, expires_at)
+    WHERE ciphertext IS NOT NULL AND expires_at IS NOT NULL;
+CREATE INDEX blind_index_by_seq ON blind_index (collection_id, seq);
+
+CREATE TRIGGER audit_records_no_update BEFORE UPDATE ON audit_records
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER audit_records_no_delete BEFORE DELETE ON audit_records
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
