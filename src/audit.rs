@@ -4,14 +4,22 @@
 //! A record never holds a value: only who, what, where, how many, which
 //! tokens (tokens are not PII), the outcome and where the call came from.
 //!
-//! Canonical encoding, version 1 (what the MAC covers; integers big-endian,
+//! Canonical encoding, version 2 (what the MAC covers; integers big-endian,
 //! every string preceded by its length as `u16`, the token list by its count
-//! as `u32`):
+//! as `u32`), written from schema version 6 on:
 //!
 //! ```text
-//! 0x01 ‖ seq u64 ‖ at_micros i64 ‖ caller ‖ action ‖ collection ‖ items u32
-//!      ‖ token count u32 ‖ token… ‖ outcome ‖ error_code ‖ request_id ‖ peer
+//! 0x02 ‖ seq u64 ‖ at_micros i64 ‖ caller ‖ action ‖ collection ‖ items u32
+//!      ‖ prefix ‖ token count u32 ‖ token… ‖ outcome ‖ error_code
+//!      ‖ request_id ‖ peer
+//! token = 0x01 ‖ 16 bytes    a default token `<prefix>_<base64url of them>`
+//!       | 0x00 ‖ string      any other token, as text
 //! ```
+//!
+//! `prefix` is that of the record's first default token (empty if none): a
+//! default token is 17 bytes instead of its 23 to 31 characters. Version 1,
+//! written before, is the same without `prefix` and with every token as a
+//! string; it still decodes and verifies.
 //!
 //! Chain: `mac_0 = 32 zero bytes`, `mac_n = HMAC-SHA256(audit_key, mac_{n-1} ‖
 //! encoding(record_n))`. The audit key lives in the keyring, wrapped by the
@@ -21,9 +29,15 @@ use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
 use crate::crypto::{KEY_LEN, SecretKey};
+use crate::token::TOKEN_RANDOM_BYTES;
 
-/// Current encoding version.
+/// The first encoding version: every token as text.
 pub const AUDIT_FORMAT_V1: u8 = 1;
+/// The current encoding version: default tokens as their 16 bytes.
+pub const AUDIT_FORMAT_V2: u8 = 2;
+/// Token tags of version 2.
+const TOKEN_TEXT: u8 = 0;
+const TOKEN_DEFAULT: u8 = 1;
 /// Length of a chain MAC.
 pub const MAC_LEN: usize = 32;
 /// The MAC before the first record.
@@ -180,7 +194,8 @@ pub struct AuditRecord {
 /// Why bytes are not an audit record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    /// Not version 1, truncated, trailing bytes, or a string that is not UTF-8.
+    /// Not version 1 or 2, truncated, trailing bytes, a string that is not
+    /// UTF-8, or an unknown token tag.
     #[error("malformed audit record")]
     Malformed,
 }
@@ -200,18 +215,44 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 impl AuditRecord {
     /// The canonical encoding of this record as number `seq`.
     pub fn encode(&self, seq: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.tokens.iter().map(|t| t.len() + 2).sum::<usize>());
-        out.push(AUDIT_FORMAT_V1);
+        self.encode_in(seq, AUDIT_FORMAT_V2)
+    }
+
+    /// The canonical encoding in `version` ([`AUDIT_FORMAT_V1`]; anything
+    /// else is the current one): what a record decoded from that version
+    /// encodes back to.
+    pub fn encode_in(&self, seq: u64, version: u8) -> Vec<u8> {
+        let v2 = version != AUDIT_FORMAT_V1;
+        let prefix = if v2 {
+            self.tokens.iter().find_map(|t| crate::token::default_parts(t)).map_or("", |(p, _)| p)
+        } else {
+            ""
+        };
+        let mut out = Vec::with_capacity(64 + self.tokens.len() * (TOKEN_RANDOM_BYTES + 1));
+        out.push(if v2 { AUDIT_FORMAT_V2 } else { AUDIT_FORMAT_V1 });
         out.extend_from_slice(&seq.to_be_bytes());
         out.extend_from_slice(&self.at_micros.to_be_bytes());
         put_str(&mut out, &self.caller);
         put_str(&mut out, &self.action);
         put_str(&mut out, &self.collection);
         out.extend_from_slice(&self.items.to_be_bytes());
+        if v2 {
+            put_str(&mut out, prefix);
+        }
         let count = u32::try_from(self.tokens.len()).unwrap_or(u32::MAX);
         out.extend_from_slice(&count.to_be_bytes());
         for token in self.tokens.iter().take(count as usize) {
-            put_str(&mut out, token);
+            match crate::token::default_parts(token).filter(|_| v2) {
+                Some((p, body)) if p == prefix => {
+                    out.push(TOKEN_DEFAULT);
+                    out.extend_from_slice(&body);
+                }
+                _ if v2 => {
+                    out.push(TOKEN_TEXT);
+                    put_str(&mut out, token);
+                }
+                _ => put_str(&mut out, token),
+            }
         }
         put_str(&mut out, &self.outcome);
         put_str(&mut out, &self.error_code);
@@ -222,8 +263,22 @@ impl AuditRecord {
 
     /// Decodes a canonical encoding into its sequence number and record.
     pub fn decode(bytes: &[u8]) -> Result<(u64, Self), DecodeError> {
+        let (version, seq, record) = Self::parse(bytes)?;
+        // One record, one encoding: a version-2 token written as text that
+        // could have been bytes, or a prefix that is not the first default
+        // token's, would be a second spelling of the same record.
+        if version == AUDIT_FORMAT_V2 && record.encode(seq) != bytes {
+            return Err(DecodeError::Malformed);
+        }
+        Ok((seq, record))
+    }
+
+    /// Reads an encoding of either version, canonical or not: `(version,
+    /// seq, record)`.
+    fn parse(bytes: &[u8]) -> Result<(u8, u64, Self), DecodeError> {
         let mut r = Reader(bytes);
-        if r.take(1)? != [AUDIT_FORMAT_V1] {
+        let version = r.take(1)?[0];
+        if version != AUDIT_FORMAT_V1 && version != AUDIT_FORMAT_V2 {
             return Err(DecodeError::Malformed);
         }
         let seq = u64::from_be_bytes(r.array()?);
@@ -232,10 +287,22 @@ impl AuditRecord {
         let action = r.string()?;
         let collection = r.string()?;
         let items = u32::from_be_bytes(r.array()?);
+        let prefix = if version == AUDIT_FORMAT_V2 { Some(r.string()?) } else { None };
         let count = u32::from_be_bytes(r.array()?);
         let mut tokens = Vec::new();
         for _ in 0..count {
-            tokens.push(r.string()?);
+            let Some(prefix) = &prefix else {
+                tokens.push(r.string()?);
+                continue;
+            };
+            match r.take(1)?[0] {
+                TOKEN_TEXT => tokens.push(r.string()?),
+                TOKEN_DEFAULT => {
+                    let prefix: crate::token::TokenPrefix = prefix.parse().map_err(|_| DecodeError::Malformed)?;
+                    tokens.push(crate::token::token_from_bytes(&prefix, &r.array()?).into_string());
+                }
+                _ => return Err(DecodeError::Malformed),
+            }
         }
         let record = Self {
             at_micros,
@@ -252,7 +319,7 @@ impl AuditRecord {
         if !r.0.is_empty() {
             return Err(DecodeError::Malformed);
         }
-        Ok((seq, record))
+        Ok((version, seq, record))
     }
 }
 
@@ -507,10 +574,23 @@ mod tests {
             .collect()
     }
 
-    /// `tests/vectors/audit_v1.toml` pins the encoding and the chain.
+    /// `tests/vectors/audit_v1.toml` pins the first encoding and its chain:
+    /// records written before version 2 still decode and verify.
+    #[test]
+    fn version_1_still_decodes_and_verifies() {
+        let file: toml::Table = toml::from_str(include_str!("../tests/vectors/audit_v1.toml")).unwrap();
+        let field = |name: &str| hex::decode(file["chain"][name].as_str().unwrap()).unwrap();
+        let key = AuditKey::from_bytes(field("audit_key").try_into().unwrap());
+        let (seq, first) = AuditRecord::decode(&field("record_1")).unwrap();
+        assert_eq!((seq, first), (1, sample()));
+        let rows = [(1, field("record_1"), field("mac_1")), (2, field("record_2"), field("mac_2"))];
+        assert_eq!(verify(&key, rows).unwrap().seq, 2);
+    }
+
+    /// `tests/vectors/audit_v2.toml` pins the encoding and the chain.
     #[test]
     fn known_answer_vector() {
-        let file: toml::Table = toml::from_str(include_str!("../tests/vectors/audit_v1.toml")).unwrap();
+        let file: toml::Table = toml::from_str(include_str!("../tests/vectors/audit_v2.toml")).unwrap();
         let field = |name: &str| file["chain"][name].as_str().unwrap().to_owned();
         let key = AuditKey::from_bytes(hex::decode(field("audit_key")).unwrap().try_into().unwrap());
         let mut second = sample();
@@ -523,6 +603,42 @@ mod tests {
         assert_eq!(hex::encode(&rows[0].2), field("mac_1"));
         assert_eq!(hex::encode(&rows[1].1), field("record_2"));
         assert_eq!(hex::encode(&rows[1].2), field("mac_2"));
+        // A record of shaped tokens, and one mixing prefixes: the others as
+        // text.
+        let mut third = sample();
+        third.tokens =
+            vec!["4111 1111 1111 1111".into(), "card_AAAAAAAAAAAAAAAAAAAAAA".into(), "x_AAAAAAAAAAAAAAAAAAAAAA".into()];
+        assert_eq!(hex::encode(third.encode(3)), field("record_3"));
+        assert_eq!(AuditRecord::decode(&third.encode(3)), Ok((3, third)));
+    }
+
+    #[test]
+    fn fail_an_unknown_version_or_token_tag_does_not_decode() {
+        let good = sample().encode(1);
+        let mut version = good.clone();
+        version[0] = 3;
+        assert_eq!(AuditRecord::decode(&version), Err(DecodeError::Malformed));
+        // The first token's tag sits after the fixed fields and the prefix.
+        let at = 1 + 8 + 8 + (2 + 6) + (2 + 8) + (2 + 4) + 4 + (2 + 4) + 4;
+        assert_eq!(good[at], TOKEN_DEFAULT);
+        let mut tag = good;
+        tag[at] = 7;
+        assert_eq!(AuditRecord::decode(&tag), Err(DecodeError::Malformed));
+        // A default token spelled as text is a second encoding: refused.
+        let mut one = sample();
+        one.tokens.truncate(1);
+        let mut text = one.encode(1);
+        let token = one.tokens[0].clone();
+        let (_, raw) = crate::token::default_parts(&token).unwrap();
+        let tagged: Vec<u8> = std::iter::once(TOKEN_DEFAULT).chain(raw).collect();
+        let body = text.windows(17).position(|w| w == tagged).unwrap();
+        let mut spelled = vec![TOKEN_TEXT];
+        spelled.extend_from_slice(&u16::try_from(token.len()).unwrap().to_be_bytes());
+        spelled.extend_from_slice(token.as_bytes());
+        text.splice(body..body + 17, spelled);
+        // Well formed, and the same record, but not its encoding.
+        assert_eq!(AuditRecord::parse(&text).map(|(_, _, r)| r), Ok(one));
+        assert_eq!(AuditRecord::decode(&text), Err(DecodeError::Malformed));
     }
 
     #[test]

@@ -139,6 +139,14 @@ impl Token {
     }
 }
 
+/// `(prefix, 16 body bytes)` of `text` if it is a default token (in its one
+/// canonical spelling).
+pub fn default_parts(text: &str) -> Option<(&str, [u8; TOKEN_RANDOM_BYTES])> {
+    let token: Token = text.parse().ok()?;
+    let body = token.body()?;
+    Some((&text[..token.prefix_len], body))
+}
+
 /// Bytes of a sealed token's random half, stored with its record and
 /// compared (in constant time) on every lookup.
 pub const CHECK_BYTES: usize = 8;
