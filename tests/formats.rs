@@ -281,7 +281,11 @@ async fn a_vault_made_before_sealed_tokens_keeps_answering_and_appends() {
     let reader = connect(&dir, &addr, "reader").await;
     let writer = connect(&dir, &addr, "writer").await;
     for (collection, value, token) in &fixture.tokens {
-        assert_eq!(values_of(&reader, collection, std::slice::from_ref(token)).await, std::slice::from_ref(value), "{token}");
+        assert_eq!(
+            values_of(&reader, collection, std::slice::from_ref(token)).await,
+            std::slice::from_ref(value),
+            "{token}"
+        );
     }
     for (collection, token) in &fixture.deleted {
         let answer = reader.detokenize(collection, std::slice::from_ref(token)).await.unwrap();

@@ -48,6 +48,8 @@ pub enum Shape {
     Number,
     /// `u<number>@example.org`: fits `email` collections.
     Email,
+    /// `AAA-GG-SSSS`: fits `ssn` collections.
+    Ssn,
 }
 
 /// Arguments of `piivault bench`.
@@ -156,6 +158,10 @@ fn value(shape: Shape, n: u64) -> String {
     match shape {
         Shape::Number => format!("4{:015}", n % 1_000_000_000_000_000),
         Shape::Email => format!("u{n}@example.org"),
+        Shape::Ssn => {
+            let n = n % 1_000_000_000;
+            format!("{:03}-{:02}-{:04}", n / 1_000_000, n / 10_000 % 100, n % 10_000)
+        }
     }
 }
 
@@ -412,6 +418,8 @@ mod tests {
     fn values_fit_their_shapes() {
         assert_eq!(value(Shape::Number, 42), "4000000000000042");
         assert_eq!(value(Shape::Email, 42), "u42@example.org");
+        assert_eq!(value(Shape::Ssn, 1_234_567_890), "234-56-7890");
+        assert!(crate::format::Format::Ssn.check_value(&value(Shape::Ssn, 42)).is_ok());
         let card = crate::format::Format::Card {
             keep_first: 0,
             keep_last: 4,
