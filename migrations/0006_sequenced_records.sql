@@ -50,23 +50,43 @@ INSERT INTO blind_index_v6 (collection_id, version, digest, seq)
     SELECT b.collection_id, b.version, b.digest, r.seq
     FROM blind_index b JOIN records_v6 r ON r.collection_id = b.collection_id AND r.token = b.token;
 
--- Which audit records involve which record: keyed by the record's place,
--- so the records of a tokenize append here too.
+-- Which audit records involve which records, in the order they were
+-- written (keyed by the audit record first), so every request appends here.
+-- `audit verify` checks these rows against the records' own token lists.
 CREATE TABLE audit_records (
+    audit_seq      INTEGER NOT NULL REFERENCES audit (seq),
     collection_id  INTEGER NOT NULL REFERENCES collections(id),
     record_seq     INTEGER NOT NULL,
-    audit_seq      INTEGER NOT NULL REFERENCES audit (seq),
-    PRIMARY KEY (collection_id, record_seq, audit_seq)
+    PRIMARY KEY (audit_seq, collection_id, record_seq)
 ) STRICT, WITHOUT ROWID;
 
-INSERT OR IGNORE INTO audit_records (collection_id, record_seq, audit_seq)
-    SELECT r.collection_id, r.seq, t.seq
+INSERT OR IGNORE INTO audit_records (audit_seq, collection_id, record_seq)
+    SELECT t.seq, r.collection_id, r.seq
     FROM audit_tokens t
     JOIN audit a ON a.seq = t.seq
     JOIN collections c ON c.name = a.collection
     JOIN records_v6 r ON r.collection_id = c.id AND r.token = t.token;
 
-CREATE INDEX audit_records_by_audit ON audit_records (audit_seq);
+-- The searchable form of the same ("who saw token T"), built behind the
+-- write path: every so many entries, the rows of `audit_records` written
+-- since the last block are sorted by record and appended as one block, so
+-- no request pays a random insert per token. A query probes each block,
+-- then scans the rows after the last one. Rebuildable from `audit_records`.
+CREATE TABLE audit_index (
+    block          INTEGER NOT NULL,
+    collection_id  INTEGER NOT NULL,
+    record_seq     INTEGER NOT NULL,
+    audit_seq      INTEGER NOT NULL,
+    PRIMARY KEY (block, collection_id, record_seq, audit_seq)
+) STRICT, WITHOUT ROWID;
+
+-- Each block holds the entries of the audit records after the previous
+-- block's `last_audit_seq`, up to its own.
+CREATE TABLE audit_index_blocks (
+    block           INTEGER PRIMARY KEY CHECK (block > 0),
+    last_audit_seq  INTEGER NOT NULL,
+    entries         INTEGER NOT NULL
+) STRICT;
 
 DROP TABLE audit_tokens;
 DROP TABLE blind_index;
@@ -82,4 +102,12 @@ CREATE INDEX blind_index_by_seq ON blind_index (collection_id, seq);
 CREATE TRIGGER audit_records_no_update BEFORE UPDATE ON audit_records
 BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 CREATE TRIGGER audit_records_no_delete BEFORE DELETE ON audit_records
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER audit_index_no_update BEFORE UPDATE ON audit_index
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER audit_index_no_delete BEFORE DELETE ON audit_index
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER audit_index_blocks_no_update BEFORE UPDATE ON audit_index_blocks
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER audit_index_blocks_no_delete BEFORE DELETE ON audit_index_blocks
 BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;

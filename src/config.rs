@@ -212,6 +212,9 @@ pub struct StoreSettings {
     pub purge_interval: std::time::Duration,
     /// Most expired records purged per transaction.
     pub purge_batch: usize,
+    /// Token-index entries of the audit trail gathered into one sorted
+    /// block of the searchable index (behind the write path).
+    pub audit_index_block: usize,
 }
 
 impl Default for StoreSettings {
@@ -221,6 +224,7 @@ impl Default for StoreSettings {
             max_group_commit: 256,
             purge_interval: std::time::Duration::from_mins(1),
             purge_batch: 500,
+            audit_index_block: 16_384,
         }
     }
 }
@@ -588,6 +592,7 @@ struct RawStore {
     max_group_commit: Option<i64>,
     purge_interval_s: Option<i64>,
     purge_batch: Option<i64>,
+    audit_index_block: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -857,6 +862,7 @@ impl Config {
         let store = StoreSettings {
             read_connections: bounded("store.read_connections", raw.store.read_connections, 4, 1, 64)?,
             max_group_commit: bounded("store.max_group_commit", raw.store.max_group_commit, 256, 1, 10_000)?,
+            audit_index_block: bounded("store.audit_index_block", raw.store.audit_index_block, 16_384, 1, 16 << 20)?,
             purge_interval: std::time::Duration::from_secs(bounded(
                 "store.purge_interval_s",
                 raw.store.purge_interval_s,
@@ -961,6 +967,8 @@ impl Config {
              path = \"{DATABASE_FILE}\"\n\
              read_connections = 4\n\
              max_group_commit = 256\n\
+             # \"Who saw token T\" is indexed behind the write path, this many entries at a time.\n\
+             audit_index_block = 16384\n\
              # Expired records (collections with a ttl) are purged this often, in batches.\n\
              purge_interval_s = 60\n\
              purge_batch = 500\n\

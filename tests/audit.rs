@@ -141,6 +141,28 @@ async fn the_schema_refuses_to_change_or_remove_a_record() {
     assert_eq!(verify(&fx).await, Ok(5));
 }
 
+/// The searchable token index is built from the trail's entries behind the
+/// write path, in blocks; a block changed below the triggers is found by
+/// verification, at the first record it covers.
+#[tokio::test]
+async fn a_tampered_block_of_the_token_index_is_detected() {
+    let fx = Fixture::with_config("[store]\naudit_index_block = 1\n");
+    trail_of_five(&fx).await;
+    assert_eq!(verify(&fx).await, Ok(5));
+    let db = raw(&fx);
+    let blocks: Vec<(i64, i64)> = db
+        .prepare("SELECT block, last_audit_seq FROM audit_index_blocks ORDER BY block")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(blocks, [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)], "one block per record of one entry");
+    db.execute_batch("DROP TRIGGER audit_index_no_delete; DELETE FROM audit_index WHERE block = 2;").unwrap();
+    drop(db);
+    assert_eq!(verify(&fx).await, Err((2, "the token index disagrees with the trail")));
+}
+
 /// An attacker with write access to the file drops the triggers first; the
 /// chain still names the first bad record.
 #[tokio::test]

@@ -11,7 +11,9 @@ use piivault::store::OpenMode;
 fn sqlite() -> conformance::Fresh {
     let dir = tempfile::tempdir().unwrap();
     let backend = StoreBackend::Sqlite { path: dir.path().join("vault.db") };
-    let store = piivault::store::open(&backend, &StoreSettings::default(), OpenMode::Create, None).unwrap();
+    // Blocks of three token-index entries, so that the checks cross them.
+    let settings = StoreSettings { audit_index_block: 3, ..StoreSettings::default() };
+    let store = piivault::store::open(&backend, &settings, OpenMode::Create, None).unwrap();
     conformance::Fresh { store, keep: Box::new(dir) }
 }
 

@@ -57,6 +57,7 @@ pub fn open(
             sqlite::Options {
                 read_connections: settings.read_connections,
                 max_group_commit: settings.max_group_commit,
+                audit_index_block: settings.audit_index_block,
                 sink,
             },
         )?)),
@@ -332,6 +333,11 @@ pub trait AuditStore: Send + Sync {
 
     /// Audit rows matching `filter`, oldest first, at most `limit`.
     async fn query_audit(&self, filter: AuditFilter, limit: usize) -> Result<Vec<AuditRow>, StoreError>;
+
+    /// Checks the searchable token index (built behind the write path)
+    /// against the entries it was built from: the first audit record of
+    /// the first part that disagrees, if any.
+    async fn check_token_index(&self) -> Result<Option<u64>, StoreError>;
 }
 
 /// Errors of the store, typed: callers match on the variant, never on a

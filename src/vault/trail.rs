@@ -93,6 +93,10 @@ impl Vault {
                 }
             }
         }
+        // The searchable index, built from the entries just checked.
+        if let Some(seq) = self.inner.store.check_token_index().await? {
+            return Ok(Err(VerifyError { seq, reason: "the token index disagrees with the trail" }));
+        }
         Ok(Ok(chain.head()))
     }
 

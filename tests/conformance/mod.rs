@@ -40,6 +40,7 @@ macro_rules! conformance_suite {
             a_rewrap_replaces_every_key_or_none,
             no_audit_key_no_write,
             the_audit_trail_chains_and_answers_queries,
+            who_saw_a_token_is_answered_across_the_index_and_its_tail,
             pending_work_is_paged_in_record_order,
             index_entries_move_to_a_new_version,
             collection_facts_are_recorded_once,
@@ -539,6 +540,44 @@ pub async fn the_audit_trail_chains_and_answers_queries(fresh: Fresh) {
     assert_eq!(head.seq, 3);
     assert_eq!(store.append_audit(audit("detokenize")).await.unwrap(), 4);
     assert_eq!(chain(store).await.len(), 4);
+}
+
+pub async fn who_saw_a_token_is_answered_across_the_index_and_its_tail(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    let batch = (0..5).map(|i| record(&format!("w{i}"), 1, b"ct")).collect();
+    store.insert_records(id, batch, audit("tokenize"), render()).await.unwrap();
+    let at = |t: &str| {
+        let t = t.to_owned();
+        async move { store.locate_record(id, lookup(&t)).await.unwrap().unwrap().seq }
+    };
+    let (w0, w3) = (at("w0").await, at("w3").await);
+    // Twenty reads, each of w0 and one other token.
+    let mut reads_of_w3 = Vec::new();
+    for i in 0..20u64 {
+        let other = at(&format!("w{}", 1 + i % 4)).await;
+        let mut read = audit("detokenize");
+        read.tokens = vec!["w0".into(), format!("w{}", 1 + i % 4)];
+        let seq = store.append_read_audit(id, vec![w0, other], read).await.unwrap();
+        if other == w3 {
+            reads_of_w3.push(seq);
+        }
+    }
+    let seqs = |record: u64, after: u64, limit: usize| async move {
+        let filter = AuditFilter { record: RecordMatch::Of(id, record), after_seq: after, ..AuditFilter::default() };
+        store.query_audit(filter, limit).await.unwrap().into_iter().map(|r| r.seq).collect::<Vec<_>>()
+    };
+    assert_eq!(seqs(w0, 0, 100).await, (1..=21).collect::<Vec<u64>>(), "the tokenize and every read");
+    assert_eq!(seqs(w3, 0, 100).await, [vec![1], reads_of_w3.clone()].concat());
+    assert_eq!(seqs(w0, 10, 3).await, [11, 12, 13], "paged");
+    // The blocks hold exactly what the trail says.
+    assert_eq!(store.check_token_index().await.unwrap(), None);
+    let rows = chain(store).await;
+    assert_eq!(rows.len(), 21);
+    // The query with another filter still narrows.
+    let filter =
+        AuditFilter { record: RecordMatch::Of(id, w3), action: Some("tokenize".into()), ..AuditFilter::default() };
+    assert_eq!(store.query_audit(filter, 10).await.unwrap().iter().map(|r| r.seq).collect::<Vec<_>>(), [1]);
 }
 
 pub async fn pending_work_is_paged_in_record_order(fresh: Fresh) {

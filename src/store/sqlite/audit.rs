@@ -1,6 +1,8 @@
 //! The audit trail in SQLite: `audit` rows (the chained encoding plus query
-//! columns) and `audit_records` (which audit records involve which record,
-//! keyed by the record's place, so a tokenize appends there too).
+//! columns), `audit_records` (which audit records involve which record, in
+//! the order written: every request appends) and `audit_index` (the same,
+//! sorted by record in blocks built behind the write path, for "who saw
+//! token T").
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension as _, params};
@@ -61,12 +63,13 @@ impl WriteTx<'_> {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "INSERT OR IGNORE INTO audit_records (collection_id, record_seq, audit_seq) VALUES (?1, ?2, ?3)",
+                "INSERT OR IGNORE INTO audit_records (audit_seq, collection_id, record_seq) VALUES (?1, ?2, ?3)",
             )
             .map_err(audit_failed)?;
         for &record_seq in seqs {
-            stmt.execute(params![collection.0, sql_seq(record_seq)?, seq_sql]).map_err(audit_failed)?;
+            stmt.execute(params![seq_sql, collection.0, sql_seq(record_seq)?]).map_err(audit_failed)?;
         }
+        self.audit.unindexed += seqs.len();
         self.audit.tentative = Head { seq, mac };
         if self.audit.sink.is_some() {
             self.audit.pending.push((seq, record.clone(), mac));
@@ -105,14 +108,17 @@ impl AuditStore for SqliteStore {
         self.read(last_head).await
     }
 
+    async fn check_token_index(&self) -> Result<Option<u64>, StoreError> {
+        self.read(first_bad_block).await
+    }
+
     async fn query_audit(&self, filter: AuditFilter, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT a.seq, a.record, a.mac, a.at, a.caller, a.action, a.collection, a.outcome
                  FROM audit a
                  WHERE a.seq > ?1
-                   AND (?2 IS NULL OR a.seq IN (SELECT audit_seq FROM audit_records
-                                                WHERE collection_id = ?2 AND record_seq = ?10))
+                   AND (?2 IS NULL OR a.seq = ?2)
                    AND (?3 IS NULL OR a.caller = ?3)
                    AND (?4 IS NULL OR a.action = ?4)
                    AND (?5 IS NULL OR a.collection = ?5)
@@ -123,32 +129,45 @@ impl AuditStore for SqliteStore {
             )?;
             let after = i64::try_from(filter.after_seq).unwrap_or(i64::MAX);
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let (record_collection, record_seq) = match filter.record {
-                RecordMatch::Any => (None, None),
-                RecordMatch::Of(collection, seq) => (Some(collection.0), Some(sql_seq(seq)?)),
-                RecordMatch::Unissued => return Ok(Vec::new()),
+            // Every record, or one by one those that involve the record asked.
+            let candidates: Vec<Option<i64>> = match filter.record {
+                RecordMatch::Any => vec![None],
+                RecordMatch::Of(collection, seq) => audit_seqs_of(conn, collection, sql_seq(seq)?)?
+                    .into_iter()
+                    .filter(|&s| s > after)
+                    .map(Some)
+                    .collect(),
+                RecordMatch::Unissued => Vec::new(),
             };
-            let rows = stmt.query_map(
-                params![
-                    after,
-                    record_collection,
-                    filter.caller,
-                    filter.action,
-                    filter.collection,
-                    filter.outcome,
-                    filter.since,
-                    filter.until,
-                    limit,
-                    record_seq
-                ],
-                audit_row,
-            )?;
-            let mut out: Vec<AuditRow> = rows.collect::<Result<_, _>>()?;
+            let mut out: Vec<AuditRow> = Vec::new();
+            for candidate in candidates {
+                let left = limit - i64::try_from(out.len()).unwrap_or(i64::MAX);
+                if left <= 0 {
+                    break;
+                }
+                let rows = stmt.query_map(
+                    params![
+                        after,
+                        candidate,
+                        filter.caller,
+                        filter.action,
+                        filter.collection,
+                        filter.outcome,
+                        filter.since,
+                        filter.until,
+                        left
+                    ],
+                    audit_row,
+                )?;
+                for row in rows {
+                    out.push(row?);
+                }
+            }
             drop(stmt);
             let mut indexed = conn.prepare_cached(
                 "SELECT x.collection_id, r.seq, r.token_check, r.token FROM audit_records x
                  JOIN records r ON r.collection_id = x.collection_id AND r.seq = x.record_seq
-                 WHERE x.audit_seq = ?1",
+                 WHERE x.audit_seq = ?1 ORDER BY x.collection_id, x.record_seq",
             )?;
             for row in &mut out {
                 let refs = indexed.query_map([sql_seq(row.seq)?], |r| {
@@ -166,6 +185,129 @@ impl AuditStore for SqliteStore {
         })
         .await
     }
+}
+
+/// The first audit record of the first block of the searchable index that
+/// does not hold exactly the entries of its range of `audit_records`.
+fn first_bad_block(conn: &Connection) -> Result<Option<u64>, StoreError> {
+    let blocks: Vec<(i64, i64, i64)> = {
+        let mut stmt =
+            conn.prepare_cached("SELECT block, last_audit_seq, entries FROM audit_index_blocks ORDER BY block")?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut differ = conn.prepare_cached(
+        "SELECT (SELECT count(*) FROM audit_index WHERE block = ?1),
+                (SELECT count(*) FROM audit_records WHERE audit_seq > ?2 AND audit_seq <= ?3),
+                EXISTS (SELECT collection_id, record_seq, audit_seq FROM audit_records
+                        WHERE audit_seq > ?2 AND audit_seq <= ?3
+                        EXCEPT SELECT collection_id, record_seq, audit_seq FROM audit_index WHERE block = ?1)",
+    )?;
+    let mut previous = 0;
+    for (block, last, entries) in blocks {
+        let (indexed, written, missing): (i64, i64, bool) =
+            differ.query_row(params![block, previous, last], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        if indexed != entries || written != entries || missing || last <= previous {
+            return Ok(Some(u64::try_from(previous + 1).unwrap_or(0)));
+        }
+        previous = last;
+    }
+    Ok(None)
+}
+
+/// The audit records (ascending) that involve record `record_seq` of
+/// `collection`: found in each block of the searchable index, then among
+/// the entries written after the last block.
+fn audit_seqs_of(conn: &Connection, collection: CollectionId, record_seq: i64) -> Result<Vec<i64>, StoreError> {
+    let blocks: Vec<i64> = {
+        let mut stmt = conn.prepare_cached("SELECT block FROM audit_index_blocks ORDER BY block")?;
+        let rows = stmt.query_map([], |row| row.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut found = Vec::new();
+    let mut in_block = conn.prepare_cached(
+        "SELECT audit_seq FROM audit_index WHERE block = ?1 AND collection_id = ?2 AND record_seq = ?3 ORDER BY audit_seq",
+    )?;
+    for block in blocks {
+        for seq in in_block.query_map(params![block, collection.0, record_seq], |row| row.get(0))? {
+            found.push(seq?);
+        }
+    }
+    let mut tail = conn.prepare_cached(
+        "SELECT audit_seq FROM audit_records WHERE audit_seq > ?1 AND collection_id = ?2 AND record_seq = ?3
+         ORDER BY audit_seq",
+    )?;
+    for seq in tail.query_map(params![indexed_upto(conn)?, collection.0, record_seq], |row| row.get(0))? {
+        found.push(seq?);
+    }
+    Ok(found)
+}
+
+/// The last audit record the searchable index covers (0: none).
+fn indexed_upto(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT last_audit_seq FROM audit_index_blocks ORDER BY block DESC LIMIT 1")?
+        .query_row([], |row| row.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Token-index entries written after the last block.
+pub(super) fn unindexed_entries(conn: &Connection) -> Result<usize, StoreError> {
+    let n: i64 = conn
+        .prepare_cached("SELECT count(*) FROM audit_records WHERE audit_seq > ?1")?
+        .query_row([indexed_upto(conn)?], |row| row.get(0))?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Appends blocks to the searchable index while at least `block` entries
+/// are waiting (each block whole audit records, sorted by record, in its
+/// own transaction); returns the entries left waiting. A failure is logged
+/// and retried at the next call: queries scan what is not in a block.
+pub(super) fn build_index_blocks(conn: &Connection, block: usize) -> usize {
+    loop {
+        match build_index_block(conn, block) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "store: could not build a block of the audit token index; retrying later");
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                return 0;
+            }
+        }
+    }
+    unindexed_entries(conn).unwrap_or(0)
+}
+
+/// One block, if `block` entries are waiting.
+fn build_index_block(conn: &Connection, block: usize) -> Result<bool, StoreError> {
+    let upto = indexed_upto(conn)?;
+    let offset = i64::try_from(block.saturating_sub(1)).unwrap_or(i64::MAX);
+    // The block ends with the audit record that holds its block-th entry.
+    let end: Option<i64> = conn
+        .prepare_cached(
+            "SELECT audit_seq FROM audit_records WHERE audit_seq > ?1 ORDER BY audit_seq LIMIT 1 OFFSET ?2",
+        )?
+        .query_row(params![upto, offset], |row| row.get(0))
+        .optional()?;
+    let Some(end) = end else { return Ok(false) };
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let number: i64 =
+        conn.query_row("SELECT coalesce(max(block), 0) + 1 FROM audit_index_blocks", [], |row| row.get(0))?;
+    let entries = conn
+        .prepare_cached(
+            "INSERT INTO audit_index (block, collection_id, record_seq, audit_seq)
+             SELECT ?1, collection_id, record_seq, audit_seq FROM audit_records
+             WHERE audit_seq > ?2 AND audit_seq <= ?3
+             ORDER BY collection_id, record_seq, audit_seq",
+        )?
+        .execute(params![number, upto, end])?;
+    conn.prepare_cached("INSERT INTO audit_index_blocks (block, last_audit_seq, entries) VALUES (?1, ?2, ?3)")?
+        .execute(params![number, end, i64::try_from(entries).unwrap_or(i64::MAX)])?;
+    conn.execute_batch("COMMIT")?;
+    Ok(true)
 }
 
 /// The last audit record's number and MAC (the genesis head when empty).

@@ -111,6 +111,9 @@ pub struct Options {
     pub read_connections: usize,
     /// Most write requests per transaction.
     pub max_group_commit: usize,
+    /// Audit token-index entries sorted into one block of the searchable
+    /// index at a time.
+    pub audit_index_block: usize,
     /// Where committed audit records are also written.
     pub sink: Option<Arc<AuditSink>>,
 }
@@ -144,9 +147,11 @@ impl SqliteStore {
             reader_threads: Vec::new(),
         };
         let max_batch = options.max_group_commit.max(1);
+        let block = options.audit_index_block.max(1);
         let sink = options.sink;
-        store.writer_thread =
-            Some(spawn("piivault-writer", move || writer::writer_loop(&writer_conn, &write_rx, max_batch, sink))?);
+        store.writer_thread = Some(spawn("piivault-writer", move || {
+            writer::writer_loop(&writer_conn, &write_rx, max_batch, block, sink);
+        })?);
         for (i, conn) in readers.into_iter().enumerate() {
             let rx = read_rx.clone();
             store.reader_threads.push(spawn(&format!("piivault-reader-{i}"), move || writer::reader_loop(&conn, &rx))?);

@@ -22,6 +22,9 @@ pub(super) struct AuditCursor {
     /// Records written in the open transaction, for the sink after commit.
     pub(super) pending: Vec<(u64, AuditRecord, [u8; MAC_LEN])>,
     pub(super) sink: Option<Arc<AuditSink>>,
+    /// Token-index entries written since the last block of the searchable
+    /// index (approximate: a heuristic for when to build the next).
+    pub(super) unindexed: usize,
 }
 
 /// What a write job works with: the connection, inside the group-commit
@@ -83,10 +86,17 @@ pub(super) fn writer_loop(
     conn: &Connection,
     jobs: &Receiver<Box<dyn WriteJob>>,
     max_batch: usize,
+    block: usize,
     sink: Option<Arc<AuditSink>>,
 ) {
-    let mut audit =
-        AuditCursor { key: None, committed: Head::GENESIS, tentative: Head::GENESIS, pending: Vec::new(), sink };
+    let mut audit = AuditCursor {
+        key: None,
+        committed: Head::GENESIS,
+        tentative: Head::GENESIS,
+        pending: Vec::new(),
+        sink,
+        unindexed: super::audit::unindexed_entries(conn).unwrap_or(block),
+    };
     // Since when erased ciphertext may still sit in the WAL.
     let mut erased_since: Option<std::time::Instant> = None;
     loop {
@@ -121,6 +131,9 @@ pub(super) fn writer_loop(
         }
         if commit_batch(conn, &mut audit, batch) && erased_since.is_none() {
             erased_since = Some(std::time::Instant::now());
+        }
+        if audit.unindexed >= block {
+            audit.unindexed = super::audit::build_index_blocks(conn, block);
         }
     }
 }
