@@ -310,8 +310,10 @@ pub trait CollectionStore: Send + Sync {
 /// written by that change's own method, in its transaction.
 #[async_trait]
 pub trait AuditStore: Send + Sync {
-    /// Appends one audit record on its own (a denial, a failure),
-    /// answering once it is durable.
+    /// Appends one audit record on its own (a denial, a failure: a record
+    /// that lists no token; one that does is indexed under its records
+    /// through [`AuditStore::append_read_audit`], or `audit verify` finds
+    /// it unindexed), answering once it is durable.
     async fn append_audit(&self, record: AuditRecord) -> Result<u64, StoreError>;
 
     /// Appends the record of a read of `collection`'s records at `seqs` (the

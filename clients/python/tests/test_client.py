@@ -57,7 +57,8 @@ def test_items_fail_alone_and_results_never_show_values(vault) -> None:
 def _requests(vault, action: str) -> list[int]:
     db = sqlite3.connect(f"file:{vault.dir / 'vault.db'}?mode=ro", uri=True)
     rows = db.execute(
-        "SELECT count(*) FROM audit_tokens JOIN audit USING (seq) WHERE audit.action = ? GROUP BY seq ORDER BY seq",
+        "SELECT count(*) FROM audit_records x JOIN audit a ON a.seq = x.audit_seq"
+        " WHERE a.action = ? GROUP BY a.seq ORDER BY a.seq",
         (action,),
     ).fetchall()
     db.close()

@@ -131,7 +131,9 @@ test("a reader cannot tokenize; items fail alone; nothing shows a value", () =>
 function requestsOf(vault: Vault, action: string): number[] {
   const db = join(vault.dir, "vault.db");
   const sql =
-    "SELECT count(*) FROM audit_tokens JOIN audit USING (seq) WHERE audit.action = '" + action + "' GROUP BY seq ORDER BY seq";
+    "SELECT count(*) FROM audit_records x JOIN audit a ON a.seq = x.audit_seq WHERE a.action = '" +
+    action +
+    "' GROUP BY a.seq ORDER BY a.seq";
   const out = spawnSync("python3", ["-c", "import sqlite3,sys; print(*[r[0] for r in sqlite3.connect(sys.argv[1]).execute(sys.argv[2])])", db, sql]);
   assert.equal(out.status, 0, out.stderr.toString());
   return out.stdout.toString().trim().split(/\s+/).map(Number);
