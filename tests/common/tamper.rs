@@ -8,6 +8,7 @@ use std::path::Path;
 pub use rusqlite::{Connection, params};
 
 /// The store's file, read-write, as a foreign process would open it.
+#[allow(dead_code)] // each test crate uses what it needs
 pub fn open(path: &Path) -> Connection {
     Connection::open(path).expect("open the SQLite file below the vault")
 }

@@ -132,6 +132,19 @@ impl SqliteStore {
     /// starts its threads.
     pub fn open(path: &Path, mode: OpenMode, options: Options) -> Result<Self, StoreError> {
         let writer_conn = schema::open_writer(path, mode)?;
+        // The token index's backlog (a trail just migrated, or entries left
+        // by a crash) is sorted into blocks now, before anything is served,
+        // rather than by the first write.
+        let block = options.audit_index_block.max(1);
+        let started = std::time::Instant::now();
+        let waiting = audit::build_index_blocks(&writer_conn, block);
+        if started.elapsed() > std::time::Duration::from_secs(1) {
+            tracing::info!(
+                seconds = started.elapsed().as_secs(),
+                waiting,
+                "store: audit token index caught up with the trail"
+            );
+        }
         let mut readers = Vec::with_capacity(options.read_connections);
         for _ in 0..options.read_connections.max(1) {
             readers.push(schema::open_reader(path)?);
@@ -147,7 +160,6 @@ impl SqliteStore {
             reader_threads: Vec::new(),
         };
         let max_batch = options.max_group_commit.max(1);
-        let block = options.audit_index_block.max(1);
         let sink = options.sink;
         store.writer_thread = Some(spawn("piivault-writer", move || {
             writer::writer_loop(&writer_conn, &write_rx, max_batch, block, sink);
