@@ -557,6 +557,18 @@ pub enum TokenForm {
     Text(String),
 }
 
+impl TokenForm {
+    /// The token text a record's ciphertext is bound to and its audit
+    /// records list: the text kept, or, for a sealed token (which has one
+    /// writing), the token as `presented`.
+    pub fn into_text(self, presented: &str) -> String {
+        match self {
+            Self::Text(text) => text,
+            Self::Sealed(_) => presented.to_owned(),
+        }
+    }
+}
+
 /// Where a record is, and how its token is kept.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RecordRef {

@@ -199,21 +199,16 @@ impl Vault {
         let coll = self.collection(collection)?;
         self.check_count(tokens.len())?;
         let (parsed, lookups) = parse_tokens(coll, &tokens);
-        let found = self.inner.store.get_records(coll.id, lookups.clone()).await?;
-        let mut found = lookups.into_iter().zip(found);
+        let found = self.inner.store.get_records(coll.id, lookups).await?;
+        let mut found = found.into_iter();
         let mut revealed = Vec::new();
         let mut seqs = Vec::new();
         let results: Vec<ItemResult<PiiValue>> = parsed
             .into_iter()
             .map(|token| {
-                token.ok_or(ItemError::NotFound)?;
-                let (lookup, record) = found.next().ok_or(ItemError::NotFound)?;
-                let record = record.ok_or(ItemError::NotFound)?;
-                // A sealed token has one writing: the one presented.
-                let text = match record.at.token {
-                    TokenForm::Text(text) => text,
-                    TokenForm::Sealed(_) => lookup.exact,
-                };
+                let token = token.ok_or(ItemError::NotFound)?;
+                let record = found.next().flatten().ok_or(ItemError::NotFound)?;
+                let text = record.at.token.into_text(token.as_str());
                 let value = self.open_record(coll, &text, &record.ciphertext)?;
                 revealed.push(text);
                 seqs.push(record.at.seq);

@@ -8,10 +8,10 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::SqliteStore;
-use super::records::sql_seq;
+use super::records::{record_ref, sql_seq};
 use super::writer::WriteTx;
 use crate::audit::{AuditKey, AuditRecord, Head, MAC_LEN};
-use crate::store::{AuditFilter, AuditRow, AuditStore, CollectionId, RecordMatch, RecordRef, StoreError, TokenForm};
+use crate::store::{AuditFilter, AuditRow, AuditStore, CollectionId, RecordMatch, StoreError};
 
 impl WriteTx<'_> {
     /// Appends `record` to the audit trail in this transaction: it commits
@@ -170,15 +170,8 @@ impl AuditStore for SqliteStore {
                  WHERE x.audit_seq = ?1 ORDER BY x.collection_id, x.record_seq",
             )?;
             for row in &mut out {
-                let refs = indexed.query_map([sql_seq(row.seq)?], |r| {
-                    let check: Option<[u8; crate::token::CHECK_BYTES]> = r.get(2)?;
-                    let token = match check {
-                        Some(check) => TokenForm::Sealed(check),
-                        None => TokenForm::Text(r.get(3)?),
-                    };
-                    let seq = u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0);
-                    Ok((CollectionId(r.get(0)?), RecordRef { seq, token }))
-                })?;
+                let refs =
+                    indexed.query_map([sql_seq(row.seq)?], |r| Ok((CollectionId(r.get(0)?), record_ref(r, 1)?)))?;
                 row.indexed = refs.collect::<Result<_, _>>()?;
             }
             Ok(out)

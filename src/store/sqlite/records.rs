@@ -134,12 +134,7 @@ impl RecordStore for SqliteStore {
                     None => false,
                 };
                 if let (true, Some(row)) = (erased, row) {
-                    // The token as stored; a sealed token as presented (it
-                    // has one writing).
-                    audit.tokens.push(match row.at.token {
-                        TokenForm::Text(text) => text,
-                        TokenForm::Sealed(_) => lookup.exact.clone(),
-                    });
+                    audit.tokens.push(row.at.token.into_text(&lookup.exact));
                     located.push(row.at.seq);
                 }
                 deleted.push(erased);
@@ -160,8 +155,10 @@ impl RecordStore for SqliteStore {
     ) -> Result<usize, StoreError> {
         self.write(move |tx| {
             let expired: Vec<Row> = {
-                let mut stmt = tx.conn.prepare_cached(&format!(
-                    "SELECT {ROW_COLUMNS} FROM records
+                let mut stmt = tx.conn.prepare_cached(concat!(
+                    "SELECT ",
+                    row_columns!(),
+                    " FROM records
                      WHERE collection_id = ?1 AND ciphertext IS NOT NULL AND expires_at IS NOT NULL AND expires_at <= ?2
                      LIMIT ?3"
                 ))?;
@@ -222,16 +219,20 @@ impl RecordStore for SqliteStore {
         self.read(move |conn| {
             let (mut stmt, version) = match work {
                 Pending::Reencryption { primary } => (
-                    conn.prepare_cached(&format!(
-                        "SELECT {ROW_COLUMNS} FROM records
+                    conn.prepare_cached(concat!(
+                        "SELECT ",
+                        row_columns!(),
+                        " FROM records
                          WHERE collection_id = ?1 AND key_version != ?2 AND ciphertext IS NOT NULL AND seq > ?3
                          ORDER BY seq LIMIT ?4"
                     ))?,
                     primary,
                 ),
                 Pending::Indexing { version } => (
-                    conn.prepare_cached(&format!(
-                        "SELECT {ROW_COLUMNS} FROM records r
+                    conn.prepare_cached(concat!(
+                        "SELECT ",
+                        row_columns!(),
+                        " FROM records r
                          WHERE r.collection_id = ?1 AND r.ciphertext IS NOT NULL AND r.seq > ?3
                            AND NOT EXISTS (SELECT 1 FROM blind_index b
                                            WHERE b.collection_id = r.collection_id AND b.seq = r.seq AND b.version = ?2)
@@ -347,8 +348,36 @@ pub(super) fn sql_seq(seq: u64) -> Result<i64, StoreError> {
     i64::try_from(seq).map_err(|_| StoreError::Unsupported("store a sequence number above 2^63"))
 }
 
-/// The columns [`Row::read`] reads, in its order.
-const ROW_COLUMNS: &str = "seq, token_check, token, ciphertext, key_version, expires_at";
+/// The columns [`Row::read`] reads, in its order (a macro, so that the
+/// statements are constants: no query text is formatted per lookup).
+macro_rules! row_columns {
+    () => {
+        "seq, token_check, token, ciphertext, key_version, expires_at"
+    };
+}
+use row_columns;
+
+/// The record place and token form in columns `first` (`seq`), `first + 1`
+/// (`token_check`) and `first + 2` (`token`): exactly one of the last two
+/// is set, or the row is damaged.
+pub(super) fn record_ref(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<RecordRef> {
+    let seq: i64 = row.get(first)?;
+    let check: Option<[u8; crate::token::CHECK_BYTES]> = row.get(first + 1)?;
+    let token = match (check, row.get::<_, Option<String>>(first + 2)?) {
+        (Some(check), None) => TokenForm::Sealed(check),
+        (None, Some(text)) => TokenForm::Text(text),
+        _ => {
+            return Err(rusqlite::Error::InvalidColumnType(
+                first + 1,
+                "token_check".into(),
+                rusqlite::types::Type::Null,
+            ));
+        }
+    };
+    let seq = u64::try_from(seq)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(first, rusqlite::types::Type::Integer, Box::new(e)))?;
+    Ok(RecordRef { seq, token })
+}
 
 /// A record row, live or not.
 struct Row {
@@ -359,23 +388,9 @@ struct Row {
 }
 
 impl Row {
-    /// Reads [`ROW_COLUMNS`].
+    /// Reads [`row_columns`].
     fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
-        let seq: i64 = row.get(0)?;
-        let check: Option<[u8; crate::token::CHECK_BYTES]> = row.get(1)?;
-        let token = match (check, row.get::<_, Option<String>>(2)?) {
-            (Some(check), None) => TokenForm::Sealed(check),
-            (None, Some(text)) => TokenForm::Text(text),
-            _ => return Err(rusqlite::Error::InvalidColumnType(1, "token_check".into(), rusqlite::types::Type::Null)),
-        };
-        let seq = u64::try_from(seq)
-            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Integer, Box::new(e)))?;
-        Ok(Self {
-            at: RecordRef { seq, token },
-            ciphertext: row.get(3)?,
-            key_version: row.get(4)?,
-            expires_at: row.get(5)?,
-        })
+        Ok(Self { at: record_ref(row, 0)?, ciphertext: row.get(3)?, key_version: row.get(4)?, expires_at: row.get(5)? })
     }
 
     /// Whether it holds a value that has not expired by `now` (any time if
@@ -390,7 +405,7 @@ impl Row {
 fn row_at(conn: &Connection, collection: CollectionId, seq: u64) -> Result<Option<Row>, StoreError> {
     let Ok(seq) = i64::try_from(seq) else { return Ok(None) };
     Ok(conn
-        .prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM records WHERE collection_id = ?1 AND seq = ?2"))?
+        .prepare_cached(concat!("SELECT ", row_columns!(), " FROM records WHERE collection_id = ?1 AND seq = ?2"))?
         .query_row(params![collection.0, seq], Row::read)
         .optional()?)
 }
@@ -398,7 +413,7 @@ fn row_at(conn: &Connection, collection: CollectionId, seq: u64) -> Result<Optio
 /// The row of the token stored as `text`.
 fn row_of_text(conn: &Connection, collection: CollectionId, text: &str) -> Result<Option<Row>, StoreError> {
     Ok(conn
-        .prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM records WHERE collection_id = ?1 AND token = ?2"))?
+        .prepare_cached(concat!("SELECT ", row_columns!(), " FROM records WHERE collection_id = ?1 AND token = ?2"))?
         .query_row(params![collection.0, text], Row::read)
         .optional()?)
 }
