@@ -1,5 +1,6 @@
-//! criterion micro-benchmarks of the in-process hot paths: token generation
-//! per format, record seal and open, the blind index, one audit chain step.
+//! criterion micro-benchmarks of the in-process hot paths: making and
+//! reading a token per format, record seal and open, the blind index, one
+//! audit chain step.
 //! Run with `cargo bench --bench micro`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails loudly
@@ -11,7 +12,7 @@ use piivault::audit::{AuditKey, AuditRecord};
 use piivault::crypto::envelope;
 use piivault::crypto::keyring::{DataKey, blind_index};
 use piivault::format::{Format, Luhn};
-use piivault::token::RandomTokens;
+use piivault::token::{Sealed, TokenKey};
 
 fn tokens(c: &mut Criterion) {
     let mut group = c.benchmark_group("token");
@@ -31,8 +32,22 @@ fn tokens(c: &mut Criterion) {
         ),
         ("email", Format::Email { keep_domain: true }, "jane.doe@example.org"),
     ];
+    let key = TokenKey::new(&[5; 32]).unwrap();
     for (name, format, value) in formats {
-        group.bench_function(name, |b| b.iter(|| format.generate(black_box(value), &RandomTokens).unwrap()));
+        if let Format::Random { prefix } = &format {
+            let sealed = Sealed { seq: 123_456, check: [9; 8] };
+            let token = key.seal(prefix, sealed);
+            group.bench_function(format!("{name}/make"), |b| b.iter(|| key.seal(prefix, black_box(sealed))));
+            group.bench_function(format!("{name}/read"), |b| b.iter(|| key.open(black_box(&token)).unwrap()));
+            continue;
+        }
+        let token = format.shaped_token(&key, value, 123_456).unwrap();
+        group.bench_function(format!("{name}/make"), |b| {
+            b.iter(|| format.shaped_token(&key, black_box(value), black_box(123_456)).unwrap());
+        });
+        group.bench_function(format!("{name}/read"), |b| {
+            b.iter(|| format.shaped_numbers(&key, black_box(token.as_str())));
+        });
     }
     group.finish();
 }

@@ -2,30 +2,41 @@
 --
 -- A record is kept by its sequence number in its collection, so a new
 -- record goes at the end of the table instead of at a random place (the
--- token used to be the key). A default token issued from this version on
--- is its record's sequence number and 64 random bits, sealed under the
--- collection's token key (purpose 'token'): the record keeps the random
--- half (`token_check`) and is found by opening the token. Shaped tokens and
--- every token issued before keep their text (`token`) and are found by it
--- through `records_by_token`, which new default tokens never touch.
+-- token used to be the key). Every token issued from this version on
+-- locates its record: a default token is its record's sequence number and
+-- 64 random bits, sealed under the collection's token key (purpose
+-- 'token'), and the record keeps the random half (`token_check`); a shaped
+-- token is FF1 of the record's number in its shape under the same key, and
+-- the record keeps the token's canonical text (`shaped`, compared whole,
+-- never searched). Every token issued before keeps its text (`token`) and
+-- is found by it through `records_by_token`, which new tokens never touch.
 --
--- The records that exist get sequence numbers in the order they were
--- made; `collections.next_seq` continues after them.
+-- Sequence numbers are handed out per collection and shape (`sequences`):
+-- shape 0 is the collection's own (default and email tokens), shape n > 0
+-- numbers the shaped tokens of n letters and digits, whose records sit at
+-- `n << 48 | number`. The records that exist get shape-0 numbers in the
+-- order they were made; shape 0 continues after them.
 
-ALTER TABLE collections ADD COLUMN next_seq INTEGER NOT NULL DEFAULT 1 CHECK (next_seq > 0);
+CREATE TABLE sequences (
+    collection_id  INTEGER NOT NULL REFERENCES collections(id),
+    shape          INTEGER NOT NULL CHECK (shape >= 0),
+    next           INTEGER NOT NULL CHECK (next > 0),
+    PRIMARY KEY (collection_id, shape)
+) STRICT, WITHOUT ROWID;
 
 CREATE TABLE records_v6 (
     collection_id  INTEGER NOT NULL REFERENCES collections(id),
     seq            INTEGER NOT NULL CHECK (seq > 0),
     token_check    BLOB CHECK (length(token_check) = 8),
     token          TEXT,
+    shaped         TEXT,
     key_version    INTEGER,
     ciphertext     BLOB,
     created_at     INTEGER NOT NULL,
     deleted_at     INTEGER,
     expires_at     INTEGER,
     PRIMARY KEY (collection_id, seq),
-    CHECK ((token_check IS NULL) != (token IS NULL)),
+    CHECK ((token_check IS NOT NULL) + (token IS NOT NULL) + (shaped IS NOT NULL) = 1),
     CHECK ((ciphertext IS NULL) = (deleted_at IS NOT NULL)),
     CHECK ((ciphertext IS NULL) = (key_version IS NULL))
 ) STRICT, WITHOUT ROWID;
@@ -35,7 +46,8 @@ INSERT INTO records_v6 (collection_id, seq, token, key_version, ciphertext, crea
            token, key_version, ciphertext, created_at, deleted_at, expires_at
     FROM records;
 
-UPDATE collections SET next_seq = 1 + (SELECT count(*) FROM records_v6 r WHERE r.collection_id = collections.id);
+INSERT INTO sequences (collection_id, shape, next)
+    SELECT c.id, 0, 1 + (SELECT count(*) FROM records_v6 r WHERE r.collection_id = c.id) FROM collections c;
 
 -- The blind index points at the record's sequence number.
 CREATE TABLE blind_index_v6 (

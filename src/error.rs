@@ -76,7 +76,7 @@ pub enum VaultError {
     #[error("the collection is not deterministic: it has no blind index")]
     NotDeterministic,
     /// The collection holds a tenth of its token space: new values are
-    /// refused rather than drawn against ever more collisions.
+    /// refused before its tokens become easy to guess.
     #[error("the collection has issued {issued} of its {space} possible tokens; new values are refused")]
     TokenSpaceFull {
         /// Tokens issued (live, expired or deleted: none is reissued).
@@ -115,8 +115,8 @@ pub enum ItemErrorCode {
     /// The stored record exists but does not decrypt (corruption or a lost
     /// key); logged as an alert on the server.
     Unreadable,
-    /// No free token could be drawn (the collection's token space is
-    /// crowded).
+    /// No token is left for the value's shape (its sequence is used up, or
+    /// the shape's space is below the floor).
     TokenSpaceExhausted,
 }
 
@@ -146,7 +146,7 @@ pub enum ItemError {
     #[error("the stored record cannot be read")]
     Unreadable,
     /// See [`ItemErrorCode::TokenSpaceExhausted`].
-    #[error("no unused token could be drawn")]
+    #[error("no unused token is left for this value's shape")]
     TokenSpaceExhausted,
 }
 

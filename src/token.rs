@@ -21,6 +21,8 @@ use aes::Aes256;
 use aes::cipher::{BlockDecrypt as _, BlockEncrypt as _, KeyInit as _};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use fpe::ff1::{FF1, FlexibleNumeralString};
+use num_bigint::BigUint;
 
 use crate::crypto::{CryptoError, fill_random};
 
@@ -161,15 +163,35 @@ pub struct Sealed {
     pub check: [u8; CHECK_BYTES],
 }
 
-/// A collection's token key, ready to seal and open default tokens: a keyed
-/// pseudorandom permutation of 128-bit blocks. No `Debug`; the key schedule
-/// is zeroized on drop.
-pub struct TokenKey(Aes256);
+/// A collection's token key, ready to seal and open default tokens (a keyed
+/// pseudorandom permutation of 128-bit blocks) and to place shaped ones
+/// (FF1 of a number over a shape's domain). No `Debug`; both key schedules
+/// are zeroized on drop.
+pub struct TokenKey {
+    block: Aes256,
+    ff1: FF1<Aes256>,
+}
+
+/// What the FF1 key is derived under (HKDF-SHA256 of the token key), so
+/// the two uses of the token key never share an AES key.
+const FF1_KEY_INFO: &[u8] = b"piivault token key: FF1 shaped tokens v1";
+
+/// Numerals below which FF1 over radix 2 is refused (NIST SP 800-38G
+/// rev. 1 asks for a domain of at least 10^6; 2^20 is the least power of
+/// two above it). A domain of 10^6 has 20-bit numbers.
+const FF1_MIN_BITS: u64 = 20;
 
 impl TokenKey {
-    /// The permutation keyed by `key` (the collection's `token` key).
-    pub fn new(key: &[u8; 32]) -> Self {
-        Self(Aes256::new(key.into()))
+    /// The permutations keyed by `key` (the collection's `token` key).
+    /// (Neither step can fail: a 32-byte HKDF-SHA256 output and radix 2
+    /// are both within bounds.)
+    pub fn new(key: &[u8; 32]) -> Result<Self, CryptoError> {
+        let mut ff1_key = zeroize::Zeroizing::new([0u8; 32]);
+        hkdf::Hkdf::<sha2::Sha256>::new(None, key)
+            .expand(FF1_KEY_INFO, ff1_key.as_mut())
+            .map_err(|_| CryptoError::Encrypt)?;
+        let ff1 = FF1::<Aes256>::new(ff1_key.as_ref(), 2).map_err(|_| CryptoError::Encrypt)?;
+        Ok(Self { block: Aes256::new(key.into()), ff1 })
     }
 
     /// The default token with `prefix` for `sealed`.
@@ -178,7 +200,7 @@ impl TokenKey {
         block[..8].copy_from_slice(&sealed.seq.to_be_bytes());
         block[8..].copy_from_slice(&sealed.check);
         let mut block = block.into();
-        self.0.encrypt_block(&mut block);
+        self.block.encrypt_block(&mut block);
         token_from_bytes(prefix, &block.into())
     }
 
@@ -187,17 +209,78 @@ impl TokenKey {
     /// check is the store's to say.
     pub fn open(&self, token: &Token) -> Option<Sealed> {
         let mut block = token.body()?.into();
-        self.0.decrypt_block(&mut block);
+        self.block.decrypt_block(&mut block);
         let block: [u8; TOKEN_RANDOM_BYTES] = block.into();
         let (seq, check) = block.split_at(8);
         Some(Sealed { seq: u64::from_be_bytes(seq.try_into().ok()?), check: check.try_into().ok()? })
     }
+
+    /// `x` permuted over `0..domain` under `tweak`: FF1 (radix 2) over the
+    /// bits of the domain's largest number, walked along its cycle until it
+    /// lands back in the domain (fewer than two steps on average). `None`
+    /// for a domain of fewer than 20 bits or an `x` outside it.
+    pub fn permute(&self, tweak: &[u8], domain: &BigUint, x: &BigUint) -> Option<BigUint> {
+        self.walk(tweak, domain, x, Direction::Forward)
+    }
+
+    /// The inverse of [`TokenKey::permute`].
+    pub fn unpermute(&self, tweak: &[u8], domain: &BigUint, y: &BigUint) -> Option<BigUint> {
+        self.walk(tweak, domain, y, Direction::Back)
+    }
+
+    fn walk(&self, tweak: &[u8], domain: &BigUint, x: &BigUint, direction: Direction) -> Option<BigUint> {
+        if x >= domain {
+            return None;
+        }
+        let bits = (domain - 1u32).bits();
+        if bits < FF1_MIN_BITS {
+            return None;
+        }
+        let mut at = x.clone();
+        // The cycle through `x` comes back to `x` itself, inside the domain,
+        // so this ends; the domain is more than half the bit space, so
+        // each step lands in it with probability above one half.
+        loop {
+            let numerals = FlexibleNumeralString::from(to_bits(&at, bits));
+            let moved = match direction {
+                Direction::Forward => self.ff1.encrypt(tweak, &numerals),
+                Direction::Back => self.ff1.decrypt(tweak, &numerals),
+            }
+            .ok()?;
+            at = from_bits(&Vec::from(moved));
+            if at < *domain {
+                return Some(at);
+            }
+        }
+    }
 }
 
-/// Where the randomness of new tokens comes from. Production uses
+#[derive(Clone, Copy)]
+enum Direction {
+    Forward,
+    Back,
+}
+
+/// The `bits` low bits of `x`, most significant first (FF1 numerals).
+fn to_bits(x: &BigUint, bits: u64) -> Vec<u16> {
+    (0..bits).rev().map(|i| u16::from(x.bit(i))).collect()
+}
+
+/// The number whose bits, most significant first, are `numerals`.
+fn from_bits(numerals: &[u16]) -> BigUint {
+    let mut x = BigUint::default();
+    let len = u64::try_from(numerals.len()).unwrap_or(u64::MAX);
+    for (i, n) in numerals.iter().enumerate() {
+        let i = u64::try_from(i).unwrap_or(u64::MAX);
+        x.set_bit(len - 1 - i, *n != 0);
+    }
+    x
+}
+
+/// Where the random half of new default tokens comes from. Production uses
 /// [`RandomTokens`] (the OS CSPRNG); tests can supply a source that repeats
-/// itself to exercise collision handling. Each token drawn calls
-/// [`TokenGenerator::fill`] at least once.
+/// itself, to show that tokens stay unique by construction. Each default
+/// token calls [`TokenGenerator::fill`] once; shaped tokens never do.
 pub trait TokenGenerator: Send + Sync {
     /// Fills `buf` with random bytes.
     fn fill(&self, buf: &mut [u8]) -> Result<(), CryptoError>;
@@ -292,7 +375,7 @@ mod tests {
     #[test]
     fn sealed_tokens_known_answers() {
         let key: [u8; 32] = core::array::from_fn(|i| u8::try_from(i).unwrap());
-        let tokens = TokenKey::new(&key);
+        let tokens = TokenKey::new(&key).unwrap();
         let p = prefix("tok");
         for (seq, check, expected) in KNOWN_ANSWERS {
             let sealed = Sealed { seq: *seq, check: *check };
@@ -310,8 +393,8 @@ mod tests {
 
     #[test]
     fn fail_a_token_under_another_key_or_with_one_bit_changed_opens_to_another_record() {
-        let a = TokenKey::new(&[1; 32]);
-        let b = TokenKey::new(&[2; 32]);
+        let a = TokenKey::new(&[1; 32]).unwrap();
+        let b = TokenKey::new(&[2; 32]).unwrap();
         let p = prefix("tok");
         let sealed = Sealed { seq: 42, check: [7; 8] };
         let token = a.seal(&p, sealed);
@@ -328,7 +411,7 @@ mod tests {
     proptest! {
         #[test]
         fn sealing_then_opening_is_the_identity(seq: u64, check: [u8; 8], key: [u8; 32], p in "[a-z0-9]{1,8}") {
-            let tokens = TokenKey::new(&key);
+            let tokens = TokenKey::new(&key).unwrap();
             let token = tokens.seal(&prefix(&p), Sealed { seq, check });
             let parsed: Token = token.as_str().parse().unwrap();
             prop_assert_eq!(tokens.open(&parsed), Some(Sealed { seq, check }));
@@ -337,7 +420,7 @@ mod tests {
         #[test]
         fn distinct_sequence_numbers_give_distinct_tokens(a: u64, b: u64, check: [u8; 8], key: [u8; 32]) {
             prop_assume!(a != b);
-            let tokens = TokenKey::new(&key);
+            let tokens = TokenKey::new(&key).unwrap();
             let p = prefix("t");
             prop_assert_ne!(tokens.seal(&p, Sealed { seq: a, check }), tokens.seal(&p, Sealed { seq: b, check }));
         }

@@ -235,7 +235,7 @@ async fn erased_ciphertext_is_gone_from_the_database_and_the_wal() {
     let (ciphertext, digest): (Vec<u8>, Vec<u8>) = raw
         .query_row(
             "SELECT r.ciphertext, b.digest FROM records r JOIN blind_index b
-             ON b.collection_id = r.collection_id AND b.seq = r.seq WHERE r.token = ?1",
+             ON b.collection_id = r.collection_id AND b.seq = r.seq WHERE r.shaped = ?1",
             [&token],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
@@ -287,33 +287,19 @@ impl Captured {
     }
 }
 
-/// Adds `n` tombstones (deleted rows: tokens that are never issued again
-/// and so count as taken) to collection `name`, directly in the file.
-fn add_tombstones(fx: &Fixture, name: &str, from: usize, n: usize) {
-    let mut raw = common::tamper::open(&fx.db_path());
-    let tx = raw.transaction().unwrap();
-    {
-        // Six-digit tombstones, counted per length with the real tokens,
-        // each at the collection's next sequence number; a number a real
-        // token already holds is skipped, so exactly `n` are added.
-        let mut insert = tx
-            .prepare(
-                "INSERT OR IGNORE INTO records (collection_id, seq, token, created_at, deleted_at)
-                 SELECT id, next_seq, printf('%06d', ?1), 0, 0 FROM collections WHERE name = ?2",
-            )
-            .unwrap();
-        let mut taken = tx.prepare("UPDATE collections SET next_seq = next_seq + 1 WHERE name = ?1").unwrap();
-        let (mut i, mut added) = (from, 0);
-        while added < n {
-            let one = insert.execute(common::tamper::params![i, name]).unwrap();
-            if one == 1 {
-                taken.execute([name]).unwrap();
-            }
-            added += one;
-            i += 1;
-        }
-    }
-    tx.commit().unwrap();
+/// Marks the first `used` numbers of the sequence of 6-digit tokens of
+/// collection `name` as handed out (as if that many had been issued or
+/// reserved: none of them is issued again), directly in the file.
+fn set_used(fx: &Fixture, name: &str, used: i64) {
+    let raw = common::tamper::open(&fx.db_path());
+    let changed = raw
+        .execute(
+            "UPDATE sequences SET next = ?1 + 1
+             WHERE shape = 6 AND next <= ?1 AND collection_id = (SELECT id FROM collections WHERE name = ?2)",
+            common::tamper::params![used, name],
+        )
+        .unwrap();
+    assert_eq!(changed, 1, "the shape has a sequence below {used}");
 }
 
 // Current-thread runtime: the vault logs on the test's thread, where the
@@ -331,8 +317,8 @@ async fn a_crowded_collection_warns_at_one_percent_and_refuses_at_ten() {
     let _guard = tracing::subscriber::set_default(
         tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish(),
     );
-    // 10,000 taken: the next value crosses 1%, with one warning.
-    add_tombstones(&fx, "pin", 0, 9_999);
+    // 10,000 numbers used: the next value crosses 1%, with one warning.
+    set_used(&fx, "pin", 10_000);
     let vault = fx.open().await;
     tokenize_ok(&vault, "pin", &["222222"]).await;
     tokenize_ok(&vault, "pin", &["333333"]).await;
@@ -346,8 +332,8 @@ async fn a_crowded_collection_warns_at_one_percent_and_refuses_at_ten() {
     );
     drop(vault);
 
-    // 99,999 taken: one more fits, two do not.
-    add_tombstones(&fx, "pin", 9_999, 89_997);
+    // 99,999 used: one more fits, two do not.
+    set_used(&fx, "pin", 99_999);
     let vault = fx.open().await;
     let refused = vault.tokenize(&who(), "pin", values(&["111111", "444444"])).await.unwrap_err();
     assert!(matches!(refused, VaultError::TokenSpaceFull { issued: 99_999, space: 1_000_000 }), "{refused:?}");

@@ -41,7 +41,7 @@ async fn a_token_index_backlog_is_built_when_the_store_opens() {
     let store = open(1_000, OpenMode::Create);
     store.install_audit_key(AuditKey::from_bytes([7; 32])).await.unwrap();
     let id = store.create_collection("c", KeyPurpose::Data, b"w".to_vec()).await.unwrap();
-    let first = store.reserve_sequences(id, 3).await.unwrap();
+    let first = store.reserve_sequences(id, 0, 3).await.unwrap();
     let records = (0..3)
         .map(|i| NewRecord {
             at: RecordRef { seq: first + i, token: TokenForm::Text(format!("t{i}")) },

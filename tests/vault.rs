@@ -271,23 +271,53 @@ impl TokenGenerator for Shared {
     }
 }
 
-/// A collection of shaped tokens (drawn, not sealed).
+/// A collection of shaped tokens (placed by FF1, not sealed).
 const PIN: &str = "[collections.pin]\nformat = \"digits\"\nmin_len = 9\n";
 
 #[tokio::test]
-async fn collisions_of_shaped_tokens_are_retried_never_returned() {
+async fn shaped_tokens_are_unique_by_construction_and_draw_nothing() {
     let fx = Fixture::with_config(PIN);
-    let generator = Arc::new(Repeating { repeats: 3, calls: AtomicUsize::new(0) });
+    // A source that only repeats itself: shaped tokens never use it.
+    let generator = Arc::new(Repeating { repeats: usize::MAX, calls: AtomicUsize::new(0) });
     let vault = fx.create_with(Box::new(Shared(generator.clone()))).await;
-    // Draw 1 and 2 give the same token inside one batch; draw 3 repeats it
-    // again; draw 4 is fresh.
-    let tokens = tokenize_ok(&vault, "pin", &["123456789", "987654321"]).await;
-    assert_eq!(generator.calls.load(Ordering::SeqCst), 4);
-    assert_ne!(tokens[0], tokens[1]);
-    // Byte 0xab is digit 1 (171 mod 10).
-    assert_eq!(tokens[0], "111111111");
+    let values_in = ["123456789", "123456789", "987654321", "111-22-3333"];
+    let tokens = tokenize_ok(&vault, "pin", &values_in).await;
+    assert_eq!(generator.calls.load(Ordering::SeqCst), 0, "no draw for a shaped token");
+    let distinct: std::collections::HashSet<&String> = tokens.iter().collect();
+    assert_eq!(distinct.len(), 4, "the same value twice still gets two tokens: {tokens:?}");
+    assert!(tokens[3].len() == 11 && tokens[3].as_bytes()[3] == b'-' && tokens[3].as_bytes()[6] == b'-', "{tokens:?}");
     let back = detokenize_strings(&vault, "pin", &tokens).await;
-    assert_eq!(back, vec![Ok("123456789".to_owned()), Ok("987654321".to_owned())]);
+    assert_eq!(back, values_in.iter().map(|v| Ok((*v).to_owned())).collect::<Vec<_>>());
+    // In another writing, the same token; one digit changed, another place
+    // or none, and never this record.
+    let bare = tokens[3].replace('-', "");
+    assert_eq!(detokenize_strings(&vault, "pin", &[bare]).await, vec![Ok("111-22-3333".to_owned())]);
+    let mut forged = tokens[0].clone().into_bytes();
+    forged[8] = if forged[8] == b'0' { b'1' } else { b'0' };
+    let forged = String::from_utf8(forged).unwrap();
+    assert_eq!(detokenize_strings(&vault, "pin", &[forged]).await, vec![Err(ItemError::NotFound)]);
+}
+
+#[tokio::test]
+async fn a_deleted_shaped_token_is_never_reissued() {
+    let fx = Fixture::with_config(PIN);
+    let vault = fx.create().await;
+    let first = tokenize_ok(&vault, "pin", &["123456789"]).await;
+    assert_eq!(vault.delete(&who(), "pin", first.clone()).await.unwrap(), vec![Ok(())]);
+    assert_eq!(detokenize_strings(&vault, "pin", &first).await, vec![Err(ItemError::NotFound)]);
+    // The same value again, and after a restart: other numbers, other tokens.
+    let again = tokenize_ok(&vault, "pin", &["123456789"]).await;
+    drop(vault);
+    let vault = fx.open().await;
+    let after_restart = tokenize_ok(&vault, "pin", &["123456789"]).await;
+    assert_ne!(again, first);
+    assert_ne!(after_restart, first);
+    assert_ne!(after_restart, again);
+    assert_eq!(detokenize_strings(&vault, "pin", &first).await, vec![Err(ItemError::NotFound)]);
+    assert_eq!(
+        detokenize_strings(&vault, "pin", &[again[0].clone(), after_restart[0].clone()]).await,
+        vec![Ok("123456789".to_owned()), Ok("123456789".to_owned())]
+    );
 }
 
 #[tokio::test]
@@ -311,21 +341,6 @@ async fn default_tokens_are_unique_by_construction_without_retries() {
     forged[10] = if forged[10] == b'A' { b'B' } else { b'A' };
     let forged = String::from_utf8(forged).unwrap();
     assert_eq!(detokenize_strings(&vault, "card", &[forged]).await, vec![Err(ItemError::NotFound)]);
-}
-
-#[tokio::test]
-async fn an_exhausted_token_space_fails_the_item_and_a_deleted_token_is_never_reissued() {
-    let fx = Fixture::with_config(PIN);
-    let vault = fx.create_with(Box::new(Repeating { repeats: usize::MAX, calls: AtomicUsize::new(0) })).await;
-    let first = tokenize_ok(&vault, "pin", &["123456789"]).await;
-    let again = vault.tokenize(&who(), "pin", values(&["987654321"])).await.unwrap();
-    assert_eq!(again, vec![Err(ItemError::TokenSpaceExhausted)]);
-    assert_eq!(detokenize_strings(&vault, "pin", &first).await, vec![Ok("123456789".to_owned())]);
-    // Deleted, the token stays taken: it is never handed out for a new value.
-    assert_eq!(vault.delete(&who(), "pin", first.clone()).await.unwrap(), vec![Ok(())]);
-    let after_delete = vault.tokenize(&who(), "pin", values(&["987654321"])).await.unwrap();
-    assert_eq!(after_delete, vec![Err(ItemError::TokenSpaceExhausted)]);
-    assert_eq!(detokenize_strings(&vault, "pin", &first).await, vec![Err(ItemError::NotFound)]);
 }
 
 #[tokio::test]

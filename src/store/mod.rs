@@ -159,8 +159,11 @@ pub trait RecordStore: Send + Sync {
         render: RenderToken,
     ) -> Result<usize, StoreError>;
 
-    /// Tokens ever issued in `collection` (live, expired or deleted: none is
-    /// issued again), per length in letters and digits.
+    /// Tokens of `collection` that count against its shaped token space,
+    /// per length in letters and digits: those issued before tokens located
+    /// their records (live, expired or deleted: none is issued again), plus
+    /// every number reserved from the sequence of shape n > 0 (used or a
+    /// gap), counted at length n.
     async fn issued_by_length(&self, collection: CollectionId) -> Result<Vec<(usize, u64)>, StoreError>;
 
     /// Live records of `collection` that still need `work`, after sequence
@@ -300,10 +303,11 @@ pub trait CollectionStore: Send + Sync {
     /// kept). Returns the version in force.
     async fn set_canonical_index_from(&self, collection: CollectionId, version: u32) -> Result<u32, StoreError>;
 
-    /// Reserves `n` new sequence numbers of `collection` (durably: none is
-    /// ever handed out twice) and returns the first; the block is
-    /// `first..first + n`. Numbers reserved and never used are gaps.
-    async fn reserve_sequences(&self, collection: CollectionId, n: u64) -> Result<u64, StoreError>;
+    /// Reserves `n` new numbers of `collection`'s sequence for `shape` (0:
+    /// the collection's own; durably: none is ever handed out twice) and
+    /// returns the first; the block is `first..first + n`, numbered from 1.
+    /// Numbers reserved and never used are gaps.
+    async fn reserve_sequences(&self, collection: CollectionId, shape: u32, n: u64) -> Result<u64, StoreError>;
 }
 
 /// The hash-chained audit trail. Records that go with a data change are
@@ -523,15 +527,20 @@ pub struct Reencrypted {
 
 /// How a presented token is looked for: a default token first by what it
 /// opens to under the collection's token key (a sequence number, and the
-/// random half compared in constant time); then by its text, as written,
-/// and, for a shaped token, under its canonical form (its letters and
-/// digits), which is how shaped tokens are stored, and through the
-/// canonical forms of tokens issued before that (`legacy_tokens`). The
-/// first live record found wins.
+/// random half compared in constant time); a shaped token first at the
+/// places its FF1 decryption names (the stored token compared whole, in
+/// constant time, with its canonical form); then by its text, as written
+/// and in canonical form (its letters and digits), which is how tokens
+/// issued before this scheme are found, and through the canonical forms of
+/// tokens issued before canonical storage (`legacy_tokens`). The first
+/// live record found wins.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenLookup {
     /// What a default token opens to.
     pub sealed: Option<Sealed>,
+    /// The record places a shaped token decrypts to (at most two: a phone
+    /// token presented without its `+` may be either).
+    pub placed: Vec<u64>,
     /// The token as the caller wrote it.
     pub exact: String,
     /// Its canonical form, for shaped formats.
@@ -544,6 +553,12 @@ impl TokenLookup {
     fn candidates(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.exact.as_str()).chain(self.canonical.as_deref().filter(|c| *c != self.exact))
     }
+
+    /// The text a shaped record found at one of [`TokenLookup::placed`]
+    /// must hold: the canonical form.
+    pub fn shaped_text(&self) -> &str {
+        self.canonical.as_deref().unwrap_or(&self.exact)
+    }
 }
 
 /// How a record's token is kept with it.
@@ -552,8 +567,11 @@ pub enum TokenForm {
     /// A sealed default token: its random half (its sequence number is the
     /// record's own). The token is rebuilt under the token key.
     Sealed([u8; CHECK_BYTES]),
-    /// A token found by its text: shaped tokens, and the default tokens
-    /// issued before sealed tokens.
+    /// A shaped token placed by FF1: its canonical text, kept with the
+    /// record (which its decryption locates) and compared whole.
+    Shaped(String),
+    /// A token issued before tokens located their records (default or
+    /// shaped), found by its text.
     Text(String),
 }
 
@@ -563,7 +581,7 @@ impl TokenForm {
     /// writing), the token as `presented`.
     pub fn into_text(self, presented: &str) -> String {
         match self {
-            Self::Text(text) => text,
+            Self::Text(text) | Self::Shaped(text) => text,
             Self::Sealed(_) => presented.to_owned(),
         }
     }
@@ -629,8 +647,8 @@ pub enum Pending {
 pub enum InsertOutcome {
     /// Stored.
     Inserted,
-    /// The token already exists (live or deleted) in the collection; nothing
-    /// was written. The caller draws a new token.
+    /// The place or the token text is taken (live or deleted) in the
+    /// collection; nothing was written. The caller takes the next number.
     Collision,
     /// Deterministic collections: the value already has this live record;
     /// nothing was written.

@@ -5,7 +5,7 @@ use crate::audit::{Event, Outcome};
 use crate::crypto::keyring::{self, KeyPurpose};
 use crate::crypto::{CryptoError, envelope};
 use crate::error::{ItemError, VaultError};
-use crate::format::{Format, Normalize};
+use crate::format::{Format, Normalize, split_seq};
 use crate::store::{IndexEntry, InsertOutcome, NewRecord, RecordMatch, RecordRef, TokenForm, TokenLookup};
 use crate::token::{CHECK_BYTES, Sealed, Token};
 use crate::value::PiiValue;
@@ -76,24 +76,31 @@ impl Vault {
             let mut records = Vec::with_capacity(pending.len());
             let mut tokens = Vec::with_capacity(pending.len());
             let mut drawn = Vec::with_capacity(pending.len());
-            let seqs = coll.take_seqs(self.inner.store.as_ref(), pending.len()).await?;
-            for (&i, seq) in pending.iter().zip(seqs) {
+            let shapes: Vec<u32> = pending.iter().map(|&i| coll.format.shape_of(values[i].expose_secret())).collect();
+            let places = coll.take_places(self.inner.store.as_ref(), &shapes).await?;
+            let key = coll.token_key.as_ref().ok_or_else(|| coll.no_primary(KeyPurpose::Token))?;
+            let mut again = Vec::new();
+            for (&i, seq) in pending.iter().zip(places) {
                 let value = values[i].expose_secret();
                 let (token, form) = if let Format::Random { prefix } = &coll.format {
                     // The record's place, sealed with 64 random bits.
-                    let key = coll.token_key.as_ref().ok_or_else(|| coll.no_primary(KeyPurpose::Token))?;
                     let mut check = [0u8; CHECK_BYTES];
                     self.inner.tokens.fill(&mut check)?;
                     (key.seal(prefix, Sealed { seq, check }), TokenForm::Sealed(check))
                 } else {
-                    let Some(token) = coll.format.generate(value, self.inner.tokens.as_ref())? else {
+                    let Some(token) = coll.format.shaped_token(key, value, split_seq(seq).1) else {
                         results[i] = Some(Err(ItemError::TokenSpaceExhausted));
                         continue;
                     };
+                    if token.as_str() == value {
+                        // Never the value itself: the next number.
+                        again.push(i);
+                        continue;
+                    }
                     // Stored (and bound to its ciphertext) in canonical
-                    // form; answered as drawn, in the caller's writing.
+                    // form; answered in the caller's writing.
                     let stored = coll.format.canonical(token.as_str()).into_owned();
-                    (token, TokenForm::Text(stored))
+                    (token, TokenForm::Shaped(stored))
                 };
                 let at = RecordRef { seq, token: form };
                 let stored = coll.token_text(&at);
@@ -110,16 +117,14 @@ impl Vault {
                 drawn.push(i);
             }
             if records.is_empty() {
-                break;
+                pending = again;
+                continue;
             }
             let outcomes = self.inner.store.insert_records(coll.id, records, audit.clone(), coll.renderer()).await?;
-            let mut retry = Vec::new();
+            let mut retry = again;
             for ((i, token), outcome) in drawn.into_iter().zip(tokens).zip(outcomes) {
                 match outcome {
-                    InsertOutcome::Inserted => {
-                        coll.occupancy.add(crate::format::slots_of(token.as_str()), 1);
-                        results[i] = Some(Ok(token));
-                    }
+                    InsertOutcome::Inserted => results[i] = Some(Ok(token)),
                     InsertOutcome::Existing(at) => {
                         existing += 1;
                         let token = coll.token_text(&at);
@@ -132,12 +137,12 @@ impl Vault {
                 }
             }
             if !retry.is_empty() {
-                tracing::debug!(collection = %coll.name, collisions = retry.len(), "token collisions; drawing again");
+                tracing::debug!(collection = %coll.name, collisions = retry.len(), "tokens issued before this scheme or equal to their values; taking the next numbers");
             }
             pending = retry;
         }
         if !pending.is_empty() {
-            tracing::warn!(collection = %coll.name, items = pending.len(), "no free token after {MAX_TOKEN_ATTEMPTS} draws");
+            tracing::warn!(collection = %coll.name, items = pending.len(), "no free token after {MAX_TOKEN_ATTEMPTS} numbers");
         }
         let results = results.into_iter().map(|r| r.unwrap_or(Err(ItemError::TokenSpaceExhausted))).collect();
         Ok(Tokenized { results, existing })

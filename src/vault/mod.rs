@@ -27,9 +27,10 @@ use crate::store::{CollectionId, KeyInfo, KeyState, OpenMode, RecordRef, RenderT
 use crate::token::{RandomTokens, Sealed, Token, TokenGenerator, TokenKey};
 use crate::value::PiiValue;
 
-/// How many tokens are drawn for one value before giving up. With 128-bit
-/// tokens a single collision is already beyond belief; the bound exists for
-/// small format-preserving token spaces.
+/// How many numbers are tried for one value before giving up. Tokens are
+/// unique by construction; a shaped token may still be its own value, or
+/// a token issued before tokens located their records: then the value
+/// takes the next number.
 const MAX_TOKEN_ATTEMPTS: usize = 8;
 
 /// Sequence numbers reserved at once (one durable write per block; the
@@ -129,13 +130,15 @@ struct Collection {
     occupancy: Occupancy,
     /// The collection's token key, once loaded (it is never rotated).
     token_key: Option<Arc<TokenKey>>,
-    /// Sequence numbers reserved in the store and not yet used.
-    seqs: tokio::sync::Mutex<std::ops::Range<u64>>,
+    /// Sequence numbers reserved in the store and not yet used, per shape.
+    seqs: tokio::sync::Mutex<HashMap<u32, std::ops::Range<u64>>>,
 }
 
 /// Tokens a shaped collection has issued, per value length (letters and
 /// digits), counted against that length's token space (a random or email
-/// token space cannot fill up).
+/// token space cannot fill up): the numbers its shape's sequence has used
+/// (reserved, at start), and any token issued before tokens located their
+/// records.
 struct Occupancy {
     issued: Vec<std::sync::atomic::AtomicU64>,
     /// Whether the 1% warning has been logged, per length.
@@ -223,8 +226,16 @@ impl Collection {
     fn lookup(&self, token: &Token) -> TokenLookup {
         let exact = token.as_str();
         let canonical = self.format.is_canonicalized().then(|| self.format.canonical(exact).into_owned());
-        let sealed = self.token_key.as_ref().filter(|_| !self.format.preserves_shape()).and_then(|k| k.open(token));
-        TokenLookup { sealed, exact: exact.to_owned(), canonical }
+        let (sealed, placed) = match &self.token_key {
+            Some(key) if self.format.preserves_shape() => {
+                let shape = self.format.shape_of(exact);
+                let placed = self.format.shaped_numbers(key, exact);
+                (None, placed.into_iter().map(|n| crate::format::record_seq(shape, n)).collect())
+            }
+            Some(key) => (key.open(token), Vec::new()),
+            None => (None, Vec::new()),
+        };
+        TokenLookup { sealed, placed, exact: exact.to_owned(), canonical }
     }
 
     /// The token text of the record at `at` (the one its ciphertext is bound
@@ -240,19 +251,52 @@ impl Collection {
         Box::new(move |at| render_token(key.as_deref(), &format, at))
     }
 
-    /// `n` sequence numbers for new records, from the reserved block (a new
-    /// block is reserved in the store when it runs out).
-    async fn take_seqs(&self, store: &dyn Store, n: usize) -> Result<Vec<u64>, VaultError> {
-        let mut block = self.seqs.lock().await;
-        let n64 = u64::try_from(n).unwrap_or(u64::MAX);
-        if block.end - block.start < n64 {
-            let size = n64.max(SEQ_BLOCK);
-            let first = store.reserve_sequences(self.id, size).await?;
-            *block = first..first.saturating_add(size);
+    /// Record places for new records, one per shape in `shapes`, in order:
+    /// from the numbers reserved per shape (a new block is reserved in the
+    /// store when one runs out). A shaped number counts against its
+    /// length's space once taken, used or not.
+    async fn take_places(&self, store: &dyn Store, shapes: &[u32]) -> Result<Vec<u64>, VaultError> {
+        let mut blocks = self.seqs.lock().await;
+        let mut wanted: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+        for &shape in shapes {
+            *wanted.entry(shape).or_default() += 1;
         }
-        let taken = block.start..block.start + n64;
-        block.start = taken.end;
-        Ok(taken.collect())
+        for (&shape, &n) in &wanted {
+            let block = blocks.entry(shape).or_insert(0..0);
+            if block.end - block.start < n {
+                let size = n.max(self.seq_block(shape));
+                let first = store.reserve_sequences(self.id, shape, size).await?;
+                let end = first.saturating_add(size);
+                if shape > 0 && end > crate::format::MAX_SHAPE_NUMBER + 1 {
+                    let space = self.format.token_space_at(usize::try_from(shape).unwrap_or(usize::MAX));
+                    return Err(VaultError::TokenSpaceFull { issued: first - 1, space });
+                }
+                *block = first..end;
+            }
+        }
+        Ok(shapes
+            .iter()
+            .map(|&shape| {
+                let block = blocks.entry(shape).or_insert(0..0);
+                let n = block.start;
+                block.start += 1;
+                if shape > 0 {
+                    self.occupancy.add(usize::try_from(shape).unwrap_or(usize::MAX), 1);
+                }
+                crate::format::record_seq(shape, n)
+            })
+            .collect())
+    }
+
+    /// How many numbers of `shape` to reserve at once: [`SEQ_BLOCK`], or for
+    /// a shape whose space is small, a ten-thousandth of it (at least 16),
+    /// so that the numbers a restart leaves unused barely count.
+    fn seq_block(&self, shape: u32) -> u64 {
+        if shape == 0 {
+            return SEQ_BLOCK;
+        }
+        let space = self.format.token_space_at(usize::try_from(shape).unwrap_or(usize::MAX));
+        u64::try_from(space / 10_000).unwrap_or(u64::MAX).clamp(16, SEQ_BLOCK)
     }
 
     /// What the blind index digests under index-key `version`: the
@@ -271,7 +315,7 @@ impl Collection {
 /// `key` (a collection of the default format).
 fn render_token(key: Option<&TokenKey>, format: &Format, at: &RecordRef) -> String {
     match (&at.token, key, format) {
-        (TokenForm::Text(text), ..) => text.clone(),
+        (TokenForm::Text(text) | TokenForm::Shaped(text), ..) => text.clone(),
         (TokenForm::Sealed(check), Some(key), Format::Random { prefix }) => {
             key.seal(prefix, Sealed { seq: at.seq, check: *check }).into_string()
         }
@@ -383,9 +427,10 @@ impl Vault {
             if keyring.with_primary(collection.id.0, KeyPurpose::Data, |_, _| ()).is_none() {
                 return Err(collection.no_primary(KeyPurpose::Data));
             }
-            collection.token_key = keyring.with_primary(collection.id.0, KeyPurpose::Token, |_, key| {
-                Arc::new(TokenKey::new(key.expose_secret()))
-            });
+            collection.token_key = keyring
+                .with_primary(collection.id.0, KeyPurpose::Token, |_, key| TokenKey::new(key.expose_secret()))
+                .transpose()?
+                .map(Arc::new);
             if collection.token_key.is_none() {
                 return Err(collection.no_primary(KeyPurpose::Token));
             }
@@ -510,7 +555,7 @@ async fn open_collection(
         reindex_before_serving,
         occupancy: Occupancy::new(&issued),
         token_key: None,
-        seqs: tokio::sync::Mutex::new(0..0),
+        seqs: tokio::sync::Mutex::new(HashMap::new()),
     })
 }
 

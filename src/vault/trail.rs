@@ -157,7 +157,8 @@ impl Vault {
     }
 
     /// Whether the token index lists exactly the records of the tokens in
-    /// `tokens`: a kept text equal to the token, or a sealed token that
+    /// `tokens`: a kept text (shaped, or issued before tokens located
+    /// their records) equal to the token, or a sealed token that
     /// opens (under its collection's token key) to the record's place and
     /// random half.
     fn index_matches(&self, tokens: &[String], indexed: &[(CollectionId, RecordRef)]) -> bool {
@@ -170,7 +171,7 @@ impl Vault {
         let mut matched = vec![false; indexed.len()];
         recorded.into_iter().all(|token| {
             let names = |(collection, at): &(CollectionId, RecordRef)| match &at.token {
-                TokenForm::Text(text) => text == token,
+                TokenForm::Text(text) | TokenForm::Shaped(text) => text == token,
                 TokenForm::Sealed(check) => {
                     self.open_sealed(*collection, token) == Some(Sealed { seq: at.seq, check: *check })
                 }
@@ -191,7 +192,9 @@ impl Vault {
         let token: Token = token.parse().ok()?;
         self.inner
             .keyring
-            .with_primary(collection.0, KeyPurpose::Token, |_, key| TokenKey::new(key.expose_secret()).open(&token))
+            .with_primary(collection.0, KeyPurpose::Token, |_, key| {
+                TokenKey::new(key.expose_secret()).ok().and_then(|k| k.open(&token))
+            })
             .flatten()
     }
 }

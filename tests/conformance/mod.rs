@@ -32,6 +32,7 @@ macro_rules! conformance_suite {
             records_round_trip_in_the_order_asked,
             a_taken_token_fails_alone,
             sealed_records_are_found_by_place_and_random_half,
+            shaped_records_are_found_by_place_and_whole_token,
             sequence_numbers_are_never_handed_out_twice,
             one_value_gets_one_token_under_concurrency,
             expired_records_answer_like_unknown_ones_and_are_purged,
@@ -95,18 +96,28 @@ fn sealed(seq: u64, check: [u8; 8], ciphertext: &[u8]) -> NewRecord {
 }
 
 fn lookup(token: &str) -> TokenLookup {
-    TokenLookup { sealed: None, exact: token.into(), canonical: None }
+    TokenLookup { sealed: None, placed: Vec::new(), exact: token.into(), canonical: None }
 }
 
 fn lookup_sealed(seq: u64, check: [u8; 8]) -> TokenLookup {
-    TokenLookup { sealed: Some(Sealed { seq, check }), exact: format!("s{seq}"), canonical: None }
+    TokenLookup { sealed: Some(Sealed { seq, check }), placed: Vec::new(), exact: format!("s{seq}"), canonical: None }
+}
+
+/// A shaped token as presented: `exact` (its writing), at `placed`.
+fn lookup_shaped(placed: &[u64], exact: &str, canonical: &str) -> TokenLookup {
+    TokenLookup { sealed: None, placed: placed.to_vec(), exact: exact.into(), canonical: Some(canonical.into()) }
+}
+
+/// A shaped record at `seq`, keeping `text`.
+fn shaped(seq: u64, text: &str, ciphertext: &[u8]) -> NewRecord {
+    at(RecordRef { seq, token: TokenForm::Shaped(text.into()) }, 1, ciphertext)
 }
 
 /// How these checks write a record's token: its text, or `s<seq>` for a
 /// sealed one (the vault seals it under the token key).
 fn name(at: &RecordRef) -> String {
     match &at.token {
-        TokenForm::Text(text) => text.clone(),
+        TokenForm::Text(text) | TokenForm::Shaped(text) => text.clone(),
         TokenForm::Sealed(_) => format!("s{}", at.seq),
     }
 }
@@ -185,7 +196,7 @@ pub async fn a_taken_token_fails_alone(fresh: Fresh) {
 pub async fn sealed_records_are_found_by_place_and_random_half(fresh: Fresh) {
     let id = ready(&fresh).await;
     let store = fresh.store.as_ref();
-    let first = store.reserve_sequences(id, 3).await.unwrap();
+    let first = store.reserve_sequences(id, 0, 3).await.unwrap();
     let check = |i: u8| [i; 8];
     let batch = (0..3)
         .map(|i| sealed(first + i, check(u8::try_from(i).unwrap() + 1), &[b'v', u8::try_from(i).unwrap()]))
@@ -250,13 +261,65 @@ pub async fn sealed_records_are_found_by_place_and_random_half(fresh: Fresh) {
     );
 }
 
+pub async fn shaped_records_are_found_by_place_and_whole_token(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    let shape = 16u64 << 48;
+    let first = shape | store.reserve_sequences(id, 16, 2).await.unwrap();
+    let batch = vec![shaped(first, "9674467744990004", b"ct0"), shaped(first + 1, "9674467744990012", b"ct1")];
+    let outcomes = store.insert_records(id, batch, audit("tokenize"), render()).await.unwrap();
+    assert_eq!(outcomes, [InsertOutcome::Inserted, InsertOutcome::Inserted]);
+    let found = store
+        .get_records(
+            id,
+            vec![
+                // In another writing: compared in canonical form.
+                lookup_shaped(&[first + 1], "9674 4677 4499 0012", "9674467744990012"),
+                // The right place, another token (a kept digit changed).
+                lookup_shaped(&[first + 1], "9674467744990013", "9674467744990013"),
+                // The first of two places holds nothing; the second does.
+                lookup_shaped(&[first + 9, first], "9674467744990004", "9674467744990004"),
+                // Not at its place, and not found by its text either.
+                lookup_shaped(&[], "9674467744990004", "9674467744990004"),
+            ],
+        )
+        .await
+        .unwrap();
+    let found: Vec<Option<Vec<u8>>> = found.into_iter().map(|r| r.map(|r| r.ciphertext)).collect();
+    assert_eq!(found, [Some(b"ct1".to_vec()), None, Some(b"ct0".to_vec()), None]);
+    // A token issued before tokens located their records, with the same
+    // text, is a collision (the caller takes the next number).
+    store.insert_records(id, vec![record("5555444433332222", 1, b"old")], audit("tokenize"), render()).await.unwrap();
+    let clash = store
+        .insert_records(id, vec![shaped(first + 2, "5555444433332222", b"new")], audit("tokenize"), render())
+        .await
+        .unwrap();
+    assert_eq!(clash, [InsertOutcome::Collision]);
+    assert_eq!(read(store, id, &["5555444433332222"]).await, [Some(b"old".to_vec())]);
+    // Deleted, the record is still where its token says (never reissued).
+    let deleted = store
+        .delete_records(id, vec![lookup_shaped(&[first], "9674467744990004", "9674467744990004")], audit("delete"))
+        .await
+        .unwrap();
+    assert_eq!(deleted, [true]);
+    let located =
+        store.locate_record(id, lookup_shaped(&[first], "9674-4677-4499-0004", "9674467744990004")).await.unwrap();
+    assert_eq!(located, Some(RecordRef { seq: first, token: TokenForm::Shaped("9674467744990004".into()) }));
+    // Counted against the space of 16 letters and digits: the numbers the
+    // shape reserved, and the old token's length.
+    assert_eq!(store.issued_by_length(id).await.unwrap(), [(16, 3)]);
+    let rows = chain(store).await;
+    assert_eq!(rows[0].1.tokens, ["9674467744990004", "9674467744990012"]);
+    assert_eq!(rows.last().unwrap().1.tokens, ["9674467744990004"]);
+}
+
 pub async fn sequence_numbers_are_never_handed_out_twice(fresh: Fresh) {
     let id = ready(&fresh).await;
     let other = fresh.store.create_collection("d", KeyPurpose::Data, b"w".to_vec()).await.unwrap();
     let tasks: Vec<_> = (0..8u64)
         .map(|i| {
             let store = fresh.store.clone();
-            tokio::spawn(async move { (store.reserve_sequences(id, i + 1).await.unwrap(), i + 1) })
+            tokio::spawn(async move { (store.reserve_sequences(id, 0, i + 1).await.unwrap(), i + 1) })
         })
         .collect();
     let mut blocks = Vec::new();
@@ -268,9 +331,13 @@ pub async fn sequence_numbers_are_never_handed_out_twice(fresh: Fresh) {
     for pair in blocks.windows(2) {
         assert_eq!(pair[0].0 + pair[0].1, pair[1].0, "blocks are disjoint and leave no gap: {blocks:?}");
     }
-    // Each collection counts on its own.
-    assert_eq!(fresh.store.reserve_sequences(other, 5).await.unwrap(), 1);
-    assert_eq!(fresh.store.reserve_sequences(other, 1).await.unwrap(), 6);
+    // Each collection counts on its own, and so does each shape.
+    assert_eq!(fresh.store.reserve_sequences(other, 0, 5).await.unwrap(), 1);
+    assert_eq!(fresh.store.reserve_sequences(other, 0, 1).await.unwrap(), 6);
+    assert_eq!(fresh.store.reserve_sequences(other, 16, 100).await.unwrap(), 1);
+    assert_eq!(fresh.store.reserve_sequences(id, 16, 1).await.unwrap(), 1);
+    assert_eq!(fresh.store.reserve_sequences(other, 16, 1).await.unwrap(), 101);
+    assert_eq!(fresh.store.reserve_sequences(other, 0, 1).await.unwrap(), 7);
 }
 
 pub async fn one_value_gets_one_token_under_concurrency(fresh: Fresh) {

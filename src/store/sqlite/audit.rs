@@ -165,7 +165,7 @@ impl AuditStore for SqliteStore {
             }
             drop(stmt);
             let mut indexed = conn.prepare_cached(
-                "SELECT x.collection_id, r.seq, r.token_check, r.token FROM audit_records x
+                "SELECT x.collection_id, r.seq, r.token_check, r.token, r.shaped FROM audit_records x
                  JOIN records r ON r.collection_id = x.collection_id AND r.seq = x.record_seq
                  WHERE x.audit_seq = ?1 ORDER BY x.collection_id, x.record_seq",
             )?;

@@ -94,13 +94,16 @@ impl CollectionStore for SqliteStore {
         .await
     }
 
-    async fn reserve_sequences(&self, collection: CollectionId, n: u64) -> Result<u64, StoreError> {
+    async fn reserve_sequences(&self, collection: CollectionId, shape: u32, n: u64) -> Result<u64, StoreError> {
         let n = i64::try_from(n).map_err(|_| StoreError::Unsupported("reserve that many sequence numbers"))?;
         self.write(move |tx| {
             let next: i64 = tx
                 .conn
-                .prepare_cached("UPDATE collections SET next_seq = next_seq + ?2 WHERE id = ?1 RETURNING next_seq")?
-                .query_row(params![collection.0, n], |row| row.get(0))?;
+                .prepare_cached(
+                    "INSERT INTO sequences (collection_id, shape, next) VALUES (?1, ?2, 1 + ?3)
+                     ON CONFLICT DO UPDATE SET next = next + ?3 RETURNING next",
+                )?
+                .query_row(params![collection.0, shape, n], |row| row.get(0))?;
             u64::try_from(next - n).map_err(|_| StoreError::Corrupt)
         })
         .await

@@ -39,33 +39,48 @@ impl RecordStore for SqliteStore {
                     outcomes.push(InsertOutcome::Existing(existing));
                     continue;
                 }
-                let (check, text) = match &r.at.token {
-                    TokenForm::Sealed(check) => (Some(check.as_slice()), None),
-                    TokenForm::Text(text) => {
-                        // A token issued before canonical storage may hold
-                        // this canonical form in another writing.
+                let (check, text, shaped) = match &r.at.token {
+                    TokenForm::Sealed(check) => (Some(check.as_slice()), None, None),
+                    TokenForm::Shaped(text) | TokenForm::Text(text) => {
+                        // A token issued before tokens located their records
+                        // may be this text (in this or, before canonical
+                        // storage, another writing).
                         let legacy = tx
                             .conn
                             .prepare_cached(
-                                "SELECT EXISTS (SELECT 1 FROM legacy_tokens WHERE collection_id = ?1 AND canonical = ?2)",
+                                "SELECT EXISTS (SELECT 1 FROM records WHERE collection_id = ?1 AND token = ?2)
+                                     OR EXISTS (SELECT 1 FROM legacy_tokens WHERE collection_id = ?1 AND canonical = ?2)",
                             )?
                             .query_row(params![collection.0, text], |row| row.get::<_, bool>(0))?;
                         if legacy {
                             outcomes.push(InsertOutcome::Collision);
                             continue;
                         }
-                        (None, Some(text.as_str()))
+                        match &r.at.token {
+                            TokenForm::Shaped(_) => (None, None, Some(text.as_str())),
+                            _ => (None, Some(text.as_str()), None),
+                        }
                     }
                 };
                 let seq = sql_seq(r.at.seq)?;
                 let changed = tx
                     .conn
                     .prepare_cached(
-                        "INSERT INTO records (collection_id, seq, token_check, token, key_version, ciphertext, created_at, expires_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                        "INSERT INTO records (collection_id, seq, token_check, token, shaped, key_version, ciphertext, created_at, expires_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                          ON CONFLICT DO NOTHING",
                     )?
-                    .execute(params![collection.0, seq, check, text, r.key_version, r.ciphertext, now, r.expires_at])?;
+                    .execute(params![
+                        collection.0,
+                        seq,
+                        check,
+                        text,
+                        shaped,
+                        r.key_version,
+                        r.ciphertext,
+                        now,
+                        r.expires_at
+                    ])?;
                 if changed != 1 {
                     outcomes.push(InsertOutcome::Collision);
                     continue;
@@ -187,7 +202,8 @@ impl RecordStore for SqliteStore {
         self.read(move |conn| {
             // Canonical tokens are counted by length in SQL; tokens stored
             // with separators (before schema version 5) one by one. Sealed
-            // tokens are never shaped.
+            // tokens are never shaped; shaped tokens that locate their
+            // records are counted by their shape's sequence.
             let mut stmt = conn.prepare_cached(
                 "SELECT length(token), CASE WHEN token GLOB '*[^0-9A-Za-z]*' THEN token END, count(*)
                  FROM records WHERE collection_id = ?1 AND token IS NOT NULL GROUP BY 1, 2",
@@ -203,6 +219,14 @@ impl RecordStore for SqliteStore {
                     None => usize::try_from(length).unwrap_or(0),
                 };
                 *counts.entry(length).or_default() += u64::try_from(n).unwrap_or(0);
+            }
+            let mut stmt =
+                conn.prepare_cached("SELECT shape, next - 1 FROM sequences WHERE collection_id = ?1 AND shape > 0")?;
+            let rows = stmt.query_map([collection.0], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (shape, used) = row?;
+                let shape = usize::try_from(shape).map_err(|_| StoreError::Corrupt)?;
+                *counts.entry(shape).or_default() += u64::try_from(used).map_err(|_| StoreError::Corrupt)?;
             }
             Ok(counts.into_iter().collect())
         })
@@ -352,20 +376,21 @@ pub(super) fn sql_seq(seq: u64) -> Result<i64, StoreError> {
 /// statements are constants: no query text is formatted per lookup).
 macro_rules! row_columns {
     () => {
-        "seq, token_check, token, ciphertext, key_version, expires_at"
+        "seq, token_check, token, shaped, ciphertext, key_version, expires_at"
     };
 }
 use row_columns;
 
 /// The record place and token form in columns `first` (`seq`), `first + 1`
-/// (`token_check`) and `first + 2` (`token`): exactly one of the last two
-/// is set, or the row is damaged.
+/// (`token_check`), `first + 2` (`token`) and `first + 3` (`shaped`):
+/// exactly one of the last three is set, or the row is damaged.
 pub(super) fn record_ref(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<RecordRef> {
     let seq: i64 = row.get(first)?;
     let check: Option<[u8; crate::token::CHECK_BYTES]> = row.get(first + 1)?;
-    let token = match (check, row.get::<_, Option<String>>(first + 2)?) {
-        (Some(check), None) => TokenForm::Sealed(check),
-        (None, Some(text)) => TokenForm::Text(text),
+    let token = match (check, row.get::<_, Option<String>>(first + 2)?, row.get::<_, Option<String>>(first + 3)?) {
+        (Some(check), None, None) => TokenForm::Sealed(check),
+        (None, Some(text), None) => TokenForm::Text(text),
+        (None, None, Some(text)) => TokenForm::Shaped(text),
         _ => {
             return Err(rusqlite::Error::InvalidColumnType(
                 first + 1,
@@ -390,7 +415,7 @@ struct Row {
 impl Row {
     /// Reads [`row_columns`].
     fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self { at: record_ref(row, 0)?, ciphertext: row.get(3)?, key_version: row.get(4)?, expires_at: row.get(5)? })
+        Ok(Self { at: record_ref(row, 0)?, ciphertext: row.get(4)?, key_version: row.get(5)?, expires_at: row.get(6)? })
     }
 
     /// Whether it holds a value that has not expired by `now` (any time if
@@ -420,9 +445,10 @@ fn row_of_text(conn: &Connection, collection: CollectionId, text: &str) -> Resul
 
 /// The first row `lookup` names that `wanted` accepts, tried in order: the
 /// record a sealed token opens to (if its random half matches, compared in
-/// constant time), the token's text as written and in canonical form, then
-/// the token issued before canonical storage that its canonical form
-/// stands for.
+/// constant time), the records a shaped token decrypts to (if the token
+/// they keep is the presented one, compared in constant time), the
+/// token's text as written and in canonical form, then the token issued
+/// before canonical storage that its canonical form stands for.
 fn first_row(
     conn: &Connection,
     collection: CollectionId,
@@ -435,6 +461,15 @@ fn first_row(
         && wanted(&row)
     {
         return Ok(Some(row));
+    }
+    let presented = lookup.shaped_text().as_bytes();
+    for &seq in &lookup.placed {
+        if let Some(row) = row_at(conn, collection, seq)?
+            && matches!(&row.at.token, TokenForm::Shaped(text) if bool::from(text.as_bytes().ct_eq(presented)))
+            && wanted(&row)
+        {
+            return Ok(Some(row));
+        }
     }
     for text in lookup.candidates() {
         if let Some(row) = row_of_text(conn, collection, text)?
