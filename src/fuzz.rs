@@ -18,6 +18,7 @@ use crate::config::{CollectionConfig, Config, RootKeySource};
 use crate::crypto::keyring::DataKey;
 use crate::grpc::proto;
 use crate::policy::Policy;
+use crate::token::TokenKey;
 use crate::value::PiiValue;
 
 /// A fuzz target's entry point.
@@ -45,14 +46,23 @@ static SAMPLE: LazyLock<Vec<(String, CollectionConfig)>> = LazyLock::new(|| {
 /// The fixed data key records are opened with.
 pub const RECORD_KEY: [u8; 32] = [7; 32];
 
+/// The fixed token key shaped tokens are made and read under.
+static TOKEN_KEY: LazyLock<Option<TokenKey>> = LazyLock::new(|| TokenKey::new(&[5; 32]).ok());
+
 /// Token parsing and value checks for every sample collection: a token that
-/// parses is the text it came from; a value that passes the checks is
-/// masked.
+/// parses is the text it came from, and reading its place never panics; a
+/// value that passes the checks is masked, and its shaped token (if its
+/// shape has one) reads back to the number it was made from.
 pub fn token_parse(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
+    let Some(key) = TOKEN_KEY.as_ref() else { return };
     for (_, collection) in SAMPLE.iter() {
+        let shaped = collection.format.preserves_shape();
         if let Some(token) = collection.format.parse_token(text) {
             assert_eq!(token.as_str(), text, "a parsed token is the text it was parsed from");
+            if shaped {
+                drop(collection.format.shaped_numbers(key, text));
+            }
         }
         let (value, problem) = crate::vault::prepare_value(
             &collection.normalize,
@@ -62,6 +72,13 @@ pub fn token_parse(data: &[u8]) {
         );
         if problem.is_none() {
             drop(collection.mask.apply(&value));
+            if shaped && let Some(token) = collection.format.shaped_token(key, value.expose_secret(), 1) {
+                assert!(collection.format.parse_token(token.as_str()).is_some(), "a shaped token parses");
+                assert!(
+                    collection.format.shaped_numbers(key, token.as_str()).contains(&1),
+                    "a shaped token reads back to its number"
+                );
+            }
         }
     }
 }
