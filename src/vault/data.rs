@@ -75,7 +75,7 @@ impl Vault {
             }
             let mut records = Vec::with_capacity(pending.len());
             let mut tokens = Vec::with_capacity(pending.len());
-            let mut drawn = Vec::with_capacity(pending.len());
+            let mut made = Vec::with_capacity(pending.len());
             let shapes: Vec<u32> = pending.iter().map(|&i| coll.format.shape_of(values[i].expose_secret())).collect();
             let places = coll.take_places(self.inner.store.as_ref(), &shapes).await?;
             let key = coll.token_key.as_ref().ok_or_else(|| coll.no_primary(KeyPurpose::Token))?;
@@ -114,7 +114,7 @@ impl Vault {
                     .ok_or_else(|| coll.no_primary(KeyPurpose::Data))??;
                 records.push(NewRecord { at, key_version, ciphertext, expires_at, index: indexes[i].clone() });
                 tokens.push(token);
-                drawn.push(i);
+                made.push(i);
             }
             if records.is_empty() {
                 pending = again;
@@ -122,7 +122,7 @@ impl Vault {
             }
             let outcomes = self.inner.store.insert_records(coll.id, records, audit.clone(), coll.renderer()).await?;
             let mut retry = again;
-            for ((i, token), outcome) in drawn.into_iter().zip(tokens).zip(outcomes) {
+            for ((i, token), outcome) in made.into_iter().zip(tokens).zip(outcomes) {
                 match outcome {
                     InsertOutcome::Inserted => results[i] = Some(Ok(token)),
                     InsertOutcome::Existing(at) => {

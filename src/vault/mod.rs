@@ -269,7 +269,7 @@ impl Collection {
                 let end = first.saturating_add(size);
                 if shape > 0 && end > crate::format::MAX_SHAPE_NUMBER + 1 {
                     let space = self.format.token_space_at(usize::try_from(shape).unwrap_or(usize::MAX));
-                    return Err(VaultError::TokenSpaceFull { issued: first - 1, space });
+                    return Err(VaultError::TokenSpaceFull { issued: first.saturating_sub(1), space });
                 }
                 *block = first..end;
             }
