@@ -242,35 +242,34 @@ impl TokenKey {
             && let Ok(len) = u32::try_from(bits)
             && bits <= 128
         {
-            let mut at = x;
-            loop {
-                let numerals = Bits { value: at, len };
-                let moved = match direction {
-                    Direction::Forward => self.ff1.encrypt(tweak, &numerals),
-                    Direction::Back => self.ff1.decrypt(tweak, &numerals),
-                }
-                .ok()?;
-                at = moved.value;
-                if at < small {
-                    return Some(BigUint::from(at));
-                }
-            }
+            return cycle_walk(x, &small, |&at| Some(self.ff1_step(tweak, &Bits { value: at, len }, direction)?.value))
+                .map(BigUint::from);
         }
-        let mut at = x.clone();
-        // The cycle through `x` comes back to `x` itself, inside the domain,
-        // so this ends; the domain is more than half the bit space, so
-        // each step lands in it with probability above one half.
-        loop {
-            let numerals = FlexibleNumeralString::from(to_bits(&at, bits));
-            let moved = match direction {
-                Direction::Forward => self.ff1.encrypt(tweak, &numerals),
-                Direction::Back => self.ff1.decrypt(tweak, &numerals),
-            }
-            .ok()?;
-            at = from_bits(&Vec::from(moved));
-            if at < *domain {
-                return Some(at);
-            }
+        cycle_walk(x.clone(), domain, |at| {
+            let numerals = self.ff1_step(tweak, &FlexibleNumeralString::from(to_bits(at, bits)), direction)?;
+            Some(from_bits(&Vec::from(numerals)))
+        })
+    }
+
+    /// One FF1 encryption or decryption of `numerals`.
+    fn ff1_step<N: fpe::ff1::NumeralString>(&self, tweak: &[u8], numerals: &N, direction: Direction) -> Option<N> {
+        match direction {
+            Direction::Forward => self.ff1.encrypt(tweak, numerals),
+            Direction::Back => self.ff1.decrypt(tweak, numerals),
+        }
+        .ok()
+    }
+}
+
+/// Steps from `x` (inside the domain) until a step lands inside it again.
+/// The cycle of a permutation through `x` comes back to `x` itself, so this
+/// ends; the domain is more than half the bit space, so each step lands in
+/// it with probability above one half.
+fn cycle_walk<T: PartialOrd>(mut at: T, domain: &T, mut step: impl FnMut(&T) -> Option<T>) -> Option<T> {
+    loop {
+        at = step(&at)?;
+        if at < *domain {
+            return Some(at);
         }
     }
 }
