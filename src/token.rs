@@ -21,7 +21,7 @@ use aes::Aes256;
 use aes::cipher::{BlockDecrypt as _, BlockEncrypt as _, KeyInit as _};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use fpe::ff1::{FF1, FlexibleNumeralString};
+use fpe::ff1::FF1;
 use num_bigint::BigUint;
 
 use crate::crypto::{CryptoError, fill_random};
@@ -246,8 +246,7 @@ impl TokenKey {
                 .map(BigUint::from);
         }
         cycle_walk(x.clone(), domain, |at| {
-            let numerals = self.ff1_step(tweak, &FlexibleNumeralString::from(to_bits(at, bits)), direction)?;
-            Some(from_bits(&Vec::from(numerals)))
+            Some(self.ff1_step(tweak, &WideBits { value: at.clone(), len: bits }, direction)?.value)
         })
     }
 
@@ -361,20 +360,84 @@ impl fpe::ff1::NumeralString for Bits {
     }
 }
 
-/// The `bits` low bits of `x`, most significant first (FF1 numerals).
-fn to_bits(x: &BigUint, bits: u64) -> Vec<u16> {
-    (0..bits).rev().map(|i| u16::from(x.bit(i))).collect()
+/// A radix-2 FF1 numeral string of any length, as one number: the
+/// halves' arithmetic modulo 2^m is an add or subtract and a truncation.
+/// (fpe's own strings keep one numeral per bit and rebuild a number from
+/// them every round: 0.8 ms per 256-digit token, against 50 µs here.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WideBits {
+    value: BigUint,
+    len: u64,
 }
 
-/// The number whose bits, most significant first, are `numerals`.
-fn from_bits(numerals: &[u16]) -> BigUint {
-    let mut x = BigUint::default();
-    let len = u64::try_from(numerals.len()).unwrap_or(u64::MAX);
-    for (i, n) in numerals.iter().enumerate() {
-        let i = u64::try_from(i).unwrap_or(u64::MAX);
-        x.set_bit(len - 1 - i, *n != 0);
+/// Half of a [`WideBits`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WideHalf {
+    value: BigUint,
+    len: u64,
+}
+
+/// `x mod 2^bits`.
+fn low_bits(x: BigUint, bits: u64) -> BigUint {
+    if x.bits() <= bits { x } else { x & ((BigUint::from(1u8) << bits) - 1u8) }
+}
+
+impl WideHalf {
+    fn modulo(value: BigUint, m: usize) -> Self {
+        let len = u64::try_from(m).unwrap_or(u64::MAX);
+        Self { value: low_bits(value, len), len }
     }
-    x
+}
+
+impl fpe::ff1::Operations for WideHalf {
+    type Bytes = Vec<u8>;
+
+    fn numeral_count(&self) -> usize {
+        usize::try_from(self.len).unwrap_or(usize::MAX)
+    }
+
+    fn to_be_bytes(&self, _radix: u32, b: usize) -> Vec<u8> {
+        let bytes = self.value.to_bytes_be();
+        let mut out = vec![0u8; b.saturating_sub(bytes.len())];
+        out.extend_from_slice(&bytes[bytes.len().saturating_sub(b)..]);
+        out
+    }
+
+    fn add_mod_exp(self, other: impl Iterator<Item = u8>, _radix: u32, m: usize) -> Self {
+        let other: Vec<u8> = other.collect();
+        Self::modulo(self.value + BigUint::from_bytes_be(&other), m)
+    }
+
+    fn sub_mod_exp(self, other: impl Iterator<Item = u8>, _radix: u32, m: usize) -> Self {
+        let other: Vec<u8> = other.collect();
+        let len = u64::try_from(m).unwrap_or(u64::MAX);
+        // (a - y) mod 2^m = (a + 2^m - (y mod 2^m)) mod 2^m, without going
+        // negative (a < 2^m).
+        let y = low_bits(BigUint::from_bytes_be(&other), len);
+        Self::modulo((self.value + (BigUint::from(1u8) << len)) - y, m)
+    }
+}
+
+impl fpe::ff1::NumeralString for WideBits {
+    type Ops = WideHalf;
+
+    fn is_valid(&self, radix: u32) -> bool {
+        radix == 2 && self.value.bits() <= self.len
+    }
+
+    fn numeral_count(&self) -> usize {
+        usize::try_from(self.len).unwrap_or(usize::MAX)
+    }
+
+    fn split(&self) -> (WideHalf, WideHalf) {
+        let u = self.len / 2;
+        let v = self.len - u;
+        (WideHalf { value: &self.value >> v, len: u }, WideHalf { value: low_bits(self.value.clone(), v), len: v })
+    }
+
+    fn concat(a: WideHalf, b: WideHalf) -> Self {
+        Self { value: (a.value << b.len) | b.value, len: a.len + b.len }
+    }
 }
 
 /// Where the random half of new default tokens comes from. Production uses
@@ -416,9 +479,20 @@ pub fn token_from_bytes(prefix: &TokenPrefix, raw: &[u8; TOKEN_RANDOM_BYTES]) ->
 mod tests {
     use std::collections::HashSet;
 
+    use fpe::ff1::FlexibleNumeralString;
     use proptest::prelude::*;
 
     use super::*;
+
+    /// The `bits` low bits of `x`, most significant first (fpe's numerals).
+    fn to_bits(x: &BigUint, bits: u64) -> Vec<u16> {
+        (0..bits).rev().map(|i| u16::from(x.bit(i))).collect()
+    }
+
+    /// The number whose bits, most significant first, are `numerals`.
+    fn from_bits(numerals: &[u16]) -> BigUint {
+        numerals.iter().fold(BigUint::default(), |x, n| (x << 1u8) + u32::from(*n))
+    }
 
     fn prefix(s: &str) -> TokenPrefix {
         s.parse().unwrap()
@@ -520,6 +594,18 @@ mod tests {
             prop_assert_eq!(BigUint::from(fast.value), from_bits(&Vec::from(slow)));
             prop_assert_eq!(fast.len, len);
             prop_assert_eq!(ff1.decrypt(&tweak, &fast).unwrap(), Bits { value: x, len });
+        }
+
+        /// So do the numeral strings of any length.
+        #[test]
+        fn wide_ff1_agrees_with_fpe_strings(key: [u8; 32], tweak in proptest::collection::vec(any::<u8>(), 0..40), bits in 20u64..=900, x in proptest::collection::vec(any::<u8>(), 0..120)) {
+            let ff1 = FF1::<Aes256>::new(&key, 2).unwrap();
+            let x = low_bits(BigUint::from_bytes_be(&x), bits);
+            let fast = ff1.encrypt(&tweak, &WideBits { value: x.clone(), len: bits }).unwrap();
+            let slow = ff1.encrypt(&tweak, &FlexibleNumeralString::from(to_bits(&x, bits))).unwrap();
+            prop_assert_eq!(&fast.value, &from_bits(&Vec::from(slow)));
+            prop_assert_eq!(fast.len, bits);
+            prop_assert_eq!(ff1.decrypt(&tweak, &fast).unwrap(), WideBits { value: x, len: bits });
         }
 
         #[test]
