@@ -180,6 +180,24 @@ pub enum StoreBackend {
         /// The database file.
         path: PathBuf,
     },
+    /// A PostgreSQL database that several nodes may share.
+    Postgres(PostgresSettings),
+}
+
+/// `[store] backend = "postgres"`: where the database is and how this node
+/// signs in. The password is never in the configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresSettings {
+    /// The connection URL (`postgresql://user@host:port/database`), without
+    /// a password.
+    pub url: String,
+    /// Where the password is read from, if the server asks for one.
+    pub password: Option<SecretSource>,
+    /// The CA that signed the database server's certificate: TLS to the
+    /// database, with the server's name verified, is required when set.
+    pub ca_file: Option<PathBuf>,
+    /// This node's name: the audit chain it writes (one per node).
+    pub node: String,
 }
 
 impl StoreBackend {
@@ -187,6 +205,7 @@ impl StoreBackend {
     pub fn sqlite_path(&self) -> Option<&Path> {
         match self {
             Self::Sqlite { path } => Some(path),
+            Self::Postgres(_) => None,
         }
     }
 }
@@ -197,6 +216,7 @@ impl std::fmt::Display for StoreBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Sqlite { path } => write!(f, "{}", path.display()),
+            Self::Postgres(pg) => write!(f, "{} (node {})", pg.url, pg.node),
         }
     }
 }
@@ -524,9 +544,47 @@ fn parse_backend(raw: &RawStore, vault_database: Option<&Path>, data_dir: &Path)
             let path = raw.path.as_deref().or(vault_database).unwrap_or(Path::new(DATABASE_FILE));
             Ok(StoreBackend::Sqlite { path: data_dir.join(path) })
         }
-        Some(other) => Err(invalid("store.backend", format!("unknown backend {other:?}; expected \"sqlite\""))),
+        Some("postgres") => parse_postgres(raw, data_dir).map(StoreBackend::Postgres),
+        Some(other) => {
+            Err(invalid("store.backend", format!("unknown backend {other:?}; expected \"sqlite\" or \"postgres\"")))
+        }
     }
 }
+
+/// The `[store]` keys of the PostgreSQL backend.
+fn parse_postgres(raw: &RawStore, data_dir: &Path) -> Result<PostgresSettings, ConfigError> {
+    if raw.path.is_some() {
+        return Err(invalid("store.path", "the postgres backend has no file; give store.url"));
+    }
+    let url = raw.url.clone().ok_or_else(|| invalid("store.url", "the postgres backend needs a connection URL"))?;
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|_| invalid("store.url", "not a PostgreSQL connection URL (postgresql://user@host:port/database)"))?;
+    if config.get_password().is_some() {
+        return Err(invalid(
+            "store.url",
+            "holds a password; keep it out of config.toml (store.password_file or store.password_env)",
+        ));
+    }
+    if config.get_user().is_none() {
+        return Err(invalid("store.url", "names no user (postgresql://user@host/database)"));
+    }
+    let password = match (&raw.password_file, &raw.password_env) {
+        (Some(file), None) => Some(SecretSource::File(data_dir.join(file))),
+        (None, Some(var)) if !var.is_empty() => Some(SecretSource::Env(var.clone())),
+        (None, None) => None,
+        _ => return Err(invalid("store.password_file", "give at most one of password_file and password_env")),
+    };
+    let node = raw.node.clone().unwrap_or_else(|| DEFAULT_NODE.to_owned());
+    if node.is_empty() || node.len() > 64 || !node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid("store.node", "1-64 letters, digits, '-' or '_'"));
+    }
+    Ok(PostgresSettings { url, password, ca_file: raw.ca_file.as_ref().map(|f| data_dir.join(f)), node })
+}
+
+/// The node name of a PostgreSQL store whose `[store] node` is not set.
+pub const DEFAULT_NODE: &str = "main";
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -588,6 +646,11 @@ struct RawLimits {
 struct RawStore {
     backend: Option<String>,
     path: Option<PathBuf>,
+    url: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    ca_file: Option<PathBuf>,
+    node: Option<String>,
     read_connections: Option<i64>,
     max_group_commit: Option<i64>,
     purge_interval_s: Option<i64>,
@@ -1114,6 +1177,52 @@ mod tests {
     }
 
     #[test]
+    fn postgres_settings_are_checked() {
+        let store = |body: &str| format!("[store]\nbackend = \"postgres\"\n{body}\n[collections.a]\n");
+        let config = parse(&store(
+            "url = \"postgresql://piivault@db:5432/vault\"\npassword_file = \"pg.pw\"\nca_file = \"pg-ca.pem\"\nnode = \"node-a\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.store_backend,
+            StoreBackend::Postgres(PostgresSettings {
+                url: "postgresql://piivault@db:5432/vault".into(),
+                password: Some(SecretSource::File("/data/pg.pw".into())),
+                ca_file: Some("/data/pg-ca.pem".into()),
+                node: "node-a".into(),
+            })
+        );
+        assert_eq!(config.store_backend.to_string(), "postgresql://piivault@db:5432/vault (node node-a)");
+        let plain = parse(&store("url = \"postgresql://piivault@db/vault\"\npassword_env = \"PG_PW\"")).unwrap();
+        let StoreBackend::Postgres(plain) = plain.store_backend else { panic!("not postgres") };
+        assert_eq!(
+            (plain.password, plain.ca_file, plain.node.as_str()),
+            (Some(SecretSource::Env("PG_PW".into())), None, DEFAULT_NODE)
+        );
+        assert_eq!(err(&store("")), "store.url: the postgres backend needs a connection URL");
+        assert_eq!(
+            err(&store("url = \"postgresql://piivault:hunter2@db/vault\"")),
+            "store.url: holds a password; keep it out of config.toml (store.password_file or store.password_env)"
+        );
+        assert_eq!(
+            err(&store("url = \"postgresql://db/vault\"")),
+            "store.url: names no user (postgresql://user@host/database)"
+        );
+        assert_eq!(
+            err(&store("url = \"postgresql://u@db/v\"\npassword_file = \"f\"\npassword_env = \"E\"")),
+            "store.password_file: give at most one of password_file and password_env"
+        );
+        assert_eq!(
+            err(&store("url = \"postgresql://u@db/v\"\nnode = \"a b\"")),
+            "store.node: 1-64 letters, digits, '-' or '_'"
+        );
+        assert_eq!(
+            err(&store("url = \"postgresql://u@db/v\"\npath = \"v.db\"")),
+            "store.path: the postgres backend has no file; give store.url"
+        );
+    }
+
+    #[test]
     fn pkcs11_settings_are_checked() {
         let table = |body: &str| format!("[root_key]\nprovider = \"pkcs11\"\n{body}\n[collections.a]\n");
         assert_eq!(err(&table("")), "root_key: provider = \"pkcs11\" needs a [root_key.pkcs11] table");
@@ -1167,7 +1276,7 @@ mod tests {
         );
         assert_eq!(
             err("[store]\nbackend = \"mysql\"\n[collections.a]\n"),
-            "store.backend: unknown backend \"mysql\"; expected \"sqlite\""
+            "store.backend: unknown backend \"mysql\"; expected \"sqlite\" or \"postgres\""
         );
         assert_eq!(
             err("[vault]\ndatabase = \"a.db\"\n[store]\npath = \"b.db\"\n[collections.a]\n"),

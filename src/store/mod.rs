@@ -11,6 +11,8 @@
 //! Backends:
 //! - [`sqlite`]: the embedded default, one file, one process, one writer
 //!   thread with group commit.
+//! - [`postgres`]: one database that several stateless nodes share, each
+//!   with its own writer connection, group commit and audit chain.
 //!
 //! Every write method is one transaction that includes its audit record:
 //! the change and its record commit together or not at all, and a write is
@@ -20,6 +22,7 @@
 //! The store never sees a value or a key in clear: only tokens, ciphertext
 //! and wrapped keys.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +61,15 @@ pub fn open(
                 read_connections: settings.read_connections,
                 max_group_commit: settings.max_group_commit,
                 audit_index_block: settings.audit_index_block,
+                sink,
+            },
+        )?)),
+        StoreBackend::Postgres(pg) => Ok(Arc::new(postgres::PostgresStore::open(
+            pg,
+            mode,
+            postgres::Options {
+                read_connections: settings.read_connections,
+                max_group_commit: settings.max_group_commit,
                 sink,
             },
         )?)),
@@ -400,6 +412,14 @@ pub enum StoreError {
     /// failed): the request fails with it.
     #[error("the audit trail cannot be written")]
     AuditUnavailable,
+    /// The database server cannot be reached, or the connection to it was
+    /// lost (the outcome of a write in flight is then unknown to the
+    /// caller, who may retry).
+    #[error("the database server cannot be reached")]
+    Unreachable,
+    /// Another running node writes the audit chain this node is named for.
+    #[error("another running node writes this node's audit chain; give every node its own [store] node")]
+    ChainHeld,
 }
 
 impl StoreError {

@@ -1,0 +1,202 @@
+//! The audit trail in PostgreSQL: this node's chain in `audit` (the
+//! chained encoding plus query columns) and `audit_records` (which audit
+//! records involve which records), whose index on the record the database
+//! keeps in the same transaction.
+
+use async_trait::async_trait;
+use postgres::GenericClient;
+
+use super::records::record_ref;
+use super::writer::WriteTx;
+use super::{PostgresStore, sql_i64, stored_u64};
+use crate::audit::{AuditKey, AuditRecord, Head, MAC_LEN};
+use crate::store::{AuditFilter, AuditRow, AuditStore, CollectionId, RecordMatch, StoreError};
+
+impl WriteTx<'_, '_> {
+    /// Appends `record` to this node's chain in this transaction: it
+    /// commits with the data change or not at all. Without an audit key,
+    /// fails.
+    pub(super) fn append_audit(&mut self, record: &AuditRecord) -> Result<u64, StoreError> {
+        self.append_audit_of(record, CollectionId(0), &[])
+    }
+
+    /// [`WriteTx::append_audit`] of a record whose tokens are those of
+    /// `collection`'s records at `seqs`: indexed under each.
+    pub(super) fn append_audit_of(
+        &mut self,
+        record: &AuditRecord,
+        collection: CollectionId,
+        seqs: &[u64],
+    ) -> Result<u64, StoreError> {
+        let key = self.audit.key.as_ref().ok_or(StoreError::AuditUnavailable)?;
+        let seq = self.audit.tentative.seq + 1;
+        let encoded = record.encode(seq);
+        let mac = key.chain(&self.audit.tentative.mac, &encoded);
+        let seq_sql = i64::try_from(seq).map_err(|_| StoreError::AuditUnavailable)?;
+        let audit_failed = |e: postgres::Error| {
+            let error = StoreError::from(e);
+            if error.is_unavailable()
+                && !matches!(
+                    error,
+                    StoreError::Full | StoreError::ReadOnly | StoreError::Busy | StoreError::Unreachable
+                )
+            {
+                tracing::error!(error = %error, "audit insert failed");
+                StoreError::AuditUnavailable
+            } else {
+                error
+            }
+        };
+        self.tx
+            .execute(
+                "INSERT INTO audit (chain, seq, at, caller, action, collection, outcome, record, mac)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &[
+                    &self.audit.chain,
+                    &seq_sql,
+                    &record.at_micros,
+                    &record.caller,
+                    &record.action,
+                    &record.collection,
+                    &record.outcome,
+                    &encoded,
+                    &mac.as_slice(),
+                ],
+            )
+            .map_err(audit_failed)?;
+        if !seqs.is_empty() {
+            let record_seqs = seqs.iter().map(|&s| sql_i64(s)).collect::<Result<Vec<i64>, _>>()?;
+            self.tx
+                .execute(
+                    "INSERT INTO audit_records (chain, audit_seq, collection_id, record_seq)
+                     SELECT $1, $2, $3, s FROM unnest($4::bigint[]) AS s ON CONFLICT DO NOTHING",
+                    &[&self.audit.chain, &seq_sql, &collection.0, &record_seqs],
+                )
+                .map_err(audit_failed)?;
+        }
+        self.audit.tentative = Head { seq, mac };
+        if self.audit.sink.is_some() {
+            self.audit.pending.push((seq, record.clone(), mac));
+        }
+        Ok(seq)
+    }
+}
+
+#[async_trait]
+impl AuditStore for PostgresStore {
+    async fn append_audit(&self, record: AuditRecord) -> Result<u64, StoreError> {
+        self.write(move |tx| tx.append_audit(&record)).await
+    }
+
+    async fn append_read_audit(
+        &self,
+        collection: CollectionId,
+        seqs: Vec<u64>,
+        record: AuditRecord,
+    ) -> Result<u64, StoreError> {
+        self.write(move |tx| tx.append_audit_of(&record, collection, &seqs)).await
+    }
+
+    async fn install_audit_key(&self, key: AuditKey) -> Result<Head, StoreError> {
+        self.write(move |tx| {
+            let head = last_head(tx.tx, &tx.audit.chain)?;
+            tx.audit.key = Some(key);
+            tx.audit.committed = head;
+            tx.audit.tentative = head;
+            Ok(head)
+        })
+        .await
+    }
+
+    async fn audit_head(&self) -> Result<Head, StoreError> {
+        let chain = self.chain.clone();
+        self.read(move |tx| last_head(tx, &chain)).await
+    }
+
+    async fn check_token_index(&self) -> Result<Option<u64>, StoreError> {
+        // The searchable index is the database's own index on
+        // `audit_records`, written in each record's transaction: nothing is
+        // built behind the write path that could fall out of step.
+        Ok(None)
+    }
+
+    async fn query_audit(&self, filter: AuditFilter, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
+        let chain = self.chain.clone();
+        self.read(move |tx| {
+            let after = i64::try_from(filter.after_seq).unwrap_or(i64::MAX);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let (collection, record_seq) = match filter.record {
+                RecordMatch::Any => (None, None),
+                RecordMatch::Of(collection, seq) => (Some(collection.0), Some(sql_i64(seq)?)),
+                RecordMatch::Unissued => return Ok(Vec::new()),
+            };
+            let rows = tx.query(
+                "SELECT a.seq, a.record, a.mac, a.at, a.caller, a.action, a.collection, a.outcome
+                 FROM audit a
+                 WHERE a.chain = $1 AND a.seq > $2
+                   AND ($3::bigint IS NULL OR a.seq IN (
+                        SELECT x.audit_seq FROM audit_records x
+                        WHERE x.collection_id = $3 AND x.record_seq = $4 AND x.chain = a.chain))
+                   AND ($5::text IS NULL OR a.caller = $5)
+                   AND ($6::text IS NULL OR a.action = $6)
+                   AND ($7::text IS NULL OR a.collection = $7)
+                   AND ($8::text IS NULL OR a.outcome = $8)
+                   AND ($9::bigint IS NULL OR a.at >= $9)
+                   AND ($10::bigint IS NULL OR a.at < $10)
+                 ORDER BY a.seq LIMIT $11",
+                &[
+                    &chain,
+                    &after,
+                    &collection,
+                    &record_seq,
+                    &filter.caller,
+                    &filter.action,
+                    &filter.collection,
+                    &filter.outcome,
+                    &filter.since,
+                    &filter.until,
+                    &limit,
+                ],
+            )?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                out.push(AuditRow {
+                    seq: stored_u64(row.try_get(0)?)?,
+                    record: row.try_get(1)?,
+                    mac: row.try_get(2)?,
+                    at: row.try_get(3)?,
+                    caller: row.try_get(4)?,
+                    action: row.try_get(5)?,
+                    collection: row.try_get(6)?,
+                    outcome: row.try_get(7)?,
+                    indexed: Vec::new(),
+                });
+            }
+            let indexed = tx.prepare(
+                "SELECT x.collection_id, r.seq, r.token_check, r.token, r.shaped FROM audit_records x
+                 JOIN records r ON r.collection_id = x.collection_id AND r.seq = x.record_seq
+                 WHERE x.chain = $1 AND x.audit_seq = $2 ORDER BY x.collection_id, x.record_seq",
+            )?;
+            for row in &mut out {
+                let seq = sql_i64(row.seq)?;
+                for r in tx.query(&indexed, &[&chain, &seq])? {
+                    row.indexed.push((CollectionId(r.try_get(0)?), record_ref(&r, 1)?));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// The last committed record of chain `chain` (the genesis head when it
+/// has none).
+pub(super) fn last_head(conn: &mut impl GenericClient, chain: &str) -> Result<Head, StoreError> {
+    let Some(row) =
+        conn.query_opt("SELECT seq, mac FROM audit WHERE chain = $1 ORDER BY seq DESC LIMIT 1", &[&chain])?
+    else {
+        return Ok(Head::GENESIS);
+    };
+    let mac: [u8; MAC_LEN] = row.try_get::<_, Vec<u8>>(1)?.try_into().map_err(|_| StoreError::Corrupt)?;
+    Ok(Head { seq: stored_u64(row.try_get(0)?)?, mac })
+}

@@ -1,0 +1,347 @@
+//! The shared backend: one PostgreSQL database that several stateless
+//! piivault nodes use at once.
+//!
+//! Each node has the same shape as the embedded backend:
+//! - **one writer** thread owns the node's write connection and runs
+//!   every write request inside its own savepoint of one transaction per
+//!   batch (group commit: one commit round trip and one WAL flush for
+//!   many requests), answering only once the commit returned. The node's
+//!   audit chain is sequential, so its writes serialize on it anyway; the
+//!   batch is what makes that cheap.
+//! - **readers**: a few threads, each with its own connection.
+//!
+//! Across nodes:
+//! - every node writes its **own audit chain** (`[store] node` names it),
+//!   held by a session advisory lock on the writer connection, so two
+//!   processes never write one chain; a node that reconnects takes the
+//!   lock again and rereads its head before it writes;
+//! - deterministic tokens stay one per value: the blind index's primary
+//!   key decides, and a node that loses the race answers the winner's
+//!   record;
+//! - sequence numbers come from `sequences` in blocks (one `UPDATE …
+//!   RETURNING` per block), so nodes do not coordinate per request.
+//!
+//! The driver is `postgres`, the blocking face of `tokio-postgres` (same
+//! project, same protocol code), on dedicated threads: the store's work is
+//! closures over one transaction, as in the SQLite backend, and a
+//! connection per thread keeps a batch on one session.
+//!
+//! PostgreSQL keeps old row versions until vacuum and writes them to its
+//! WAL: erasure leaves residue (see SECURITY.md), and there is no online
+//! file backup (`pg_dump` and base backups are the database's own).
+
+mod audit;
+mod collections;
+mod keys;
+mod records;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use crossbeam_channel::Sender;
+use tokio::sync::oneshot;
+use zeroize::Zeroizing;
+
+use crate::audit::AuditSink;
+use crate::config::{PostgresSettings, SecretSource};
+use crate::store::{BackupTaken, Capabilities, OpenMode, Store, StoreError};
+
+pub use schema::schema_version;
+use writer::{Job, ReadJob, WriteJob, WriteTx};
+
+impl From<postgres::Error> for StoreError {
+    fn from(error: postgres::Error) -> Self {
+        use postgres::error::SqlState;
+        if error.is_closed() {
+            return Self::Unreachable;
+        }
+        let Some(code) = error.code() else {
+            // No SQLSTATE: the connection failed, a column did not convert
+            // (a damaged row), or a statement answered an unexpected number
+            // of rows.
+            let io = std::error::Error::source(&error).is_some_and(<dyn std::error::Error>::is::<std::io::Error>);
+            return if io {
+                Self::Unreachable
+            } else if error.to_string().starts_with("error deserializing column") {
+                Self::Corrupt
+            } else {
+                Self::Backend(error.to_string())
+            };
+        };
+        match *code {
+            SqlState::UNIQUE_VIOLATION => Self::Conflict,
+            SqlState::DISK_FULL | SqlState::OUT_OF_MEMORY | SqlState::PROGRAM_LIMIT_EXCEEDED => Self::Full,
+            SqlState::READ_ONLY_SQL_TRANSACTION => Self::ReadOnly,
+            SqlState::LOCK_NOT_AVAILABLE
+            | SqlState::T_R_DEADLOCK_DETECTED
+            | SqlState::T_R_SERIALIZATION_FAILURE
+            | SqlState::QUERY_CANCELED
+            | SqlState::TOO_MANY_CONNECTIONS => Self::Busy,
+            SqlState::DATA_CORRUPTED | SqlState::INDEX_CORRUPTED => Self::Corrupt,
+            SqlState::ADMIN_SHUTDOWN
+            | SqlState::CRASH_SHUTDOWN
+            | SqlState::CANNOT_CONNECT_NOW
+            | SqlState::CONNECTION_FAILURE
+            | SqlState::CONNECTION_EXCEPTION => Self::Unreachable,
+            SqlState::INVALID_PASSWORD | SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+                Self::CannotOpen("the database refused this node's credentials".into())
+            }
+            SqlState::INVALID_CATALOG_NAME => Self::Missing,
+            // The database's own message names the condition (a constraint,
+            // a type); it never carries a parameter's value.
+            _ => Self::Backend(format!("{}: {}", code.code(), error.as_db_error().map_or("", |e| e.message()))),
+        }
+    }
+}
+
+/// How this node reaches the database: the parsed URL with the password
+/// set, and TLS if a CA is configured.
+#[derive(Clone)]
+struct Connector {
+    config: postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl Connector {
+    fn new(settings: &PostgresSettings) -> Result<Self, StoreError> {
+        let mut config: postgres::Config =
+            settings.url.parse().map_err(|_| StoreError::CannotOpen("store.url is not a PostgreSQL URL".into()))?;
+        if let Some(source) = &settings.password {
+            let password = read_password(source)?;
+            config.password(password.as_bytes());
+        }
+        config
+            .application_name(&format!("piivault {}", settings.node))
+            .connect_timeout(Duration::from_secs(5))
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .tcp_user_timeout(Duration::from_secs(30))
+            // A write waits for another node's uncommitted blind-index
+            // entry at most this long; a transaction left open by a stuck
+            // node is ended by the server.
+            .options("-c lock_timeout=10s -c idle_in_transaction_session_timeout=60s");
+        let tls = match &settings.ca_file {
+            None => None,
+            Some(ca) => {
+                config.ssl_mode(postgres::config::SslMode::Require);
+                Some(tls_to(ca)?)
+            }
+        };
+        Ok(Self { config, tls })
+    }
+
+    fn connect(&self) -> Result<postgres::Client, StoreError> {
+        let connected = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(postgres::NoTls),
+        };
+        connected.map_err(|e| {
+            let error = StoreError::from(e);
+            tracing::warn!(error = %error, "store: cannot connect to the database");
+            error
+        })
+    }
+}
+
+/// TLS to the database server: its certificate must chain to `ca` and
+/// name the host of the URL.
+fn tls_to(ca: &Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::pem::PemObject as _;
+    let pem = std::fs::read(ca).map_err(|e| StoreError::CannotOpen(format!("store.ca_file: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|_| StoreError::CannotOpen("store.ca_file is not PEM certificates".into()))?;
+        roots.add(cert).map_err(|_| StoreError::CannotOpen("store.ca_file holds an unusable certificate".into()))?;
+    }
+    if roots.is_empty() {
+        return Err(StoreError::CannotOpen("store.ca_file holds no certificate".into()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::CannotOpen(format!("TLS to the database: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// The database password from its file (owner-only) or variable.
+fn read_password(source: &SecretSource) -> Result<Zeroizing<String>, StoreError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    match source {
+        SecretSource::File(path) => {
+            let unreadable = |e: std::io::Error| {
+                StoreError::CannotOpen(format!("cannot read the database password file {}: {e}", path.display()))
+            };
+            let mut file = std::fs::File::open(path).map_err(unreadable)?;
+            let mode = file.metadata().map_err(unreadable)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                return Err(StoreError::CannotOpen(format!(
+                    "the database password file {} may be read by group or others (mode {:o}); chmod 600 it",
+                    path.display(),
+                    mode & 0o777
+                )));
+            }
+            let mut text = Zeroizing::new(String::new());
+            file.read_to_string(&mut text).map_err(unreadable)?;
+            let trimmed = Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_owned());
+            Ok(trimmed)
+        }
+        SecretSource::Env(var) => std::env::var(var)
+            .map(Zeroizing::new)
+            .map_err(|_| StoreError::CannotOpen(format!("the database password variable ${var} is not set"))),
+    }
+}
+
+/// Tuning for [`PostgresStore::open`].
+#[derive(Clone)]
+pub struct Options {
+    /// Read connections (threads).
+    pub read_connections: usize,
+    /// Most write requests per transaction.
+    pub max_group_commit: usize,
+    /// Where committed audit records are also written.
+    pub sink: Option<Arc<AuditSink>>,
+}
+
+/// Handle to this node's writer and reader threads.
+pub struct PostgresStore {
+    writer: Option<Sender<Box<dyn WriteJob>>>,
+    readers: Option<Sender<ReadJob>>,
+    threads: Vec<JoinHandle<()>>,
+    chain: String,
+}
+
+impl PostgresStore {
+    /// Connects, migrates the schema (or, with [`OpenMode::Create`], creates
+    /// it in an empty database), takes this node's audit chain and starts
+    /// the threads.
+    pub fn open(settings: &PostgresSettings, mode: OpenMode, options: Options) -> Result<Self, StoreError> {
+        let connector = Connector::new(settings)?;
+        let chain = settings.node.clone();
+        // The blocking client runs a runtime of its own, which cannot start
+        // on a thread of the caller's: the first connection is made on a
+        // thread of its own too.
+        let conn = {
+            let (connector, chain) = (connector.clone(), chain.clone());
+            std::thread::spawn(move || -> Result<postgres::Client, StoreError> {
+                let mut conn = connector.connect()?;
+                schema::migrate(&mut conn, mode)?;
+                writer::take_chain(&mut conn, &chain)?;
+                Ok(conn)
+            })
+            .join()
+            .map_err(|_| StoreError::Backend("the store's opening thread panicked".into()))??
+        };
+        let (write_tx, write_rx) = crossbeam_channel::unbounded::<Box<dyn WriteJob>>();
+        let (read_tx, read_rx) = crossbeam_channel::unbounded::<ReadJob>();
+        let mut store =
+            Self { writer: Some(write_tx), readers: Some(read_tx), threads: Vec::new(), chain: chain.clone() };
+        let max_batch = options.max_group_commit.max(1);
+        let writer_connector = connector.clone();
+        let sink = options.sink;
+        store.threads.push(spawn("piivault-pg-writer", move || {
+            writer::writer_loop(conn, &writer_connector, chain, &write_rx, max_batch, sink);
+        })?);
+        for i in 0..options.read_connections.max(1) {
+            let rx = read_rx.clone();
+            let connector = connector.clone();
+            store.threads.push(spawn(&format!("piivault-pg-reader-{i}"), move || {
+                writer::reader_loop(&connector, &rx);
+            })?);
+        }
+        Ok(store)
+    }
+
+    /// Runs `work` on the writer inside the next group-commit transaction and
+    /// answers once that transaction committed.
+    async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut WriteTx<'_, '_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Box::new(Job::new(work, reply));
+        self.writer.as_ref().ok_or(StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `work` on a reader connection inside one read-only transaction
+    /// (one snapshot).
+    async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut postgres::Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: ReadJob = Box::new(move |client| {
+            let result = client.and_then(|client| {
+                client
+                    .build_transaction()
+                    .read_only(true)
+                    .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                    .start()
+                    .map_err(StoreError::from)
+                    .and_then(|mut tx| {
+                        let out = work(&mut tx)?;
+                        tx.commit()?;
+                        Ok(out)
+                    })
+            });
+            let _ = reply.send(result);
+        });
+        self.readers.as_ref().ok_or(StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.readers = None;
+        self.writer = None;
+        for thread in std::mem::take(&mut self.threads) {
+            if thread.join().is_err() {
+                tracing::error!("a store thread panicked");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { backend: "postgres", erases_without_residue: false, file_backup: false }
+    }
+
+    async fn backup(&self) -> Result<(PathBuf, BackupTaken), StoreError> {
+        tracing::debug!(chain = %self.chain, "store: a file backup was asked of the postgres backend");
+        Err(StoreError::Unsupported("copy a PostgreSQL database into a file (use pg_dump or a base backup)"))
+    }
+}
+
+fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(body)
+        .map_err(|e| StoreError::Backend(format!("cannot start store thread: {e}")))
+}
+
+/// A sequence number or count as PostgreSQL stores it (`BIGINT`).
+fn sql_i64(n: u64) -> Result<i64, StoreError> {
+    i64::try_from(n).map_err(|_| StoreError::Unsupported("store a number above 2^63"))
+}
+
+/// A stored `BIGINT` that must be non-negative.
+fn stored_u64(n: i64) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::Corrupt)
+}
+
+/// A stored `BIGINT` version number.
+fn stored_u32(n: i64) -> Result<u32, StoreError> {
+    u32::try_from(n).map_err(|_| StoreError::Corrupt)
+}

@@ -1,0 +1,256 @@
+//! The node's group commit: one writer connection that holds the node's
+//! audit chain, every request in its own savepoint of one transaction,
+//! one commit, then every answer; and the reader connections.
+
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+use sha2::Digest as _;
+use tokio::sync::oneshot;
+
+use super::Connector;
+use crate::audit::{AuditKey, AuditRecord, AuditSink, Head};
+use crate::store::{StoreError, now_micros};
+
+/// A read request: runs on a reader connection, or is told why there is
+/// none.
+pub(super) type ReadJob = Box<dyn FnOnce(Result<&mut postgres::Client, StoreError>) + Send>;
+
+/// This node's audit chain as the writer sees it: its name, the key, the
+/// head as committed, and the head including records written in the open
+/// transaction.
+pub(super) struct AuditCursor {
+    pub(super) chain: String,
+    pub(super) key: Option<AuditKey>,
+    pub(super) committed: Head,
+    pub(super) tentative: Head,
+    /// Records written in the open transaction, for the sink after commit.
+    pub(super) pending: Vec<(u64, AuditRecord, [u8; crate::audit::MAC_LEN])>,
+    pub(super) sink: Option<Arc<AuditSink>>,
+}
+
+/// What a write job works with: the transaction (a savepoint of the
+/// batch's) and the audit chain.
+pub(super) struct WriteTx<'a, 't> {
+    pub(super) tx: &'a mut postgres::Transaction<'t>,
+    pub(super) audit: &'a mut AuditCursor,
+}
+
+/// A request for the writer: `apply` runs inside the batch transaction,
+/// `finish` answers once the batch committed (or failed).
+pub(super) trait WriteJob: Send {
+    fn apply(&mut self, tx: &mut WriteTx<'_, '_>) -> Result<(), StoreError>;
+    fn finish(self: Box<Self>, outcome: Result<(), StoreError>);
+}
+
+pub(super) struct Job<T, F> {
+    work: Option<F>,
+    output: Option<T>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Job<T, F> {
+    pub(super) fn new(work: F, reply: oneshot::Sender<Result<T, StoreError>>) -> Self {
+        Self { work: Some(work), output: None, reply }
+    }
+}
+
+impl<T, F> WriteJob for Job<T, F>
+where
+    T: Send,
+    F: FnOnce(&mut WriteTx<'_, '_>) -> Result<T, StoreError> + Send,
+{
+    fn apply(&mut self, tx: &mut WriteTx<'_, '_>) -> Result<(), StoreError> {
+        let work = self.work.take().ok_or(StoreError::Closed)?;
+        self.output = Some(work(tx)?);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, outcome: Result<(), StoreError>) {
+        let Self { output, reply, .. } = *self;
+        let result = outcome.and_then(|()| output.ok_or(StoreError::Closed));
+        let _ = reply.send(result);
+    }
+}
+
+/// The advisory-lock key of audit chain `chain`.
+fn chain_lock(chain: &str) -> i64 {
+    let digest = sha2::Sha256::new().chain_update(b"piivault audit chain\0").chain_update(chain.as_bytes()).finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
+/// Registers audit chain `chain` and takes it for this connection's
+/// session: refused while another session holds it.
+pub(super) fn take_chain(conn: &mut postgres::Client, chain: &str) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO audit_chains (chain, created_at) VALUES ($1, $2) ON CONFLICT (chain) DO NOTHING",
+        &[&chain, &now_micros()],
+    )?;
+    let taken: bool = conn.query_one("SELECT pg_try_advisory_lock($1)", &[&chain_lock(chain)])?.get(0);
+    if taken { Ok(()) } else { Err(StoreError::ChainHeld) }
+}
+
+pub(super) fn reader_loop(connector: &Connector, jobs: &Receiver<ReadJob>) {
+    let mut client: Option<postgres::Client> = None;
+    while let Ok(job) = jobs.recv() {
+        if client.as_ref().is_none_or(postgres::Client::is_closed) {
+            client = connector.connect().ok();
+        }
+        match client.as_mut() {
+            Some(conn) => job(Ok(conn)),
+            None => job(Err(StoreError::Unreachable)),
+        }
+    }
+}
+
+pub(super) fn writer_loop(
+    conn: postgres::Client,
+    connector: &Connector,
+    chain: String,
+    jobs: &Receiver<Box<dyn WriteJob>>,
+    max_batch: usize,
+    sink: Option<Arc<AuditSink>>,
+) {
+    let mut audit =
+        AuditCursor { chain, key: None, committed: Head::GENESIS, tentative: Head::GENESIS, pending: Vec::new(), sink };
+    let mut client = Some(conn);
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if client.as_ref().is_none_or(postgres::Client::is_closed) {
+            client = None;
+            match reconnect(connector, &mut audit) {
+                Ok(conn) => client = Some(conn),
+                Err(error) => {
+                    for job in batch {
+                        job.finish(Err(error.clone()));
+                    }
+                    continue;
+                }
+            }
+        }
+        if let Some(conn) = client.as_mut()
+            && !commit_batch(conn, &mut audit, batch)
+        {
+            // The commit's outcome is unknown: the head is reread from the
+            // database by the next connection.
+            client = None;
+        }
+    }
+}
+
+/// A new writer connection: the chain taken again, and its head reread
+/// (another transaction of this node may or may not have committed when
+/// the last connection went).
+fn reconnect(connector: &Connector, audit: &mut AuditCursor) -> Result<postgres::Client, StoreError> {
+    let mut conn = connector.connect()?;
+    take_chain(&mut conn, &audit.chain)?;
+    if audit.key.is_some() {
+        let head = super::audit::last_head(&mut conn, &audit.chain)?;
+        audit.committed = head;
+        audit.tentative = head;
+    }
+    tracing::info!(chain = %audit.chain, "store: the writer reconnected to the database");
+    Ok(conn)
+}
+
+/// One group commit: every job in its own savepoint (a batch of one runs
+/// in the transaction itself), one commit, then every answer. A job's own
+/// failure rolls back only that job. If the transaction as a whole fails,
+/// every job fails and nothing is written. Returns `false` when the
+/// connection can no longer be trusted (lost, or a commit whose outcome is
+/// unknown).
+fn commit_batch(conn: &mut postgres::Client, audit: &mut AuditCursor, batch: Vec<Box<dyn WriteJob>>) -> bool {
+    #[allow(clippy::cast_precision_loss)] // batch sizes are small
+    crate::metrics::metrics().commit_batch.observe(batch.len() as f64);
+    let mut tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => {
+            let error = StoreError::from(e);
+            tracing::error!(error = %error, "store: cannot begin a write transaction");
+            for job in batch {
+                job.finish(Err(error.clone()));
+            }
+            return !matches!(error, StoreError::Unreachable);
+        }
+    };
+    let alone = batch.len() == 1;
+    let mut outcomes: Vec<(Box<dyn WriteJob>, Result<(), StoreError>)> = Vec::with_capacity(batch.len());
+    let mut aborted: Option<StoreError> = None;
+    for mut job in batch {
+        if aborted.is_some() {
+            outcomes.push((job, Err(StoreError::Closed)));
+            continue;
+        }
+        let before = audit.tentative;
+        let pending_before = audit.pending.len();
+        let result = if alone {
+            let result = job.apply(&mut WriteTx { tx: &mut tx, audit: &mut *audit });
+            if let Err(error) = &result {
+                aborted = Some(error.clone());
+            }
+            result
+        } else {
+            match tx.savepoint("job") {
+                Err(e) => {
+                    let error = StoreError::from(e);
+                    aborted = Some(error.clone());
+                    Err(error)
+                }
+                Ok(mut savepoint) => {
+                    let result = job.apply(&mut WriteTx { tx: &mut savepoint, audit: &mut *audit });
+                    let ended = if result.is_ok() { savepoint.commit() } else { savepoint.rollback() };
+                    if let Err(e) = ended {
+                        aborted = Some(e.into());
+                    }
+                    result
+                }
+            }
+        };
+        if result.is_err() {
+            audit.tentative = before;
+            audit.pending.truncate(pending_before);
+        }
+        outcomes.push((job, result));
+    }
+    let committed = match aborted {
+        Some(error) => {
+            let _ = tx.rollback();
+            Err(error)
+        }
+        None => tx.commit().map_err(StoreError::from),
+    };
+    let trusted = !matches!(committed, Err(StoreError::Unreachable)) && !conn.is_closed();
+    if committed.is_ok() {
+        audit.committed = audit.tentative;
+        if let Some(sink) = &audit.sink
+            && !audit.pending.is_empty()
+        {
+            sink.emit(&audit.pending);
+        }
+    } else {
+        audit.tentative = audit.committed;
+    }
+    audit.pending.clear();
+    if let Err(error) = &committed
+        && !alone
+    {
+        tracing::error!(error = %error, jobs = outcomes.len(), "store: write transaction failed; nothing written");
+    }
+    for (job, own) in outcomes {
+        let outcome = match (&committed, own) {
+            (Ok(()), own) => own,
+            (Err(_), Err(own)) if !matches!(own, StoreError::Closed) => Err(own),
+            (Err(error), _) => Err(error.clone()),
+        };
+        job.finish(outcome);
+    }
+    trusted
+}

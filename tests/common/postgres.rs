@@ -1,0 +1,84 @@
+//! A database of its own for each test, in the throwaway PostgreSQL
+//! cluster that `scripts/test-postgres` starts (`scripts/test-all` starts
+//! one and exports where it is).
+
+#![allow(dead_code)] // each test crate uses a different subset
+
+use piivault::config::{PostgresSettings, SecretSource};
+
+/// Where the cluster is: a URL with a user that may create databases.
+const URL_VAR: &str = "PIIVAULT_TEST_POSTGRES";
+/// That user's password.
+pub const PASSWORD_VAR: &str = "PIIVAULT_TEST_POSTGRES_PASSWORD";
+
+/// The cluster's URL; without one the test fails and says how to start it.
+pub fn cluster_url() -> String {
+    std::env::var(URL_VAR).unwrap_or_else(|_| {
+        panic!(
+            "{URL_VAR} is not set: this test needs a PostgreSQL server. Run scripts/test-all, which starts one, \
+             or start one yourself: eval \"$(scripts/test-postgres start /tmp/piivault-pg)\""
+        )
+    })
+}
+
+fn password() -> String {
+    std::env::var(PASSWORD_VAR).unwrap_or_else(|_| panic!("{PASSWORD_VAR} is not set (scripts/test-postgres sets it)"))
+}
+
+/// Runs `sql` as the cluster's test user, on a thread of its own (the
+/// blocking client cannot run on a test's runtime thread).
+pub fn admin(sql: &str) {
+    let sql = sql.to_owned();
+    std::thread::spawn(move || {
+        let mut config: postgres::Config = cluster_url().parse().unwrap();
+        config.password(password());
+        let mut client = config.connect(postgres::NoTls).unwrap();
+        client.batch_execute(&sql).unwrap();
+    })
+    .join()
+    .unwrap();
+}
+
+/// A new, empty database, dropped (with its connections) at the end.
+pub struct Database {
+    /// How a node reaches it (node name `main`).
+    pub settings: PostgresSettings,
+    pub name: String,
+}
+
+impl Database {
+    pub fn new() -> Self {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).unwrap();
+        let name = format!("piivault_test_{}", hex::encode(bytes));
+        admin(&format!("CREATE DATABASE {name}"));
+        let url = cluster_url();
+        let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+        let settings = PostgresSettings {
+            url: format!("{base}/{name}"),
+            password: Some(SecretSource::Env(PASSWORD_VAR.into())),
+            ca_file: None,
+            node: "main".into(),
+        };
+        Self { settings, name }
+    }
+
+    /// These settings for another node.
+    pub fn node(&self, node: &str) -> PostgresSettings {
+        PostgresSettings { node: node.into(), ..self.settings.clone() }
+    }
+}
+
+impl Default for Database {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            admin(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+        }
+    }
+}
