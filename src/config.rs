@@ -583,6 +583,38 @@ fn parse_postgres(raw: &RawStore, data_dir: &Path) -> Result<PostgresSettings, C
     Ok(PostgresSettings { url, password, ca_file: raw.ca_file.as_ref().map(|f| data_dir.join(f)), node })
 }
 
+impl PostgresSettings {
+    /// These settings as `[store]` lines of a config file.
+    fn table_lines(&self) -> String {
+        let mut lines = vec![
+            "# \"postgres\": one database that several nodes share; each node has its own name.".to_owned(),
+            "backend = \"postgres\"".to_owned(),
+            format!("url = {}", toml_string(&self.url)),
+            format!("node = {}", toml_string(&self.node)),
+        ];
+        match &self.password {
+            Some(SecretSource::File(path)) => {
+                lines.push(format!("password_file = {}", toml_string(&path.to_string_lossy())));
+            }
+            Some(SecretSource::Env(var)) => lines.push(format!("password_env = {}", toml_string(var))),
+            None => {}
+        }
+        if let Some(ca) = &self.ca_file {
+            lines.push(format!("ca_file = {}", toml_string(&ca.to_string_lossy())));
+        }
+        lines.join("\n")
+    }
+
+    /// The `[store]` backend lines of a sample config: these settings, or
+    /// the SQLite file's without them.
+    fn sample_lines(postgres: Option<&Self>) -> String {
+        postgres.map_or_else(
+            || format!("# \"sqlite\": one file, one process.\nbackend = \"sqlite\"\npath = \"{DATABASE_FILE}\""),
+            Self::table_lines,
+        )
+    }
+}
+
 /// The node name of a PostgreSQL store whose `[store] node` is not set.
 pub const DEFAULT_NODE: &str = "main";
 
@@ -997,7 +1029,11 @@ impl Config {
 
     /// The `config.toml` that `piivault init` writes: the sample collections
     /// and every default spelled out.
-    pub fn sample(root_key: &RootKeySource, pkcs11: Option<&Pkcs11Settings>) -> String {
+    pub fn sample(
+        root_key: &RootKeySource,
+        pkcs11: Option<&Pkcs11Settings>,
+        postgres: Option<&PostgresSettings>,
+    ) -> String {
         let mut root = match root_key {
             RootKeySource::Passphrase => {
                 "provider = \"passphrase\"   # from PIIVAULT_PASSPHRASE or --passphrase-file".to_owned()
@@ -1011,6 +1047,7 @@ impl Config {
         if let Some(p) = pkcs11 {
             root.push_str(&p.table());
         }
+        let backend = PostgresSettings::sample_lines(postgres);
         format!(
             "# piivault configuration. Relative paths resolve against this file's directory.\n\
              \n\
@@ -1025,9 +1062,7 @@ impl Config {
              max_value_bytes = 4096\n\
              \n\
              [store]\n\
-             # \"sqlite\": one file, one process.\n\
-             backend = \"sqlite\"\n\
-             path = \"{DATABASE_FILE}\"\n\
+             {backend}\n\
              read_connections = 4\n\
              max_group_commit = 256\n\
              # \"Who saw token T\" is indexed behind the write path, this many entries at a time.\n\
@@ -1126,7 +1161,7 @@ mod tests {
     #[test]
     fn sample_config_parses_with_defaults() {
         use crate::crypto::pkcs11::TokenSelector;
-        let config = parse(&Config::sample(&RootKeySource::Passphrase, None)).unwrap();
+        let config = parse(&Config::sample(&RootKeySource::Passphrase, None, None)).unwrap();
         let names: Vec<_> = config.collections.keys().map(CollectionName::as_str).collect();
         assert_eq!(names, ["card", "email", "name", "phone", "ssn"]);
         assert_eq!(config.limits, Limits::default());
@@ -1150,9 +1185,9 @@ mod tests {
             "server.metrics_listen: \"9464\" is neither an address:port such as 127.0.0.1:9464 nor \"none\""
         );
 
-        let raw = parse(&Config::sample(&RootKeySource::RawKeyEnv("KEY".into()), None)).unwrap();
+        let raw = parse(&Config::sample(&RootKeySource::RawKeyEnv("KEY".into()), None, None)).unwrap();
         assert_eq!(raw.root_key, RootKeySource::RawKeyEnv("KEY".into()));
-        let raw = parse(&Config::sample(&RootKeySource::RawKeyFile("k.bin".into()), None)).unwrap();
+        let raw = parse(&Config::sample(&RootKeySource::RawKeyFile("k.bin".into()), None, None)).unwrap();
         assert_eq!(raw.root_key, RootKeySource::RawKeyFile("/data/k.bin".into()));
 
         let hsm = Pkcs11Settings {
@@ -1160,7 +1195,7 @@ mod tests {
             token: TokenSelector::Label("piivault".into()),
             pin: SecretSource::File("hsm.pin".into()),
         };
-        let parsed = parse(&Config::sample(&RootKeySource::Pkcs11, Some(&hsm))).unwrap();
+        let parsed = parse(&Config::sample(&RootKeySource::Pkcs11, Some(&hsm), None)).unwrap();
         assert_eq!(parsed.root_key, RootKeySource::Pkcs11);
         assert_eq!(
             parsed.pkcs11,
@@ -1172,7 +1207,7 @@ mod tests {
             ..hsm.clone()
         };
         // A token configured beside another provider, for a rotation into it.
-        let beside = parse(&Config::sample(&RootKeySource::Passphrase, Some(&by_serial))).unwrap();
+        let beside = parse(&Config::sample(&RootKeySource::Passphrase, Some(&by_serial), None)).unwrap();
         assert_eq!((beside.root_key, beside.pkcs11), (RootKeySource::Passphrase, Some(by_serial)));
     }
 
@@ -1193,6 +1228,10 @@ mod tests {
             })
         );
         assert_eq!(config.store_backend.to_string(), "postgresql://piivault@db:5432/vault (node node-a)");
+        // The sample config of a postgres vault says the same.
+        let StoreBackend::Postgres(settings) = &config.store_backend else { panic!("not postgres") };
+        let sample = parse(&Config::sample(&RootKeySource::Passphrase, None, Some(settings))).unwrap();
+        assert_eq!(sample.store_backend, config.store_backend);
         let plain = parse(&store("url = \"postgresql://piivault@db/vault\"\npassword_env = \"PG_PW\"")).unwrap();
         let StoreBackend::Postgres(plain) = plain.store_backend else { panic!("not postgres") };
         assert_eq!(
@@ -1331,7 +1370,7 @@ mod tests {
 
     #[test]
     fn collection_formats() {
-        let config = parse(&Config::sample(&RootKeySource::Passphrase, None)).unwrap();
+        let config = parse(&Config::sample(&RootKeySource::Passphrase, None, None)).unwrap();
         let get = |name: &str| config.collections.iter().find(|(n, _)| n.as_str() == name).unwrap().1.clone();
         assert_eq!(get("card").format, Format::Card { keep_first: 0, keep_last: 4, min_len: 12, luhn: Luhn::Invalid });
         assert_eq!(get("ssn").format, Format::Ssn);

@@ -38,7 +38,7 @@ pub const TARGETS: &[(&str, Target)] = &[
 /// The sample configuration's collections: one of each format, with
 /// normalization, masks and deterministic settings.
 static SAMPLE: LazyLock<Vec<(String, CollectionConfig)>> = LazyLock::new(|| {
-    Config::parse(&Config::sample(&RootKeySource::Passphrase, None), Path::new("/fuzz"))
+    Config::parse(&Config::sample(&RootKeySource::Passphrase, None, None), Path::new("/fuzz"))
         .map(|c| c.collections.into_iter().map(|(name, config)| (name.to_string(), config)).collect())
         .unwrap_or_default()
 });

@@ -22,6 +22,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
+mod secret_env;
 pub mod store;
 pub mod tls;
 pub mod token;

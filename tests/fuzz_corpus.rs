@@ -100,7 +100,7 @@ fn write_seed_corpus() {
     let strong = KdfParams { m_kib: MIN_KDF.m_kib, t: 4, p: 2 };
     write("sealed_root", "passphrase-t4p2", &root::create(&passphrase, strong).unwrap().1);
 
-    write("config_parse", "sample", Config::sample(&RootKeySource::Passphrase, None).as_bytes());
+    write("config_parse", "sample", Config::sample(&RootKeySource::Passphrase, None, None).as_bytes());
     write(
         "config_parse",
         "raw",

@@ -42,6 +42,8 @@ pub(super) struct NewVault {
     pub(super) pkcs11: Option<crate::config::Pkcs11Settings>,
     /// The PKCS#11 key that seals the root key (pkcs11 only).
     pub(super) key_label: String,
+    /// The PostgreSQL database to keep the records in, instead of a file.
+    pub(super) postgres: Option<crate::config::PostgresSettings>,
 }
 
 /// `piivault init`: creates the data directory, config, sealed root key and
@@ -58,7 +60,7 @@ pub(super) async fn init(data_dir: &Path, new: &NewVault, secret: &SecretArgs, c
             .or_fail(Failure::Config);
         }
     }
-    let config_text = Config::sample(&new.source, new.pkcs11.as_ref());
+    let config_text = Config::sample(&new.source, new.pkcs11.as_ref(), new.postgres.as_ref());
     let config = Config::parse(&config_text, data_dir).or_fail(Failure::Config)?;
     let unlock = secrets::unlock_for_init(&config, secret, &new.key_label, confirm)?;
     datadir::create_private_dir(data_dir)

@@ -64,6 +64,8 @@ enum Command {
         raw_key_env: Option<String>,
         #[command(flatten)]
         pkcs11: secrets::Pkcs11InitArgs,
+        #[command(flatten)]
+        postgres: PostgresInitArgs,
     },
     /// Unseal the root key, open the store and every data key, and report.
     /// Exits 78 if the passphrase or key is wrong or a file is damaged.
@@ -215,8 +217,10 @@ pub fn main() -> ExitCode {
     };
     // Secrets in the environment leave it before any thread exists.
     let named_by_flags = match &cli.command {
-        Command::Init { pkcs11, raw_key_env, .. } => [pkcs11.pkcs11_pin_env.as_deref(), raw_key_env.as_deref()],
-        _ => [None, None],
+        Command::Init { pkcs11, raw_key_env, postgres, .. } => {
+            [pkcs11.pkcs11_pin_env.as_deref(), raw_key_env.as_deref(), postgres.postgres_password_env.as_deref()]
+        }
+        _ => [None, None, None],
     };
     secrets::take_from_env(secrets::secret_variables(config_path_of(&cli.command).as_deref(), &named_by_flags));
     let result = tokio::runtime::Builder::new_multi_thread()
@@ -280,7 +284,7 @@ async fn run(command: Command) -> Result<(), CliError> {
         init_logging("warn", LogFormat::Text);
     }
     match command {
-        Command::Init { data_dir, secret, raw_key_file, raw_key_env, pkcs11 } => {
+        Command::Init { data_dir, secret, raw_key_file, raw_key_env, pkcs11, postgres } => {
             let absolute = |file: &Path| {
                 std::path::absolute(file).with_context(|| format!("{}", file.display())).or_fail(Failure::Usage)
             };
@@ -305,7 +309,8 @@ async fn run(command: Command) -> Result<(), CliError> {
                 (None, None, Some(_)) => RootKeySource::Pkcs11,
                 (None, None, None) => RootKeySource::Passphrase,
             };
-            let new = NewVault { source, pkcs11: hsm, key_label: pkcs11.pkcs11_key_label };
+            let postgres = postgres.settings(absolute)?;
+            let new = NewVault { source, pkcs11: hsm, key_label: pkcs11.pkcs11_key_label, postgres };
             init::init(&data_dir, &new, &secret, true).await
         }
         Command::Check { config, secret } => init::check(&config, &secret).await,
@@ -319,6 +324,45 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Backup { out, connect } => keys::backup(&out, &connect).await,
         Command::Detokenize(args) => client::run(client::Op::Detokenize, args).await,
         Command::Delete(args) => client::run(client::Op::Delete, args).await,
+    }
+}
+
+/// `init` into a PostgreSQL database instead of a SQLite file.
+#[derive(clap::Args, Debug)]
+pub struct PostgresInitArgs {
+    /// Keep the records in this PostgreSQL database, which must be empty:
+    /// `postgresql://user@host:port/database`, without a password.
+    #[arg(long, value_name = "URL")]
+    postgres_url: Option<String>,
+    /// The database password, from this file (0600).
+    #[arg(long, value_name = "FILE", requires = "postgres_url", conflicts_with = "postgres_password_env")]
+    postgres_password_file: Option<PathBuf>,
+    /// The database password, from this environment variable.
+    #[arg(long, value_name = "VAR", requires = "postgres_url")]
+    postgres_password_env: Option<String>,
+    /// Require TLS to the database, its certificate signed by this CA.
+    #[arg(long, value_name = "FILE", requires = "postgres_url")]
+    postgres_ca_file: Option<PathBuf>,
+    /// This node's name: the audit chain it writes. Every node on one
+    /// database has its own.
+    #[arg(long, value_name = "NAME", requires = "postgres_url", default_value = crate::config::DEFAULT_NODE)]
+    node: String,
+}
+
+impl PostgresInitArgs {
+    /// The `[store]` settings these flags give, if any (paths made absolute).
+    fn settings(
+        self,
+        absolute: impl Fn(&Path) -> Result<PathBuf, CliError>,
+    ) -> Result<Option<crate::config::PostgresSettings>, CliError> {
+        let Some(url) = self.postgres_url else { return Ok(None) };
+        let password = match (self.postgres_password_file, self.postgres_password_env) {
+            (Some(file), _) => Some(crate::config::SecretSource::File(absolute(&file)?)),
+            (None, Some(var)) => Some(crate::config::SecretSource::Env(var)),
+            (None, None) => None,
+        };
+        let ca_file = self.postgres_ca_file.as_deref().map(absolute).transpose()?;
+        Ok(Some(crate::config::PostgresSettings { url, password, ca_file, node: self.node }))
     }
 }
 

@@ -2,10 +2,9 @@
 //! raw key, the PKCS#11 PIN; and, for each sealed root file, the secret of
 //! the provider that sealed it.
 
-use std::collections::HashMap;
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow};
 use zeroize::Zeroizing;
@@ -14,60 +13,12 @@ use super::{Classify as _, CliError, Failure, PASSPHRASE_ENV, SecretArgs};
 use crate::config::{Config, Pkcs11Settings, RootKeySource, SecretSource};
 use crate::crypto::pkcs11::{Hsm, Pin};
 use crate::crypto::root::{Passphrase, Pkcs11Unlock, Provider, RawKey, Unlock};
-
-/// Secrets taken out of the environment at start (see [`take_from_env`]).
-static TAKEN: OnceLock<HashMap<String, Zeroizing<String>>> = OnceLock::new();
-
-/// Moves the variables `names` out of the process environment into memory
-/// that is zeroized, so that nothing started later, nothing that reads the
-/// environment later, and nobody reading `/proc/PID/environ` sees them: the
-/// value's bytes are overwritten where the process received them, then the
-/// variable is removed.
-///
-/// Must run before any thread exists: `main` calls it before it builds the
-/// runtime, which is what makes the removal sound.
-#[allow(unsafe_code)]
-pub(super) fn take_from_env(names: Vec<String>) {
-    unsafe extern "C" {
-        /// The C runtime's environment: a null-terminated array of
-        /// `NAME=value` strings.
-        static environ: *const *mut std::ffi::c_char;
-    }
-    let mut taken = HashMap::new();
-    for name in names {
-        if name.is_empty() || name.contains('=') || taken.contains_key(&name) {
-            continue;
-        }
-        let Some(value) = std::env::var_os(&name) else { continue };
-        if let Ok(value) = value.into_string() {
-            taken.insert(name.clone(), Zeroizing::new(value));
-        }
-        let prefix = format!("{name}=");
-        // SAFETY: called from `main` before the tokio runtime or any other
-        // thread is started, so nothing reads or writes the environment
-        // concurrently. `environ` is a null-terminated array of pointers to
-        // NUL-terminated, writable strings; only bytes before each string's
-        // terminator are written.
-        unsafe {
-            let mut entry = environ;
-            while !entry.is_null() && !(*entry).is_null() {
-                let bytes = std::ffi::CStr::from_ptr(*entry).to_bytes();
-                if bytes.starts_with(prefix.as_bytes()) {
-                    let value_len = bytes.len() - prefix.len();
-                    std::ptr::write_bytes((*entry).add(prefix.len()), 0, value_len);
-                }
-                entry = entry.add(1);
-            }
-            std::env::remove_var(&name);
-        }
-    }
-    let _ = TAKEN.set(taken);
-}
+pub(super) use crate::secret_env::{env_has, env_secret, take_from_env};
 
 /// The environment variables holding a secret, for [`take_from_env`]: the
 /// passphrase's, those a command names itself (`extra`: `init
 /// --raw-key-env`, `--pkcs11-pin-env`), and those the config of a command
-/// names (the raw key's, the PIN's).
+/// names (the raw key's, the PIN's, the database password's).
 pub(super) fn secret_variables(config: Option<&Path>, extra: &[Option<&str>]) -> Vec<String> {
     let mut names = vec![PASSPHRASE_ENV.to_owned()];
     names.extend(extra.iter().flatten().map(|s| (*s).to_owned()));
@@ -78,22 +29,13 @@ pub(super) fn secret_variables(config: Option<&Path>, extra: &[Option<&str>]) ->
         if let Some(Pkcs11Settings { pin: SecretSource::Env(var), .. }) = config.pkcs11 {
             names.push(var);
         }
+        if let crate::config::StoreBackend::Postgres(pg) = config.store_backend
+            && let Some(SecretSource::Env(var)) = pg.password
+        {
+            names.push(var);
+        }
     }
     names
-}
-
-/// Whether the variable `name` was set (and taken) at start, or is set.
-pub(super) fn env_has(name: &str) -> bool {
-    TAKEN.get().is_some_and(|taken| taken.contains_key(name)) || std::env::var_os(name).is_some()
-}
-
-/// A variable taken at start, or (for library embedders and tests that
-/// never went through `main`) the environment's.
-fn env_secret(name: &str) -> Option<Zeroizing<String>> {
-    if let Some(value) = TAKEN.get().and_then(|taken| taken.get(name)) {
-        return Some(value.clone());
-    }
-    std::env::var(name).ok().map(Zeroizing::new)
 }
 
 /// Reads a secret file, refusing one that group or others may read. The

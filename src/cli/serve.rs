@@ -231,7 +231,8 @@ pub(super) async fn dev(
         datadir::write_private_file(&passphrase_path, passphrase.as_bytes())
             .context("cannot write the dev passphrase")
             .or_fail(Failure::Other)?;
-        let new = NewVault { source: RootKeySource::Passphrase, pkcs11: None, key_label: String::new() };
+        let new =
+            NewVault { source: RootKeySource::Passphrase, pkcs11: None, key_label: String::new(), postgres: None };
         init(data_dir, &new, &secret, false).await?;
         let config = Config::load(&config_path).or_fail(Failure::Config)?;
         let ca = Ca::load(data_dir).or_fail(Failure::Other)?;
