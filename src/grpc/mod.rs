@@ -98,6 +98,11 @@ pub fn status_of(error: &Failure) -> Status {
         Failure::Vault(VaultError::Store(e)) if e.is_unavailable() => {
             Status::unavailable("the vault's store is unavailable; retry later")
         }
+        // What this store backend cannot do at all (a file backup of
+        // PostgreSQL): the message names it and what to use instead.
+        Failure::Vault(VaultError::Store(e @ crate::store::StoreError::Unsupported(_))) => {
+            Status::unimplemented(e.to_string())
+        }
         Failure::Vault(_) => Status::internal("internal error; the cause is in the server log"),
     }
 }
@@ -180,6 +185,8 @@ mod tests {
             (Failure::Vault(VaultError::Store(StoreError::Full)), Code::Unavailable),
             (Failure::Vault(VaultError::Store(StoreError::Closed)), Code::Unavailable),
             (Failure::Vault(VaultError::Store(StoreError::NotAVault)), Code::Internal),
+            (Failure::Vault(VaultError::Store(StoreError::Unsupported("copy itself"))), Code::Unimplemented),
+            (Failure::Vault(VaultError::Store(StoreError::Unreachable)), Code::Unavailable),
             (Failure::Edge(EdgeError::Unauthenticated("x".into())), Code::Unauthenticated),
             (Failure::Edge(EdgeError::InvalidArgument("x".into())), Code::InvalidArgument),
             (Failure::Edge(EdgeError::RateLimited), Code::ResourceExhausted),

@@ -94,6 +94,9 @@ pub struct Capabilities {
     pub erases_without_residue: bool,
     /// [`Store::backup`] can copy the whole store, online, into one file.
     pub file_backup: bool,
+    /// Other processes (nodes) change the store too: keys rotated through
+    /// them must be picked up here.
+    pub shared: bool,
 }
 
 /// The whole store: every concern, plus what the backend can promise and

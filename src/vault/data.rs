@@ -120,7 +120,11 @@ impl Vault {
                 pending = again;
                 continue;
             }
-            let outcomes = self.inner.store.insert_records(coll.id, records, audit.clone(), coll.renderer()).await?;
+            // A conflict: this node's data key was retired, marked
+            // compromised or is being emptied through another node.
+            let store = &self.inner.store;
+            let inserted = store.insert_records(coll.id, records, audit.clone(), coll.renderer()).await;
+            let outcomes = inserted.map_err(super::key_change)?;
             let mut retry = again;
             for ((i, token), outcome) in made.into_iter().zip(tokens).zip(outcomes) {
                 match outcome {
@@ -205,6 +209,15 @@ impl Vault {
         self.check_count(tokens.len())?;
         let (parsed, lookups) = parse_tokens(coll, &tokens);
         let found = self.inner.store.get_records(coll.id, lookups).await?;
+        // A record sealed through another node under a key version this one
+        // has not loaded yet: the keyring is brought up to date first.
+        let unknown_key = |r: &crate::store::StoredRecord| {
+            envelope::key_version(&r.ciphertext)
+                .is_ok_and(|v| self.inner.keyring.with_version(coll.id.0, KeyPurpose::Data, v, |_| ()).is_none())
+        };
+        if self.inner.store.capabilities().shared && found.iter().flatten().any(unknown_key) {
+            self.refresh_keys().await?;
+        }
         let mut found = found.into_iter();
         let mut revealed = Vec::new();
         let mut seqs = Vec::new();

@@ -101,12 +101,11 @@ impl Vault {
             Some(bad) => format!("new primary version {version}; version {bad} compromised"),
             None => format!("new primary {what} version {version}"),
         };
-        self.inner.store.add_primary_key(coll.id, purpose, version, wrapped, compromised, audit).await.map_err(
-            |e| match e {
-                crate::store::StoreError::Conflict => VaultError::KeyConflict,
-                other => VaultError::Store(other),
-            },
-        )?;
+        self.inner
+            .store
+            .add_primary_key(coll.id, purpose, version, wrapped, compromised, audit)
+            .await
+            .map_err(super::key_change)?;
         self.inner.keyring.insert(coll.id.0, purpose, version, key, true);
         tracing::info!(collection, version, "{what} rotated");
         Ok(version)
@@ -293,6 +292,41 @@ impl Vault {
         self.inner.keyring.remove(coll.id.0, KeyPurpose::Data, version);
         tracing::info!(collection, version, "data key version retired and destroyed");
         Ok(())
+    }
+
+    /// Brings the keyring in step with the store, for a store that other
+    /// nodes change too: versions rotated in elsewhere are unwrapped and
+    /// the store's primary becomes this node's; versions retired elsewhere
+    /// are forgotten; a version marked compromised elsewhere stops being
+    /// the primary here. Returns how many versions changed.
+    pub async fn refresh_keys(&self) -> Result<usize, VaultError> {
+        let stored = self.inner.store.load_keys().await?;
+        let root = self.inner.root.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let keyring = &self.inner.keyring;
+        let mut changed = 0;
+        for key in &stored {
+            let (collection, purpose, version) = (key.collection.0, key.purpose, key.version);
+            let known = keyring.with_version(collection, purpose, version, |_| ()).is_some();
+            if !super::is_loaded(&self.inner.collections, key) {
+                if known && key.state == KeyState::Retired {
+                    keyring.remove(collection, purpose, version);
+                    changed += 1;
+                }
+                continue;
+            }
+            let primary_here = keyring.with_primary(collection, purpose, |v, _| v) == Some(version);
+            if known && primary_here == (key.state == KeyState::Primary) {
+                continue;
+            }
+            if !known || key.state == KeyState::Primary {
+                super::load_key(keyring, &root, key)?;
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            tracing::info!(versions = changed, "keys changed through another node are in force here");
+        }
+        Ok(changed)
     }
 
     /// Key versions per collection, purpose and state, with live records

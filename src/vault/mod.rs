@@ -13,6 +13,7 @@ mod keys;
 mod trail;
 pub mod unseal;
 mod upkeep;
+pub use upkeep::KEY_REFRESH_INTERVAL;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -348,6 +349,36 @@ struct Inner {
     verifying: tokio::sync::Mutex<()>,
 }
 
+/// Whether `stored` belongs in the keyring: not retired, and of a
+/// configured collection. A collection in the store but no longer
+/// configured is not served; its token key still is loaded, so that `audit
+/// verify` can match the tokens its audit records list.
+fn is_loaded(collections: &HashMap<String, Collection>, stored: &crate::store::StoredKey) -> bool {
+    let configured = collections.values().any(|c| c.id == stored.collection);
+    (configured || stored.purpose == KeyPurpose::Token) && stored.state != KeyState::Retired
+}
+
+/// Unwraps `stored` with `root` into `keyring` (as its primary if it is).
+fn load_key(keyring: &Keyring, root: &RootKey, stored: &crate::store::StoredKey) -> Result<(), VaultError> {
+    let key = keyring::unwrap(root, stored.purpose, &stored.collection_name, stored.version, &stored.wrapped).map_err(
+        |_| VaultError::Keyring {
+            collection: stored.collection_name.clone(),
+            reason: "a wrapped key does not open with this root key",
+        },
+    )?;
+    keyring.insert(stored.collection.0, stored.purpose, stored.version, key, stored.state == KeyState::Primary);
+    Ok(())
+}
+
+/// A store error of a write that depends on the keyring: a conflict is a
+/// key change that another operation (or node) made meanwhile.
+fn key_change(error: crate::store::StoreError) -> VaultError {
+    match error {
+        crate::store::StoreError::Conflict => VaultError::KeyConflict,
+        other => VaultError::Store(other),
+    }
+}
+
 /// The vault. Cheap to clone; all clones share one store and keyring.
 #[derive(Clone)]
 pub struct Vault {
@@ -407,20 +438,9 @@ impl Vault {
 
         let keyring = Keyring::new();
         for stored in store.load_keys().await? {
-            let configured = collections.values().any(|c| c.id == stored.collection);
-            // A collection in the store but no longer configured is not
-            // served; its token key still is loaded, so that `audit verify`
-            // can match the tokens its audit records list.
-            if (!configured && stored.purpose != KeyPurpose::Token) || stored.state == KeyState::Retired {
-                continue;
+            if is_loaded(&collections, &stored) {
+                load_key(&keyring, root, &stored)?;
             }
-            let purpose = stored.purpose;
-            let key = keyring::unwrap(root, purpose, &stored.collection_name, stored.version, &stored.wrapped)
-                .map_err(|_| VaultError::Keyring {
-                    collection: stored.collection_name.clone(),
-                    reason: "a wrapped key does not open with this root key",
-                })?;
-            keyring.insert(stored.collection.0, purpose, stored.version, key, stored.state == KeyState::Primary);
         }
 
         for collection in collections.values_mut() {

@@ -188,8 +188,10 @@ impl Vault {
     /// Starts the background work of a serving vault, until the returned
     /// tasks are aborted: automatic key rotation (checked every
     /// `server.key_check_interval`), the expiry purge (`store.purge_*`),
-    /// resuming unfinished index rebuilds, and the audit head log line
-    /// (`audit.head_log_interval`). Every embedding that serves runs it.
+    /// resuming unfinished index rebuilds, the audit head log line
+    /// (`audit.head_log_interval`) and, on a store that other nodes share,
+    /// picking up their key changes every [`KEY_REFRESH_INTERVAL`]. Every
+    /// embedding that serves runs it.
     pub fn spawn_background(&self, config: &Config) -> Vec<tokio::task::JoinHandle<()>> {
         let rotation_vault = self.clone();
         let key_check = config.server.key_check_interval;
@@ -235,6 +237,22 @@ impl Vault {
                 }
             }
         });
-        vec![auto_rotation, purger, resume, head_logger]
+        let mut tasks = vec![auto_rotation, purger, resume, head_logger];
+        if self.inner.store.capabilities().shared {
+            let refresh_vault = self.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(KEY_REFRESH_INTERVAL).await;
+                    if let Err(e) = refresh_vault.refresh_keys().await {
+                        tracing::error!(error = %e, "cannot read the keys that other nodes may have changed");
+                    }
+                }
+            }));
+        }
+        tasks
     }
 }
+
+/// How soon a key rotated, retired or marked compromised through another
+/// node is in force on this one (a shared store only).
+pub const KEY_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);

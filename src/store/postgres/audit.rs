@@ -28,6 +28,10 @@ impl WriteTx<'_, '_> {
         collection: CollectionId,
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
+        if self.audit.key.is_none() {
+            return Err(StoreError::AuditUnavailable);
+        }
+        self.audit.hold(self.tx)?;
         let key = self.audit.key.as_ref().ok_or(StoreError::AuditUnavailable)?;
         let seq = self.audit.tentative.seq + 1;
         let encoded = record.encode(seq);

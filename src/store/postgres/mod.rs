@@ -192,9 +192,8 @@ fn read_password(source: &SecretSource) -> Result<Zeroizing<String>, StoreError>
             let trimmed = Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_owned());
             Ok(trimmed)
         }
-        SecretSource::Env(var) => std::env::var(var)
-            .map(Zeroizing::new)
-            .map_err(|_| StoreError::CannotOpen(format!("the database password variable ${var} is not set"))),
+        SecretSource::Env(var) => crate::secret_env::env_secret(var)
+            .ok_or_else(|| StoreError::CannotOpen(format!("the database password variable ${var} is not set"))),
     }
 }
 
@@ -219,8 +218,11 @@ pub struct PostgresStore {
 
 impl PostgresStore {
     /// Connects, migrates the schema (or, with [`OpenMode::Create`], creates
-    /// it in an empty database), takes this node's audit chain and starts
-    /// the threads.
+    /// it in an empty database) and starts the threads. The node's audit
+    /// chain is taken before the first record it appends: a process that
+    /// only reads (an offline `audit verify` beside the running node) never
+    /// takes it, and a second process with a running node's name fails its
+    /// first audited write with [`StoreError::ChainHeld`].
     pub fn open(settings: &PostgresSettings, mode: OpenMode, options: Options) -> Result<Self, StoreError> {
         let connector = Connector::new(settings)?;
         let chain = settings.node.clone();
@@ -228,11 +230,10 @@ impl PostgresStore {
         // on a thread of the caller's: the first connection is made on a
         // thread of its own too.
         let conn = {
-            let (connector, chain) = (connector.clone(), chain.clone());
+            let connector = connector.clone();
             std::thread::spawn(move || -> Result<postgres::Client, StoreError> {
                 let mut conn = connector.connect()?;
                 schema::migrate(&mut conn, mode)?;
-                writer::take_chain(&mut conn, &chain)?;
                 Ok(conn)
             })
             .join()
@@ -315,7 +316,7 @@ impl Drop for PostgresStore {
 #[async_trait]
 impl Store for PostgresStore {
     fn capabilities(&self) -> Capabilities {
-        Capabilities { backend: "postgres", erases_without_residue: false, file_backup: false }
+        Capabilities { backend: "postgres", erases_without_residue: false, file_backup: false, shared: true }
     }
 
     async fn backup(&self) -> Result<(PathBuf, BackupTaken), StoreError> {

@@ -541,16 +541,20 @@ fn erase(tx: &mut WriteTx<'_, '_>, collection: CollectionId, row: &Row) -> Resul
 }
 
 /// Records newly sealed under versions of `collection`: adds to each
-/// version's encryption counter and live-record count.
+/// version's encryption counter and live-record count. Only a primary or
+/// active version takes records: another node may have retired the
+/// version, marked it compromised or begun emptying it since this node
+/// loaded its keys ([`count`] refuses then, and nothing is written).
 const COUNT_SEALED: &str = "UPDATE keys SET encryptions = encryptions + $1, live = live + $1
-     WHERE collection_id = $2 AND purpose = 'data' AND version = $3";
+     WHERE collection_id = $2 AND purpose = 'data' AND version = $3 AND state IN ('primary', 'active')";
 
 /// Records that left versions of `collection` (deleted, or re-encrypted
 /// onto another version): subtracts from each version's live count.
 const COUNT_REMOVED: &str =
     "UPDATE keys SET live = live - $1 WHERE collection_id = $2 AND purpose = 'data' AND version = $3";
 
-/// Applies one of the counter updates above to each version's count.
+/// Applies one of the counter updates above to each version's count; a
+/// version that is not there to count (see [`COUNT_SEALED`]) is a conflict.
 fn count(
     conn: &mut impl GenericClient,
     sql: &str,
@@ -558,7 +562,9 @@ fn count(
     per_version: &BTreeMap<u32, i64>,
 ) -> Result<(), StoreError> {
     for (version, n) in per_version {
-        conn.execute(sql, &[n, &collection.0, &i64::from(*version)])?;
+        if conn.execute(sql, &[n, &collection.0, &i64::from(*version)])? != 1 {
+            return Err(StoreError::Conflict);
+        }
     }
     Ok(())
 }

@@ -27,6 +27,30 @@ pub(super) struct AuditCursor {
     /// Records written in the open transaction, for the sink after commit.
     pub(super) pending: Vec<(u64, AuditRecord, [u8; crate::audit::MAC_LEN])>,
     pub(super) sink: Option<Arc<AuditSink>>,
+    /// Whether this connection's session holds the chain (taken before the
+    /// first record it appends: a node that only reads, such as an offline
+    /// `audit verify` beside the running node, never takes it).
+    pub(super) held: bool,
+    /// The head read when the chain was taken in the open batch: the
+    /// database's, whatever this node thought before.
+    pub(super) taken_at: Option<Head>,
+}
+
+impl AuditCursor {
+    /// Takes the chain for this session if it does not hold it yet, and
+    /// rereads its head (another process may have written it meanwhile).
+    pub(super) fn hold(&mut self, tx: &mut postgres::Transaction<'_>) -> Result<(), StoreError> {
+        if self.held {
+            return Ok(());
+        }
+        take_chain(tx, &self.chain)?;
+        let head = super::audit::last_head(tx, &self.chain)?;
+        self.committed = head;
+        self.tentative = head;
+        self.taken_at = Some(head);
+        self.held = true;
+        Ok(())
+    }
 }
 
 /// What a write job works with: the transaction (a savepoint of the
@@ -83,7 +107,7 @@ fn chain_lock(chain: &str) -> i64 {
 
 /// Registers audit chain `chain` and takes it for this connection's
 /// session: refused while another session holds it.
-pub(super) fn take_chain(conn: &mut postgres::Client, chain: &str) -> Result<(), StoreError> {
+fn take_chain(conn: &mut impl postgres::GenericClient, chain: &str) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO audit_chains (chain, created_at) VALUES ($1, $2) ON CONFLICT (chain) DO NOTHING",
         &[&chain, &now_micros()],
@@ -113,8 +137,16 @@ pub(super) fn writer_loop(
     max_batch: usize,
     sink: Option<Arc<AuditSink>>,
 ) {
-    let mut audit =
-        AuditCursor { chain, key: None, committed: Head::GENESIS, tentative: Head::GENESIS, pending: Vec::new(), sink };
+    let mut audit = AuditCursor {
+        chain,
+        key: None,
+        committed: Head::GENESIS,
+        tentative: Head::GENESIS,
+        pending: Vec::new(),
+        sink,
+        held: false,
+        taken_at: None,
+    };
     let mut client = Some(conn);
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
@@ -126,8 +158,14 @@ pub(super) fn writer_loop(
         }
         if client.as_ref().is_none_or(postgres::Client::is_closed) {
             client = None;
-            match reconnect(connector, &mut audit) {
-                Ok(conn) => client = Some(conn),
+            // The new session holds nothing: the chain is taken again, and
+            // its head reread, before the next record.
+            audit.held = false;
+            match connector.connect() {
+                Ok(conn) => {
+                    tracing::info!(chain = %audit.chain, "store: the writer reconnected to the database");
+                    client = Some(conn);
+                }
                 Err(error) => {
                     for job in batch {
                         job.finish(Err(error.clone()));
@@ -144,21 +182,6 @@ pub(super) fn writer_loop(
             client = None;
         }
     }
-}
-
-/// A new writer connection: the chain taken again, and its head reread
-/// (another transaction of this node may or may not have committed when
-/// the last connection went).
-fn reconnect(connector: &Connector, audit: &mut AuditCursor) -> Result<postgres::Client, StoreError> {
-    let mut conn = connector.connect()?;
-    take_chain(&mut conn, &audit.chain)?;
-    if audit.key.is_some() {
-        let head = super::audit::last_head(&mut conn, &audit.chain)?;
-        audit.committed = head;
-        audit.tentative = head;
-    }
-    tracing::info!(chain = %audit.chain, "store: the writer reconnected to the database");
-    Ok(conn)
 }
 
 /// One group commit: every job in its own savepoint (a batch of one runs
@@ -215,7 +238,8 @@ fn commit_batch(conn: &mut postgres::Client, audit: &mut AuditCursor, batch: Vec
             }
         };
         if result.is_err() {
-            audit.tentative = before;
+            // A chain taken by this job was reread: that head stands.
+            audit.tentative = audit.taken_at.unwrap_or(before);
             audit.pending.truncate(pending_before);
         }
         outcomes.push((job, result));
@@ -228,6 +252,7 @@ fn commit_batch(conn: &mut postgres::Client, audit: &mut AuditCursor, batch: Vec
         None => tx.commit().map_err(StoreError::from),
     };
     let trusted = !matches!(committed, Err(StoreError::Unreachable)) && !conn.is_closed();
+    audit.taken_at = None;
     if committed.is_ok() {
         audit.committed = audit.tentative;
         if let Some(sink) = &audit.sink

@@ -228,7 +228,7 @@ impl Drop for SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     fn capabilities(&self) -> Capabilities {
-        Capabilities { backend: "sqlite", erases_without_residue: true, file_backup: true }
+        Capabilities { backend: "sqlite", erases_without_residue: true, file_backup: true, shared: false }
     }
 
     async fn backup(&self) -> Result<(PathBuf, BackupTaken), StoreError> {
