@@ -1,0 +1,273 @@
+//! Several `piivault serve` processes on one PostgreSQL database (a real
+//! server from scripts/test-postgres): what one node issues, every node
+//! answers; a value gets one token whichever nodes it goes through; every
+//! node writes and verifies its own audit chain, and no two processes
+//! write one chain.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+#[path = "common/postgres.rs"]
+mod pg;
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+const PASSPHRASE: &str = "test passphrase: long enough, never printed";
+const BIN: &str = env!("CARGO_BIN_EXE_piivault");
+
+fn piivault(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .env("PIIVAULT_PASSPHRASE", PASSPHRASE)
+        .env_remove("PIIVAULT_LOG")
+        .output()
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Node directories made by `init` on `database` (node `main`, in `a`)
+/// and copied for every other name, each with its own `[store] node`,
+/// serving on a free port, caller `app` allowed everything.
+fn nodes(tmp: &Path, database: &pg::Database, names: &[&str]) -> Vec<PathBuf> {
+    let first = tmp.join("main");
+    let out = piivault(&[
+        "init",
+        "--data-dir",
+        first.to_str().unwrap(),
+        "--postgres-url",
+        &database.settings.url,
+        "--postgres-password-env",
+        pg::PASSWORD_VAR,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config = first.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("backend = \"postgres\"") && text.contains("node = \"main\""), "{text}");
+    let text = text.replace("127.0.0.1:7443", "127.0.0.1:0").replace("127.0.0.1:9464", "none");
+    std::fs::write(&config, text).unwrap();
+    std::fs::write(
+        first.join("policy.toml"),
+        "[callers.app]\ntokenize = [\"*\"]\ndetokenize = [\"*\"]\ndelete = [\"*\"]\nadmin = true\n",
+    )
+    .unwrap();
+    let ca = piivault::pki::Ca::load(&first).unwrap();
+    ca.issue(&"app".parse().unwrap(), "piivault.local", 1, &first.join("clients/app")).unwrap();
+    let mut dirs = vec![first.clone()];
+    for name in names {
+        let dir = tmp.join(name);
+        assert!(Command::new("cp").args(["-a"]).arg(&first).arg(&dir).status().unwrap().success());
+        let config = dir.join("config.toml");
+        let text = std::fs::read_to_string(&config).unwrap().replace("node = \"main\"", &format!("node = \"{name}\""));
+        std::fs::write(&config, text).unwrap();
+        dirs.push(dir);
+    }
+    dirs
+}
+
+/// A running `piivault serve` and its address.
+struct Node {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Node {
+    fn start(dir: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config", dir.join("config.toml").to_str().unwrap()])
+            .env("PIIVAULT_PASSPHRASE", PASSPHRASE)
+            .env_remove("PIIVAULT_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = std::io::BufReader::new(child.stdout.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| line.strip_prefix("piivault: listening on ").map(str::to_owned))
+            .expect("the node did not start");
+        Self { child, addr, dir: dir.to_owned() }
+    }
+
+    /// `piivault <op> --collection <collection> <items>` as `app`.
+    fn run(&self, op: &str, collection: &str, items: &[&str]) -> Output {
+        let mut args = vec![op, "--addr", &self.addr, "--data-dir", self.dir.to_str().unwrap(), "--as", "app"];
+        args.extend_from_slice(&["--collection", collection]);
+        args.extend_from_slice(items);
+        piivault(&args)
+    }
+
+    fn ok(&self, op: &str, collection: &str, items: &[&str]) -> Vec<String> {
+        let out = self.run(op, collection, items);
+        assert!(out.status.success(), "{op} on {}: {}", self.addr, stderr(&out));
+        stdout(&out).lines().map(str::to_owned).collect()
+    }
+
+    /// `piivault keys <args>` through this node as `app`.
+    fn keys(&self, args: &[&str]) -> String {
+        let mut all = vec!["keys", args[0], "--addr", &self.addr, "--data-dir", self.dir.to_str().unwrap()];
+        all.extend_from_slice(&["--as", "app"]);
+        all.extend_from_slice(&args[1..]);
+        let out = piivault(&all);
+        assert!(out.status.success(), "keys {args:?}: {}", stderr(&out));
+        stdout(&out)
+    }
+
+    /// Records ever sealed under each data-key version of `collection`.
+    fn encryptions(&self, collection: &str) -> Vec<(u64, u64)> {
+        let listed: serde_json::Value =
+            serde_json::from_str(&self.keys(&["list", "--collection", collection, "--json"])).unwrap();
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["purpose"] == "data")
+            .map(|v| (v["version"].as_u64().unwrap(), v["encryptions"].as_u64().unwrap()))
+            .collect()
+    }
+
+    fn stop(mut self) {
+        Command::new("kill").args(["-s", "TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+#[test]
+fn what_one_node_issues_every_node_answers() {
+    let database = pg::Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = nodes(tmp.path(), &database, &["node-b"]);
+    let (a, b) = (Node::start(&dirs[0]), Node::start(&dirs[1]));
+
+    let cards = a.ok("tokenize", "card", &["4111 1111 1111 1111", "5500 0000 0000 0004"]);
+    let names = b.ok("tokenize", "name", &["Ada Lovelace", "Grace Hopper"]);
+    assert_eq!(cards.len(), 2);
+    assert_ne!(cards[0], "4111 1111 1111 1111");
+    let card_refs: Vec<&str> = cards.iter().map(String::as_str).collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    assert_eq!(b.ok("detokenize", "card", &card_refs), ["4111 1111 1111 1111", "5500 0000 0000 0004"]);
+    assert_eq!(a.ok("detokenize", "name", &name_refs), ["Ada Lovelace", "Grace Hopper"]);
+
+    // Both nodes number records of one collection from their own blocks:
+    // tokens never repeat.
+    let more = b.ok("tokenize", "card", &["4111 1111 1111 1111"]);
+    assert!(!cards.contains(&more[0]), "{cards:?} {more:?}");
+
+    // A deterministic value has one token whichever node is asked.
+    let ssn_a = a.ok("tokenize", "ssn", &["078-05-1120"]);
+    let ssn_b = b.ok("tokenize", "ssn", &["078051120"]);
+    assert_eq!(crate_digits(&ssn_a[0]), crate_digits(&ssn_b[0]));
+
+    // Deleted through one node: gone on the other at once.
+    assert!(b.run("delete", "name", &[&names[0]]).status.success());
+    let out = a.run("detokenize", "name", &[&names[0]]);
+    assert_eq!((out.status.code(), stdout(&out)), (Some(1), "error: NOT_FOUND: token not found".to_owned()));
+    a.stop();
+    b.stop();
+
+    // Each node's chain verifies, and holds its own node's records.
+    for dir in &dirs {
+        let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let line = stdout(&out);
+        let records: u64 = line.strip_prefix("ok: ").unwrap().split(' ').next().unwrap().parse().unwrap();
+        assert!(records >= 4, "{line}");
+    }
+}
+
+/// An SSN token's digits (its writing follows the value's).
+fn crate_digits(token: &str) -> String {
+    token.chars().filter(char::is_ascii_digit).collect()
+}
+
+#[test]
+fn one_value_gets_one_token_through_every_node_at_once() {
+    let database = pg::Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = nodes(tmp.path(), &database, &["node-b", "node-c"]);
+    let nodes: Vec<Node> = dirs.iter().map(|d| Node::start(d)).collect();
+    let tokens: Vec<String> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..9)
+            .map(|i| {
+                let node = &nodes[i % nodes.len()];
+                scope.spawn(move || node.ok("tokenize", "ssn", &["219-09-9999"]).remove(0))
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    assert!(tokens.iter().all(|t| *t == tokens[0]), "{tokens:?}");
+    assert_ne!(tokens[0], "219-09-9999");
+    for node in &nodes {
+        assert_eq!(node.ok("detokenize", "ssn", &[&tokens[0]]), ["219-09-9999"]);
+    }
+    for node in nodes {
+        node.stop();
+    }
+}
+
+#[test]
+fn two_processes_never_write_one_chain() {
+    let database = pg::Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = nodes(tmp.path(), &database, &[]);
+    let a = Node::start(&dirs[0]);
+    // The same node name again: refused at start, before it serves.
+    let out = Command::new(BIN)
+        .args(["serve", "--config", dirs[0].join("config.toml").to_str().unwrap()])
+        .env("PIIVAULT_PASSPHRASE", PASSPHRASE)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("another running node writes this node's audit chain"), "{}", stderr(&out));
+    // An offline reader beside the running node takes nothing.
+    let token = a.ok("tokenize", "name", &["Katherine Johnson"]).remove(0);
+    let out = piivault(&["audit", "verify", "--data-dir", dirs[0].to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(a.ok("detokenize", "name", &[&token]), ["Katherine Johnson"]);
+    a.stop();
+}
+
+#[test]
+fn a_key_rotated_through_one_node_is_in_force_on_every_node() {
+    let database = pg::Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = nodes(tmp.path(), &database, &["node-b"]);
+    let (a, b) = (Node::start(&dirs[0]), Node::start(&dirs[1]));
+    let old = b.ok("tokenize", "name", &["Alan Turing"]);
+    assert_eq!(a.encryptions("name"), [(1, 1)]);
+
+    let rotated: serde_json::Value =
+        serde_json::from_str(&a.keys(&["rotate", "--collection", "name", "--json"])).unwrap();
+    assert_eq!(rotated["version"], 2);
+    // A record sealed through A under the new version reads on B at once:
+    // B loads the version it meets before it answers.
+    let new = a.ok("tokenize", "name", &["Edsger Dijkstra"]);
+    assert_eq!(b.ok("detokenize", "name", &[&new[0], &old[0]]), ["Edsger Dijkstra", "Alan Turing"]);
+    // Within the refresh interval B seals under version 2 too.
+    std::thread::sleep(piivault::vault::KEY_REFRESH_INTERVAL * 2);
+    b.ok("tokenize", "name", &["Barbara Liskov", "John Backus"]);
+    assert_eq!(a.encryptions("name"), [(1, 1), (2, 3)]);
+
+    // Version 1 emptied and retired through B: A forgets it and nothing is
+    // ever sealed under it again.
+    let moved = b.keys(&["reencrypt", "--collection", "name"]);
+    assert!(moved.contains("1 moved"), "{moved}");
+    b.keys(&["retire", "--collection", "name", "--key-version", "1"]);
+    std::thread::sleep(piivault::vault::KEY_REFRESH_INTERVAL * 2);
+    let later = a.ok("tokenize", "name", &["Frances Allen"]);
+    assert_eq!(b.ok("detokenize", "name", &[&old[0], &later[0]]), ["Alan Turing", "Frances Allen"]);
+    let listed = a.keys(&["list", "--collection", "name", "--json"]);
+    assert!(listed.contains("\"state\":\"retired\""), "{listed}");
+    a.stop();
+    b.stop();
+}
