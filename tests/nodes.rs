@@ -12,6 +12,9 @@ mod pg;
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 const PASSPHRASE: &str = "test passphrase: long enough, never printed";
 const BIN: &str = env!("CARGO_BIN_EXE_piivault");
@@ -38,16 +41,15 @@ fn stderr(out: &Output) -> String {
 /// and copied for every other name, each with its own `[store] node`,
 /// serving on a free port, caller `app` allowed everything.
 fn nodes(tmp: &Path, database: &pg::Database, names: &[&str]) -> Vec<PathBuf> {
+    nodes_on(tmp, &["--postgres-url", &database.settings.url, "--postgres-password-env", pg::PASSWORD_VAR], names)
+}
+
+/// [`nodes`] on the database that the `init` flags `store` name.
+fn nodes_on(tmp: &Path, store: &[&str], names: &[&str]) -> Vec<PathBuf> {
     let first = tmp.join("main");
-    let out = piivault(&[
-        "init",
-        "--data-dir",
-        first.to_str().unwrap(),
-        "--postgres-url",
-        &database.settings.url,
-        "--postgres-password-env",
-        pg::PASSWORD_VAR,
-    ]);
+    let mut init = vec!["init", "--data-dir", first.to_str().unwrap()];
+    init.extend_from_slice(store);
+    let out = piivault(&init);
     assert!(out.status.success(), "{}", stderr(&out));
     let config = first.join("config.toml");
     let text = std::fs::read_to_string(&config).unwrap();
@@ -270,4 +272,117 @@ fn a_key_rotated_through_one_node_is_in_force_on_every_node() {
     assert!(listed.contains("\"state\":\"retired\""), "{listed}");
     a.stop();
     b.stop();
+}
+
+/// What a load of single tokenize calls through `node` got until `done`:
+/// the acknowledged `(value, token)` pairs, in order, and how many calls
+/// failed with UNAVAILABLE; any other failure fails the test.
+struct Load {
+    acked: Mutex<Vec<(String, String)>>,
+    unavailable: AtomicUsize,
+    done: AtomicBool,
+}
+
+impl Load {
+    fn new() -> Self {
+        Self { acked: Mutex::new(Vec::new()), unavailable: AtomicUsize::new(0), done: AtomicBool::new(false) }
+    }
+
+    fn run(&self, node: &Node, prefix: &str) {
+        for i in 0.. {
+            if self.done.load(Ordering::SeqCst) {
+                break;
+            }
+            let value = format!("{prefix} {i}");
+            let out = node.run("tokenize", "name", &[&value]);
+            if out.status.success() {
+                self.acked.lock().unwrap().push((value, stdout(&out)));
+            } else {
+                let err = stderr(&out);
+                // A killed node: the connection goes away mid-call.
+                assert!(err.contains("UNAVAILABLE") || err.contains("connect"), "{err}");
+                self.unavailable.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits until `more` calls beyond `from` were acknowledged.
+    fn wait_for(&self, from: usize, more: usize) {
+        let deadline = Instant::now() + Duration::from_mins(1);
+        while self.acked() < from + more {
+            assert!(Instant::now() < deadline, "only {} calls acknowledged", self.acked());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every acknowledged token reads back, through `node`, as its value.
+    fn check(&self, node: &Node) {
+        let acked = self.acked.lock().unwrap();
+        assert!(!acked.is_empty());
+        for chunk in acked.chunks(200) {
+            let tokens: Vec<&str> = chunk.iter().map(|(_, t)| t.as_str()).collect();
+            let values: Vec<&str> = chunk.iter().map(|(v, _)| v.as_str()).collect();
+            assert_eq!(node.ok("detokenize", "name", &tokens), values);
+        }
+    }
+}
+
+#[test]
+fn postgres_stopped_under_load_answers_unavailable_and_recovers_losing_nothing() {
+    let cluster = pg::OwnCluster::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let password = cluster.password_file.to_str().unwrap();
+    let dirs = nodes_on(tmp.path(), &["--postgres-url", &cluster.url, "--postgres-password-file", password], &[]);
+    let node = Node::start(&dirs[0]);
+    let load = Load::new();
+    std::thread::scope(|scope| {
+        scope.spawn(|| load.run(&node, "Before Outage"));
+        load.wait_for(0, 10);
+        cluster.stop();
+        let down = load.acked();
+        std::thread::sleep(Duration::from_secs(2));
+        // Nothing is acknowledged while the database is down.
+        assert!(load.acked() <= down + 1, "{} acknowledged while down", load.acked() - down);
+        assert!(load.unavailable.load(Ordering::SeqCst) > 0);
+        cluster.restart();
+        // The node reconnects by itself.
+        load.wait_for(load.acked(), 10);
+        load.done.store(true, Ordering::SeqCst);
+    });
+    load.check(&node);
+    node.stop();
+    let out = piivault(&["audit", "verify", "--data-dir", dirs[0].to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_node_killed_under_load_loses_no_acknowledged_token() {
+    let database = pg::Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = nodes(tmp.path(), &database, &["node-b"]);
+    let (mut a, b) = (Node::start(&dirs[0]), Node::start(&dirs[1]));
+    let load = Load::new();
+    std::thread::scope(|scope| {
+        scope.spawn(|| load.run(&a, "Killed Node"));
+        load.wait_for(0, 20);
+        Command::new("kill").args(["-s", "KILL", &a.child.id().to_string()]).status().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        load.done.store(true, Ordering::SeqCst);
+    });
+    let _ = a.child.wait();
+    // Every token the killed node acknowledged answers on the other.
+    load.check(&b);
+    // The killed node's chain is free again, and verifies.
+    a = Node::start(&dirs[0]);
+    assert_eq!(a.ok("detokenize", "name", &[&load.acked.lock().unwrap()[0].1]), ["Killed Node 0"]);
+    a.stop();
+    b.stop();
+    for dir in &dirs {
+        let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
 }

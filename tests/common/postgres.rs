@@ -82,3 +82,75 @@ impl Drop for Database {
         }
     }
 }
+
+/// A cluster of a test's own (scripts/test-postgres), for the tests that
+/// stop the server: the shared one serves every other test meanwhile.
+pub struct OwnCluster {
+    dir: tempfile::TempDir,
+    /// The URL of its database `vault` (user `piivault_test`).
+    pub url: String,
+    /// That user's password, in a 0600 file.
+    pub password_file: std::path::PathBuf,
+}
+
+fn script(args: &[&str]) -> String {
+    let out = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-postgres"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "test-postgres {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+impl OwnCluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Run as root, the server runs as `postgres`, which must reach its
+        // directory inside this one.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let cluster = dir.path().join("pg");
+        let vars = script(&["start", cluster.to_str().unwrap()]);
+        let var = |name: &str| {
+            vars.lines()
+                .find_map(|l| l.strip_prefix(&format!("export {name}='"))?.strip_suffix('\'').map(str::to_owned))
+                .unwrap()
+        };
+        let (admin_url, password) = (var("PIIVAULT_TEST_POSTGRES"), var("PIIVAULT_TEST_POSTGRES_PASSWORD"));
+        let admin = admin_url.clone();
+        let pw = password.clone();
+        std::thread::spawn(move || {
+            let mut config: postgres::Config = admin.parse().unwrap();
+            config.password(pw);
+            config.connect(postgres::NoTls).unwrap().batch_execute("CREATE DATABASE vault").unwrap();
+        })
+        .join()
+        .unwrap();
+        let password_file = dir.path().join("pg-password");
+        std::fs::write(&password_file, &password).unwrap();
+        std::fs::set_permissions(&password_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let url = admin_url.replace("/postgres", "/vault");
+        Self { dir, url, password_file }
+    }
+
+    fn cluster(&self) -> String {
+        self.dir.path().join("pg").to_str().unwrap().to_owned()
+    }
+
+    /// Stops the server (fast shutdown: sessions are ended).
+    pub fn stop(&self) {
+        script(&["stop", &self.cluster()]);
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&self) {
+        script(&["restart", &self.cluster()]);
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-postgres"))
+            .args(["stop", &self.cluster()])
+            .output();
+    }
+}
