@@ -22,6 +22,7 @@
 //! The store never sees a value or a key in clear: only tokens, ciphertext
 //! and wrapped keys.
 
+mod job;
 pub mod postgres;
 pub mod sqlite;
 
@@ -783,6 +784,94 @@ pub struct StoredRecord {
     pub at: RecordRef,
     /// The sealed value.
     pub ciphertext: Vec<u8>,
+}
+
+/// A record row as a backend reads it, live or not.
+pub(crate) struct RecordRow {
+    pub(crate) at: RecordRef,
+    pub(crate) ciphertext: Option<Vec<u8>>,
+    pub(crate) key_version: Option<u32>,
+    pub(crate) expires_at: Option<i64>,
+}
+
+impl RecordRow {
+    /// Whether it holds a value that has not expired by `now` (any time if
+    /// `None`).
+    pub(crate) fn is_live(&self, now: Option<i64>) -> bool {
+        self.ciphertext.is_some() && now.is_none_or(|now| self.expires_at.is_none_or(|at| at > now))
+    }
+}
+
+impl TokenForm {
+    /// The token form of a row's `token_check`, `token` and `shaped`
+    /// columns, of which exactly one is set (`None`: the row is damaged).
+    pub(crate) fn from_columns(check: Option<Vec<u8>>, text: Option<String>, shaped: Option<String>) -> Option<Self> {
+        match (check, text, shaped) {
+            (Some(check), None, None) => check.try_into().ok().map(Self::Sealed),
+            (None, Some(text), None) => Some(Self::Text(text)),
+            (None, None, Some(text)) => Some(Self::Shaped(text)),
+            _ => None,
+        }
+    }
+}
+
+/// Where a backend reads record rows from, for [`first_row`]: point reads
+/// in one collection.
+pub(crate) trait RowSource {
+    /// The row at `seq`, if any.
+    fn row_at(&mut self, seq: u64) -> Result<Option<RecordRow>, StoreError>;
+    /// The row of the token stored as `text` (issued before tokens located
+    /// their records).
+    fn row_of_text(&mut self, text: &str) -> Result<Option<RecordRow>, StoreError>;
+    /// The token issued before canonical storage that `canonical` stands
+    /// for, if there is exactly one.
+    fn legacy_token(&mut self, canonical: &str) -> Result<Option<String>, StoreError>;
+}
+
+/// The first row `lookup` names that `wanted` accepts, tried in the order
+/// [`TokenLookup`] gives: the record a sealed token opens to (if its random
+/// half matches, compared in constant time), the records a shaped token
+/// decrypts to (if the token they keep is the presented one, compared in
+/// constant time), the token's text as written and in canonical form, then
+/// the token issued before canonical storage that its canonical form
+/// stands for. The same in every backend.
+pub(crate) fn first_row(
+    rows: &mut impl RowSource,
+    lookup: &TokenLookup,
+    wanted: impl Fn(&RecordRow) -> bool,
+) -> Result<Option<RecordRow>, StoreError> {
+    use subtle::ConstantTimeEq as _;
+    if let Some(sealed) = lookup.sealed
+        && let Some(row) = rows.row_at(sealed.seq)?
+        && matches!(&row.at.token, TokenForm::Sealed(check) if bool::from(check.ct_eq(&sealed.check)))
+        && wanted(&row)
+    {
+        return Ok(Some(row));
+    }
+    let presented = lookup.shaped_text().as_bytes();
+    for &seq in &lookup.placed {
+        if let Some(row) = rows.row_at(seq)?
+            && matches!(&row.at.token, TokenForm::Shaped(text) if bool::from(text.as_bytes().ct_eq(presented)))
+            && wanted(&row)
+        {
+            return Ok(Some(row));
+        }
+    }
+    for text in lookup.candidates() {
+        if let Some(row) = rows.row_of_text(text)?
+            && wanted(&row)
+        {
+            return Ok(Some(row));
+        }
+    }
+    if let Some(canonical) = &lookup.canonical
+        && let Some(token) = rows.legacy_token(canonical)?
+        && let Some(row) = rows.row_of_text(&token)?
+        && wanted(&row)
+    {
+        return Ok(Some(row));
+    }
+    Ok(None)
 }
 
 /// Now, in microseconds since the Unix epoch.

@@ -210,7 +210,7 @@ pub struct Options {
 
 /// Handle to this node's writer and reader threads.
 pub struct PostgresStore {
-    writer: Option<Sender<Box<dyn WriteJob>>>,
+    writer: Option<Sender<Box<WriteJob>>>,
     readers: Option<Sender<ReadJob>>,
     threads: Vec<JoinHandle<()>>,
     chain: String,
@@ -239,7 +239,7 @@ impl PostgresStore {
             .join()
             .map_err(|_| StoreError::Backend("the store's opening thread panicked".into()))??
         };
-        let (write_tx, write_rx) = crossbeam_channel::unbounded::<Box<dyn WriteJob>>();
+        let (write_tx, write_rx) = crossbeam_channel::unbounded::<Box<WriteJob>>();
         let (read_tx, read_rx) = crossbeam_channel::unbounded::<ReadJob>();
         let mut store =
             Self { writer: Some(write_tx), readers: Some(read_tx), threads: Vec::new(), chain: chain.clone() };

@@ -7,14 +7,13 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use postgres::GenericClient;
-use subtle::ConstantTimeEq as _;
 
 use super::writer::WriteTx;
 use super::{PostgresStore, sql_i64, stored_u32, stored_u64};
 use crate::audit::AuditRecord;
 use crate::store::{
-    CollectionId, IndexEntry, InsertOutcome, NewRecord, Pending, RecordRef, RecordStore, Reencrypted, RenderToken,
-    StoreError, StoredRecord, TokenForm, TokenLookup, now_micros,
+    CollectionId, IndexEntry, InsertOutcome, NewRecord, Pending, RecordRef, RecordRow as Row, RecordStore, Reencrypted,
+    RenderToken, RowSource, StoreError, StoredRecord, TokenForm, TokenLookup, first_row, now_micros,
 };
 
 #[async_trait]
@@ -117,7 +116,7 @@ impl RecordStore for PostgresStore {
             lookups
                 .iter()
                 .map(|lookup| {
-                    Ok(first_row(tx, collection, lookup, |row| row.is_live(now))?.and_then(|row| {
+                    Ok(find(tx, collection, lookup, |row| row.is_live(now))?.and_then(|row| {
                         let ciphertext = row.ciphertext?;
                         Some(StoredRecord { at: row.at, ciphertext })
                     }))
@@ -132,7 +131,7 @@ impl RecordStore for PostgresStore {
         collection: CollectionId,
         lookup: TokenLookup,
     ) -> Result<Option<RecordRef>, StoreError> {
-        self.read(move |tx| Ok(first_row(tx, collection, &lookup, |_| true)?.map(|row| row.at))).await
+        self.read(move |tx| Ok(find(tx, collection, &lookup, |_| true)?.map(|row| row.at))).await
     }
 
     async fn delete_records(
@@ -146,7 +145,7 @@ impl RecordStore for PostgresStore {
             let mut deleted = Vec::with_capacity(lookups.len());
             let mut located = Vec::new();
             for lookup in &lookups {
-                let row = first_row(tx.tx, collection, lookup, |row| row.is_live(now))?;
+                let row = find(tx.tx, collection, lookup, |row| row.is_live(now))?;
                 let erased = match &row {
                     Some(row) => erase(tx, collection, row)?,
                     None => false,
@@ -187,7 +186,7 @@ impl RecordStore for PostgresStore {
                     &[&collection.0, &now, &limit],
                 )?
                 .iter()
-                .map(Row::read)
+                .map(read_row)
                 .collect::<Result<Vec<_>, _>>()?;
             let mut located = Vec::with_capacity(expired.len());
             for row in expired {
@@ -270,7 +269,7 @@ impl RecordStore for PostgresStore {
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
             let mut out = Vec::new();
             for row in tx.query(sql, &[&collection.0, &i64::from(version), &sql_i64(after_seq)?, &limit])? {
-                let row = Row::read(&row)?;
+                let row = read_row(&row)?;
                 let ciphertext = row.ciphertext.ok_or(StoreError::Corrupt)?;
                 out.push(StoredRecord { at: row.at, ciphertext });
             }
@@ -366,7 +365,7 @@ impl RecordStore for PostgresStore {
     }
 }
 
-/// The columns [`Row::read`] reads, in its order (a macro, so that the
+/// The columns [`read_row`] reads, in its order (a macro, so that the
 /// statements are constants).
 macro_rules! row_columns {
     () => {
@@ -380,114 +379,61 @@ use row_columns;
 /// exactly one of the last three is set, or the row is damaged.
 pub(super) fn record_ref(row: &postgres::Row, first: usize) -> Result<RecordRef, StoreError> {
     let seq = stored_u64(row.try_get(first)?)?;
-    let check: Option<Vec<u8>> = row.try_get(first + 1)?;
-    let token =
-        match (check, row.try_get::<_, Option<String>>(first + 2)?, row.try_get::<_, Option<String>>(first + 3)?) {
-            (Some(check), None, None) => TokenForm::Sealed(check.try_into().map_err(|_| StoreError::Corrupt)?),
-            (None, Some(text), None) => TokenForm::Text(text),
-            (None, None, Some(text)) => TokenForm::Shaped(text),
-            _ => return Err(StoreError::Corrupt),
-        };
+    let token = TokenForm::from_columns(row.try_get(first + 1)?, row.try_get(first + 2)?, row.try_get(first + 3)?)
+        .ok_or(StoreError::Corrupt)?;
     Ok(RecordRef { seq, token })
 }
 
-/// A record row, live or not.
-struct Row {
-    at: RecordRef,
-    ciphertext: Option<Vec<u8>>,
-    key_version: Option<u32>,
-    expires_at: Option<i64>,
+/// Reads [`row_columns`].
+fn read_row(row: &postgres::Row) -> Result<Row, StoreError> {
+    Ok(Row {
+        at: record_ref(row, 0)?,
+        ciphertext: row.try_get(4)?,
+        key_version: row.try_get::<_, Option<i64>>(5)?.map(stored_u32).transpose()?,
+        expires_at: row.try_get(6)?,
+    })
 }
 
-impl Row {
-    /// Reads [`row_columns`].
-    fn read(row: &postgres::Row) -> Result<Self, StoreError> {
-        Ok(Self {
-            at: record_ref(row, 0)?,
-            ciphertext: row.try_get(4)?,
-            key_version: row.try_get::<_, Option<i64>>(5)?.map(stored_u32).transpose()?,
-            expires_at: row.try_get(6)?,
-        })
-    }
+/// The rows of one collection, read in one transaction.
+struct Rows<'c, C> {
+    conn: &'c mut C,
+    collection: CollectionId,
+}
 
-    /// Whether it holds a value that has not expired by `now` (any time if
-    /// `None`).
-    fn is_live(&self, now: Option<i64>) -> bool {
-        self.ciphertext.is_some() && now.is_none_or(|now| self.expires_at.is_none_or(|at| at > now))
+impl<C: GenericClient> Rows<'_, C> {
+    fn one(&mut self, sql: &str, key: &(dyn postgres::types::ToSql + Sync)) -> Result<Option<Row>, StoreError> {
+        self.conn.query_opt(sql, &[&self.collection.0, key])?.as_ref().map(read_row).transpose()
     }
 }
 
-/// The row at `seq` (none above 2^63, where a token that was never issued
-/// may point).
-fn row_at(conn: &mut impl GenericClient, collection: CollectionId, seq: u64) -> Result<Option<Row>, StoreError> {
-    let Ok(seq) = i64::try_from(seq) else { return Ok(None) };
-    conn.query_opt(
-        concat!("SELECT ", row_columns!(), " FROM records WHERE collection_id = $1 AND seq = $2"),
-        &[&collection.0, &seq],
-    )?
-    .as_ref()
-    .map(Row::read)
-    .transpose()
+impl<C: GenericClient> RowSource for Rows<'_, C> {
+    /// None above 2^63, where a token that was never issued may point.
+    fn row_at(&mut self, seq: u64) -> Result<Option<Row>, StoreError> {
+        let Ok(seq) = i64::try_from(seq) else { return Ok(None) };
+        self.one(concat!("SELECT ", row_columns!(), " FROM records WHERE collection_id = $1 AND seq = $2"), &seq)
+    }
+
+    fn row_of_text(&mut self, text: &str) -> Result<Option<Row>, StoreError> {
+        self.one(concat!("SELECT ", row_columns!(), " FROM records WHERE collection_id = $1 AND token = $2"), &text)
+    }
+
+    fn legacy_token(&mut self, canonical: &str) -> Result<Option<String>, StoreError> {
+        let found = self.conn.query_opt(
+            "SELECT token FROM legacy_tokens WHERE collection_id = $1 AND canonical = $2",
+            &[&self.collection.0, &canonical],
+        )?;
+        Ok(found.map(|row| row.try_get::<_, Option<String>>(0)).transpose()?.flatten())
+    }
 }
 
-/// The row of the token stored as `text`.
-fn row_of_text(conn: &mut impl GenericClient, collection: CollectionId, text: &str) -> Result<Option<Row>, StoreError> {
-    conn.query_opt(
-        concat!("SELECT ", row_columns!(), " FROM records WHERE collection_id = $1 AND token = $2"),
-        &[&collection.0, &text],
-    )?
-    .as_ref()
-    .map(Row::read)
-    .transpose()
-}
-
-/// The first row `lookup` names that `wanted` accepts, tried in the order
-/// [`TokenLookup`] gives: the record a sealed token opens to (random half
-/// compared in constant time), the records a shaped token decrypts to
-/// (the kept token compared whole, in constant time), the token's text as
-/// written and in canonical form, then the token issued before canonical
-/// storage that its canonical form stands for.
-fn first_row(
+/// [`first_row`] of `collection` in `conn`'s transaction.
+fn find(
     conn: &mut impl GenericClient,
     collection: CollectionId,
     lookup: &TokenLookup,
     wanted: impl Fn(&Row) -> bool,
 ) -> Result<Option<Row>, StoreError> {
-    if let Some(sealed) = lookup.sealed
-        && let Some(row) = row_at(conn, collection, sealed.seq)?
-        && matches!(&row.at.token, TokenForm::Sealed(check) if bool::from(check.ct_eq(&sealed.check)))
-        && wanted(&row)
-    {
-        return Ok(Some(row));
-    }
-    let presented = lookup.shaped_text().as_bytes();
-    for &seq in &lookup.placed {
-        if let Some(row) = row_at(conn, collection, seq)?
-            && matches!(&row.at.token, TokenForm::Shaped(text) if bool::from(text.as_bytes().ct_eq(presented)))
-            && wanted(&row)
-        {
-            return Ok(Some(row));
-        }
-    }
-    for text in lookup.candidates() {
-        if let Some(row) = row_of_text(conn, collection, text)?
-            && wanted(&row)
-        {
-            return Ok(Some(row));
-        }
-    }
-    if let Some(canonical) = &lookup.canonical
-        && let Some(found) = conn.query_opt(
-            "SELECT token FROM legacy_tokens WHERE collection_id = $1 AND canonical = $2",
-            &[&collection.0, &canonical],
-        )?
-        && let Some(token) = found.try_get::<_, Option<String>>(0)?
-        && let Some(row) = row_of_text(conn, collection, &token)?
-        && wanted(&row)
-    {
-        return Ok(Some(row));
-    }
-    Ok(None)
+    first_row(&mut Rows { conn, collection }, lookup, wanted)
 }
 
 /// The live record a blind index points to, looked up under every live
@@ -506,7 +452,7 @@ fn indexed_record(
         )?;
         let Some(found) = found else { continue };
         let seq: i64 = found.try_get(0)?;
-        match row_at(tx.tx, collection, stored_u64(seq)?)? {
+        match (Rows { conn: &mut *tx.tx, collection }).row_at(stored_u64(seq)?)? {
             Some(row) if row.is_live(Some(now)) => return Ok(Some(row.at)),
             Some(row) if row.is_live(None) => {
                 erase(tx, collection, &row)?;

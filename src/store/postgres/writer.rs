@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use sha2::Digest as _;
-use tokio::sync::oneshot;
 
 use super::Connector;
 use crate::audit::{AuditKey, AuditRecord, AuditSink, Head};
@@ -60,42 +59,9 @@ pub(super) struct WriteTx<'a, 't> {
     pub(super) audit: &'a mut AuditCursor,
 }
 
-/// A request for the writer: `apply` runs inside the batch transaction,
-/// `finish` answers once the batch committed (or failed).
-pub(super) trait WriteJob: Send {
-    fn apply(&mut self, tx: &mut WriteTx<'_, '_>) -> Result<(), StoreError>;
-    fn finish(self: Box<Self>, outcome: Result<(), StoreError>);
-}
-
-pub(super) struct Job<T, F> {
-    work: Option<F>,
-    output: Option<T>,
-    reply: oneshot::Sender<Result<T, StoreError>>,
-}
-
-impl<T, F> Job<T, F> {
-    pub(super) fn new(work: F, reply: oneshot::Sender<Result<T, StoreError>>) -> Self {
-        Self { work: Some(work), output: None, reply }
-    }
-}
-
-impl<T, F> WriteJob for Job<T, F>
-where
-    T: Send,
-    F: FnOnce(&mut WriteTx<'_, '_>) -> Result<T, StoreError> + Send,
-{
-    fn apply(&mut self, tx: &mut WriteTx<'_, '_>) -> Result<(), StoreError> {
-        let work = self.work.take().ok_or(StoreError::Closed)?;
-        self.output = Some(work(tx)?);
-        Ok(())
-    }
-
-    fn finish(self: Box<Self>, outcome: Result<(), StoreError>) {
-        let Self { output, reply, .. } = *self;
-        let result = outcome.and_then(|()| output.ok_or(StoreError::Closed));
-        let _ = reply.send(result);
-    }
-}
+/// A request for the writer: see [`crate::store::job`].
+pub(super) type WriteJob = dyn for<'a, 't> crate::store::job::WriteJob<WriteTx<'a, 't>>;
+pub(super) use crate::store::job::Job;
 
 /// The advisory-lock key of audit chain `chain`.
 fn chain_lock(chain: &str) -> i64 {
@@ -133,7 +99,7 @@ pub(super) fn writer_loop(
     conn: postgres::Client,
     connector: &Connector,
     chain: String,
-    jobs: &Receiver<Box<dyn WriteJob>>,
+    jobs: &Receiver<Box<WriteJob>>,
     max_batch: usize,
     sink: Option<Arc<AuditSink>>,
 ) {
@@ -190,7 +156,7 @@ pub(super) fn writer_loop(
 /// every job fails and nothing is written. Returns `false` when the
 /// connection can no longer be trusted (lost, or a commit whose outcome is
 /// unknown).
-fn commit_batch(conn: &mut postgres::Client, audit: &mut AuditCursor, batch: Vec<Box<dyn WriteJob>>) -> bool {
+fn commit_batch(conn: &mut postgres::Client, audit: &mut AuditCursor, batch: Vec<Box<WriteJob>>) -> bool {
     #[allow(clippy::cast_precision_loss)] // batch sizes are small
     crate::metrics::metrics().commit_batch.observe(batch.len() as f64);
     let mut tx = match conn.transaction() {
@@ -205,7 +171,7 @@ fn commit_batch(conn: &mut postgres::Client, audit: &mut AuditCursor, batch: Vec
         }
     };
     let alone = batch.len() == 1;
-    let mut outcomes: Vec<(Box<dyn WriteJob>, Result<(), StoreError>)> = Vec::with_capacity(batch.len());
+    let mut outcomes: Vec<(Box<WriteJob>, Result<(), StoreError>)> = Vec::with_capacity(batch.len());
     let mut aborted: Option<StoreError> = None;
     for mut job in batch {
         if aborted.is_some() {

@@ -121,7 +121,7 @@ pub struct Options {
 /// Handle to the store's writer and reader threads.
 pub struct SqliteStore {
     path: PathBuf,
-    writer: Option<Sender<Box<dyn WriteJob>>>,
+    writer: Option<Sender<Box<WriteJob>>>,
     readers: Option<Sender<ReadJob>>,
     writer_thread: Option<JoinHandle<()>>,
     reader_threads: Vec<JoinHandle<()>>,
@@ -150,7 +150,7 @@ impl SqliteStore {
             readers.push(schema::open_reader(path)?);
         }
 
-        let (write_tx, write_rx) = crossbeam_channel::unbounded::<Box<dyn WriteJob>>();
+        let (write_tx, write_rx) = crossbeam_channel::unbounded::<Box<WriteJob>>();
         let (read_tx, read_rx) = crossbeam_channel::unbounded::<ReadJob>();
         let mut store = Self {
             path: path.to_owned(),

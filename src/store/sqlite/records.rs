@@ -6,14 +6,13 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension as _, params};
-use subtle::ConstantTimeEq as _;
 
 use super::SqliteStore;
 use super::writer::WriteTx;
 use crate::audit::AuditRecord;
 use crate::store::{
-    CollectionId, IndexEntry, InsertOutcome, NewRecord, Pending, RecordRef, RecordStore, Reencrypted, RenderToken,
-    StoreError, StoredRecord, TokenForm, TokenLookup, now_micros,
+    CollectionId, IndexEntry, InsertOutcome, NewRecord, Pending, RecordRef, RecordRow as Row, RecordStore, Reencrypted,
+    RenderToken, RowSource, StoreError, StoredRecord, TokenForm, TokenLookup, first_row, now_micros,
 };
 
 #[async_trait]
@@ -114,7 +113,7 @@ impl RecordStore for SqliteStore {
             lookups
                 .iter()
                 .map(|lookup| {
-                    Ok(first_row(conn, collection, lookup, |row| row.is_live(now))?.and_then(|row| {
+                    Ok(find(conn, collection, lookup, |row| row.is_live(now))?.and_then(|row| {
                         let ciphertext = row.ciphertext?;
                         Some(StoredRecord { at: row.at, ciphertext })
                     }))
@@ -129,7 +128,7 @@ impl RecordStore for SqliteStore {
         collection: CollectionId,
         lookup: TokenLookup,
     ) -> Result<Option<RecordRef>, StoreError> {
-        self.read(move |conn| Ok(first_row(conn, collection, &lookup, |_| true)?.map(|row| row.at))).await
+        self.read(move |conn| Ok(find(conn, collection, &lookup, |_| true)?.map(|row| row.at))).await
     }
 
     async fn delete_records(
@@ -143,7 +142,7 @@ impl RecordStore for SqliteStore {
             let mut deleted = Vec::with_capacity(lookups.len());
             let mut located = Vec::new();
             for lookup in &lookups {
-                let row = first_row(tx.conn, collection, lookup, |row| row.is_live(now))?;
+                let row = find(tx.conn, collection, lookup, |row| row.is_live(now))?;
                 let erased = match &row {
                     Some(row) => erase(tx, collection, row)?,
                     None => false,
@@ -178,7 +177,7 @@ impl RecordStore for SqliteStore {
                      LIMIT ?3"
                 ))?;
                 let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-                let rows = stmt.query_map(params![collection.0, now, limit], Row::read)?;
+                let rows = stmt.query_map(params![collection.0, now, limit], read_row)?;
                 rows.collect::<Result<_, _>>()?
             };
             let mut located = Vec::with_capacity(expired.len());
@@ -266,7 +265,7 @@ impl RecordStore for SqliteStore {
                 ),
             };
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = stmt.query_map(params![collection.0, version, sql_seq(after_seq)?, limit], Row::read)?;
+            let rows = stmt.query_map(params![collection.0, version, sql_seq(after_seq)?, limit], read_row)?;
             let mut out = Vec::new();
             for row in rows {
                 let row = row?;
@@ -372,7 +371,7 @@ pub(super) fn sql_seq(seq: u64) -> Result<i64, StoreError> {
     i64::try_from(seq).map_err(|_| StoreError::Unsupported("store a sequence number above 2^63"))
 }
 
-/// The columns [`Row::read`] reads, in its order (a macro, so that the
+/// The columns [`read_row`] reads, in its order (a macro, so that the
 /// statements are constants: no query text is formatted per lookup).
 macro_rules! row_columns {
     () => {
@@ -386,120 +385,67 @@ use row_columns;
 /// exactly one of the last three is set, or the row is damaged.
 pub(super) fn record_ref(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<RecordRef> {
     let seq: i64 = row.get(first)?;
-    let check: Option<[u8; crate::token::CHECK_BYTES]> = row.get(first + 1)?;
-    let token = match (check, row.get::<_, Option<String>>(first + 2)?, row.get::<_, Option<String>>(first + 3)?) {
-        (Some(check), None, None) => TokenForm::Sealed(check),
-        (None, Some(text), None) => TokenForm::Text(text),
-        (None, None, Some(text)) => TokenForm::Shaped(text),
-        _ => {
-            return Err(rusqlite::Error::InvalidColumnType(
-                first + 1,
-                "token_check".into(),
-                rusqlite::types::Type::Null,
-            ));
-        }
-    };
+    let token =
+        TokenForm::from_columns(row.get(first + 1)?, row.get(first + 2)?, row.get(first + 3)?).ok_or_else(|| {
+            rusqlite::Error::InvalidColumnType(first + 1, "token_check".into(), rusqlite::types::Type::Null)
+        })?;
     let seq = u64::try_from(seq)
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(first, rusqlite::types::Type::Integer, Box::new(e)))?;
     Ok(RecordRef { seq, token })
 }
 
-/// A record row, live or not.
-struct Row {
-    at: RecordRef,
-    ciphertext: Option<Vec<u8>>,
-    key_version: Option<u32>,
-    expires_at: Option<i64>,
+/// Reads [`row_columns`].
+fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row { at: record_ref(row, 0)?, ciphertext: row.get(4)?, key_version: row.get(5)?, expires_at: row.get(6)? })
 }
 
-impl Row {
-    /// Reads [`row_columns`].
-    fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self { at: record_ref(row, 0)?, ciphertext: row.get(4)?, key_version: row.get(5)?, expires_at: row.get(6)? })
+/// The rows of one collection, read on one connection.
+struct Rows<'c> {
+    conn: &'c Connection,
+    collection: CollectionId,
+}
+
+impl RowSource for Rows<'_> {
+    /// None above 2^63, where a token that was never issued may point.
+    fn row_at(&mut self, seq: u64) -> Result<Option<Row>, StoreError> {
+        let Ok(seq) = i64::try_from(seq) else { return Ok(None) };
+        Ok(self
+            .conn
+            .prepare_cached(concat!("SELECT ", row_columns!(), " FROM records WHERE collection_id = ?1 AND seq = ?2"))?
+            .query_row(params![self.collection.0, seq], read_row)
+            .optional()?)
     }
 
-    /// Whether it holds a value that has not expired by `now` (any time if
-    /// `None`).
-    fn is_live(&self, now: Option<i64>) -> bool {
-        self.ciphertext.is_some() && now.is_none_or(|now| self.expires_at.is_none_or(|at| at > now))
+    fn row_of_text(&mut self, text: &str) -> Result<Option<Row>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(concat!(
+                "SELECT ",
+                row_columns!(),
+                " FROM records WHERE collection_id = ?1 AND token = ?2"
+            ))?
+            .query_row(params![self.collection.0, text], read_row)
+            .optional()?)
+    }
+
+    fn legacy_token(&mut self, canonical: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT token FROM legacy_tokens WHERE collection_id = ?1 AND canonical = ?2")?
+            .query_row(params![self.collection.0, canonical], |row| row.get::<_, Option<String>>(0))
+            .optional()?
+            .flatten())
     }
 }
 
-/// The row at `seq` (none above 2^63, where a token that was never issued
-/// may point).
-fn row_at(conn: &Connection, collection: CollectionId, seq: u64) -> Result<Option<Row>, StoreError> {
-    let Ok(seq) = i64::try_from(seq) else { return Ok(None) };
-    Ok(conn
-        .prepare_cached(concat!("SELECT ", row_columns!(), " FROM records WHERE collection_id = ?1 AND seq = ?2"))?
-        .query_row(params![collection.0, seq], Row::read)
-        .optional()?)
-}
-
-/// The row of the token stored as `text`.
-fn row_of_text(conn: &Connection, collection: CollectionId, text: &str) -> Result<Option<Row>, StoreError> {
-    Ok(conn
-        .prepare_cached(concat!("SELECT ", row_columns!(), " FROM records WHERE collection_id = ?1 AND token = ?2"))?
-        .query_row(params![collection.0, text], Row::read)
-        .optional()?)
-}
-
-/// The first row `lookup` names that `wanted` accepts, tried in order: the
-/// record a sealed token opens to (if its random half matches, compared in
-/// constant time), the records a shaped token decrypts to (if the token
-/// they keep is the presented one, compared in constant time), the
-/// token's text as written and in canonical form, then the token issued
-/// before canonical storage that its canonical form stands for.
-fn first_row(
+/// [`first_row`] of `collection` on `conn`.
+fn find(
     conn: &Connection,
     collection: CollectionId,
     lookup: &TokenLookup,
     wanted: impl Fn(&Row) -> bool,
 ) -> Result<Option<Row>, StoreError> {
-    if let Some(sealed) = lookup.sealed
-        && let Some(row) = row_at(conn, collection, sealed.seq)?
-        && matches!(&row.at.token, TokenForm::Sealed(check) if bool::from(check.ct_eq(&sealed.check)))
-        && wanted(&row)
-    {
-        return Ok(Some(row));
-    }
-    let presented = lookup.shaped_text().as_bytes();
-    for &seq in &lookup.placed {
-        if let Some(row) = row_at(conn, collection, seq)?
-            && matches!(&row.at.token, TokenForm::Shaped(text) if bool::from(text.as_bytes().ct_eq(presented)))
-            && wanted(&row)
-        {
-            return Ok(Some(row));
-        }
-    }
-    for text in lookup.candidates() {
-        if let Some(row) = row_of_text(conn, collection, text)?
-            && wanted(&row)
-        {
-            return Ok(Some(row));
-        }
-    }
-    if let Some(token) = legacy_token(conn, collection, lookup)?
-        && let Some(row) = row_of_text(conn, collection, &token)?
-        && wanted(&row)
-    {
-        return Ok(Some(row));
-    }
-    Ok(None)
-}
-
-/// The token issued before canonical storage that `lookup`'s canonical
-/// form stands for, if there is exactly one.
-fn legacy_token(
-    conn: &Connection,
-    collection: CollectionId,
-    lookup: &TokenLookup,
-) -> Result<Option<String>, StoreError> {
-    let Some(canonical) = &lookup.canonical else { return Ok(None) };
-    Ok(conn
-        .prepare_cached("SELECT token FROM legacy_tokens WHERE collection_id = ?1 AND canonical = ?2")?
-        .query_row(params![collection.0, canonical], |row| row.get::<_, Option<String>>(0))
-        .optional()?
-        .flatten())
+    first_row(&mut Rows { conn, collection }, lookup, wanted)
 }
 
 /// The live record a blind index points to, looked up under every live
@@ -518,7 +464,7 @@ fn indexed_record(
             .query_row(params![collection.0, version, digest.as_slice()], |row| row.get(0))
             .optional()?;
         let Some(seq) = seq else { continue };
-        let row = row_at(tx.conn, collection, u64::try_from(seq).map_err(|_| StoreError::Corrupt)?)?;
+        let row = Rows { conn: tx.conn, collection }.row_at(u64::try_from(seq).map_err(|_| StoreError::Corrupt)?)?;
         match row {
             Some(row) if row.is_live(Some(now)) => return Ok(Some(row.at)),
             Some(row) if row.is_live(None) => {

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use rusqlite::Connection;
-use tokio::sync::oneshot;
 
 use crate::audit::{AuditKey, AuditRecord, AuditSink, Head, MAC_LEN};
 use crate::store::StoreError;
@@ -37,44 +36,9 @@ pub(super) struct WriteTx<'a> {
     pub(super) erased: &'a mut bool,
 }
 
-/// A request for the writer: `apply` runs inside the batch transaction,
-/// `finish` answers once the batch committed (or failed).
-pub(super) trait WriteJob: Send {
-    fn apply(&mut self, tx: &mut WriteTx<'_>) -> Result<(), StoreError>;
-    fn finish(self: Box<Self>, outcome: Result<(), StoreError>);
-}
-
-pub(super) struct Job<T, F> {
-    work: Option<F>,
-    output: Option<T>,
-    reply: oneshot::Sender<Result<T, StoreError>>,
-}
-
-impl<T, F> Job<T, F> {
-    pub(super) fn new(work: F, reply: oneshot::Sender<Result<T, StoreError>>) -> Self {
-        Self { work: Some(work), output: None, reply }
-    }
-}
-
-impl<T, F> WriteJob for Job<T, F>
-where
-    T: Send,
-    F: FnOnce(&mut WriteTx<'_>) -> Result<T, StoreError> + Send,
-{
-    fn apply(&mut self, tx: &mut WriteTx<'_>) -> Result<(), StoreError> {
-        let work = self.work.take().ok_or(StoreError::Closed)?;
-        self.output = Some(work(tx)?);
-        Ok(())
-    }
-
-    fn finish(self: Box<Self>, outcome: Result<(), StoreError>) {
-        let Self { output, reply, .. } = *self;
-        let result = outcome.and_then(|()| output.ok_or(StoreError::Closed));
-        // The requester may have gone away (deadline, cancellation): its
-        // data is committed all the same, and nobody is left to tell.
-        let _ = reply.send(result);
-    }
-}
+/// A request for the writer: see [`crate::store::job`].
+pub(super) type WriteJob = dyn for<'a> crate::store::job::WriteJob<WriteTx<'a>>;
+pub(super) use crate::store::job::Job;
 
 pub(super) fn reader_loop(conn: &Connection, jobs: &Receiver<ReadJob>) {
     while let Ok(job) = jobs.recv() {
@@ -84,7 +48,7 @@ pub(super) fn reader_loop(conn: &Connection, jobs: &Receiver<ReadJob>) {
 
 pub(super) fn writer_loop(
     conn: &Connection,
-    jobs: &Receiver<Box<dyn WriteJob>>,
+    jobs: &Receiver<Box<WriteJob>>,
     max_batch: usize,
     block: usize,
     sink: Option<Arc<AuditSink>>,
@@ -142,7 +106,7 @@ pub(super) fn writer_loop(
 /// then every answer. A job's own failure rolls back only that job. If the
 /// transaction as a whole fails (COMMIT refused, or SQLite rolled everything
 /// back, as it may on a full disk), every job fails and nothing is written.
-fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<dyn WriteJob>>) -> bool {
+fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<WriteJob>>) -> bool {
     #[allow(clippy::cast_precision_loss)] // batch sizes are small
     crate::metrics::metrics().commit_batch.observe(batch.len() as f64);
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
@@ -154,7 +118,7 @@ fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<dyn W
         return false;
     }
     let mut erased = false;
-    let mut outcomes: Vec<(Box<dyn WriteJob>, Result<(), StoreError>)> = Vec::with_capacity(batch.len());
+    let mut outcomes: Vec<(Box<WriteJob>, Result<(), StoreError>)> = Vec::with_capacity(batch.len());
     let mut aborted: Option<StoreError> = None;
     for mut job in batch {
         if aborted.is_some() {
