@@ -4,11 +4,10 @@
 //! keeps in the same transaction.
 
 use async_trait::async_trait;
-use postgres::GenericClient;
 
 use super::records::record_ref;
 use super::writer::WriteTx;
-use super::{PostgresStore, sql_i64, stored_u64};
+use super::{Db, PostgresStore, sql_i64, stored_u64};
 use crate::audit::{AuditKey, AuditRecord, Head, MAC_LEN};
 use crate::store::{AuditFilter, AuditRow, AuditStore, CollectionId, RecordMatch, StoreError};
 
@@ -31,7 +30,7 @@ impl WriteTx<'_, '_> {
         if self.audit.key.is_none() {
             return Err(StoreError::AuditUnavailable);
         }
-        self.audit.hold(self.tx)?;
+        self.audit.hold(&mut self.tx)?;
         let key = self.audit.key.as_ref().ok_or(StoreError::AuditUnavailable)?;
         let seq = self.audit.tentative.seq + 1;
         let encoded = record.encode(seq);
@@ -103,7 +102,7 @@ impl AuditStore for PostgresStore {
 
     async fn install_audit_key(&self, key: AuditKey) -> Result<Head, StoreError> {
         self.write(move |tx| {
-            let head = last_head(tx.tx, &tx.audit.chain)?;
+            let head = last_head(&mut tx.tx, &tx.audit.chain)?;
             tx.audit.key = Some(key);
             tx.audit.committed = head;
             tx.audit.tentative = head;
@@ -176,14 +175,14 @@ impl AuditStore for PostgresStore {
                     indexed: Vec::new(),
                 });
             }
-            let indexed = tx.prepare(
-                "SELECT x.collection_id, r.seq, r.token_check, r.token, r.shaped FROM audit_records x
-                 JOIN records r ON r.collection_id = x.collection_id AND r.seq = x.record_seq
-                 WHERE x.chain = $1 AND x.audit_seq = $2 ORDER BY x.collection_id, x.record_seq",
-            )?;
             for row in &mut out {
                 let seq = sql_i64(row.seq)?;
-                for r in tx.query(&indexed, &[&chain, &seq])? {
+                for r in tx.query(
+                    "SELECT x.collection_id, r.seq, r.token_check, r.token, r.shaped FROM audit_records x
+                     JOIN records r ON r.collection_id = x.collection_id AND r.seq = x.record_seq
+                     WHERE x.chain = $1 AND x.audit_seq = $2 ORDER BY x.collection_id, x.record_seq",
+                    &[&chain, &seq],
+                )? {
                     row.indexed.push((CollectionId(r.try_get(0)?), record_ref(&r, 1)?));
                 }
             }
@@ -195,7 +194,7 @@ impl AuditStore for PostgresStore {
 
 /// The last committed record of chain `chain` (the genesis head when it
 /// has none).
-pub(super) fn last_head(conn: &mut impl GenericClient, chain: &str) -> Result<Head, StoreError> {
+pub(super) fn last_head(conn: &mut Db<'_, '_>, chain: &str) -> Result<Head, StoreError> {
     let Some(row) =
         conn.query_opt("SELECT seq, mac FROM audit WHERE chain = $1 ORDER BY seq DESC LIMIT 1", &[&chain])?
     else {

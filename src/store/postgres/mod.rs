@@ -277,11 +277,11 @@ impl PostgresStore {
     async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut postgres::Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Db<'_, '_>) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let job: ReadJob = Box::new(move |client| {
-            let result = client.and_then(|client| {
+            let result = client.and_then(|(client, statements)| {
                 client
                     .build_transaction()
                     .read_only(true)
@@ -289,7 +289,7 @@ impl PostgresStore {
                     .start()
                     .map_err(StoreError::from)
                     .and_then(|mut tx| {
-                        let out = work(&mut tx)?;
+                        let out = work(&mut Db { tx: &mut tx, statements })?;
                         tx.commit()?;
                         Ok(out)
                     })
@@ -330,6 +330,51 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<
         .name(name.to_owned())
         .spawn(body)
         .map_err(|e| StoreError::Backend(format!("cannot start store thread: {e}")))
+}
+
+/// Statements prepared on one connection, by their text: each is parsed
+/// and planned once per connection, then runs in one round trip.
+#[derive(Default)]
+pub(super) struct Statements(std::collections::HashMap<&'static str, postgres::Statement>);
+
+/// A transaction (or savepoint) and its connection's prepared statements:
+/// what the store's work runs its SQL through.
+pub(super) struct Db<'a, 't> {
+    pub(super) tx: &'a mut postgres::Transaction<'t>,
+    pub(super) statements: &'a mut Statements,
+}
+
+type Params<'p> = [&'p (dyn postgres::types::ToSql + Sync)];
+
+impl Db<'_, '_> {
+    fn statement(&mut self, sql: &'static str) -> Result<postgres::Statement, postgres::Error> {
+        if let Some(statement) = self.statements.0.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.tx.prepare(sql)?;
+        self.statements.0.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    fn execute(&mut self, sql: &'static str, params: &Params<'_>) -> Result<u64, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.tx.execute(&statement, params)
+    }
+
+    fn query(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Vec<postgres::Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.tx.query(&statement, params)
+    }
+
+    fn query_opt(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Option<postgres::Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.tx.query_opt(&statement, params)
+    }
+
+    fn query_one(&mut self, sql: &'static str, params: &Params<'_>) -> Result<postgres::Row, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.tx.query_one(&statement, params)
+    }
 }
 
 /// A sequence number or count as PostgreSQL stores it (`BIGINT`).

@@ -6,10 +6,9 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use postgres::GenericClient;
 
 use super::writer::WriteTx;
-use super::{PostgresStore, sql_i64, stored_u32, stored_u64};
+use super::{Db, PostgresStore, sql_i64, stored_u32, stored_u64};
 use crate::audit::AuditRecord;
 use crate::store::{
     CollectionId, IndexEntry, InsertOutcome, NewRecord, Pending, RecordRef, RecordRow as Row, RecordStore, Reencrypted,
@@ -99,7 +98,7 @@ impl RecordStore for PostgresStore {
                 located.push(r.at.seq);
                 outcomes.push(InsertOutcome::Inserted);
             }
-            count(tx.tx, COUNT_SEALED, collection, &per_version)?;
+            count(&mut tx.tx, COUNT_SEALED, collection, &per_version)?;
             tx.append_audit_of(&audit, collection, &located)?;
             Ok(outcomes)
         })
@@ -145,7 +144,7 @@ impl RecordStore for PostgresStore {
             let mut deleted = Vec::with_capacity(lookups.len());
             let mut located = Vec::new();
             for lookup in &lookups {
-                let row = find(tx.tx, collection, lookup, |row| row.is_live(now))?;
+                let row = find(&mut tx.tx, collection, lookup, |row| row.is_live(now))?;
                 let erased = match &row {
                     Some(row) => erase(tx, collection, row)?,
                     None => false,
@@ -285,16 +284,13 @@ impl RecordStore for PostgresStore {
         audit: AuditRecord,
     ) -> Result<usize, StoreError> {
         self.write(move |tx| {
-            let update = tx.tx.prepare(
-                "UPDATE records SET key_version = $1, ciphertext = $2
-                 WHERE collection_id = $3 AND seq = $4 AND key_version = $5 AND ciphertext IS NOT NULL",
-            )?;
             let mut replaced = 0;
             let mut sealed: BTreeMap<u32, i64> = BTreeMap::new();
             let mut removed: BTreeMap<u32, i64> = BTreeMap::new();
             for r in &records {
                 let changed = tx.tx.execute(
-                    &update,
+                    "UPDATE records SET key_version = $1, ciphertext = $2
+                     WHERE collection_id = $3 AND seq = $4 AND key_version = $5 AND ciphertext IS NOT NULL",
                     &[
                         &i64::from(r.to_version),
                         &r.ciphertext,
@@ -309,8 +305,8 @@ impl RecordStore for PostgresStore {
                     *removed.entry(r.from_version).or_default() += 1;
                 }
             }
-            count(tx.tx, COUNT_SEALED, collection, &sealed)?;
-            count(tx.tx, COUNT_REMOVED, collection, &removed)?;
+            count(&mut tx.tx, COUNT_SEALED, collection, &sealed)?;
+            count(&mut tx.tx, COUNT_REMOVED, collection, &removed)?;
             tx.append_audit(&audit)?;
             Ok(replaced)
         })
@@ -395,18 +391,18 @@ fn read_row(row: &postgres::Row) -> Result<Row, StoreError> {
 }
 
 /// The rows of one collection, read in one transaction.
-struct Rows<'c, C> {
-    conn: &'c mut C,
+struct Rows<'c, 'a, 't> {
+    conn: &'c mut Db<'a, 't>,
     collection: CollectionId,
 }
 
-impl<C: GenericClient> Rows<'_, C> {
-    fn one(&mut self, sql: &str, key: &(dyn postgres::types::ToSql + Sync)) -> Result<Option<Row>, StoreError> {
+impl Rows<'_, '_, '_> {
+    fn one(&mut self, sql: &'static str, key: &(dyn postgres::types::ToSql + Sync)) -> Result<Option<Row>, StoreError> {
         self.conn.query_opt(sql, &[&self.collection.0, key])?.as_ref().map(read_row).transpose()
     }
 }
 
-impl<C: GenericClient> RowSource for Rows<'_, C> {
+impl RowSource for Rows<'_, '_, '_> {
     /// None above 2^63, where a token that was never issued may point.
     fn row_at(&mut self, seq: u64) -> Result<Option<Row>, StoreError> {
         let Ok(seq) = i64::try_from(seq) else { return Ok(None) };
@@ -428,7 +424,7 @@ impl<C: GenericClient> RowSource for Rows<'_, C> {
 
 /// [`first_row`] of `collection` in `conn`'s transaction.
 fn find(
-    conn: &mut impl GenericClient,
+    conn: &mut Db<'_, '_>,
     collection: CollectionId,
     lookup: &TokenLookup,
     wanted: impl Fn(&Row) -> bool,
@@ -452,7 +448,7 @@ fn indexed_record(
         )?;
         let Some(found) = found else { continue };
         let seq: i64 = found.try_get(0)?;
-        match (Rows { conn: &mut *tx.tx, collection }).row_at(stored_u64(seq)?)? {
+        match (Rows { conn: &mut tx.tx, collection }).row_at(stored_u64(seq)?)? {
             Some(row) if row.is_live(Some(now)) => return Ok(Some(row.at)),
             Some(row) if row.is_live(None) => {
                 erase(tx, collection, &row)?;
@@ -482,7 +478,7 @@ fn erase(tx: &mut WriteTx<'_, '_>, collection: CollectionId, row: &Row) -> Resul
         return Ok(false);
     }
     tx.tx.execute("DELETE FROM blind_index WHERE collection_id = $1 AND seq = $2", &[&collection.0, &seq])?;
-    count(tx.tx, COUNT_REMOVED, collection, &std::iter::once((version, 1)).collect())?;
+    count(&mut tx.tx, COUNT_REMOVED, collection, &std::iter::once((version, 1)).collect())?;
     Ok(true)
 }
 
@@ -502,8 +498,8 @@ const COUNT_REMOVED: &str =
 /// Applies one of the counter updates above to each version's count; a
 /// version that is not there to count (see [`COUNT_SEALED`]) is a conflict.
 fn count(
-    conn: &mut impl GenericClient,
-    sql: &str,
+    conn: &mut Db<'_, '_>,
+    sql: &'static str,
     collection: CollectionId,
     per_version: &BTreeMap<u32, i64>,
 ) -> Result<(), StoreError> {

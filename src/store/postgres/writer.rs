@@ -7,13 +7,13 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use sha2::Digest as _;
 
-use super::Connector;
+use super::{Connector, Db, Statements};
 use crate::audit::{AuditKey, AuditRecord, AuditSink, Head};
 use crate::store::{StoreError, now_micros};
 
 /// A read request: runs on a reader connection, or is told why there is
 /// none.
-pub(super) type ReadJob = Box<dyn FnOnce(Result<&mut postgres::Client, StoreError>) + Send>;
+pub(super) type ReadJob = Box<dyn FnOnce(Result<(&mut postgres::Client, &mut Statements), StoreError>) + Send>;
 
 /// This node's audit chain as the writer sees it: its name, the key, the
 /// head as committed, and the head including records written in the open
@@ -38,7 +38,7 @@ pub(super) struct AuditCursor {
 impl AuditCursor {
     /// Takes the chain for this session if it does not hold it yet, and
     /// rereads its head (another process may have written it meanwhile).
-    pub(super) fn hold(&mut self, tx: &mut postgres::Transaction<'_>) -> Result<(), StoreError> {
+    pub(super) fn hold(&mut self, tx: &mut Db<'_, '_>) -> Result<(), StoreError> {
         if self.held {
             return Ok(());
         }
@@ -55,7 +55,7 @@ impl AuditCursor {
 /// What a write job works with: the transaction (a savepoint of the
 /// batch's) and the audit chain.
 pub(super) struct WriteTx<'a, 't> {
-    pub(super) tx: &'a mut postgres::Transaction<'t>,
+    pub(super) tx: Db<'a, 't>,
     pub(super) audit: &'a mut AuditCursor,
 }
 
@@ -73,7 +73,7 @@ fn chain_lock(chain: &str) -> i64 {
 
 /// Registers audit chain `chain` and takes it for this connection's
 /// session: refused while another session holds it.
-fn take_chain(conn: &mut impl postgres::GenericClient, chain: &str) -> Result<(), StoreError> {
+fn take_chain(conn: &mut Db<'_, '_>, chain: &str) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO audit_chains (chain, created_at) VALUES ($1, $2) ON CONFLICT (chain) DO NOTHING",
         &[&chain, &now_micros()],
@@ -83,13 +83,13 @@ fn take_chain(conn: &mut impl postgres::GenericClient, chain: &str) -> Result<()
 }
 
 pub(super) fn reader_loop(connector: &Connector, jobs: &Receiver<ReadJob>) {
-    let mut client: Option<postgres::Client> = None;
+    let mut client: Option<(postgres::Client, Statements)> = None;
     while let Ok(job) = jobs.recv() {
-        if client.as_ref().is_none_or(postgres::Client::is_closed) {
-            client = connector.connect().ok();
+        if client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            client = connector.connect().ok().map(|c| (c, Statements::default()));
         }
         match client.as_mut() {
-            Some(conn) => job(Ok(conn)),
+            Some((conn, statements)) => job(Ok((conn, statements))),
             None => job(Err(StoreError::Unreachable)),
         }
     }
@@ -114,6 +114,7 @@ pub(super) fn writer_loop(
         taken_at: None,
     };
     let mut client = Some(conn);
+    let mut statements = Statements::default();
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -131,6 +132,7 @@ pub(super) fn writer_loop(
                 Ok(conn) => {
                     tracing::info!(chain = %audit.chain, "store: the writer reconnected to the database");
                     client = Some(conn);
+                    statements = Statements::default();
                 }
                 Err(error) => {
                     for job in batch {
@@ -141,7 +143,7 @@ pub(super) fn writer_loop(
             }
         }
         if let Some(conn) = client.as_mut()
-            && !commit_batch(conn, &mut audit, batch)
+            && !commit_batch(conn, &mut statements, &mut audit, batch)
         {
             // The commit's outcome is unknown: the head is reread from the
             // database by the next connection.
@@ -156,7 +158,12 @@ pub(super) fn writer_loop(
 /// every job fails and nothing is written. Returns `false` when the
 /// connection can no longer be trusted (lost, or a commit whose outcome is
 /// unknown).
-fn commit_batch(conn: &mut postgres::Client, audit: &mut AuditCursor, batch: Vec<Box<WriteJob>>) -> bool {
+fn commit_batch(
+    conn: &mut postgres::Client,
+    statements: &mut Statements,
+    audit: &mut AuditCursor,
+    batch: Vec<Box<WriteJob>>,
+) -> bool {
     #[allow(clippy::cast_precision_loss)] // batch sizes are small
     crate::metrics::metrics().commit_batch.observe(batch.len() as f64);
     let mut tx = match conn.transaction() {
@@ -181,7 +188,8 @@ fn commit_batch(conn: &mut postgres::Client, audit: &mut AuditCursor, batch: Vec
         let before = audit.tentative;
         let pending_before = audit.pending.len();
         let result = if alone {
-            let result = job.apply(&mut WriteTx { tx: &mut tx, audit: &mut *audit });
+            let result =
+                job.apply(&mut WriteTx { tx: Db { tx: &mut tx, statements: &mut *statements }, audit: &mut *audit });
             if let Err(error) = &result {
                 aborted = Some(error.clone());
             }
@@ -194,7 +202,10 @@ fn commit_batch(conn: &mut postgres::Client, audit: &mut AuditCursor, batch: Vec
                     Err(error)
                 }
                 Ok(mut savepoint) => {
-                    let result = job.apply(&mut WriteTx { tx: &mut savepoint, audit: &mut *audit });
+                    let result = job.apply(&mut WriteTx {
+                        tx: Db { tx: &mut savepoint, statements: &mut *statements },
+                        audit: &mut *audit,
+                    });
                     let ended = if result.is_ok() { savepoint.commit() } else { savepoint.rollback() };
                     if let Err(e) = ended {
                         aborted = Some(e.into());
