@@ -787,6 +787,7 @@ pub struct StoredRecord {
 }
 
 /// A record row as a backend reads it, live or not.
+#[derive(Clone)]
 pub(crate) struct RecordRow {
     pub(crate) at: RecordRef,
     pub(crate) ciphertext: Option<Vec<u8>>,

@@ -33,7 +33,17 @@ pub fn admin(sql: &str) {
         let mut config: postgres::Config = cluster_url().parse().unwrap();
         config.password(password());
         let mut client = config.connect(postgres::NoTls).unwrap();
-        client.batch_execute(&sql).unwrap();
+        // CREATE DATABASE copies template1 and is refused while another
+        // session (another test's CREATE DATABASE) uses it: try again.
+        for _ in 0..100 {
+            match client.batch_execute(&sql) {
+                Err(e) if e.code() == Some(&postgres::error::SqlState::OBJECT_IN_USE) => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("{sql}: the template database stayed busy");
     })
     .join()
     .unwrap();

@@ -29,7 +29,25 @@ impl RecordStore for PostgresStore {
             let mut outcomes = Vec::with_capacity(records.len());
             let mut per_version: BTreeMap<u32, i64> = BTreeMap::new();
             let mut located = Vec::with_capacity(records.len());
+            // Without blind indexes, every record goes in with one
+            // statement; a deterministic collection's records go one by one.
+            let bulk = if records.iter().all(|r| r.index.is_none()) {
+                Some(insert_all(tx, collection, &records, now)?)
+            } else {
+                None
+            };
             for r in records {
+                if let Some(inserted) = &bulk {
+                    if inserted.contains(&r.at.seq) {
+                        *per_version.entry(r.key_version).or_default() += 1;
+                        audit.tokens.push(render(&r.at));
+                        located.push(r.at.seq);
+                        outcomes.push(InsertOutcome::Inserted);
+                    } else {
+                        outcomes.push(InsertOutcome::Collision);
+                    }
+                    continue;
+                }
                 if let Some(index) = &r.index
                     && let Some(existing) = indexed_record(tx, collection, index, now)?
                 {
@@ -112,10 +130,25 @@ impl RecordStore for PostgresStore {
     ) -> Result<Vec<Option<StoredRecord>>, StoreError> {
         self.read(move |tx| {
             let now = Some(now_micros());
+            // Every place the tokens name, read in one statement: a request
+            // of many tokens is one round trip, not one per token.
+            let places: Vec<i64> = lookups
+                .iter()
+                .flat_map(|l| l.sealed.map(|s| s.seq).into_iter().chain(l.placed.iter().copied()))
+                .filter_map(|seq| i64::try_from(seq).ok())
+                .collect();
+            let mut rows = Prefetched { rows: std::collections::HashMap::new(), db: Rows { conn: tx, collection } };
+            for row in rows.db.conn.query(
+                concat!("SELECT ", row_columns!(), " FROM records WHERE collection_id = $1 AND seq = ANY($2)"),
+                &[&collection.0, &places],
+            )? {
+                let row = read_row(&row)?;
+                rows.rows.insert(row.at.seq, row);
+            }
             lookups
                 .iter()
                 .map(|lookup| {
-                    Ok(find(tx, collection, lookup, |row| row.is_live(now))?.and_then(|row| {
+                    Ok(first_row(&mut rows, lookup, |row| row.is_live(now))?.and_then(|row| {
                         let ciphertext = row.ciphertext?;
                         Some(StoredRecord { at: row.at, ciphertext })
                     }))
@@ -361,6 +394,47 @@ impl RecordStore for PostgresStore {
     }
 }
 
+/// Inserts `records` (none with a blind index) in one statement, each
+/// unless its place or token text is taken, or its text is a token issued
+/// before tokens located their records; returns the places inserted.
+fn insert_all(
+    tx: &mut WriteTx<'_, '_>,
+    collection: CollectionId,
+    records: &[NewRecord],
+    now: i64,
+) -> Result<std::collections::HashSet<u64>, StoreError> {
+    let mut seqs = Vec::with_capacity(records.len());
+    let (mut checks, mut texts, mut shapeds) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut versions, mut ciphertexts, mut expiries) = (Vec::new(), Vec::new(), Vec::new());
+    for r in records {
+        seqs.push(sql_i64(r.at.seq)?);
+        let (check, text, shaped) = match &r.at.token {
+            TokenForm::Sealed(check) => (Some(check.as_slice()), None, None),
+            TokenForm::Shaped(text) => (None, None, Some(text.as_str())),
+            TokenForm::Text(text) => (None, Some(text.as_str()), None),
+        };
+        checks.push(check);
+        texts.push(text);
+        shapeds.push(shaped);
+        versions.push(i64::from(r.key_version));
+        ciphertexts.push(r.ciphertext.as_slice());
+        expiries.push(r.expires_at);
+    }
+    let inserted = tx.tx.query(
+        "INSERT INTO records (collection_id, seq, token_check, token, shaped, key_version, ciphertext, created_at, expires_at)
+         SELECT $1, u.seq, u.token_check, u.token, u.shaped, u.key_version, u.ciphertext, $2, u.expires_at
+         FROM unnest($3::bigint[], $4::bytea[], $5::text[], $6::text[], $7::bigint[], $8::bytea[], $9::bigint[])
+              AS u (seq, token_check, token, shaped, key_version, ciphertext, expires_at)
+         WHERE coalesce(u.token, u.shaped) IS NULL OR NOT (
+             EXISTS (SELECT 1 FROM records r WHERE r.collection_id = $1 AND r.token = coalesce(u.token, u.shaped))
+             OR EXISTS (SELECT 1 FROM legacy_tokens l WHERE l.collection_id = $1 AND l.canonical = coalesce(u.token, u.shaped)))
+         ON CONFLICT DO NOTHING
+         RETURNING seq",
+        &[&collection.0, &now, &seqs, &checks, &texts, &shapeds, &versions, &ciphertexts, &expiries],
+    )?;
+    inserted.iter().map(|row| stored_u64(row.try_get(0)?)).collect()
+}
+
 /// The columns [`read_row`] reads, in its order (a macro, so that the
 /// statements are constants).
 macro_rules! row_columns {
@@ -419,6 +493,27 @@ impl RowSource for Rows<'_, '_, '_> {
             &[&self.collection.0, &canonical],
         )?;
         Ok(found.map(|row| row.try_get::<_, Option<String>>(0)).transpose()?.flatten())
+    }
+}
+
+/// Rows read ahead by place, and the rest from the database.
+struct Prefetched<'c, 'a, 't> {
+    rows: std::collections::HashMap<u64, Row>,
+    db: Rows<'c, 'a, 't>,
+}
+
+impl RowSource for Prefetched<'_, '_, '_> {
+    /// Every place was read ahead: one not there has no row.
+    fn row_at(&mut self, seq: u64) -> Result<Option<Row>, StoreError> {
+        Ok(self.rows.get(&seq).cloned())
+    }
+
+    fn row_of_text(&mut self, text: &str) -> Result<Option<Row>, StoreError> {
+        self.db.row_of_text(text)
+    }
+
+    fn legacy_token(&mut self, canonical: &str) -> Result<Option<String>, StoreError> {
+        self.db.legacy_token(canonical)
     }
 }
 
