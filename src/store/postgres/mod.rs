@@ -272,8 +272,9 @@ impl PostgresStore {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Runs `work` on a reader connection inside one read-only transaction
-    /// (one snapshot).
+    /// Runs `work` on a reader connection, each statement in autocommit (the
+    /// reads' statements need no common snapshot: a record found is read
+    /// whole by one statement, and audit rows never change).
     async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -281,19 +282,8 @@ impl PostgresStore {
     {
         let (reply, answer) = oneshot::channel();
         let job: ReadJob = Box::new(move |client| {
-            let result = client.and_then(|(client, statements)| {
-                client
-                    .build_transaction()
-                    .read_only(true)
-                    .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                    .start()
-                    .map_err(StoreError::from)
-                    .and_then(|mut tx| {
-                        let out = work(&mut Db { tx: &mut tx, statements })?;
-                        tx.commit()?;
-                        Ok(out)
-                    })
-            });
+            let result =
+                client.and_then(|(client, statements)| work(&mut Db { session: Session::Auto(client), statements }));
             let _ = reply.send(result);
         });
         self.readers.as_ref().ok_or(StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)?;
@@ -337,10 +327,19 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<
 #[derive(Default)]
 pub(super) struct Statements(std::collections::HashMap<&'static str, postgres::Statement>);
 
-/// A transaction (or savepoint) and its connection's prepared statements:
-/// what the store's work runs its SQL through.
+/// Where SQL runs: a write batch's transaction (or a job's savepoint of
+/// it), or a reader's connection in autocommit (each statement its own
+/// snapshot: a lookup is one round trip, with no BEGIN and COMMIT around
+/// it).
+pub(super) enum Session<'a, 't> {
+    Tx(&'a mut postgres::Transaction<'t>),
+    Auto(&'a mut postgres::Client),
+}
+
+/// A session and its connection's prepared statements: what the store's
+/// work runs its SQL through.
 pub(super) struct Db<'a, 't> {
-    pub(super) tx: &'a mut postgres::Transaction<'t>,
+    pub(super) session: Session<'a, 't>,
     pub(super) statements: &'a mut Statements,
 }
 
@@ -351,29 +350,44 @@ impl Db<'_, '_> {
         if let Some(statement) = self.statements.0.get(sql) {
             return Ok(statement.clone());
         }
-        let statement = self.tx.prepare(sql)?;
+        let statement = match &mut self.session {
+            Session::Tx(tx) => tx.prepare(sql)?,
+            Session::Auto(client) => client.prepare(sql)?,
+        };
         self.statements.0.insert(sql, statement.clone());
         Ok(statement)
     }
 
     fn execute(&mut self, sql: &'static str, params: &Params<'_>) -> Result<u64, postgres::Error> {
         let statement = self.statement(sql)?;
-        self.tx.execute(&statement, params)
+        match &mut self.session {
+            Session::Tx(tx) => tx.execute(&statement, params),
+            Session::Auto(client) => client.execute(&statement, params),
+        }
     }
 
     fn query(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Vec<postgres::Row>, postgres::Error> {
         let statement = self.statement(sql)?;
-        self.tx.query(&statement, params)
+        match &mut self.session {
+            Session::Tx(tx) => tx.query(&statement, params),
+            Session::Auto(client) => client.query(&statement, params),
+        }
     }
 
     fn query_opt(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Option<postgres::Row>, postgres::Error> {
         let statement = self.statement(sql)?;
-        self.tx.query_opt(&statement, params)
+        match &mut self.session {
+            Session::Tx(tx) => tx.query_opt(&statement, params),
+            Session::Auto(client) => client.query_opt(&statement, params),
+        }
     }
 
     fn query_one(&mut self, sql: &'static str, params: &Params<'_>) -> Result<postgres::Row, postgres::Error> {
         let statement = self.statement(sql)?;
-        self.tx.query_one(&statement, params)
+        match &mut self.session {
+            Session::Tx(tx) => tx.query_one(&statement, params),
+            Session::Auto(client) => client.query_one(&statement, params),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use sha2::Digest as _;
 
-use super::{Connector, Db, Statements};
+use super::{Connector, Db, Session, Statements};
 use crate::audit::{AuditKey, AuditRecord, AuditSink, Head};
 use crate::store::{StoreError, now_micros};
 
@@ -86,7 +86,12 @@ pub(super) fn reader_loop(connector: &Connector, jobs: &Receiver<ReadJob>) {
     let mut client: Option<(postgres::Client, Statements)> = None;
     while let Ok(job) = jobs.recv() {
         if client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            client = connector.connect().ok().map(|c| (c, Statements::default()));
+            // A reader never writes: its session refuses to.
+            client = connector
+                .connect()
+                .and_then(|mut c| Ok(c.batch_execute("SET default_transaction_read_only = on").map(|()| c)?))
+                .ok()
+                .map(|c| (c, Statements::default()));
         }
         match client.as_mut() {
             Some((conn, statements)) => job(Ok((conn, statements))),
@@ -188,8 +193,10 @@ fn commit_batch(
         let before = audit.tentative;
         let pending_before = audit.pending.len();
         let result = if alone {
-            let result =
-                job.apply(&mut WriteTx { tx: Db { tx: &mut tx, statements: &mut *statements }, audit: &mut *audit });
+            let result = job.apply(&mut WriteTx {
+                tx: Db { session: Session::Tx(&mut tx), statements: &mut *statements },
+                audit: &mut *audit,
+            });
             if let Err(error) = &result {
                 aborted = Some(error.clone());
             }
@@ -203,7 +210,7 @@ fn commit_batch(
                 }
                 Ok(mut savepoint) => {
                     let result = job.apply(&mut WriteTx {
-                        tx: Db { tx: &mut savepoint, statements: &mut *statements },
+                        tx: Db { session: Session::Tx(&mut savepoint), statements: &mut *statements },
                         audit: &mut *audit,
                     });
                     let ended = if result.is_ok() { savepoint.commit() } else { savepoint.rollback() };
