@@ -388,3 +388,66 @@ fn a_node_killed_under_load_loses_no_acknowledged_token() {
         assert!(out.status.success(), "{}", stderr(&out));
     }
 }
+
+/// Tokenize records through node `dir`'s chain (offline `audit query`).
+fn tokenize_records(dir: &Path) -> usize {
+    let out = piivault(&["audit", "query", "--data-dir", dir.to_str().unwrap(), "--action", "tokenize", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).lines().count()
+}
+
+#[test]
+fn the_rust_client_spreads_calls_over_the_nodes_and_skips_a_dead_one() {
+    use piivault_client::{Client, Config};
+
+    let database = pg::Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = nodes(tmp.path(), &database, &["node-b"]);
+    let (a, mut b) = (Node::start(&dirs[0]), Node::start(&dirs[1]));
+    let app = dirs[0].join("clients/app");
+    let config = Config::from_files(
+        format!("{},{}", a.addr, b.addr),
+        &dirs[0].join("pki/ca.pem"),
+        &app.join("cert.pem"),
+        &app.join("key.pem"),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let values: Vec<String> = (0..10).map(|i| format!("Spread Value {i}")).collect();
+    let tokens: Vec<String> = runtime.block_on(async {
+        let client = Client::connect(config.clone()).await.unwrap();
+        let mut tokens = Vec::new();
+        for value in &values {
+            tokens.push(client.tokenize("name", &[value]).await.unwrap().remove(0).unwrap());
+        }
+        tokens
+    });
+    // Round robin: five calls each.
+    assert_eq!((tokenize_records(&dirs[0]), tokenize_records(&dirs[1])), (5, 5));
+
+    Command::new("kill").args(["-s", "KILL", &b.child.id().to_string()]).status().unwrap();
+    let _ = b.child.wait();
+    runtime.block_on(async {
+        let client = Client::connect(config).await.unwrap();
+        // Reads go on through the node that is left, retried there at once.
+        for _ in 0..3 {
+            let read = client.detokenize("name", &tokens).await.unwrap();
+            let read: Vec<&str> = read.iter().map(|r| r.as_ref().unwrap().value.expose()).collect();
+            assert_eq!(read, values);
+        }
+        // Writes are not retried (the value could be stored twice), but the
+        // dead node is skipped once it failed one.
+        let mut failed = 0;
+        for i in 0..6 {
+            match client.tokenize("name", &[format!("After Kill {i}")]).await {
+                Ok(mut t) => assert!(t.remove(0).is_ok()),
+                Err(e) => {
+                    assert!(e.to_string().contains("UNAVAILABLE") || e.to_string().contains("navailable"), "{e}");
+                    failed += 1;
+                }
+            }
+        }
+        assert!(failed <= 1, "{failed} writes failed");
+    });
+    a.stop();
+}

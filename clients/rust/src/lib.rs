@@ -1,7 +1,9 @@
 //! A client for [piivault](https://github.com/piivault/piivault), the PII
 //! tokenization vault: mutual TLS, automatic batching, retries with backoff
 //! on idempotent calls, deadlines, typed errors, and values that never show
-//! up in a `Debug`, a `Display` or an error message.
+//! up in a `Debug`, a `Display` or an error message. Given several nodes'
+//! addresses, it spreads calls over them round robin and skips a node that
+//! answers UNAVAILABLE for a while.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), piivault_client::Error> {
@@ -21,9 +23,9 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
@@ -248,8 +250,8 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
 }
 
 impl Config {
-    /// `addr` (`host:port`), the vault CA and this caller's certificate and
-    /// key, all PEM.
+    /// `addr` (`host:port`, or several nodes' addresses separated by
+    /// commas), the vault CA and this caller's certificate and key, all PEM.
     pub fn new(addr: impl Into<String>, ca_pem: Vec<u8>, cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Self {
         Self {
             addr: addr.into(),
@@ -283,11 +285,34 @@ impl Config {
     }
 }
 
-/// A connection to a vault. Cheap to clone; clones share the connection.
+/// How long a node that answered UNAVAILABLE (or could not be reached) is
+/// skipped while another node is up.
+pub const NODE_DOWN_FOR: Duration = Duration::from_secs(5);
+
+/// A connection to a vault: one per node. Cheap to clone; clones share the
+/// connections.
 #[derive(Clone)]
 pub struct Client {
-    inner: TokenizerClient<Channel>,
+    nodes: Arc<[Node]>,
+    next: Arc<AtomicUsize>,
     settings: Arc<Settings>,
+}
+
+struct Node {
+    client: TokenizerClient<Channel>,
+    /// Skipped until then.
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl Node {
+    fn is_up(&self, now: Instant) -> bool {
+        self.down_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none_or(|until| until <= now)
+    }
+
+    fn mark_down(&self) {
+        *self.down_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Instant::now() + NODE_DOWN_FOR);
+    }
 }
 
 struct Settings {
@@ -323,25 +348,44 @@ fn jitter(ceiling: Duration) -> Duration {
 }
 
 impl Client {
-    /// Connects (TLS handshake included) within the configured deadline.
+    /// Connects (TLS handshake included) within the configured deadline, to
+    /// every node named. With several, it is enough that one answers: the
+    /// others are tried again when their turn comes.
     pub async fn connect(config: Config) -> Result<Self, Error> {
-        let connect_error = |reason: String| Error::Connect { addr: config.addr.clone(), reason };
+        let addrs: Vec<&str> = config.addr.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
+        if addrs.is_empty() {
+            return Err(Error::Config("no vault address".into()));
+        }
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&config.ca_pem))
             .identity(Identity::from_pem(&config.cert_pem, &*config.key_pem));
-        let channel = Endpoint::from_shared(format!("https://{}", config.addr))
-            .map_err(|_| Error::Config(format!("{:?} is not a host:port", config.addr)))?
-            .tls_config(tls)
-            .map_err(|e| connect_error(error_chain(&e)))?
-            .connect_timeout(config.deadline)
-            .timeout(config.deadline)
-            .connect()
-            .await
-            .map_err(|e| connect_error(error_chain(&e)))?;
-        let inner =
-            TokenizerClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+        let mut nodes = Vec::with_capacity(addrs.len());
+        let mut first_error = None;
+        for addr in &addrs {
+            let connect_error = |reason: String| Error::Connect { addr: (*addr).to_owned(), reason };
+            let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+                .map_err(|_| Error::Config(format!("{addr:?} is not a host:port")))?
+                .tls_config(tls.clone())
+                .map_err(|e| connect_error(error_chain(&e)))?
+                .connect_timeout(config.deadline)
+                .timeout(config.deadline);
+            let (channel, down) = match endpoint.connect().await {
+                Ok(channel) => (channel, None),
+                Err(e) => {
+                    first_error.get_or_insert_with(|| connect_error(error_chain(&e)));
+                    (endpoint.connect_lazy(), Some(Instant::now() + NODE_DOWN_FOR))
+                }
+            };
+            let client =
+                TokenizerClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+            nodes.push(Node { client, down_until: Mutex::new(down) });
+        }
+        if let Some(error) = first_error.filter(|_| nodes.iter().all(|n| !n.is_up(Instant::now()))) {
+            return Err(error);
+        }
         Ok(Self {
-            inner,
+            nodes: nodes.into(),
+            next: Arc::new(AtomicUsize::new(0)),
             settings: Arc::new(Settings {
                 max_batch: AtomicUsize::new(config.max_batch.max(1)),
                 deadline: config.deadline,
@@ -349,6 +393,15 @@ impl Client {
                 backoff: config.backoff,
             }),
         })
+    }
+
+    /// The node for the next call: the next in turn that is not being
+    /// skipped (the next in turn if every node is).
+    fn pick(&self) -> &Node {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let n = self.nodes.len();
+        (0..n).map(|i| &self.nodes[(start + i) % n]).find(|node| node.is_up(now)).unwrap_or(&self.nodes[start % n])
     }
 
     /// The largest batch this client sends now.
@@ -473,14 +526,23 @@ impl Client {
         let mut attempt = 0;
         loop {
             let deadline = self.settings.deadline;
-            let result = match tokio::time::timeout(deadline, call(self.inner.clone(), batch.clone())).await {
+            let node = self.pick();
+            let result = match tokio::time::timeout(deadline, call(node.client.clone(), batch.clone())).await {
                 Ok(result) => result,
                 Err(_) => Err(Status::deadline_exceeded(format!("no answer within {deadline:?}"))),
             };
             match result {
-                Err(status) if idempotent && status.code() == Code::Unavailable && attempt < self.settings.retries => {
-                    let ceiling = self.settings.backoff.saturating_mul(1 << attempt.min(16));
-                    tokio::time::sleep(jitter(ceiling)).await;
+                Err(status) if status.code() == Code::Unavailable => {
+                    node.mark_down();
+                    if !idempotent || attempt >= self.settings.retries {
+                        return Err(status);
+                    }
+                    // Another node that is up is tried at once; when none
+                    // is, the retry waits.
+                    if !self.nodes.iter().any(|n| n.is_up(Instant::now())) {
+                        let ceiling = self.settings.backoff.saturating_mul(1 << attempt.min(16));
+                        tokio::time::sleep(jitter(ceiling)).await;
+                    }
                     attempt += 1;
                 }
                 other => return other,
