@@ -176,13 +176,17 @@ fn what_one_node_issues_every_node_answers() {
     a.stop();
     b.stop();
 
-    // Each node's chain verifies, and holds its own node's records.
-    for dir in &dirs {
+    // Verified from either node's directory, every chain verifies: the
+    // node's own first, then the other's, each with its own records.
+    for (dir, other) in [(&dirs[0], "node-b"), (&dirs[1], "main")] {
         let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
         assert!(out.status.success(), "{}", stderr(&out));
-        let line = stdout(&out);
-        let records: u64 = line.strip_prefix("ok: ").unwrap().split(' ').next().unwrap().parse().unwrap();
-        assert!(records >= 4, "{line}");
+        let text = stdout(&out);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let records = |line: &str| -> u64 { line.split(' ').find_map(|w| w.parse().ok()).unwrap() };
+        assert!(lines[0].starts_with("ok: ") && records(lines[0]) >= 4, "{text}");
+        assert!(lines[1].starts_with(&format!("ok: chain {other}: ")) && records(lines[1]) >= 4, "{text}");
     }
 }
 

@@ -188,6 +188,7 @@ pub(super) async fn audit(command: AuditCommand) -> Result<(), CliError> {
                 since: filter.since,
                 until: filter.until,
                 after_seq: 0,
+                chain: None,
             };
             return audit_read(filter, token, limit, json, &connect, secret).await;
         }
@@ -207,8 +208,16 @@ pub(super) async fn audit(command: AuditCommand) -> Result<(), CliError> {
         None => None,
     };
     let vault = open_offline(&data_dir, secret, Unseal::ReadOnly).await?;
-    let verified = vault.verify_audit().await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
-    let head = verified.map_err(|e| CliError { failure: Failure::Other, error: anyhow!("audit trail broken: {e}") })?;
+    // Every chain (one per node on a shared store): this node's is the
+    // head printed, anchored and checked against --expect-head.
+    let verified =
+        vault.verify_every_chain().await.map_err(|e| CliError { failure: vault_failure(&e), error: e.into() })?;
+    let mut heads = verified.map_err(|(chain, e)| CliError {
+        failure: Failure::Other,
+        error: anyhow!("audit trail broken: {e} (chain {chain})"),
+    })?;
+    let others = heads.split_off(1.min(heads.len()));
+    let head = heads.pop().map_or(crate::audit::Head::GENESIS, |(_, head)| head);
     let mac = hex::encode(head.mac);
     if let Some((seq, expected_mac)) = expected {
         if head.seq < seq {
@@ -224,6 +233,9 @@ pub(super) async fn audit(command: AuditCommand) -> Result<(), CliError> {
     }
     if verify {
         say(&format!("ok: {} records, head {}:{mac}", head.seq, head.seq));
+        for (chain, other) in others {
+            say(&format!("ok: chain {chain}: {} records, head {}:{}", other.seq, other.seq, hex::encode(other.mac)));
+        }
     } else {
         say(&format!("{}:{mac}", head.seq));
     }

@@ -77,6 +77,7 @@ impl Audit for AuditService {
                 since: (q.since_micros != 0).then_some(q.since_micros),
                 until: (q.until_micros != 0).then_some(q.until_micros),
                 after_seq: 0,
+                chain: None,
             };
             let limit = if q.limit == 0 { usize::MAX } else { usize::try_from(q.limit).unwrap_or(usize::MAX) };
             // The auditor's own query goes on the record first (with the

@@ -356,6 +356,11 @@ pub trait AuditStore: Send + Sync {
     /// Audit rows matching `filter`, oldest first, at most `limit`.
     async fn query_audit(&self, filter: AuditFilter, limit: usize) -> Result<Vec<AuditRow>, StoreError>;
 
+    /// Every audit chain in the store, this store's own first: one per node
+    /// that ever wrote to a shared store, and the one chain of a store
+    /// that only one process writes.
+    async fn audit_chains(&self) -> Result<Vec<String>, StoreError>;
+
     /// Checks the searchable token index (built behind the write path)
     /// against the entries it was built from: the first audit record of
     /// the first part that disagrees, if any.
@@ -698,6 +703,9 @@ pub struct AuditFilter {
     pub until: Option<i64>,
     /// Only records with a sequence number above this.
     pub after_seq: u64,
+    /// The chain to read ([`AuditStore::audit_chains`]); `None`: this
+    /// store's own (the node's, on a store that several nodes share).
+    pub chain: Option<String>,
 }
 
 /// Which records' tokens an audit query is about.

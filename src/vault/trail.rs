@@ -69,15 +69,39 @@ impl Vault {
             .collect()
     }
 
-    /// Checks the whole audit trail against its chain; returns the head or
-    /// the first bad record.
+    /// Checks this vault's audit trail (this node's chain, on a store that
+    /// several nodes share) against its chain; returns the head or the
+    /// first bad record.
     pub async fn verify_audit(&self) -> Result<Result<Head, VerifyError>, VaultError> {
         // One at a time: a second caller is told to come back, not queued.
         let Ok(_one_at_a_time) = self.inner.verifying.try_lock() else {
             return Err(VaultError::VerifyBusy);
         };
+        self.verify_chain(None).await
+    }
+
+    /// [`Vault::verify_audit`] of every chain in the store (one per node
+    /// that ever wrote to a shared store), this vault's own first: each
+    /// chain's name and head, or the first bad record of the first chain
+    /// that has one, with that chain's name.
+    pub async fn verify_every_chain(&self) -> Result<Result<Vec<(String, Head)>, (String, VerifyError)>, VaultError> {
+        let Ok(_one_at_a_time) = self.inner.verifying.try_lock() else {
+            return Err(VaultError::VerifyBusy);
+        };
+        let mut heads = Vec::new();
+        for name in self.inner.store.audit_chains().await? {
+            match self.verify_chain(Some(name.clone())).await? {
+                Ok(head) => heads.push((name, head)),
+                Err(e) => return Ok(Err((name, e))),
+            }
+        }
+        Ok(Ok(heads))
+    }
+
+    /// Verifies chain `name` (`None`: this vault's own).
+    async fn verify_chain(&self, name: Option<String>) -> Result<Result<Head, VerifyError>, VaultError> {
         let mut chain = audit::Chain::new();
-        let mut filter = AuditFilter::default();
+        let mut filter = AuditFilter { chain: name, ..AuditFilter::default() };
         loop {
             let page = self.inner.store.query_audit(filter.clone(), VERIFY_PAGE).await?;
             let Some(last) = page.last() else { break };

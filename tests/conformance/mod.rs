@@ -588,6 +588,15 @@ pub async fn the_audit_trail_chains_and_answers_queries(fresh: Fresh) {
     let at = 1_700_000_000_000_000;
     assert_eq!(seqs(AuditFilter { since: Some(at + 1), ..AuditFilter::default() }, 10).await, Vec::<u64>::new());
     assert_eq!(seqs(AuditFilter { until: Some(at + 1), ..AuditFilter::default() }, 10).await, [1, 2, 3]);
+    // One process writes this store: one chain, its own, named as one node
+    // would be; another chain's name reads nothing.
+    let chains = store.audit_chains().await.unwrap();
+    assert_eq!(chains, ["main"]);
+    assert_eq!(seqs(AuditFilter { chain: Some(chains[0].clone()), ..AuditFilter::default() }, 10).await, [1, 2, 3]);
+    assert_eq!(
+        seqs(AuditFilter { chain: Some("elsewhere".into()), ..AuditFilter::default() }, 10).await,
+        Vec::<u64>::new()
+    );
     let rows = store.query_audit(AuditFilter::default(), 3).await.unwrap();
     let indexed: Vec<Vec<String>> = rows
         .iter()

@@ -111,6 +111,18 @@ impl AuditStore for PostgresStore {
         .await
     }
 
+    async fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        let own = self.chain.clone();
+        self.read(move |tx| {
+            let mut chains = vec![own.clone()];
+            for row in tx.query("SELECT chain FROM audit_chains WHERE chain <> $1 ORDER BY chain", &[&own])? {
+                chains.push(row.try_get(0)?);
+            }
+            Ok(chains)
+        })
+        .await
+    }
+
     async fn audit_head(&self) -> Result<Head, StoreError> {
         let chain = self.chain.clone();
         self.read(move |tx| last_head(tx, &chain)).await
@@ -124,7 +136,7 @@ impl AuditStore for PostgresStore {
     }
 
     async fn query_audit(&self, filter: AuditFilter, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
-        let chain = self.chain.clone();
+        let chain = filter.chain.clone().unwrap_or_else(|| self.chain.clone());
         self.read(move |tx| {
             let after = i64::try_from(filter.after_seq).unwrap_or(i64::MAX);
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);

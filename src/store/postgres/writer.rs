@@ -191,6 +191,7 @@ fn commit_batch(
             continue;
         }
         let before = audit.tentative;
+        let held_before = audit.held;
         let pending_before = audit.pending.len();
         let result = if alone {
             let result = job.apply(&mut WriteTx {
@@ -222,9 +223,17 @@ fn commit_batch(
             }
         };
         if result.is_err() {
-            // A chain taken by this job was reread: that head stands.
-            audit.tentative = audit.taken_at.unwrap_or(before);
             audit.pending.truncate(pending_before);
+            match audit.taken_at {
+                // The chain was taken by this job and its head reread: that
+                // head stands. Its row in `audit_chains` may have gone with
+                // the job: it is registered again before the next record.
+                Some(head) if audit.held && !held_before => {
+                    audit.tentative = head;
+                    audit.held = false;
+                }
+                _ => audit.tentative = before,
+            }
         }
         outcomes.push((job, result));
     }
@@ -236,7 +245,6 @@ fn commit_batch(
         None => tx.commit().map_err(StoreError::from),
     };
     let trusted = !matches!(committed, Err(StoreError::Unreachable)) && !conn.is_closed();
-    audit.taken_at = None;
     if committed.is_ok() {
         audit.committed = audit.tentative;
         if let Some(sink) = &audit.sink
@@ -246,7 +254,10 @@ fn commit_batch(
         }
     } else {
         audit.tentative = audit.committed;
+        // A chain registered in this batch is not registered now.
+        audit.held &= audit.taken_at.is_none();
     }
+    audit.taken_at = None;
     audit.pending.clear();
     if let Err(error) = &committed
         && !alone

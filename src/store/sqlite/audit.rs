@@ -78,6 +78,10 @@ impl WriteTx<'_> {
     }
 }
 
+/// The name of a SQLite store's one chain (a PostgreSQL store's chains are
+/// its nodes' names; a single node is `main` there too).
+const SQLITE_CHAIN: &str = crate::config::DEFAULT_NODE;
+
 #[async_trait]
 impl AuditStore for SqliteStore {
     async fn append_audit(&self, record: AuditRecord) -> Result<u64, StoreError> {
@@ -104,6 +108,10 @@ impl AuditStore for SqliteStore {
         .await
     }
 
+    async fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        Ok(vec![SQLITE_CHAIN.to_owned()])
+    }
+
     async fn audit_head(&self) -> Result<Head, StoreError> {
         self.read(last_head).await
     }
@@ -113,6 +121,9 @@ impl AuditStore for SqliteStore {
     }
 
     async fn query_audit(&self, filter: AuditFilter, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
+        if filter.chain.as_deref().is_some_and(|chain| chain != SQLITE_CHAIN) {
+            return Ok(Vec::new());
+        }
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT a.seq, a.record, a.mac, a.at, a.caller, a.action, a.collection, a.outcome
