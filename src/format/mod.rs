@@ -50,6 +50,10 @@ const SSN_TOKEN_GROUP_FIRST_MAX: u8 = b'4';
 const MAX_COUNTRY_CODE: usize = 3;
 /// Random characters in an email token's local part (`[a-z0-9]`).
 const EMAIL_LOCAL_RANDOM: usize = 16;
+/// The longest domain an email token can keep: with its own local part and
+/// the `@`, the token is at most [`MAX_TOKEN_LEN`].
+const EMAIL_MAX_KEPT_DOMAIN: usize = MAX_TOKEN_LEN - EMAIL_LOCAL_RANDOM - 1;
+const _: () = assert!(EMAIL_MAX_KEPT_DOMAIN == 239, "the refusal's message names 239");
 /// Random characters in a tokenized email domain's label.
 const EMAIL_DOMAIN_RANDOM: usize = 12;
 /// The reserved top-level domain (RFC 2606) of tokenized email domains: a
@@ -340,9 +344,14 @@ impl Format {
                 }
                 Ok(())
             }
-            Self::Email { .. } => {
-                if split_email(value).is_none() {
+            Self::Email { keep_domain } => {
+                let Some((_, domain)) = split_email(value) else {
                     return Err(misfit("not an email address of the form local@domain.tld"));
+                };
+                // The token keeps the domain after a local part of its own:
+                // it must still be a token that parses.
+                if keep_domain && domain.len() > EMAIL_MAX_KEPT_DOMAIN {
+                    return Err(misfit("its domain is too long for a token that keeps it (at most 239 bytes)"));
                 }
                 Ok(())
             }
@@ -727,6 +736,42 @@ mod tests {
                 b'A'..=b'Z' => t.is_ascii_uppercase(),
                 _ => v == t,
             })
+    }
+
+    /// An email token keeps the domain after a local part of its own, so a
+    /// long domain with a short local part made a token longer than any
+    /// token can be, which never parsed back (found by the `token_parse`
+    /// fuzz target): such a value is refused before anything is stored.
+    #[test]
+    fn an_email_whose_token_would_not_fit_is_refused() {
+        let keep = Format::Email { keep_domain: true };
+        // A domain of `len` bytes in labels DNS allows (at most 63 each).
+        let domain = |len: usize| {
+            let mut rest = len - "org".len();
+            let mut labels = Vec::new();
+            while rest > 51 {
+                labels.push("d".repeat(50));
+                rest -= 51;
+            }
+            labels.push("e".repeat(rest - 1));
+            labels.push("org".to_owned());
+            let domain = labels.join(".");
+            assert_eq!(domain.len(), len);
+            domain
+        };
+        let longest = format!("a@{}", domain(EMAIL_MAX_KEPT_DOMAIN));
+        let made = token(&keep, &longest);
+        assert_eq!(made.len(), MAX_TOKEN_LEN);
+        assert!(keep.parse_token(&made).is_some());
+        let too_long = format!("a@{}", domain(EMAIL_MAX_KEPT_DOMAIN + 1));
+        assert_eq!(
+            keep.check_value(&too_long).unwrap_err().reason,
+            "its domain is too long for a token that keeps it (at most 239 bytes)"
+        );
+        let key = TokenKey::new(&[7; 32]).unwrap();
+        assert!(keep.shaped_token(&key, &too_long, 1).is_none(), "never a token that does not parse");
+        // Without the domain, the token's length does not depend on it.
+        token(&Format::Email { keep_domain: false }, &too_long);
     }
 
     fn alnum_positions(text: &str) -> Vec<usize> {

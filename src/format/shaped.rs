@@ -208,7 +208,8 @@ impl Format {
         let tweak = template.tweak(self, self.shape_of(value));
         let x = key.permute(&tweak, &domain, &BigUint::from(n))?;
         let text = String::from_utf8(template.write(x)?).ok()?;
-        Some(Token::preserved(text))
+        // Never a token that would not parse back.
+        (text.len() <= crate::token::MAX_TOKEN_LEN).then(|| Token::preserved(text))
     }
 
     /// The numbers (in its shape) that `token`, as presented, may stand
