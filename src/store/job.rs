@@ -44,3 +44,14 @@ where
         let _ = reply.send(result);
     }
 }
+
+/// A job's answer once its batch ended: its own outcome if the batch
+/// committed; if the batch failed, the job's own error where it had one
+/// (not the `Closed` of a job never run), else the batch's.
+pub(crate) fn outcome(committed: &Result<(), StoreError>, own: Result<(), StoreError>) -> Result<(), StoreError> {
+    match (committed, own) {
+        (Ok(()), own) => own,
+        (Err(_), Err(own)) if !matches!(own, StoreError::Closed) => Err(own),
+        (Err(error), _) => Err(error.clone()),
+    }
+}

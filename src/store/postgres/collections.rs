@@ -12,9 +12,8 @@ impl CollectionStore for PostgresStore {
     async fn collection_id(&self, name: &str) -> Result<Option<CollectionId>, StoreError> {
         let name = name.to_owned();
         self.read(move |tx| {
-            Ok(tx
-                .query_opt("SELECT id FROM collections WHERE name = $1", &[&name])?
-                .map(|row| CollectionId(row.get(0))))
+            let found = tx.query_opt("SELECT id FROM collections WHERE name = $1", &[&name])?;
+            Ok(found.map(|row| row.try_get(0)).transpose()?.map(CollectionId))
         })
         .await
     }

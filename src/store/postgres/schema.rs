@@ -22,7 +22,7 @@ pub fn schema_version() -> usize {
 pub(super) fn migrate(conn: &mut postgres::Client, mode: OpenMode) -> Result<(), StoreError> {
     let mut tx = conn.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
-    let marked: bool = tx.query_one("SELECT to_regclass('piivault_schema') IS NOT NULL", &[])?.get(0);
+    let marked: bool = tx.query_one("SELECT to_regclass('piivault_schema') IS NOT NULL", &[])?.try_get(0)?;
     let current = if marked {
         if mode == OpenMode::Create {
             return Err(StoreError::AlreadyExists);
@@ -35,8 +35,9 @@ pub(super) fn migrate(conn: &mut postgres::Client, mode: OpenMode) -> Result<(),
         usize::try_from(row.try_get::<_, i64>(1)?).map_err(|_| StoreError::NotAVault)?
     } else {
         // Only an empty database becomes a store, and only for `init`.
-        let tables: i64 =
-            tx.query_one("SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = current_schema()", &[])?.get(0);
+        let tables: i64 = tx
+            .query_one("SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = current_schema()", &[])?
+            .try_get(0)?;
         if tables > 0 {
             return Err(StoreError::NotAVault);
         }

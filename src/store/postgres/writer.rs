@@ -78,7 +78,7 @@ fn take_chain(conn: &mut Db<'_, '_>, chain: &str) -> Result<(), StoreError> {
         "INSERT INTO audit_chains (chain, created_at) VALUES ($1, $2) ON CONFLICT (chain) DO NOTHING",
         &[&chain, &now_micros()],
     )?;
-    let taken: bool = conn.query_one("SELECT pg_try_advisory_lock($1)", &[&chain_lock(chain)])?.get(0);
+    let taken: bool = conn.query_one("SELECT pg_try_advisory_lock($1)", &[&chain_lock(chain)])?.try_get(0)?;
     if taken { Ok(()) } else { Err(StoreError::ChainHeld) }
 }
 
@@ -89,7 +89,10 @@ pub(super) fn reader_loop(connector: &Connector, jobs: &Receiver<ReadJob>) {
             // A reader never writes: its session refuses to.
             client = connector
                 .connect()
-                .and_then(|mut c| Ok(c.batch_execute("SET default_transaction_read_only = on").map(|()| c)?))
+                .and_then(|mut c| {
+                    c.batch_execute("SET default_transaction_read_only = on")?;
+                    Ok(c)
+                })
                 .ok()
                 .map(|c| (c, Statements::default()));
         }
@@ -265,12 +268,7 @@ fn commit_batch(
         tracing::error!(error = %error, jobs = outcomes.len(), "store: write transaction failed; nothing written");
     }
     for (job, own) in outcomes {
-        let outcome = match (&committed, own) {
-            (Ok(()), own) => own,
-            (Err(_), Err(own)) if !matches!(own, StoreError::Closed) => Err(own),
-            (Err(error), _) => Err(error.clone()),
-        };
-        job.finish(outcome);
+        job.finish(crate::store::job::outcome(&committed, own));
     }
     trusted
 }

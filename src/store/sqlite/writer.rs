@@ -175,12 +175,7 @@ fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<Write
         }
     }
     for (job, own) in outcomes {
-        let outcome = match (&committed, own) {
-            (Ok(()), own) => own,
-            (Err(_), Err(own)) if !matches!(own, StoreError::Closed) => Err(own),
-            (Err(error), _) => Err(error.clone()),
-        };
-        job.finish(outcome);
+        job.finish(crate::store::job::outcome(&committed, own));
     }
     erased && committed.is_ok()
 }
