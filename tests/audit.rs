@@ -168,13 +168,24 @@ async fn a_tampered_block_of_the_token_index_is_detected() {
 #[tokio::test]
 async fn tampering_below_the_triggers_is_detected() {
     type Tamper = fn(&common::tamper::Connection);
-    let cases: [(&str, Tamper, Verdict); 6] = [
+    let cases: [(&str, Tamper, Verdict); 7] = [
         (
             "hide a token from the index",
             |db| {
                 db.execute("DELETE FROM audit_records WHERE audit_seq = 2", []).unwrap();
             },
             Err((2, "query columns do not match the record")),
+        ),
+        (
+            "point a record's index entry at another token's record",
+            |db| {
+                db.execute(
+                    "UPDATE audit_records SET record_seq = (SELECT record_seq FROM audit_records WHERE audit_seq = 2) WHERE audit_seq = 3",
+                    [],
+                )
+                .unwrap();
+            },
+            Err((3, "query columns do not match the record")),
         ),
         (
             "edit a field",

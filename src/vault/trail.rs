@@ -184,41 +184,56 @@ impl Vault {
     /// `tokens`: a kept text (shaped, or issued before tokens located
     /// their records) equal to the token, or a sealed token that
     /// opens (under its collection's token key) to the record's place and
-    /// random half.
+    /// random half. Each token is opened once per collection listed (a
+    /// record of a bulk call lists thousands).
     fn index_matches(&self, tokens: &[String], indexed: &[(CollectionId, RecordRef)]) -> bool {
+        use std::collections::HashMap;
         let mut recorded: Vec<&String> = tokens.iter().collect();
         recorded.sort();
         recorded.dedup();
         if recorded.len() != indexed.len() {
             return false;
         }
-        let mut matched = vec![false; indexed.len()];
-        recorded.into_iter().all(|token| {
-            let names = |(collection, at): &(CollectionId, RecordRef)| match &at.token {
-                TokenForm::Text(text) | TokenForm::Shaped(text) => text == token,
+        // What each entry names, counted: as many tokens as entries must
+        // each take one.
+        let mut texts: HashMap<&str, usize> = HashMap::new();
+        let mut sealed: HashMap<(CollectionId, Sealed), usize> = HashMap::new();
+        for (collection, at) in indexed {
+            match &at.token {
+                TokenForm::Text(text) | TokenForm::Shaped(text) => *texts.entry(text.as_str()).or_default() += 1,
                 TokenForm::Sealed(check) => {
-                    self.open_sealed(*collection, token) == Some(Sealed { seq: at.seq, check: *check })
+                    *sealed.entry((*collection, Sealed { seq: at.seq, check: *check })).or_default() += 1;
                 }
-            };
-            match indexed.iter().enumerate().position(|(i, entry)| !matched[i] && names(entry)) {
-                Some(i) => {
-                    matched[i] = true;
-                    true
-                }
-                None => false,
             }
+        }
+        let mut collections: Vec<CollectionId> = sealed.keys().map(|(c, _)| *c).collect();
+        collections.sort_by_key(|c| c.0);
+        collections.dedup();
+        let keys: Vec<(CollectionId, TokenKey)> =
+            collections.into_iter().filter_map(|c| self.token_key(c).map(|key| (c, key))).collect();
+        let take = |left: Option<&mut usize>| match left {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        };
+        recorded.into_iter().all(|token| {
+            if take(texts.get_mut(token.as_str())) {
+                return true;
+            }
+            let Ok(parsed) = token.parse::<Token>() else { return false };
+            keys.iter().any(|(collection, key)| {
+                key.open(&parsed).is_some_and(|opened| take(sealed.get_mut(&(*collection, opened))))
+            })
         })
     }
 
-    /// What `token` opens to under `collection`'s token key, if it is a
-    /// default token and the key is loaded.
-    fn open_sealed(&self, collection: CollectionId, token: &str) -> Option<Sealed> {
-        let token: Token = token.parse().ok()?;
+    /// The primary token key of `collection`, scheduled.
+    fn token_key(&self, collection: CollectionId) -> Option<TokenKey> {
         self.inner
             .keyring
-            .with_primary(collection.0, KeyPurpose::Token, |_, key| {
-                TokenKey::new(key.expose_secret()).ok().and_then(|k| k.open(&token))
-            })
+            .with_primary(collection.0, KeyPurpose::Token, |_, key| TokenKey::new(key.expose_secret()).ok())
             .flatten()
     }
 }
