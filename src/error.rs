@@ -51,6 +51,19 @@ pub enum VaultError {
     /// Another audit verification is running (one at a time).
     #[error("an audit verification is already running; retry when it has finished")]
     VerifyBusy,
+    /// A background job (a collection's re-encryption or index rebuild)
+    /// runs already, on this node or on another one that holds its lease.
+    #[error("{}", if *here {
+        format!("background job `{job}` is already running on this node; it finishes by itself")
+    } else {
+        format!("background job `{job}` is running on another node; it finishes there, or on this node if that one stops")
+    })]
+    JobRunning {
+        /// The job's lease name.
+        job: String,
+        /// Whether it runs on this node.
+        here: bool,
+    },
     /// The sealed root file cannot be written or put in place.
     #[error("the sealed root key cannot be written: {0}")]
     SealedRoot(String),

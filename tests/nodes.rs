@@ -393,6 +393,59 @@ fn a_node_killed_under_load_loses_no_acknowledged_token() {
     }
 }
 
+#[test]
+fn a_killed_node_s_re_encryption_is_finished_by_another_node() {
+    let database = pg::Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = nodes(tmp.path(), &database, &["node-b"]);
+    // B looks for unfinished background work every second.
+    let config = dirs[1].join("config.toml");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("key_check_interval_s = 60", "key_check_interval_s = 1");
+    std::fs::write(&config, text).unwrap();
+    let (mut a, b) = (Node::start(&dirs[0]), Node::start(&dirs[1]));
+    let values: Vec<String> = (0..20_000).map(|i| format!("Resumed Person {i}")).collect();
+    let mut tokens = Vec::new();
+    for chunk in values.chunks(1000) {
+        let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        tokens.extend(a.ok("tokenize", "name", &chunk));
+    }
+    // A leak: A marks version 1 compromised and starts moving 20,000
+    // records off it, and dies at once.
+    a.keys(&["rotate", "--collection", "name", "--compromised", "1"]);
+    Command::new("kill").args(["-s", "KILL", &a.child.id().to_string()]).status().unwrap();
+    let _ = a.child.wait();
+
+    let records_under = |version: u64| -> u64 {
+        let listed: serde_json::Value =
+            serde_json::from_str(&b.keys(&["list", "--collection", "name", "--json"])).unwrap();
+        let key = listed.as_array().unwrap().iter().find(|v| v["purpose"] == "data" && v["version"] == version);
+        key.unwrap()["records"].as_u64().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while records_under(1) > 0 {
+        assert!(Instant::now() < deadline, "{} records still under the compromised version", records_under(1));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(records_under(2), 20_000);
+    let sample: Vec<&str> = tokens.iter().step_by(97).map(String::as_str).collect();
+    let expected: Vec<&str> = values.iter().step_by(97).map(String::as_str).collect();
+    assert_eq!(b.ok("detokenize", "name", &sample), expected);
+    b.stop();
+    // B moved records itself: its own chain has the re-encryption's batches.
+    let out = piivault(&["audit", "query", "--data-dir", dirs[1].to_str().unwrap(), "--action", "reencrypt", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let moved_by_b: u64 = stdout(&out)
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["items"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(moved_by_b > 0, "node B moved nothing: {}", stdout(&out));
+    for dir in &dirs {
+        let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
+
 /// Tokenize records through node `dir`'s chain (offline `audit query`).
 fn tokenize_records(dir: &Path) -> usize {
     let out = piivault(&["audit", "query", "--data-dir", dir.to_str().unwrap(), "--action", "tokenize", "--json"]);

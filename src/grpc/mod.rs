@@ -86,7 +86,7 @@ pub fn status_of(error: &Failure) -> Status {
             | VaultError::NotDeterministic
             | VaultError::RotationPending(_)),
         ) => Status::failed_precondition(e.to_string()),
-        Failure::Vault(e @ VaultError::KeyConflict) => Status::aborted(e.to_string()),
+        Failure::Vault(e @ (VaultError::KeyConflict | VaultError::JobRunning { .. })) => Status::aborted(e.to_string()),
         Failure::Vault(VaultError::Crypto(
             crate::crypto::CryptoError::WeakKdfParams | crate::crypto::CryptoError::EmptyPassphrase,
         )) => Status::invalid_argument("the new secret is not acceptable"),

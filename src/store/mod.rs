@@ -112,6 +112,20 @@ pub trait Store: RecordStore + KeyStore + CollectionStore + AuditStore {
     /// consistent snapshot while writes go on. Without
     /// [`Capabilities::file_backup`], [`StoreError::Unsupported`].
     async fn backup(&self) -> Result<(PathBuf, BackupTaken), StoreError>;
+
+    /// Takes, or keeps, the lease of background job `job` (a purge, a
+    /// rotation check, a collection's re-encryption or index rebuild) for
+    /// this process: `true` while this process holds it, `false` while
+    /// another one does. A lease ends with [`Store::release_lease`] or with
+    /// the process (a node that dies, or loses its database session, loses
+    /// its leases, and the next node to ask takes them). A store that one
+    /// process owns always answers `true`. The jobs are safe to overlap
+    /// (each batch is conditional on the rows it changes): the lease makes
+    /// one node do the work, it is not what keeps the data right.
+    async fn hold_lease(&self, job: &str) -> Result<bool, StoreError>;
+
+    /// Gives up the lease of `job` if this process holds it.
+    async fn release_lease(&self, job: &str) -> Result<(), StoreError>;
 }
 
 /// Records: tokens and their sealed values, and the background work over them.

@@ -41,9 +41,8 @@ impl Vault {
         let version = self.rotate(who, collection, KeyPurpose::Index, None).await?;
         let (vault, who, collection) = (self.clone(), who.clone(), collection.to_owned());
         tokio::spawn(async move {
-            if let Err(e) = vault.rebuild_index(&who, &collection).await {
-                tracing::error!(error = %e, collection, "blind-index rebuild stopped; it resumes at the next start");
-            }
+            let rebuilt = vault.rebuild_index(&who, &collection).await;
+            super::upkeep::background_ended("blind-index rebuild", &collection, rebuilt.map(|_| ()));
         });
         Ok(version)
     }
@@ -62,9 +61,8 @@ impl Vault {
         );
         let (vault, who, collection) = (self.clone(), who.clone(), collection.to_owned());
         tokio::spawn(async move {
-            if let Err(e) = vault.reencrypt(&who, &collection, 500, &mut |_| {}).await {
-                tracing::error!(error = %e, collection, "re-encryption after a compromise stopped; run `piivault keys reencrypt`");
-            }
+            let moved = vault.reencrypt(&who, &collection, super::upkeep::REENCRYPT_BATCH, &mut |_| {}).await;
+            super::upkeep::background_ended("re-encryption after a compromise", &collection, moved.map(|_| ()));
         });
         Ok(new)
     }
@@ -123,11 +121,14 @@ impl Vault {
         progress: &mut (dyn FnMut(&ReencryptProgress) + Send),
     ) -> Result<ReencryptProgress, VaultError> {
         let coll = self.collection(collection)?;
+        let job = self.start_job(format!("reencrypt {collection}")).await?;
         self.record(who.record(Event::Reencrypt, collection, 0, Outcome::Started)).await?;
         self.inner.store.mark_retiring(coll.id).await?;
         let mut done = ReencryptProgress::default();
         let mut after = 0;
         loop {
+            job.still_held().await?;
+            self.refresh_if_shared().await?;
             let primary = self.primary_version(coll, KeyPurpose::Data)?;
             let page = self
                 .inner
@@ -291,6 +292,15 @@ impl Vault {
         self.inner.store.retire_key(coll.id, version, audit).await?.map_err(VaultError::RetireRefused)?;
         self.inner.keyring.remove(coll.id.0, KeyPurpose::Data, version);
         tracing::info!(collection, version, "data key version retired and destroyed");
+        Ok(())
+    }
+
+    /// [`Vault::refresh_keys`] on a store that other nodes share; nothing on
+    /// one this process owns.
+    pub(crate) async fn refresh_if_shared(&self) -> Result<(), VaultError> {
+        if self.inner.store.capabilities().shared {
+            self.refresh_keys().await?;
+        }
         Ok(())
     }
 

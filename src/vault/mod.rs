@@ -347,6 +347,8 @@ struct Inner {
     hsm: std::sync::OnceLock<Arc<crate::crypto::pkcs11::Hsm>>,
     /// Held by the one audit verification that may run at a time.
     verifying: tokio::sync::Mutex<()>,
+    /// The background jobs running on this node, by lease name.
+    jobs: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Whether `stored` belongs in the keyring: not retired, and of a
@@ -470,6 +472,7 @@ impl Vault {
                 sealed_root: config.sealed_root.clone(),
                 hsm: std::sync::OnceLock::new(),
                 verifying: tokio::sync::Mutex::new(()),
+                jobs: std::sync::Mutex::default(),
             }),
         };
         let upgrading: Vec<String> =

@@ -8,7 +8,57 @@ use crate::crypto::keyring::{self, KeyPurpose};
 use crate::error::VaultError;
 use crate::store::{KeyState, Pending};
 
+/// A background job running on this node, holding its lease: the lease
+/// (and the node's claim) end when it is dropped.
+pub(crate) struct RunningJob {
+    vault: Vault,
+    name: String,
+}
+
+impl Drop for RunningJob {
+    fn drop(&mut self) {
+        self.vault.inner.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.name);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (store, name) = (self.vault.inner.store.clone(), std::mem::take(&mut self.name));
+            runtime.spawn(async move {
+                if let Err(e) = store.release_lease(&name).await {
+                    // The lease ends with the session anyway.
+                    tracing::warn!(error = %e, job = %name, "cannot give a background job's lease up");
+                }
+            });
+        }
+    }
+}
+
+impl RunningJob {
+    /// Whether this node still holds the job's lease: checked before each
+    /// batch, so a node that lost its database session (and the lease with
+    /// it) stops rather than race the node that took the job over.
+    pub(super) async fn still_held(&self) -> Result<(), VaultError> {
+        if self.vault.inner.store.hold_lease(&self.name).await? {
+            Ok(())
+        } else {
+            tracing::warn!(job = %self.name, "another node took this background job over; stopping it here");
+            Err(VaultError::JobRunning { job: self.name.clone(), here: false })
+        }
+    }
+}
+
 impl Vault {
+    /// Starts background job `name` on this node: refused while it runs
+    /// here already, or on another node that holds its lease.
+    pub(crate) async fn start_job(&self, name: String) -> Result<RunningJob, VaultError> {
+        if !self.inner.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone()) {
+            return Err(VaultError::JobRunning { job: name, here: true });
+        }
+        let job = RunningJob { vault: self.clone(), name };
+        if self.inner.store.hold_lease(&job.name).await? {
+            Ok(job)
+        } else {
+            Err(VaultError::JobRunning { job: job.name.clone(), here: false })
+        }
+    }
+
     /// Indexes every live record of deterministic `collection` under the
     /// primary index key (moving it off older versions), `INDEX_BATCH` per
     /// transaction while traffic goes on, then destroys the index-key
@@ -19,9 +69,13 @@ impl Vault {
         if !coll.deterministic {
             return Err(VaultError::NotDeterministic);
         }
+        let job = self.start_job(format!("reindex {collection}")).await?;
         let mut done = 0u64;
         let mut after = 0;
         loop {
+            job.still_held().await?;
+            // A key rotated through another node is indexed under at once.
+            self.refresh_if_shared().await?;
             let primary = self.primary_version(coll, KeyPurpose::Index)?;
             let page = self
                 .inner
@@ -63,13 +117,27 @@ impl Vault {
         Ok(done)
     }
 
-    /// Starts what a previous run left unfinished: a blind-index rebuild of
-    /// each deterministic collection that has records not indexed under its
+    /// Starts what was left unfinished, by a previous run of this node or
+    /// by another node that stopped: a blind-index rebuild of each
+    /// deterministic collection that has records not indexed under its
     /// primary index key (after an index-key rotation, a crash, or a
-    /// collection made deterministic).
+    /// collection made deterministic), and the re-encryption of each
+    /// collection that still has records under a compromised data-key
+    /// version. A job that runs already (here, or on a node that holds its
+    /// lease) is left to it.
     pub async fn resume_background_work(&self) -> Result<(), VaultError> {
+        self.refresh_if_shared().await?;
         for name in self.collection_names() {
             let coll = self.collection(&name)?;
+            let data_keys = self.inner.store.list_keys(coll.id, KeyPurpose::Data).await?;
+            if data_keys.iter().any(|k| k.state == KeyState::Compromised && k.records > 0) {
+                let (vault, name) = (self.clone(), name.clone());
+                tokio::spawn(async move {
+                    let resumed =
+                        vault.reencrypt(&Requester::named("(resumed)"), &name, REENCRYPT_BATCH, &mut |_| {}).await;
+                    background_ended("re-encryption of a compromised key version", &name, resumed.map(|_| ()));
+                });
+            }
             if !coll.deterministic {
                 continue;
             }
@@ -86,12 +154,10 @@ impl Vault {
             if unindexed.is_empty() && !retiring {
                 continue;
             }
-            tracing::info!(collection = %name, "resuming the blind-index rebuild");
             let vault = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = vault.rebuild_index(&Requester::named("(startup)"), &name).await {
-                    tracing::error!(error = %e, collection = %name, "blind-index rebuild stopped");
-                }
+                let resumed = vault.rebuild_index(&Requester::named("(resumed)"), &name).await;
+                background_ended("blind-index rebuild", &name, resumed.map(|_| ()));
             });
         }
         Ok(())
@@ -195,10 +261,18 @@ impl Vault {
     pub fn spawn_background(&self, config: &Config) -> Vec<tokio::task::JoinHandle<()>> {
         let rotation_vault = self.clone();
         let key_check = config.server.key_check_interval;
+        let shared = self.inner.store.capabilities().shared;
         let auto_rotation = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(key_check).await;
-                if let Err(e) = rotation_vault.rotate_due().await {
+                // One node checks for the whole store (the one that holds
+                // the lease; another takes it over if that one stops).
+                let checked = match rotation_vault.inner.store.hold_lease(ROTATION_JOB).await {
+                    Ok(true) => rotation_vault.rotate_due().await.map(|_| ()),
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = checked {
                     tracing::error!(error = %e, "automatic key rotation check failed");
                 }
             }
@@ -207,18 +281,30 @@ impl Vault {
         let (purge_every, purge_batch) = (config.store.purge_interval, config.store.purge_batch);
         let purger = tokio::spawn(async move {
             loop {
-                if let Err(e) = purge_vault.purge_expired(purge_batch).await {
+                let purged = match purge_vault.inner.store.hold_lease(PURGE_JOB).await {
+                    Ok(true) => purge_vault.purge_expired(purge_batch).await.map(|_| ()),
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = purged {
                     tracing::error!(error = %e, "purging expired records failed; retrying at the next interval");
                 }
                 tokio::time::sleep(purge_every).await;
             }
         });
-        // Finding unfinished work scans deterministic collections: in the
-        // background, not before the server answers.
+        // Finding unfinished work scans the collections: in the background,
+        // not before the server answers. On a shared store, again every
+        // key-check interval: the work of a node that stopped is taken over.
         let resume_vault = self.clone();
         let resume = tokio::spawn(async move {
-            if let Err(e) = resume_vault.resume_background_work().await {
-                tracing::error!(error = %e, "cannot resume background work (blind-index rebuilds)");
+            loop {
+                if let Err(e) = resume_vault.resume_background_work().await {
+                    tracing::error!(error = %e, "cannot resume background work (re-encryption, blind-index rebuilds)");
+                }
+                if !shared {
+                    break;
+                }
+                tokio::time::sleep(key_check).await;
             }
         });
         let head_vault = self.clone();
@@ -238,7 +324,7 @@ impl Vault {
             }
         });
         let mut tasks = vec![auto_rotation, purger, resume, head_logger];
-        if self.inner.store.capabilities().shared {
+        if shared {
             let refresh_vault = self.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
@@ -256,3 +342,22 @@ impl Vault {
 /// How soon a key rotated, retired or marked compromised through another
 /// node is in force on this one (a shared store only).
 pub const KEY_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The lease of the automatic-rotation check.
+const ROTATION_JOB: &str = "rotation";
+
+/// The lease of the expiry purge.
+const PURGE_JOB: &str = "purge";
+
+/// Records per transaction of a re-encryption the vault starts itself.
+pub(crate) const REENCRYPT_BATCH: usize = 500;
+
+/// Logs how background job `what` of `collection` ended: a job that runs
+/// elsewhere already is no failure.
+pub(crate) fn background_ended(what: &str, collection: &str, ended: Result<(), VaultError>) {
+    match ended {
+        Ok(()) => {}
+        Err(e @ VaultError::JobRunning { .. }) => tracing::debug!(collection, reason = %e, "{what} left to its runner"),
+        Err(e) => tracing::error!(error = %e, collection, "{what} stopped; it resumes at the next check or start"),
+    }
+}

@@ -313,6 +313,19 @@ impl Store for PostgresStore {
         tracing::debug!(chain = %self.chain, "store: a file backup was asked of the postgres backend");
         Err(StoreError::Unsupported("copy a PostgreSQL database into a file (use pg_dump or a base backup)"))
     }
+
+    /// A session advisory lock on the writer connection: it ends with the
+    /// session, so a node that dies or loses the database gives its jobs
+    /// up at once.
+    async fn hold_lease(&self, job: &str) -> Result<bool, StoreError> {
+        let job = job.to_owned();
+        self.write(move |w| w.leases.hold(&mut w.tx, job)).await
+    }
+
+    async fn release_lease(&self, job: &str) -> Result<(), StoreError> {
+        let job = job.to_owned();
+        self.write(move |w| w.leases.release(&mut w.tx, &job)).await
+    }
 }
 
 fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {

@@ -52,20 +52,57 @@ impl AuditCursor {
     }
 }
 
+/// The background-job leases this connection's session holds (session
+/// advisory locks: a rollback keeps them, the end of the session ends
+/// them).
+#[derive(Default)]
+pub(super) struct Leases(std::collections::HashSet<String>);
+
+impl Leases {
+    /// Takes the lease of `job` unless this session holds it already:
+    /// whether it holds it now.
+    pub(super) fn hold(&mut self, tx: &mut Db<'_, '_>, job: String) -> Result<bool, StoreError> {
+        if self.0.contains(&job) {
+            return Ok(true);
+        }
+        let taken: bool = tx.query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key(b"job", &job)])?.try_get(0)?;
+        if taken {
+            self.0.insert(job);
+        }
+        Ok(taken)
+    }
+
+    /// Gives the lease of `job` up, if this session holds it.
+    pub(super) fn release(&mut self, tx: &mut Db<'_, '_>, job: &str) -> Result<(), StoreError> {
+        if self.0.remove(job) {
+            tx.query_one("SELECT pg_advisory_unlock($1)", &[&lock_key(b"job", job)])?;
+        }
+        Ok(())
+    }
+}
+
 /// What a write job works with: the transaction (a savepoint of the
-/// batch's) and the audit chain.
+/// batch's), the audit chain and the session's leases.
 pub(super) struct WriteTx<'a, 't> {
     pub(super) tx: Db<'a, 't>,
     pub(super) audit: &'a mut AuditCursor,
+    pub(super) leases: &'a mut Leases,
 }
 
 /// A request for the writer: see [`crate::store::job`].
 pub(super) type WriteJob = dyn for<'a, 't> crate::store::job::WriteJob<WriteTx<'a, 't>>;
 pub(super) use crate::store::job::Job;
 
-/// The advisory-lock key of audit chain `chain`.
-fn chain_lock(chain: &str) -> i64 {
-    let digest = sha2::Sha256::new().chain_update(b"piivault audit chain\0").chain_update(chain.as_bytes()).finalize();
+/// The advisory-lock key of `name` of a `kind` (an audit chain, a
+/// background job): the first 8 bytes of a hash, so that names of any
+/// length and other applications' keys do not collide.
+fn lock_key(kind: &[u8], name: &str) -> i64 {
+    let digest = sha2::Sha256::new()
+        .chain_update(b"piivault ")
+        .chain_update(kind)
+        .chain_update(b"\0")
+        .chain_update(name.as_bytes())
+        .finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     i64::from_be_bytes(first)
@@ -78,7 +115,8 @@ fn take_chain(conn: &mut Db<'_, '_>, chain: &str) -> Result<(), StoreError> {
         "INSERT INTO audit_chains (chain, created_at) VALUES ($1, $2) ON CONFLICT (chain) DO NOTHING",
         &[&chain, &now_micros()],
     )?;
-    let taken: bool = conn.query_one("SELECT pg_try_advisory_lock($1)", &[&chain_lock(chain)])?.try_get(0)?;
+    let taken: bool =
+        conn.query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key(b"audit chain", chain)])?.try_get(0)?;
     if taken { Ok(()) } else { Err(StoreError::ChainHeld) }
 }
 
@@ -123,6 +161,7 @@ pub(super) fn writer_loop(
     };
     let mut client = Some(conn);
     let mut statements = Statements::default();
+    let mut leases = Leases::default();
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -136,6 +175,7 @@ pub(super) fn writer_loop(
             // The new session holds nothing: the chain is taken again, and
             // its head reread, before the next record.
             audit.held = false;
+            leases = Leases::default();
             match connector.connect() {
                 Ok(conn) => {
                     tracing::info!(chain = %audit.chain, "store: the writer reconnected to the database");
@@ -151,7 +191,7 @@ pub(super) fn writer_loop(
             }
         }
         if let Some(conn) = client.as_mut()
-            && !commit_batch(conn, &mut statements, &mut audit, batch)
+            && !commit_batch(conn, &mut statements, &mut audit, &mut leases, batch)
         {
             // The commit's outcome is unknown: the head is reread from the
             // database by the next connection.
@@ -170,6 +210,7 @@ fn commit_batch(
     conn: &mut postgres::Client,
     statements: &mut Statements,
     audit: &mut AuditCursor,
+    leases: &mut Leases,
     batch: Vec<Box<WriteJob>>,
 ) -> bool {
     #[allow(clippy::cast_precision_loss)] // batch sizes are small
@@ -200,6 +241,7 @@ fn commit_batch(
             let result = job.apply(&mut WriteTx {
                 tx: Db { session: Session::Tx(&mut tx), statements: &mut *statements },
                 audit: &mut *audit,
+                leases: &mut *leases,
             });
             if let Err(error) = &result {
                 aborted = Some(error.clone());
@@ -216,6 +258,7 @@ fn commit_batch(
                     let result = job.apply(&mut WriteTx {
                         tx: Db { session: Session::Tx(&mut savepoint), statements: &mut *statements },
                         audit: &mut *audit,
+                        leases: &mut *leases,
                     });
                     let ended = if result.is_ok() { savepoint.commit() } else { savepoint.rollback() };
                     if let Err(e) = ended {
