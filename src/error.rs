@@ -48,6 +48,13 @@ pub enum VaultError {
         "{0} is present: an earlier root-key rotation did not complete; restart the vault (the start completes or discards it) before rotating again"
     )]
     RotationPending(String),
+    /// Other nodes run on the shared store: a root-key rotation would leave
+    /// them with the old root key in memory and the old sealed file.
+    #[error(
+        "other nodes are running on this store ({}): stop them, rotate the root key through one node, then copy its sealed root file to every other node before starting it",
+        .0.join(", ")
+    )]
+    OtherNodesRunning(Vec<String>),
     /// Another audit verification is running (one at a time).
     #[error("an audit verification is already running; retry when it has finished")]
     VerifyBusy,

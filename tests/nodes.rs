@@ -58,7 +58,7 @@ fn nodes_on(tmp: &Path, store: &[&str], names: &[&str]) -> Vec<PathBuf> {
     std::fs::write(&config, text).unwrap();
     std::fs::write(
         first.join("policy.toml"),
-        "[callers.app]\ntokenize = [\"*\"]\ndetokenize = [\"*\"]\ndelete = [\"*\"]\nadmin = true\n",
+        "[callers.app]\ntokenize = [\"*\"]\ndetokenize = [\"*\"]\ndelete = [\"*\"]\nadmin = true\nrotate_root = true\n",
     )
     .unwrap();
     let ca = piivault::pki::Ca::load(&first).unwrap();
@@ -75,6 +75,18 @@ fn nodes_on(tmp: &Path, store: &[&str], names: &[&str]) -> Vec<PathBuf> {
     dirs
 }
 
+/// `piivault serve` of node `dir`, unsealed with `passphrase`, its output
+/// piped.
+fn serve(dir: &Path, passphrase: &str) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--config", dir.join("config.toml").to_str().unwrap()])
+        .env("PIIVAULT_PASSPHRASE", passphrase)
+        .env_remove("PIIVAULT_LOG")
+        .stdout(Stdio::piped());
+    command
+}
+
 /// A running `piivault serve` and its address.
 struct Node {
     child: Child,
@@ -84,14 +96,11 @@ struct Node {
 
 impl Node {
     fn start(dir: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config", dir.join("config.toml").to_str().unwrap()])
-            .env("PIIVAULT_PASSPHRASE", PASSPHRASE)
-            .env_remove("PIIVAULT_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        Self::start_with(dir, PASSPHRASE)
+    }
+
+    fn start_with(dir: &Path, passphrase: &str) -> Self {
+        let mut child = serve(dir, passphrase).stderr(Stdio::null()).spawn().unwrap();
         let addr = std::io::BufReader::new(child.stdout.take().unwrap())
             .lines()
             .map_while(Result::ok)
@@ -444,6 +453,80 @@ fn a_killed_node_s_re_encryption_is_finished_by_another_node() {
         let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
+}
+
+/// How `piivault serve` of node `dir` ended, when it must not start.
+fn refused_start(dir: &Path, passphrase: &str) -> Output {
+    let child = serve(dir, passphrase).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id().to_string();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(30));
+        // Still running: it started, which is the failure.
+        let _ = Command::new("kill").args(["-s", "KILL", &pid]).status();
+    });
+    let out = child.wait_with_output().unwrap();
+    drop(watchdog);
+    assert!(!out.status.success() && out.status.code().is_some(), "the node started: {}", stderr(&out));
+    out
+}
+
+#[test]
+fn the_root_key_rotates_through_one_node_and_its_sealed_file_goes_to_the_others() {
+    const NEW: &str = "the rotated passphrase of every node";
+    let database = pg::Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = nodes(tmp.path(), &database, &["node-b"]);
+    let (a, b) = (Node::start(&dirs[0]), Node::start(&dirs[1]));
+    let token = b.ok("tokenize", "name", &["Grace Hopper"]);
+    let new_pass = tmp.path().join("new-passphrase");
+    std::fs::write(&new_pass, NEW).unwrap();
+    std::fs::set_permissions(&new_pass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let rotate = || {
+        let (dir, new) = (a.dir.to_str().unwrap(), new_pass.to_str().unwrap());
+        piivault(&[
+            "keys",
+            "rotate-root",
+            "--new-passphrase-file",
+            new,
+            "--data-dir",
+            dir,
+            "--as",
+            "app",
+            "--addr",
+            &a.addr,
+        ])
+    };
+    // B still runs with the old root in memory: refused, nothing changed.
+    let sealed = std::fs::read(a.dir.join("root.sealed")).unwrap();
+    let refused = rotate();
+    assert!(!refused.status.success());
+    let message = stderr(&refused);
+    assert!(
+        message.contains("FAILED_PRECONDITION") && message.contains("other nodes are running on this store (node-b)"),
+        "{message}"
+    );
+    assert_eq!(std::fs::read(a.dir.join("root.sealed")).unwrap(), sealed);
+
+    b.stop();
+    let rotated = rotate();
+    assert!(rotated.status.success(), "{}", stderr(&rotated));
+    assert_ne!(std::fs::read(a.dir.join("root.sealed")).unwrap(), sealed);
+    // B's own file still holds the old root: the keys do not open with it,
+    // and B does not serve.
+    let out = refused_start(&dirs[1], PASSPHRASE);
+    assert!(stderr(&out).contains("does not open with this root key"), "{}", stderr(&out));
+    // With A's sealed file and the new passphrase, B serves every value, and
+    // what each node rotates now opens on the other.
+    std::fs::copy(a.dir.join("root.sealed"), dirs[1].join("root.sealed")).unwrap();
+    let b = Node::start_with(&dirs[1], NEW);
+    assert_eq!(b.ok("detokenize", "name", &[&token[0]]), ["Grace Hopper"]);
+    b.keys(&["rotate", "--collection", "name"]);
+    std::thread::sleep(piivault::vault::KEY_REFRESH_INTERVAL * 2);
+    let sealed_on_a = a.ok("tokenize", "name", &["Katherine Johnson"]);
+    assert_eq!(b.ok("detokenize", "name", &[&sealed_on_a[0]]), ["Katherine Johnson"]);
+    assert_eq!(a.encryptions("name"), [(1, 1), (2, 1)]);
+    a.stop();
+    b.stop();
 }
 
 /// Tokenize records through node `dir`'s chain (offline `audit query`).

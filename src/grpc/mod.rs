@@ -84,7 +84,8 @@ pub fn status_of(error: &Failure) -> Status {
             e @ (VaultError::RetireRefused(_)
             | VaultError::NoSuchKeyVersion(_)
             | VaultError::NotDeterministic
-            | VaultError::RotationPending(_)),
+            | VaultError::RotationPending(_)
+            | VaultError::OtherNodesRunning(_)),
         ) => Status::failed_precondition(e.to_string()),
         Failure::Vault(e @ (VaultError::KeyConflict | VaultError::JobRunning { .. })) => Status::aborted(e.to_string()),
         Failure::Vault(VaultError::Crypto(

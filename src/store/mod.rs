@@ -126,6 +126,11 @@ pub trait Store: RecordStore + KeyStore + CollectionStore + AuditStore {
 
     /// Gives up the lease of `job` if this process holds it.
     async fn release_lease(&self, job: &str) -> Result<(), StoreError>;
+
+    /// The other processes writing to this store now, by audit chain (the
+    /// nodes whose chain a live session other than this process's holds).
+    /// Empty for a store that one process owns.
+    async fn other_writers(&self) -> Result<Vec<String>, StoreError>;
 }
 
 /// Records: tokens and their sealed values, and the background work over them.

@@ -197,6 +197,13 @@ impl Vault {
     /// [`PENDING_SEALED_SUFFIX`].
     pub async fn rotate_root(&self, who: &Requester, unlock: &Unlock, params: KdfParams) -> Result<usize, VaultError> {
         let _one_at_a_time = self.inner.key_ops.lock().await;
+        // Another running node keeps the old root in memory and would wrap
+        // the keys it rotates under it: they would not open after a restart
+        // with the new sealed file. One node at a time.
+        let others = self.inner.store.other_writers().await?;
+        if !others.is_empty() {
+            return Err(VaultError::OtherNodesRunning(others));
+        }
         let pending = pending_sealed_path(&self.inner.sealed_root);
         // A pending file while the vault runs is a rotation whose final
         // rename failed: it may be the only file that opens the store.

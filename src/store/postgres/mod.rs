@@ -326,6 +326,12 @@ impl Store for PostgresStore {
         let job = job.to_owned();
         self.write(move |w| w.leases.release(&mut w.tx, &job)).await
     }
+
+    /// Asked on the writer connection, so that this process's own chain
+    /// (held by that session) does not count.
+    async fn other_writers(&self) -> Result<Vec<String>, StoreError> {
+        self.write(|w| writer::held_chains(&mut w.tx)).await
+    }
 }
 
 fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {

@@ -120,6 +120,32 @@ fn take_chain(conn: &mut Db<'_, '_>, chain: &str) -> Result<(), StoreError> {
     if taken { Ok(()) } else { Err(StoreError::ChainHeld) }
 }
 
+/// The audit chains that a session other than this one holds: the nodes
+/// running now. An advisory lock's 64-bit key shows in `pg_locks` as its
+/// high and low halves (`classid`, `objid`).
+pub(super) fn held_chains(conn: &mut Db<'_, '_>) -> Result<Vec<String>, StoreError> {
+    let mut held = Vec::new();
+    for row in conn.query("SELECT chain FROM audit_chains ORDER BY chain", &[])? {
+        let chain: String = row.try_get(0)?;
+        let key = lock_key(b"audit chain", &chain).to_be_bytes();
+        let high = i64::from(u32::from_be_bytes([key[0], key[1], key[2], key[3]]));
+        let low = i64::from(u32::from_be_bytes([key[4], key[5], key[6], key[7]]));
+        let taken: bool = conn
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks
+                  WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND pid <> pg_backend_pid()
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND classid::bigint = $1 AND objid::bigint = $2)",
+                &[&high, &low],
+            )?
+            .try_get(0)?;
+        if taken {
+            held.push(chain);
+        }
+    }
+    Ok(held)
+}
+
 pub(super) fn reader_loop(connector: &Connector, jobs: &Receiver<ReadJob>) {
     let mut client: Option<(postgres::Client, Statements)> = None;
     while let Ok(job) = jobs.recv() {

@@ -252,6 +252,10 @@ impl Store for SqliteStore {
     async fn release_lease(&self, _job: &str) -> Result<(), StoreError> {
         Ok(())
     }
+
+    async fn other_writers(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {
