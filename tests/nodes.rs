@@ -455,6 +455,39 @@ fn a_killed_node_s_re_encryption_is_finished_by_another_node() {
     }
 }
 
+#[test]
+fn a_caller_s_detokenize_quota_holds_across_the_nodes() {
+    let database = pg::Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = nodes(tmp.path(), &database, &["node-b"]);
+    for dir in &dirs {
+        let policy = dir.join("policy.toml");
+        let text =
+            std::fs::read_to_string(&policy).unwrap() + "detokenize_max_values = 100\ndetokenize_window = \"1h\"\n";
+        std::fs::write(&policy, text).unwrap();
+    }
+    let (a, b) = (Node::start(&dirs[0]), Node::start(&dirs[1]));
+    let values: Vec<String> = (0..150).map(|i| format!("Quota Person {i}")).collect();
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    let tokens = a.ok("tokenize", "name", &values);
+    let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    assert_eq!(a.ok("detokenize", "name", &tokens[..60]), values[..60]);
+    // Once A's use has reached B, B grants only what is left of the 100.
+    std::thread::sleep(Duration::from_secs(3));
+    let refused = b.run("detokenize", "name", &tokens[60..120]);
+    assert!(!refused.status.success());
+    let message = stderr(&refused);
+    assert!(message.contains("RESOURCE_EXHAUSTED"), "{message}");
+    assert!(!message.contains("Quota Person"), "a refusal named a value: {message}");
+    assert_eq!(b.ok("detokenize", "name", &tokens[60..100]), values[60..100]);
+    std::thread::sleep(Duration::from_secs(3));
+    // And B's use counts on A.
+    let refused = a.run("detokenize", "name", &tokens[100..101]);
+    assert!(stderr(&refused).contains("RESOURCE_EXHAUSTED"), "{}", stderr(&refused));
+    a.stop();
+    b.stop();
+}
+
 /// How `piivault serve` of node `dir` ended, when it must not start.
 fn refused_start(dir: &Path, passphrase: &str) -> Output {
     let child = serve(dir, passphrase).stderr(Stdio::piped()).spawn().unwrap();

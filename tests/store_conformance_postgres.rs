@@ -20,15 +20,18 @@ fn postgres() -> conformance::Fresh {
 
 conformance_suite!(postgres);
 
+/// The store of node `node` on `database`.
+fn open_node(database: &pg::Database, node: &str, mode: OpenMode) -> std::sync::Arc<dyn piivault::store::Store> {
+    let backend = StoreBackend::Postgres(database.node(node));
+    piivault::store::open(&backend, &StoreSettings::default(), mode, None).unwrap()
+}
+
 /// Background-job leases are held by one node at a time, kept by their
 /// holder, and given up on release or with the holder's session.
 #[tokio::test]
 async fn a_background_job_lease_is_one_node_s_until_it_ends() {
     let database = pg::Database::new();
-    let open = |node: &str, mode| {
-        let backend = StoreBackend::Postgres(database.node(node));
-        piivault::store::open(&backend, &StoreSettings::default(), mode, None).unwrap()
-    };
+    let open = |node: &str, mode| open_node(&database, node, mode);
     let a = open("a", OpenMode::Create);
     let b = open("b", OpenMode::Existing);
     assert!(a.hold_lease("reencrypt name").await.unwrap());
@@ -46,4 +49,26 @@ async fn a_background_job_lease_is_one_node_s_until_it_ends() {
     drop(b);
     assert!(a.hold_lease("reencrypt name").await.unwrap());
     assert!(a.hold_lease("purge").await.unwrap());
+}
+
+/// Quota use: each node adds its own and reads the others' sums, never its
+/// own; minutes before the window asked are not answered.
+#[tokio::test]
+async fn quota_use_is_summed_across_the_other_nodes() {
+    use piivault::store::QuotaUse;
+    let database = pg::Database::new();
+    let open = |node: &str, mode| open_node(&database, node, mode);
+    let (a, b, c) = (open("a", OpenMode::Create), open("b", OpenMode::Existing), open("c", OpenMode::Existing));
+    let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs())
+        .unwrap()
+        / 60;
+    let used = |caller: &str, minute, used| QuotaUse { caller: caller.into(), kind: 0, minute, used };
+    assert_eq!(a.share_quota_use(vec![used("x", now, 5), used("x", now - 90, 7)], now - 60).await.unwrap(), []);
+    assert_eq!(b.share_quota_use(vec![used("x", now, 3)], now - 60).await.unwrap(), [used("x", now, 5)]);
+    // Added to, not replaced; c sees a's and b's summed, a sees b's only.
+    assert_eq!(a.share_quota_use(vec![used("x", now, 1)], now - 60).await.unwrap(), [used("x", now, 3)]);
+    assert_eq!(c.share_quota_use(Vec::new(), now - 60).await.unwrap(), [used("x", now, 9)]);
+    let mut longer = c.share_quota_use(Vec::new(), now - 120).await.unwrap();
+    longer.sort_by_key(|u| u.minute);
+    assert_eq!(longer, [used("x", now - 90, 7), used("x", now, 9)]);
 }

@@ -168,6 +168,27 @@ pub(super) fn spawn_upkeep(
     });
     let mut jobs = vault.spawn_background(config);
     jobs.push(file_watch);
+    if vault.store_is_shared() {
+        // Per-caller quotas hold across the nodes: each shares its use.
+        let (share_live, share_vault) = (live.clone(), vault.clone());
+        jobs.push(tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                match share_live.exchange_quota_use(&share_vault).await {
+                    Ok(()) if failing => {
+                        tracing::info!("quota use is shared with the other nodes again");
+                        failing = false;
+                    }
+                    Err(e) if !failing => {
+                        tracing::error!(error = %e, "cannot share quota use with the other nodes; retrying");
+                        failing = true;
+                    }
+                    Ok(()) | Err(_) => {}
+                }
+                tokio::time::sleep(crate::grpc::limits::SHARE_INTERVAL).await;
+            }
+        }));
+    }
     jobs
 }
 

@@ -3,6 +3,14 @@
 //! deleted, and deterministic hits (see [`Metered`]). The limits
 //! themselves come from the policy, so a reload changes them at once; the
 //! use so far is kept here, per caller.
+//!
+//! On a store that several nodes share, the quotas hold across them: each
+//! node shares its use with the others through the store every
+//! [`SHARE_INTERVAL`] ([`Limiter::exchange`]) and counts theirs against
+//! each quota, by the minute (so another node's use counts a little longer
+//! than the window: never shorter). A caller can go beyond a quota by what
+//! it gets through the other nodes in one interval. The request rate is
+//! per node.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -94,9 +102,10 @@ impl SlidingWindow {
         Self { length, counts: [0; SLOTS], newest: 0 }
     }
 
-    /// Adds `n` if the window's total stays within `max`.
-    fn take(&mut self, n: u64, quota: Quota, since_epoch: Duration) -> bool {
-        if self.used(quota, since_epoch).saturating_add(n) > quota.max_values {
+    /// Adds `n` if the window's total, with `others` used elsewhere, stays
+    /// within `max`.
+    fn take(&mut self, n: u64, others: u64, quota: Quota, since_epoch: Duration) -> bool {
+        if self.used(quota, since_epoch).saturating_add(others).saturating_add(n) > quota.max_values {
             return false;
         }
         self.add(n);
@@ -131,15 +140,37 @@ impl SlidingWindow {
     }
 }
 
+/// How often a node shares its quota use with the other nodes.
+pub const SHARE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Quota use shared with other nodes (a store that several nodes share).
+#[derive(Default)]
+struct Shared {
+    /// Whether the store is shared ([`Limiter::exchange`] runs).
+    on: bool,
+    /// This node's use since the last exchange, by caller, kind and minute.
+    unshared: HashMap<(String, i16, i64), u64>,
+    /// The other nodes' use, by caller and kind, as `(minute, values)`.
+    elsewhere: HashMap<(String, i16), Vec<(i64, u64)>>,
+    /// The longest quota window met: how far back the others' use is read.
+    longest: Duration,
+}
+
+/// The current unix time in seconds.
+fn unix_secs() -> i64 {
+    crate::store::now_micros() / 1_000_000
+}
+
 /// Every caller's use of its limits.
 pub struct Limiter {
     epoch: Instant,
     callers: Mutex<HashMap<CallerId, Use>>,
+    shared: Mutex<Shared>,
 }
 
 impl Default for Limiter {
     fn default() -> Self {
-        Self { epoch: Instant::now(), callers: Mutex::default() }
+        Self { epoch: Instant::now(), callers: Mutex::default(), shared: Mutex::default() }
     }
 }
 
@@ -174,13 +205,14 @@ impl Limiter {
     ) -> Result<(), Quota> {
         let Some(quota) = quota else { return Ok(()) };
         let since_epoch = now.saturating_duration_since(self.epoch);
-        self.with(caller, now, |usage| {
-            if usage.windows[kind as usize].take(u64::try_from(values).unwrap_or(u64::MAX), quota, since_epoch) {
-                Ok(())
-            } else {
-                Err(quota)
-            }
-        })
+        let others = self.elsewhere(caller, kind, quota.window);
+        let n = u64::try_from(values).unwrap_or(u64::MAX);
+        let taken = self.with(caller, now, |usage| usage.windows[kind as usize].take(n, others, quota, since_epoch));
+        if !taken {
+            return Err(quota);
+        }
+        self.note(caller, kind, n);
+        Ok(())
     }
 
     /// Whether `caller`'s window of `kind` is already full under `quota`
@@ -188,7 +220,10 @@ impl Limiter {
     pub fn exhausted(&self, caller: &CallerId, kind: Metered, quota: Option<Quota>, now: Instant) -> bool {
         let Some(quota) = quota else { return false };
         let since_epoch = now.saturating_duration_since(self.epoch);
-        self.with(caller, now, |usage| usage.windows[kind as usize].used(quota, since_epoch) >= quota.max_values)
+        let others = self.elsewhere(caller, kind, quota.window);
+        self.with(caller, now, |usage| {
+            usage.windows[kind as usize].used(quota, since_epoch).saturating_add(others) >= quota.max_values
+        })
     }
 
     /// Counts `values` of `kind` that already happened; returns whether the
@@ -196,12 +231,75 @@ impl Limiter {
     pub fn count(&self, caller: &CallerId, kind: Metered, values: usize, quota: Option<Quota>, now: Instant) -> bool {
         let Some(quota) = quota else { return false };
         let since_epoch = now.saturating_duration_since(self.epoch);
+        let others = self.elsewhere(caller, kind, quota.window);
+        let n = u64::try_from(values).unwrap_or(u64::MAX);
+        self.note(caller, kind, n);
         self.with(caller, now, |usage| {
             let window = &mut usage.windows[kind as usize];
             let used = window.used(quota, since_epoch);
-            window.add(u64::try_from(values).unwrap_or(u64::MAX));
-            used.saturating_add(u64::try_from(values).unwrap_or(u64::MAX)) >= quota.max_values
+            window.add(n);
+            used.saturating_add(others).saturating_add(n) >= quota.max_values
         })
+    }
+
+    /// Values of `kind` that other nodes gave `caller` within `window`
+    /// (none on a store of its own).
+    fn elsewhere(&self, caller: &CallerId, kind: Metered, window: Duration) -> u64 {
+        let mut shared = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !shared.on {
+            return 0;
+        }
+        shared.longest = shared.longest.max(window);
+        let from = (unix_secs() - i64::try_from(window.as_secs()).unwrap_or(i64::MAX)).div_euclid(60);
+        shared.elsewhere.get(&(caller.as_str().to_owned(), kind as i16)).map_or(0, |minutes| {
+            minutes.iter().filter(|(minute, _)| *minute >= from).fold(0u64, |sum, (_, n)| sum.saturating_add(*n))
+        })
+    }
+
+    /// Keeps `values` of `kind` by `caller` for the next exchange.
+    fn note(&self, caller: &CallerId, kind: Metered, values: u64) {
+        let mut shared = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if shared.on && values > 0 {
+            let key = (caller.as_str().to_owned(), kind as i16, unix_secs().div_euclid(60));
+            let used = shared.unshared.entry(key).or_default();
+            *used = used.saturating_add(values);
+        }
+    }
+
+    /// One exchange with the other nodes through `store`: this node's use
+    /// since the last one out, theirs in. The first call starts counting
+    /// this node's use for them. If the store fails, this node's use is
+    /// kept for the next exchange and theirs stays as last read.
+    pub async fn exchange(&self, vault: &crate::vault::Vault) -> Result<(), crate::error::VaultError> {
+        let (used, since_minute) = {
+            let mut shared = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            shared.on = true;
+            let longest = i64::try_from(shared.longest.max(Duration::from_hours(1)).as_secs()).unwrap_or(i64::MAX);
+            let used: Vec<crate::store::QuotaUse> = shared
+                .unshared
+                .drain()
+                .map(|((caller, kind, minute), used)| crate::store::QuotaUse { caller, kind, minute, used })
+                .collect();
+            (used, unix_secs().saturating_sub(longest).div_euclid(60))
+        };
+        match vault.share_quota_use(used.clone(), since_minute).await {
+            Ok(theirs) => {
+                let mut elsewhere: HashMap<(String, i16), Vec<(i64, u64)>> = HashMap::new();
+                for u in theirs {
+                    elsewhere.entry((u.caller, u.kind)).or_default().push((u.minute, u.used));
+                }
+                self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner).elsewhere = elsewhere;
+                Ok(())
+            }
+            Err(e) => {
+                let mut shared = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for u in used {
+                    let kept = shared.unshared.entry((u.caller, u.kind, u.minute)).or_default();
+                    *kept = kept.saturating_add(u.used);
+                }
+                Err(e)
+            }
+        }
     }
 
     fn with<T>(&self, caller: &CallerId, now: Instant, f: impl FnOnce(&mut Use) -> T) -> T {

@@ -235,6 +235,12 @@ impl Live {
         actions.iter().copied().find(|action| policy.allows(caller, *action, Some(collection))).ok_or(EdgeError::Denied)
     }
 
+    /// Shares this node's quota use with the other nodes of `vault`'s
+    /// store, and takes theirs in ([`Limiter::exchange`]).
+    pub async fn exchange_quota_use(&self, vault: &crate::vault::Vault) -> Result<(), crate::error::VaultError> {
+        self.limiter.exchange(vault).await
+    }
+
     /// One request by `caller`, under its request rate limit. A refusal is
     /// counted and, repeated, raises an alert; it is not audited (a flood of
     /// refusals must not become a flood of writes).

@@ -127,10 +127,30 @@ pub trait Store: RecordStore + KeyStore + CollectionStore + AuditStore {
     /// Gives up the lease of `job` if this process holds it.
     async fn release_lease(&self, job: &str) -> Result<(), StoreError>;
 
+    /// Adds `used`, this process's use of per-caller quotas since its last
+    /// call, and answers the use by every other process (node) in minutes
+    /// from `since_minute` on, summed per caller, kind and minute. A store
+    /// that one process owns shares nothing and answers nothing.
+    async fn share_quota_use(&self, used: Vec<QuotaUse>, since_minute: i64) -> Result<Vec<QuotaUse>, StoreError>;
+
     /// The other processes writing to this store now, by audit chain (the
     /// nodes whose chain a live session other than this process's holds).
     /// Empty for a store that one process owns.
     async fn other_writers(&self) -> Result<Vec<String>, StoreError>;
+}
+
+/// Values of one per-caller quota used in one minute (unix time / 60), by
+/// one node or, as [`Store::share_quota_use`] answers, by all the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaUse {
+    /// The caller's name.
+    pub caller: String,
+    /// What is counted (the limiter's kind number).
+    pub kind: i16,
+    /// Unix time in minutes.
+    pub minute: i64,
+    /// Values used.
+    pub used: u64,
 }
 
 /// Records: tokens and their sealed values, and the background work over them.

@@ -238,6 +238,21 @@ impl Vault {
         Ok(dest)
     }
 
+    /// Whether other nodes share this vault's store.
+    pub fn store_is_shared(&self) -> bool {
+        self.inner.store.capabilities().shared
+    }
+
+    /// Adds this node's per-caller quota use to the store and answers the
+    /// other nodes' ([`crate::store::Store::share_quota_use`]).
+    pub async fn share_quota_use(
+        &self,
+        used: Vec<crate::store::QuotaUse>,
+        since_minute: i64,
+    ) -> Result<Vec<crate::store::QuotaUse>, VaultError> {
+        Ok(self.inner.store.share_quota_use(used, since_minute).await?)
+    }
+
     /// Live records per collection name.
     pub async fn record_counts(&self) -> Result<Vec<(String, u64)>, VaultError> {
         let counts = self.inner.store.record_counts().await?;

@@ -49,7 +49,7 @@ use zeroize::Zeroizing;
 
 use crate::audit::AuditSink;
 use crate::config::{PostgresSettings, SecretSource};
-use crate::store::{BackupTaken, Capabilities, OpenMode, Store, StoreError};
+use crate::store::{BackupTaken, Capabilities, OpenMode, Store, StoreError, now_micros};
 
 pub use schema::schema_version;
 use writer::{Job, ReadJob, WriteJob, WriteTx};
@@ -197,6 +197,11 @@ fn read_password(source: &SecretSource) -> Result<Zeroizing<String>, StoreError>
     }
 }
 
+/// How long quota use is kept for windows longer than the reading node's
+/// (35 days): a quota window longer than this counts other nodes' use of
+/// the last 35 days only.
+const QUOTA_USE_KEPT_MINUTES: i64 = 35 * 24 * 60;
+
 /// Tuning for [`PostgresStore::open`].
 #[derive(Clone)]
 pub struct Options {
@@ -325,6 +330,54 @@ impl Store for PostgresStore {
     async fn release_lease(&self, job: &str) -> Result<(), StoreError> {
         let job = job.to_owned();
         self.write(move |w| w.leases.release(&mut w.tx, &job)).await
+    }
+
+    /// One write job: this node's use added (a row per caller, kind and
+    /// minute), the old minutes dropped, the others' summed.
+    async fn share_quota_use(
+        &self,
+        used: Vec<crate::store::QuotaUse>,
+        since_minute: i64,
+    ) -> Result<Vec<crate::store::QuotaUse>, StoreError> {
+        let node = self.chain.clone();
+        self.write(move |w| {
+            let (mut callers, mut kinds, mut minutes, mut counts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for u in used {
+                callers.push(u.caller);
+                kinds.push(u.kind);
+                minutes.push(u.minute);
+                counts.push(sql_i64(u.used)?);
+            }
+            if !callers.is_empty() {
+                w.tx.execute(
+                    "INSERT INTO quota_use (caller, kind, minute, node, used)
+                     SELECT u.caller, u.kind, u.minute, $5, u.used
+                     FROM unnest($1::text[], $2::smallint[], $3::bigint[], $4::bigint[]) AS u(caller, kind, minute, used)
+                     ON CONFLICT (caller, kind, minute, node) DO UPDATE SET used = quota_use.used + EXCLUDED.used",
+                    &[&callers, &kinds, &minutes, &counts, &node],
+                )?;
+            }
+            // What no node's window can still need (each node reads from
+            // its own longest window on).
+            let forget = since_minute.min(now_micros() / 60_000_000 - QUOTA_USE_KEPT_MINUTES);
+            w.tx.execute("DELETE FROM quota_use WHERE minute < $1", &[&forget])?;
+            let rows = w.tx.query(
+                "SELECT caller, kind, minute, sum(used)::bigint FROM quota_use
+                 WHERE node <> $1 AND minute >= $2 GROUP BY caller, kind, minute",
+                &[&node, &since_minute],
+            )?;
+            rows.iter()
+                .map(|row| {
+                    Ok(crate::store::QuotaUse {
+                        caller: row.try_get(0)?,
+                        kind: row.try_get(1)?,
+                        minute: row.try_get(2)?,
+                        used: stored_u64(row.try_get(3)?)?,
+                    })
+                })
+                .collect()
+        })
+        .await
     }
 
     /// Asked on the writer connection, so that this process's own chain

@@ -5,7 +5,10 @@ use crate::store::{OpenMode, StoreError};
 
 /// The schema, one entry per file in `migrations/postgres/`, in order. The
 /// position of the last one is the version recorded in `piivault_schema`.
-const MIGRATIONS: [&str; 1] = [include_str!("../../../migrations/postgres/0001_init.sql")];
+const MIGRATIONS: [&str; 2] = [
+    include_str!("../../../migrations/postgres/0001_init.sql"),
+    include_str!("../../../migrations/postgres/0002_quota_use.sql"),
+];
 
 /// The transaction-level advisory lock every node takes to read and
 /// migrate the schema ("PIVV" and "schm").

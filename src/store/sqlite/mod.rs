@@ -256,6 +256,14 @@ impl Store for SqliteStore {
     async fn other_writers(&self) -> Result<Vec<String>, StoreError> {
         Ok(Vec::new())
     }
+
+    async fn share_quota_use(
+        &self,
+        _used: Vec<crate::store::QuotaUse>,
+        _since_minute: i64,
+    ) -> Result<Vec<crate::store::QuotaUse>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {
