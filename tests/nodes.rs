@@ -58,7 +58,7 @@ fn nodes_on(tmp: &Path, store: &[&str], names: &[&str]) -> Vec<PathBuf> {
     std::fs::write(&config, text).unwrap();
     std::fs::write(
         first.join("policy.toml"),
-        "[callers.app]\ntokenize = [\"*\"]\ndetokenize = [\"*\"]\ndelete = [\"*\"]\nadmin = true\nrotate_root = true\n",
+        "[callers.app]\ntokenize = [\"*\"]\ndetokenize = [\"*\"]\ndelete = [\"*\"]\nadmin = true\naudit = true\nrotate_root = true\n",
     )
     .unwrap();
     let ca = piivault::pki::Ca::load(&first).unwrap();
@@ -167,6 +167,23 @@ fn what_one_node_issues_every_node_answers() {
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     assert_eq!(b.ok("detokenize", "card", &card_refs), ["4111 1111 1111 1111", "5500 0000 0000 0004"]);
     assert_eq!(a.ok("detokenize", "name", &name_refs), ["Ada Lovelace", "Grace Hopper"]);
+
+    // Who saw a card token, asked through B: every node's chain answers,
+    // B's own first (its detokenize, then the query itself), then A's
+    // tokenize.
+    let (b_dir, card) = (b.dir.to_str().unwrap(), cards[0].as_str());
+    let out =
+        piivault(&["audit", "query", "--addr", &b.addr, "--data-dir", b_dir, "--as", "app", "--token", card, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seen: Vec<(String, String)> = stdout(&out)
+        .lines()
+        .map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).unwrap();
+            (event["chain"].as_str().unwrap().to_owned(), event["action"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    let expected = [("node-b", "detokenize"), ("node-b", "audit_query"), ("main", "tokenize")];
+    assert_eq!(seen, expected.map(|(c, a)| (c.to_owned(), a.to_owned())));
 
     // Both nodes number records of one collection from their own blocks:
     // tokens never repeat.
@@ -442,7 +459,9 @@ fn a_killed_node_s_re_encryption_is_finished_by_another_node() {
     assert_eq!(b.ok("detokenize", "name", &sample), expected);
     b.stop();
     // B moved records itself: its own chain has the re-encryption's batches.
-    let out = piivault(&["audit", "query", "--data-dir", dirs[1].to_str().unwrap(), "--action", "reencrypt", "--json"]);
+    let b_dir = dirs[1].to_str().unwrap();
+    let out =
+        piivault(&["audit", "query", "--data-dir", b_dir, "--chain", "node-b", "--action", "reencrypt", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let moved_by_b: u64 = stdout(&out)
         .lines()
@@ -562,11 +581,20 @@ fn the_root_key_rotates_through_one_node_and_its_sealed_file_goes_to_the_others(
     b.stop();
 }
 
-/// Tokenize records through node `dir`'s chain (offline `audit query`).
-fn tokenize_records(dir: &Path) -> usize {
+/// Tokenize records on each node's chain, by chain, as one offline `audit
+/// query` through `dir` reads them (every chain, its own first).
+fn tokenize_records(dir: &Path) -> Vec<(String, usize)> {
     let out = piivault(&["audit", "query", "--data-dir", dir.to_str().unwrap(), "--action", "tokenize", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out).lines().count()
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for line in stdout(&out).lines() {
+        let chain = serde_json::from_str::<serde_json::Value>(line).unwrap()["chain"].as_str().unwrap().to_owned();
+        match counts.last_mut() {
+            Some((last, n)) if *last == chain => *n += 1,
+            _ => counts.push((chain, 1)),
+        }
+    }
+    counts
 }
 
 #[test]
@@ -596,7 +624,9 @@ fn the_rust_client_spreads_calls_over_the_nodes_and_skips_a_dead_one() {
         tokens
     });
     // Round robin: five calls each.
-    assert_eq!((tokenize_records(&dirs[0]), tokenize_records(&dirs[1])), (5, 5));
+    let by_chain = |first: &str, second: &str| vec![(first.to_owned(), 5), (second.to_owned(), 5)];
+    assert_eq!(tokenize_records(&dirs[0]), by_chain("main", "node-b"));
+    assert_eq!(tokenize_records(&dirs[1]), by_chain("node-b", "main"));
 
     Command::new("kill").args(["-s", "KILL", &b.child.id().to_string()]).status().unwrap();
     let _ = b.child.wait();

@@ -85,6 +85,11 @@ pub(super) struct AuditFilterArgs {
     /// Records before this time (RFC 3339).
     #[arg(long, value_parser = parse_time)]
     until: Option<i64>,
+    /// Records of this audit chain only (a node's `[store] node`, on a
+    /// store that several nodes share). Without it, every chain, this
+    /// node's first.
+    #[arg(long)]
+    chain: Option<String>,
 }
 
 /// RFC 3339 to unix microseconds.
@@ -104,12 +109,14 @@ pub(super) async fn audit_read(
     connect: &client::ConnectArgs,
     secret: SecretArgs,
 ) -> Result<(), CliError> {
-    let print = |seq: u64, record: crate::audit::AuditRecord, mac: &[u8]| {
+    let print = |chain: &str, seq: u64, record: crate::audit::AuditRecord, mac: &[u8]| {
         if json {
-            say(&record.to_json(seq, mac).to_string());
+            let mut line = record.to_json(seq, mac);
+            line["chain"] = chain.into();
+            say(&line.to_string());
         } else {
             say(&format!(
-                "{seq:>8} {} {:<12} {:<18} {:<10} items={:<4} {:<18} {}",
+                "{chain:<8} {seq:>8} {} {:<12} {:<18} {:<10} items={:<4} {:<18} {}",
                 crate::pki::format_time(record.at_micros / 1_000_000),
                 if record.caller.is_empty() { "-" } else { &record.caller },
                 record.action,
@@ -128,12 +135,21 @@ pub(super) async fn audit_read(
                 vault.locate_issued(token).await.map_err(|e| CliError { failure: Failure::Other, error: e.into() })?;
             filter.record = located.map_or(crate::store::RecordMatch::Unissued, |(_, at)| at);
         }
-        let records = vault
-            .query_audit(filter, limit)
-            .await
-            .map_err(|e| CliError { failure: Failure::Other, error: e.into() })?;
-        for (seq, record, mac) in records {
-            print(seq, record, &mac);
+        let failed = |e: crate::error::VaultError| CliError { failure: Failure::Other, error: e.into() };
+        let chains = match &filter.chain {
+            Some(chain) => vec![chain.clone()],
+            None => vault.audit_chains().await.map_err(failed)?,
+        };
+        let mut left = limit;
+        for chain in chains {
+            let records = vault
+                .query_audit(crate::store::AuditFilter { chain: Some(chain.clone()), ..filter.clone() }, left)
+                .await
+                .map_err(failed)?;
+            left = left.saturating_sub(records.len());
+            for (seq, record, mac) in records {
+                print(&chain, seq, record, &mac);
+            }
         }
         return Ok(());
     }
@@ -147,6 +163,7 @@ pub(super) async fn audit_read(
         since_micros: filter.since.unwrap_or(0),
         until_micros: filter.until.unwrap_or(0),
         limit: limit.unwrap_or(0),
+        chain: filter.chain.unwrap_or_default(),
     };
     let mut stream = crate::grpc::proto::audit_client::AuditClient::new(channel)
         .query(request)
@@ -167,7 +184,7 @@ pub(super) async fn audit_read(
             request_id: event.request_id,
             peer: event.peer,
         };
-        print(event.seq, record, &mac);
+        print(&event.chain, event.seq, record, &mac);
     }
     Ok(())
 }
@@ -188,7 +205,7 @@ pub(super) async fn audit(command: AuditCommand) -> Result<(), CliError> {
                 since: filter.since,
                 until: filter.until,
                 after_seq: 0,
-                chain: None,
+                chain: filter.chain,
             };
             return audit_read(filter, token, limit, json, &connect, secret).await;
         }

@@ -39,8 +39,9 @@ fn optional(text: String) -> Option<String> {
 }
 
 /// The wire form of a record.
-pub fn event(seq: u64, record: AuditRecord, mac: &[u8]) -> AuditEvent {
+pub fn event(chain: &str, seq: u64, record: AuditRecord, mac: &[u8]) -> AuditEvent {
     AuditEvent {
+        chain: chain.to_owned(),
         seq,
         at_micros: record.at_micros,
         caller: record.caller,
@@ -79,6 +80,7 @@ impl Audit for AuditService {
                 after_seq: 0,
                 chain: None,
             };
+            let only = optional(q.chain);
             let limit = if q.limit == 0 { usize::MAX } else { usize::try_from(q.limit).unwrap_or(usize::MAX) };
             // The auditor's own query goes on the record first (with the
             // token it asked about, if the vault ever issued it: the field
@@ -96,31 +98,38 @@ impl Audit for AuditService {
                 };
             }
             self.vault.record_about(record, filter.record).await?;
+            let chains = match only {
+                Some(chain) => vec![chain],
+                None => self.vault.audit_chains().await?,
+            };
             let (tx, rx) = tokio::sync::mpsc::channel(PAGE);
             let vault = self.vault.clone();
+            // Every node's chain, this node's first, each in its order.
             tokio::spawn(async move {
-                let mut filter = filter;
                 let mut left = limit;
-                while left > 0 {
-                    let page = match vault.query_audit(filter.clone(), PAGE.min(left)).await {
-                        Ok(page) => page,
-                        Err(e) => {
-                            tracing::error!(error = %e, "audit query failed");
-                            let _ = tx.send(Err(Status::unavailable("the audit trail cannot be read"))).await;
-                            return;
+                for chain in chains {
+                    let mut filter = AuditFilter { chain: Some(chain.clone()), ..filter.clone() };
+                    while left > 0 {
+                        let page = match vault.query_audit(filter.clone(), PAGE.min(left)).await {
+                            Ok(page) => page,
+                            Err(e) => {
+                                tracing::error!(error = %e, "audit query failed");
+                                let _ = tx.send(Err(Status::unavailable("the audit trail cannot be read"))).await;
+                                return;
+                            }
+                        };
+                        let Some((last, _, _)) = page.last() else { break };
+                        filter.after_seq = *last;
+                        left = left.saturating_sub(page.len());
+                        let short = page.len() < PAGE;
+                        for (seq, record, mac) in page {
+                            if tx.send(Ok(event(&chain, seq, record, &mac))).await.is_err() {
+                                return;
+                            }
                         }
-                    };
-                    let Some((last, _, _)) = page.last() else { return };
-                    filter.after_seq = *last;
-                    left = left.saturating_sub(page.len());
-                    let short = page.len() < PAGE;
-                    for (seq, record, mac) in page {
-                        if tx.send(Ok(event(seq, record, &mac))).await.is_err() {
-                            return;
+                        if short {
+                            break;
                         }
-                    }
-                    if short {
-                        return;
                     }
                 }
             });

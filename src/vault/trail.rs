@@ -69,6 +69,12 @@ impl Vault {
             .collect()
     }
 
+    /// Every audit chain of the store, this node's first (one per node that
+    /// ever wrote to a shared store; `main` alone otherwise).
+    pub async fn audit_chains(&self) -> Result<Vec<String>, VaultError> {
+        Ok(self.inner.store.audit_chains().await?)
+    }
+
     /// Checks this vault's audit trail (this node's chain, on a store that
     /// several nodes share) against its chain; returns the head or the
     /// first bad record.
