@@ -221,6 +221,10 @@ impl std::fmt::Display for StoreBackend {
     }
 }
 
+/// How often, by default, a node of a shared store rereads the keys
+/// besides the database's notifications (`store.key_refresh_interval_s`).
+pub const DEFAULT_KEY_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Store tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreSettings {
@@ -235,6 +239,9 @@ pub struct StoreSettings {
     /// Token-index entries of the audit trail gathered into one sorted
     /// block of the searchable index (behind the write path).
     pub audit_index_block: usize,
+    /// On a store that several nodes share: how often the keys are reread,
+    /// besides when the database tells of a change.
+    pub key_refresh_interval: std::time::Duration,
 }
 
 impl Default for StoreSettings {
@@ -245,6 +252,7 @@ impl Default for StoreSettings {
             purge_interval: std::time::Duration::from_mins(1),
             purge_batch: 500,
             audit_index_block: 16_384,
+            key_refresh_interval: DEFAULT_KEY_REFRESH_INTERVAL,
         }
     }
 }
@@ -688,6 +696,7 @@ struct RawStore {
     purge_interval_s: Option<i64>,
     purge_batch: Option<i64>,
     audit_index_block: Option<i64>,
+    key_refresh_interval_s: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -954,19 +963,7 @@ impl Config {
             max_items_per_call: bounded("limits.max_items_per_call", raw.limits.max_items_per_call, 1000, 1, 100_000)?,
             max_value_bytes: bounded("limits.max_value_bytes", raw.limits.max_value_bytes, 4096, 1, 1 << 20)?,
         };
-        let store = StoreSettings {
-            read_connections: bounded("store.read_connections", raw.store.read_connections, 4, 1, 64)?,
-            max_group_commit: bounded("store.max_group_commit", raw.store.max_group_commit, 256, 1, 10_000)?,
-            audit_index_block: bounded("store.audit_index_block", raw.store.audit_index_block, 16_384, 1, 16 << 20)?,
-            purge_interval: std::time::Duration::from_secs(bounded(
-                "store.purge_interval_s",
-                raw.store.purge_interval_s,
-                60,
-                1,
-                86_400,
-            )? as u64),
-            purge_batch: bounded("store.purge_batch", raw.store.purge_batch, 500, 1, 100_000)?,
-        };
+        let store = parse_store_settings(&raw.store)?;
 
         let store_backend = parse_backend(&raw.store, raw.vault.database.as_deref(), data_dir)?;
 
@@ -1144,6 +1141,30 @@ fn toml_string(s: &str) -> String {
 /// exit-code contract wants one line.
 fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The `[store]` tuning, each setting within its bounds.
+fn parse_store_settings(raw: &RawStore) -> Result<StoreSettings, ConfigError> {
+    Ok(StoreSettings {
+        read_connections: bounded("store.read_connections", raw.read_connections, 4, 1, 64)?,
+        max_group_commit: bounded("store.max_group_commit", raw.max_group_commit, 256, 1, 10_000)?,
+        audit_index_block: bounded("store.audit_index_block", raw.audit_index_block, 16_384, 1, 16 << 20)?,
+        purge_interval: std::time::Duration::from_secs(bounded(
+            "store.purge_interval_s",
+            raw.purge_interval_s,
+            60,
+            1,
+            86_400,
+        )? as u64),
+        purge_batch: bounded("store.purge_batch", raw.purge_batch, 500, 1, 100_000)?,
+        key_refresh_interval: std::time::Duration::from_secs(bounded(
+            "store.key_refresh_interval_s",
+            raw.key_refresh_interval_s,
+            2, // DEFAULT_KEY_REFRESH_INTERVAL
+            1,
+            3600,
+        )? as u64),
+    })
 }
 
 #[cfg(test)]

@@ -133,6 +133,11 @@ pub trait Store: RecordStore + KeyStore + CollectionStore + AuditStore {
     /// that one process owns shares nothing and answers nothing.
     async fn share_quota_use(&self, used: Vec<QuotaUse>, since_minute: i64) -> Result<Vec<QuotaUse>, StoreError>;
 
+    /// Woken when another process may have changed the keys (a
+    /// notification from the database, or a reconnection after which one
+    /// may have been missed); `None` for a store that one process owns.
+    fn key_changes(&self) -> Option<Arc<tokio::sync::Notify>>;
+
     /// The other processes writing to this store now, by audit chain (the
     /// nodes whose chain a live session other than this process's holds).
     /// Empty for a store that one process owns.

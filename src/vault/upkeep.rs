@@ -271,7 +271,8 @@ impl Vault {
     /// `server.key_check_interval`), the expiry purge (`store.purge_*`),
     /// resuming unfinished index rebuilds, the audit head log line
     /// (`audit.head_log_interval`) and, on a store that other nodes share,
-    /// picking up their key changes every [`KEY_REFRESH_INTERVAL`]. Every
+    /// picking up their key changes when told and every
+    /// `store.key_refresh_interval` ([`KEY_REFRESH_INTERVAL`]). Every
     /// embedding that serves runs it.
     pub fn spawn_background(&self, config: &Config) -> Vec<tokio::task::JoinHandle<()>> {
         let rotation_vault = self.clone();
@@ -341,9 +342,18 @@ impl Vault {
         let mut tasks = vec![auto_rotation, purger, resume, head_logger];
         if shared {
             let refresh_vault = self.clone();
+            let every = config.store.key_refresh_interval;
+            let changes = self.inner.store.key_changes();
             tasks.push(tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(KEY_REFRESH_INTERVAL).await;
+                    // At once when the database tells of a key change, and
+                    // every interval in case a notification was lost.
+                    match &changes {
+                        Some(told) => {
+                            let _ = tokio::time::timeout(every, told.notified()).await;
+                        }
+                        None => tokio::time::sleep(every).await,
+                    }
                     if let Err(e) = refresh_vault.refresh_keys().await {
                         tracing::error!(error = %e, "cannot read the keys that other nodes may have changed");
                     }
@@ -354,9 +364,11 @@ impl Vault {
     }
 }
 
-/// How soon a key rotated, retired or marked compromised through another
-/// node is in force on this one (a shared store only).
-pub const KEY_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How soon, at the latest, a key rotated, retired or marked compromised
+/// through another node is in force on this one (a shared store, by
+/// default: `store.key_refresh_interval_s`). The database's notification
+/// makes it sooner.
+pub const KEY_REFRESH_INTERVAL: std::time::Duration = crate::config::DEFAULT_KEY_REFRESH_INTERVAL;
 
 /// The lease of the automatic-rotation check.
 const ROTATION_JOB: &str = "rotation";

@@ -219,6 +219,10 @@ pub struct PostgresStore {
     readers: Option<Sender<ReadJob>>,
     threads: Vec<JoinHandle<()>>,
     chain: String,
+    /// Woken by the listener thread when the keys may have changed.
+    key_changes: Arc<tokio::sync::Notify>,
+    /// Tells the listener thread to stop.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PostgresStore {
@@ -246,13 +250,24 @@ impl PostgresStore {
         };
         let (write_tx, write_rx) = crossbeam_channel::unbounded::<Box<WriteJob>>();
         let (read_tx, read_rx) = crossbeam_channel::unbounded::<ReadJob>();
-        let mut store =
-            Self { writer: Some(write_tx), readers: Some(read_tx), threads: Vec::new(), chain: chain.clone() };
+        let mut store = Self {
+            writer: Some(write_tx),
+            readers: Some(read_tx),
+            threads: Vec::new(),
+            chain: chain.clone(),
+            key_changes: Arc::new(tokio::sync::Notify::new()),
+            stopping: Arc::default(),
+        };
         let max_batch = options.max_group_commit.max(1);
         let writer_connector = connector.clone();
         let sink = options.sink;
         store.threads.push(spawn("piivault-pg-writer", move || {
             writer::writer_loop(conn, &writer_connector, chain, &write_rx, max_batch, sink);
+        })?);
+        let (listener_connector, changed, stopping) =
+            (connector.clone(), store.key_changes.clone(), store.stopping.clone());
+        store.threads.push(spawn("piivault-pg-listener", move || {
+            writer::listener_loop(&listener_connector, &changed, &stopping);
         })?);
         for i in 0..options.read_connections.max(1) {
             let rx = read_rx.clone();
@@ -300,6 +315,7 @@ impl Drop for PostgresStore {
     fn drop(&mut self) {
         self.readers = None;
         self.writer = None;
+        self.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         for thread in std::mem::take(&mut self.threads) {
             if thread.join().is_err() {
                 tracing::error!("a store thread panicked");
@@ -378,6 +394,10 @@ impl Store for PostgresStore {
                 .collect()
         })
         .await
+    }
+
+    fn key_changes(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(self.key_changes.clone())
     }
 
     /// Asked on the writer connection, so that this process's own chain

@@ -146,6 +146,56 @@ pub(super) fn held_chains(conn: &mut Db<'_, '_>) -> Result<Vec<String>, StoreErr
     Ok(held)
 }
 
+/// How long the listener waits for a notification before it looks at
+/// whether the store is stopping.
+const LISTEN_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The notification channel of key changes (see `0003_key_notify.sql`).
+pub(super) const KEY_CHANNEL: &str = "piivault_keys";
+
+/// Listens for key changes on a connection of its own and wakes `changed`
+/// for each, and after each (re)connection (a change may have come while
+/// it was away), until `stopping`.
+pub(super) fn listener_loop(
+    connector: &Connector,
+    changed: &tokio::sync::Notify,
+    stopping: &std::sync::atomic::AtomicBool,
+) {
+    use postgres::fallible_iterator::FallibleIterator as _;
+    let mut client: Option<postgres::Client> = None;
+    while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        if client.as_ref().is_none_or(postgres::Client::is_closed) {
+            client = connector
+                .connect()
+                .and_then(|mut c| {
+                    c.batch_execute(&format!("LISTEN {KEY_CHANNEL}"))?;
+                    Ok(c)
+                })
+                .ok();
+            if client.is_none() {
+                std::thread::sleep(LISTEN_TICK * 4);
+                continue;
+            }
+            changed.notify_one();
+        }
+        let Some(conn) = client.as_mut() else { continue };
+        let heard = {
+            let mut notifications = conn.notifications();
+            let heard = notifications.timeout_iter(LISTEN_TICK).next();
+            // One wake for however many came together.
+            if matches!(heard, Ok(Some(_))) {
+                while let Ok(Some(_)) = notifications.iter().next() {}
+            }
+            heard
+        };
+        match heard {
+            Ok(Some(_)) => changed.notify_one(),
+            Ok(None) => {}
+            Err(_) => client = None,
+        }
+    }
+}
+
 pub(super) fn reader_loop(connector: &Connector, jobs: &Receiver<ReadJob>) {
     let mut client: Option<(postgres::Client, Statements)> = None;
     while let Ok(job) = jobs.recv() {

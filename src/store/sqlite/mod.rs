@@ -257,6 +257,10 @@ impl Store for SqliteStore {
         Ok(Vec::new())
     }
 
+    fn key_changes(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
+
     async fn share_quota_use(
         &self,
         _used: Vec<crate::store::QuotaUse>,
