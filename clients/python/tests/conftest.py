@@ -28,14 +28,17 @@ class Vault:
     process: Optional[subprocess.Popen[str]] = None
     output: list[str] = field(default_factory=list)
 
-    def start(self) -> None:
+    def start(self, args: Optional[list[str]] = None, env: Optional[dict[str, str]] = None) -> None:
+        """`piivault dev` in `dir`, or `piivault ARGS`."""
         if not BIN.exists():
             pytest.fail(f"{BIN} is missing: run `cargo build` at the repository root, or set PIIVAULT_BIN")
+        dev = ["dev", "--data-dir", str(self.dir), "--listen", "127.0.0.1:0", "--metrics-listen", "none"]
         self.process = subprocess.Popen(
-            [str(BIN), "dev", "--data-dir", str(self.dir), "--listen", "127.0.0.1:0", "--metrics-listen", "none"],
+            [str(BIN), *(args or dev)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=env,
         )
         ready = threading.Event()
 
@@ -58,10 +61,10 @@ class Vault:
             self.process.wait(30)
             self.process = None
 
-    def client(self, caller: str, **options: float) -> Client:
+    def client(self, caller: str, address: Optional[str] = None, **options: float) -> Client:
         creds = self.dir / "clients" / caller
         return Client(
-            self.address,
+            address or self.address,
             ca=self.dir / "pki" / "ca.pem",
             cert=creds / "cert.pem",
             key=creds / "key.pem",
@@ -78,3 +81,29 @@ def vault() -> Iterator[Vault]:
             yield v
         finally:
             v.stop()
+
+
+#: What the nodes of `two_nodes` are unsealed with.
+NODES_PASSPHRASE = "the nodes' test passphrase, never printed"
+
+
+@pytest.fixture
+def two_nodes() -> Iterator[tuple[Vault, Vault]]:
+    """Two `piivault serve` nodes on one fresh database of the test
+    PostgreSQL cluster (scripts/test-nodes; scripts/test-all starts the
+    cluster), caller `app` granted everything."""
+    env = {**os.environ, "PIIVAULT_PASSPHRASE": NODES_PASSPHRASE, "PIIVAULT_BIN": str(BIN)}
+    with tempfile.TemporaryDirectory() as tmp:
+        made = subprocess.run(
+            [str(REPO / "scripts" / "test-nodes"), tmp], env=env, capture_output=True, text=True, check=False
+        )
+        if made.returncode != 0:
+            pytest.fail("cannot set up two nodes: " + made.stderr)
+        nodes = (Vault(pathlib.Path(tmp) / "a"), Vault(pathlib.Path(tmp) / "b"))
+        try:
+            for node in nodes:
+                node.start(["serve", "--config", str(node.dir / "config.toml")], env)
+            yield nodes
+        finally:
+            for node in nodes:
+                node.stop()

@@ -183,26 +183,59 @@ function service(): grpc.ServiceClientConstructor {
   return tokenizerService;
 }
 
-/** A connection to a vault. Call `close()` when done. */
+/** How long a node that answered UNAVAILABLE (or could not be reached) is
+ * skipped while other nodes are up, milliseconds. */
+export const NODE_DOWN_FOR_MS = 5_000;
+
+type Stub = grpc.Client & Record<string, Unary>;
+
+/** One vault node: its stub, and until when it is skipped. */
+class Node {
+  downUntil = 0;
+  constructor(readonly stub: Stub) {}
+  isUp(now: number): boolean {
+    return this.downUntil <= now;
+  }
+}
+
+/** Addresses from a comma-separated string or an array of them. */
+function addresses(address: string | readonly string[]): string[] {
+  const parts = typeof address === "string" ? address.split(",") : [...address];
+  const found = parts.map((a) => a.trim()).filter((a) => a.length > 0);
+  if (found.length === 0) {
+    throw new Error("no vault address given");
+  }
+  return found;
+}
+
+/** A connection to a vault: one node, or several nodes on one database
+ * (calls go round robin; a node that answered UNAVAILABLE or could not be
+ * reached is skipped for `NODE_DOWN_FOR_MS`). Call `close()` when done. */
 export class Client {
-  readonly #stub: grpc.Client & Record<string, Unary>;
+  readonly #nodes: Node[];
+  #next = 0;
   /** Items per request at most now. */
   maxBatch: number;
   readonly deadlineMs: number;
   readonly retries: number;
   readonly backoffMs: number;
 
-  constructor(address: string, options: ClientOptions) {
+  constructor(address: string | readonly string[], options: ClientOptions) {
     const credentials = grpc.credentials.createSsl(
       pem(options.ca, "CA certificate"),
       pem(options.key, "client key"),
       pem(options.cert, "client certificate"),
     );
     const Tokenizer = service();
-    this.#stub = new Tokenizer(address, credentials, {
-      "grpc.max_receive_message_length": 64 << 20,
-      "grpc.max_send_message_length": 64 << 20,
-    }) as grpc.Client & Record<string, Unary>;
+    this.#nodes = addresses(address).map(
+      (a) =>
+        new Node(
+          new Tokenizer(a, credentials, {
+            "grpc.max_receive_message_length": 64 << 20,
+            "grpc.max_send_message_length": 64 << 20,
+          }) as Stub,
+        ),
+    );
     this.maxBatch = Math.max(1, options.maxBatch ?? DEFAULT_MAX_BATCH);
     this.deadlineMs = options.deadlineMs ?? 30_000;
     this.retries = options.retries ?? 3;
@@ -222,11 +255,23 @@ export class Client {
   }
 
   close(): void {
-    this.#stub.close();
+    for (const node of this.#nodes) {
+      node.stub.close();
+    }
   }
 
   [inspect.custom](): string {
-    return `Client { maxBatch: ${this.maxBatch}, deadlineMs: ${this.deadlineMs} }`;
+    return `Client { nodes: ${this.#nodes.length}, maxBatch: ${this.maxBatch}, deadlineMs: ${this.deadlineMs} }`;
+  }
+
+  /** The node for the next call: the next in turn that is not being skipped
+   * (the next in turn if every node is). */
+  #pick(): Node {
+    const start = this.#next;
+    this.#next = (start + 1) % this.#nodes.length;
+    const now = Date.now();
+    const turn = this.#nodes.map((_, i) => this.#nodes[(start + i) % this.#nodes.length]);
+    return turn.find((node) => node.isUp(now)) ?? turn[0];
   }
 
   /** A token per value, in order. Never retried: a lost answer could store a value twice. */
@@ -291,22 +336,29 @@ export class Client {
 
   async #withRetries(idempotent: boolean, method: string, request: object): Promise<WireResult[]> {
     for (let attempt = 0; ; attempt++) {
+      const node = this.#pick();
       try {
-        return await this.#call(method, request);
+        return await this.#call(node.stub, method, request);
       } catch (e) {
+        if (e instanceof Unavailable) {
+          node.downUntil = Date.now() + NODE_DOWN_FOR_MS;
+        }
         if (!(idempotent && e instanceof Unavailable && attempt < this.retries)) {
           throw e;
         }
-        const ceiling = this.backoffMs * 2 ** attempt;
-        await new Promise((resolve) => setTimeout(resolve, Math.random() * ceiling));
+        // Another node that is up is tried at once; when none is, the retry waits.
+        if (!this.#nodes.some((n) => n.isUp(Date.now()))) {
+          const ceiling = this.backoffMs * 2 ** attempt;
+          await new Promise((resolve) => setTimeout(resolve, Math.random() * ceiling));
+        }
       }
     }
   }
 
-  #call(method: string, request: object): Promise<WireResult[]> {
+  #call(stub: Stub, method: string, request: object): Promise<WireResult[]> {
     return new Promise((resolve, reject) => {
       const deadline = new Date(Date.now() + this.deadlineMs);
-      this.#stub[method].call(this.#stub, request, new grpc.Metadata(), { deadline }, (error, response) => {
+      stub[method].call(stub, request, new grpc.Metadata(), { deadline }, (error, response) => {
         if (error) {
           reject(toError(error));
         } else {

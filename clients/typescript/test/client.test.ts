@@ -4,60 +4,13 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { inspect } from "node:util";
-import { Client, PermissionDenied, Unavailable, type ClientOptions } from "../src/index";
-
-const BIN = process.env.PIIVAULT_BIN ?? join(__dirname, "../../../../target/debug/piivault");
-
-class Vault {
-  address = "";
-  output = "";
-  #process: ChildProcess | undefined;
-  constructor(readonly dir: string) {}
-
-  async start(): Promise<void> {
-    assert.ok(existsSync(BIN), `${BIN} is missing: run \`cargo build\` at the repository root, or set PIIVAULT_BIN`);
-    this.output = "";
-    const child = spawn(BIN, ["dev", "--data-dir", this.dir, "--listen", "127.0.0.1:0", "--metrics-listen", "none"]);
-    this.#process = child;
-    this.address = await new Promise<string>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`piivault dev did not start:\n${this.output}`)), 60_000);
-      const read = (chunk: Buffer) => {
-        this.output += chunk.toString();
-        const found = /piivault: listening on (\S+)/.exec(this.output);
-        if (found) {
-          clearTimeout(timer);
-          resolve(found[1]);
-        }
-      };
-      child.stdout?.on("data", read);
-      child.stderr?.on("data", read);
-    });
-  }
-
-  async stop(): Promise<void> {
-    const child = this.#process;
-    if (child === undefined || child.exitCode !== null) return;
-    await new Promise((resolve) => {
-      child.once("exit", resolve);
-      child.kill("SIGTERM");
-    });
-  }
-
-  client(caller: string, options: Partial<ClientOptions> = {}): Client {
-    const creds = join(this.dir, "clients", caller);
-    return new Client(this.address, {
-      ca: join(this.dir, "pki/ca.pem"),
-      cert: join(creds, "cert.pem"),
-      key: join(creds, "key.pem"),
-      ...options,
-    });
-  }
-}
+import { Client, PermissionDenied, Unavailable } from "../src/index";
+import { BIN, Vault } from "./harness";
 
 async function withVault(body: (vault: Vault) => Promise<void>): Promise<void> {
   const tmp = mkdtempSync(join(tmpdir(), "piivault-ts-"));

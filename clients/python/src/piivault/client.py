@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, TypeVar, Union
@@ -169,23 +170,57 @@ def _pem(source: PemSource, what: str) -> bytes:
 
 _LIMIT = re.compile(r"the limit is (\d+)")
 
+#: Seconds a node that answered UNAVAILABLE (or could not be reached) is
+#: skipped while other nodes are up.
+NODE_DOWN_FOR = 5.0
+
+
+class _Node:
+    """One vault node: its channel, and until when it is skipped."""
+
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials) -> None:
+        self.address = address
+        self.channel = grpc.secure_channel(
+            address,
+            credentials,
+            options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+        )
+        self.stub = tokenizer_pb2_grpc.TokenizerStub(self.channel)
+        self.down_until = 0.0
+
+    def is_up(self, now: float) -> bool:
+        return self.down_until <= now
+
+
+def _addresses(address: Union[str, Sequence[str]]) -> list[str]:
+    """Addresses from a comma-separated string or a sequence of them."""
+    parts = address.split(",") if isinstance(address, str) else list(address)
+    addresses = [a.strip() for a in parts if a.strip()]
+    if not addresses:
+        raise ValueError("no vault address given")
+    return addresses
+
 R = TypeVar("R", TokenResult, ValueResult, DeleteResult)
 
 
 class Client:
     """A connection to a vault. Use as a context manager, or call close().
 
-    ``ca``, ``cert`` and ``key`` are PEM bytes, PEM text or file paths. ``max_batch``
-    items at most go in one request (lowered automatically when the server
-    says its limit is lower); every request has ``deadline`` seconds;
-    detokenize and delete are retried ``retries`` times on UNAVAILABLE,
-    waiting up to ``backoff`` seconds the first time, doubling, with full
-    jitter. Tokenize is never retried: a lost answer could store a value
-    twice."""
+    ``address`` is one node's ``host:port``, or several (comma-separated,
+    or a sequence) of nodes on one database: calls go round robin, and a
+    node that answered UNAVAILABLE or could not be reached is skipped for
+    ``NODE_DOWN_FOR`` seconds. ``ca``, ``cert`` and ``key`` are PEM bytes,
+    PEM text or file paths. ``max_batch`` items at most go in one request
+    (lowered automatically when the server says its limit is lower); every
+    request has ``deadline`` seconds; detokenize and delete are retried
+    ``retries`` times on UNAVAILABLE, at once on another node that is up,
+    else waiting up to ``backoff`` seconds the first time, doubling, with
+    full jitter. Tokenize is never retried: a lost answer could store a
+    value twice."""
 
     def __init__(
         self,
-        address: str,
+        address: Union[str, Sequence[str]],
         *,
         ca: PemSource,
         cert: PemSource,
@@ -200,12 +235,9 @@ class Client:
             private_key=_pem(key, "client key"),
             certificate_chain=_pem(cert, "client certificate"),
         )
-        self._channel = grpc.secure_channel(
-            address,
-            credentials,
-            options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
-        )
-        self._stub = tokenizer_pb2_grpc.TokenizerStub(self._channel)
+        self._nodes = [_Node(a, credentials) for a in _addresses(address)]
+        self._next = 0
+        self._lock = threading.Lock()
         self.max_batch = max(1, max_batch)
         self.deadline = deadline
         self.retries = retries
@@ -223,7 +255,8 @@ class Client:
         return cls(addr, ca=ca, cert=cert, key=key, **options)  # type: ignore[arg-type]
 
     def close(self) -> None:
-        self._channel.close()
+        for node in self._nodes:
+            node.channel.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -232,14 +265,24 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Client(max_batch={self.max_batch}, deadline={self.deadline})"
+        return f"Client(nodes={len(self._nodes)}, max_batch={self.max_batch}, deadline={self.deadline})"
+
+    def _pick(self) -> _Node:
+        """The node for the next call: the next in turn that is not being
+        skipped (the next in turn if every node is)."""
+        with self._lock:
+            start = self._next
+            self._next = (start + 1) % len(self._nodes)
+        now = time.monotonic()
+        turn = [self._nodes[(start + i) % len(self._nodes)] for i in range(len(self._nodes))]
+        return next((node for node in turn if node.is_up(now)), turn[0])
 
     def tokenize(self, collection: str, values: Sequence[str]) -> list[TokenResult]:
         """A token per value, in order."""
 
-        def call(batch: list[str]) -> list[TokenResult]:
+        def call(stub: tokenizer_pb2_grpc.TokenizerStub, batch: list[str]) -> list[TokenResult]:
             request = tokenizer_pb2.TokenizeRequest(collection=collection, values=batch)
-            response = self._stub.Tokenize(request, timeout=self.deadline)
+            response = stub.Tokenize(request, timeout=self.deadline)
             return [
                 TokenResult(token=r.token) if r.WhichOneof("outcome") == "token" else TokenResult(error=_item(r.error))
                 for r in response.results
@@ -250,9 +293,9 @@ class Client:
     def detokenize(self, collection: str, tokens: Sequence[str]) -> list[ValueResult]:
         """The value (or its mask) per token, in order."""
 
-        def call(batch: list[str]) -> list[ValueResult]:
+        def call(stub: tokenizer_pb2_grpc.TokenizerStub, batch: list[str]) -> list[ValueResult]:
             request = tokenizer_pb2.DetokenizeRequest(collection=collection, tokens=batch)
-            response = self._stub.Detokenize(request, timeout=self.deadline)
+            response = stub.Detokenize(request, timeout=self.deadline)
             return [
                 ValueResult(value=r.value, masked=r.masked)
                 if r.WhichOneof("outcome") == "value"
@@ -265,9 +308,9 @@ class Client:
     def delete(self, collection: str, tokens: Sequence[str]) -> list[DeleteResult]:
         """Deletes each token's value, in order (a second delete is NOT_FOUND)."""
 
-        def call(batch: list[str]) -> list[DeleteResult]:
+        def call(stub: tokenizer_pb2_grpc.TokenizerStub, batch: list[str]) -> list[DeleteResult]:
             request = tokenizer_pb2.DeleteRequest(collection=collection, tokens=batch)
-            response = self._stub.Delete(request, timeout=self.deadline)
+            response = stub.Delete(request, timeout=self.deadline)
             return [
                 DeleteResult(deleted=True) if r.WhichOneof("outcome") == "deleted" else DeleteResult(error=_item(r.error))
                 for r in response.results
@@ -279,7 +322,7 @@ class Client:
         self,
         items: Sequence[str],
         idempotent: bool,
-        call: Callable[[list[str]], list[R]],
+        call: Callable[[tokenizer_pb2_grpc.TokenizerStub, list[str]], list[R]],
         failed: Callable[[ItemError], R],
     ) -> list[R]:
         items = list(items)
@@ -288,7 +331,7 @@ class Client:
             size = min(self.max_batch, len(items) - len(out))
             batch = items[len(out) : len(out) + size]
             try:
-                results = self._with_retries(idempotent, lambda: call(batch))
+                results = self._with_retries(idempotent, lambda stub: call(stub, batch))
             except PiiVaultError as error:
                 limit = _LIMIT.search(error.message) if isinstance(error, ResourceExhausted) else None
                 if limit and 0 < int(limit.group(1)) < size:
@@ -303,16 +346,24 @@ class Client:
             out.extend(results)
         return out
 
-    def _with_retries(self, idempotent: bool, attempt: Callable[[], list[R]]) -> list[R]:
+    def _with_retries(
+        self, idempotent: bool, attempt: Callable[[tokenizer_pb2_grpc.TokenizerStub], list[R]]
+    ) -> list[R]:
         tries = 0
         while True:
+            node = self._pick()
             try:
-                return attempt()
+                return attempt(node.stub)
             except grpc.RpcError as e:
                 error = _error(e)
+            if isinstance(error, Unavailable):
+                node.down_until = time.monotonic() + NODE_DOWN_FOR
             if not (idempotent and isinstance(error, Unavailable) and tries < self.retries):
                 raise error from None
-            time.sleep(random.uniform(0, self.backoff * (2**tries)))
+            # Another node that is up is tried at once; when none is, the
+            # retry waits.
+            if not any(n.is_up(time.monotonic()) for n in self._nodes):
+                time.sleep(random.uniform(0, self.backoff * (2**tries)))
             tries += 1
 
 
