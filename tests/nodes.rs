@@ -401,6 +401,45 @@ fn postgres_stopped_under_load_answers_unavailable_and_recovers_losing_nothing()
 }
 
 #[test]
+fn a_failover_to_a_synchronous_standby_loses_no_acknowledged_token() {
+    let cluster = pg::OwnCluster::start();
+    let standby = cluster.start_standby();
+    // The nodes know both servers and sign in only where writes go.
+    let url = cluster.url.replace("/vault", &format!(",127.0.0.1:{standby}/vault?target_session_attrs=read-write"));
+    let tmp = tempfile::tempdir().unwrap();
+    let password = cluster.password_file.to_str().unwrap();
+    let dirs = nodes_on(tmp.path(), &["--postgres-url", &url, "--postgres-password-file", password], &["node-b"]);
+    let (a, b) = (Node::start(&dirs[0]), Node::start(&dirs[1]));
+    let (load_a, load_b) = (Load::new(), Load::new());
+    std::thread::scope(|scope| {
+        scope.spawn(|| load_a.run(&a, "Failover A", |err| err.contains("UNAVAILABLE")));
+        scope.spawn(|| load_b.run(&b, "Failover B", |err| err.contains("UNAVAILABLE")));
+        load_a.wait_for(0, 10);
+        load_b.wait_for(0, 10);
+        // The primary dies mid-load; the standby takes over.
+        cluster.crash();
+        cluster.promote_standby();
+        // Both nodes find the new primary by themselves.
+        load_a.wait_for(load_a.acked(), 10);
+        load_b.wait_for(load_b.acked(), 10);
+        load_a.done.store(true, Ordering::SeqCst);
+        load_b.done.store(true, Ordering::SeqCst);
+    });
+    // The nodes saw the outage (calls in it failed, with UNAVAILABLE only).
+    assert!(load_a.failed.load(Ordering::SeqCst) + load_b.failed.load(Ordering::SeqCst) > 0);
+    // Every token acknowledged before, during and after the failover reads
+    // back, through either node.
+    load_a.check(&b);
+    load_b.check(&a);
+    a.stop();
+    b.stop();
+    for dir in &dirs {
+        let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
+
+#[test]
 fn a_node_killed_under_load_loses_no_acknowledged_token() {
     let database = pg::Database::new();
     let tmp = tempfile::tempdir().unwrap();

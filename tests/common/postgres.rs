@@ -155,12 +155,32 @@ impl OwnCluster {
     pub fn restart(&self) {
         script(&["restart", &self.cluster()]);
     }
+
+    /// Stops the server at once, as a crash would (no shutdown checkpoint).
+    pub fn crash(&self) {
+        script(&["crash", &self.cluster()]);
+    }
+
+    /// A synchronous streaming standby of this cluster (in this cluster's
+    /// directory): once this returns, every commit on this one waits until
+    /// the standby has it on disk. Returns the standby's port.
+    pub fn start_standby(&self) -> u16 {
+        let standby = self.dir.path().join("standby");
+        script(&["standby", &self.cluster(), standby.to_str().unwrap()]).trim().parse().unwrap()
+    }
+
+    /// Makes the standby the primary.
+    pub fn promote_standby(&self) {
+        script(&["promote", self.dir.path().join("standby").to_str().unwrap()]);
+    }
 }
 
 impl Drop for OwnCluster {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-postgres"))
-            .args(["stop", &self.cluster()])
-            .output();
+        for cluster in [self.cluster(), self.dir.path().join("standby").to_str().unwrap().to_owned()] {
+            let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-postgres"))
+                .args(["stop", &cluster])
+                .output();
+        }
     }
 }
