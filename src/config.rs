@@ -593,7 +593,7 @@ fn parse_postgres(raw: &RawStore, data_dir: &Path) -> Result<PostgresSettings, C
 
 impl PostgresSettings {
     /// These settings as `[store]` lines of a config file.
-    fn table_lines(&self) -> String {
+    pub fn table_lines(&self) -> String {
         let mut lines = vec![
             "# \"postgres\": one database that several nodes share; each node has its own name.".to_owned(),
             "backend = \"postgres\"".to_owned(),

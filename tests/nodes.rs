@@ -53,7 +53,9 @@ fn nodes_on(tmp: &Path, store: &[&str], names: &[&str]) -> Vec<PathBuf> {
     assert!(out.status.success(), "{}", stderr(&out));
     let config = first.join("config.toml");
     let text = std::fs::read_to_string(&config).unwrap();
-    assert!(text.contains("backend = \"postgres\"") && text.contains("node = \"main\""), "{text}");
+    // No store flags: a SQLite vault.
+    let backend = if store.is_empty() { "backend = \"sqlite\"" } else { "backend = \"postgres\"" };
+    assert!(text.contains(backend) && (store.is_empty() || text.contains("node = \"main\"")), "{text}");
     let text = text.replace("127.0.0.1:7443", "127.0.0.1:0").replace("127.0.0.1:9464", "none");
     std::fs::write(&config, text).unwrap();
     std::fs::write(
@@ -555,6 +557,78 @@ fn a_caller_s_detokenize_quota_holds_across_the_nodes() {
     assert!(stderr(&refused).contains("RESOURCE_EXHAUSTED"), "{}", stderr(&refused));
     a.stop();
     b.stop();
+}
+
+#[test]
+fn a_sqlite_vault_copied_to_postgres_keeps_every_token_key_version_and_audit_record() {
+    let database = pg::Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = nodes_on(tmp.path(), &[], &[]).remove(0);
+    let sqlite = Node::start(&dir);
+    let names = sqlite.ok("tokenize", "name", &["Ada Lovelace", "Grace Hopper"]);
+    sqlite.keys(&["rotate", "--collection", "name"]);
+    let later = sqlite.ok("tokenize", "name", &["Alan Turing"]);
+    let ssn = sqlite.ok("tokenize", "ssn", &["078-05-1120"]);
+    sqlite.keys(&["rotate-index", "--collection", "ssn"]);
+    let card = sqlite.ok("tokenize", "card", &["4111 1111 1111 1111"]);
+    assert!(sqlite.run("delete", "name", &[&names[1]]).status.success());
+
+    // Copied while the vault serves: one snapshot of the file.
+    let copy = |url: &str| {
+        let dir = dir.to_str().unwrap();
+        piivault(&[
+            "store",
+            "copy",
+            "--data-dir",
+            dir,
+            "--postgres-url",
+            url,
+            "--postgres-password-env",
+            pg::PASSWORD_VAR,
+        ])
+    };
+    let out = copy(&database.settings.url);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert!(said.starts_with("copied 5 records, "), "{said}");
+    let copied_audit: u64 = said.split(" audit records").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    // A second copy into the database, which is a store now, is refused.
+    let again = copy(&database.settings.url);
+    assert!(!again.status.success() && stderr(&again).contains("already exists"), "{}", stderr(&again));
+    sqlite.stop();
+
+    // The same directory, its [store] now the database.
+    let config = dir.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "backend = \"sqlite\"\npath = \"vault.db\"\n",
+        &format!(
+            "backend = \"postgres\"\nurl = \"{}\"\npassword_env = \"{}\"\n",
+            database.settings.url,
+            pg::PASSWORD_VAR
+        ),
+    );
+    assert!(text.contains("backend = \"postgres\""), "{text}");
+    std::fs::write(&config, text).unwrap();
+    let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let verified: u64 = stdout(&out).strip_prefix("ok: ").unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(verified, copied_audit, "{}", stdout(&out));
+
+    let postgres = Node::start(&dir);
+    // Every token answers as before, under both key versions; the deleted
+    // one stays deleted; the deterministic value keeps its token.
+    assert_eq!(postgres.ok("detokenize", "name", &[&names[0], &later[0]]), ["Ada Lovelace", "Alan Turing"]);
+    let out = postgres.run("detokenize", "name", &[&names[1]]);
+    assert_eq!(stdout(&out), "error: NOT_FOUND: token not found");
+    assert_eq!(postgres.ok("detokenize", "card", &[&card[0]]), ["4111 1111 1111 1111"]);
+    assert_eq!(crate_digits(&postgres.ok("tokenize", "ssn", &["078051120"])[0]), crate_digits(&ssn[0]));
+    assert_eq!(postgres.encryptions("name"), [(1, 2), (2, 1)]);
+    // New records take new numbers: a new token never repeats an old one.
+    let new = postgres.ok("tokenize", "name", &["Barbara Liskov"]);
+    assert!(!names.contains(&new[0]) && new != later);
+    postgres.stop();
+    let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 /// How `piivault serve` of node `dir` ended, when it must not start.

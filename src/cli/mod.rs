@@ -134,6 +134,11 @@ enum Command {
     /// throughput, latency percentiles, errors and (with --server-pid) the
     /// server's CPU per request and peak RSS.
     Bench(bench::BenchArgs),
+    /// The store itself: moving a vault to another backend.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Copy the whole store from a running vault, consistently, while
     /// traffic continues (as an admin). Restore: stop the vault, put the
     /// file in place as vault.db (no -wal or -shm beside it), start it with
@@ -144,6 +149,22 @@ enum Command {
         out: PathBuf,
         #[command(flatten)]
         connect: client::ConnectArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy a SQLite vault's whole store into an empty PostgreSQL database:
+    /// every token, key version and audit record, from one snapshot of the
+    /// file (the vault may serve meanwhile; what it writes after the
+    /// snapshot is not copied). Then point the vault's config at the
+    /// database (the command prints the `[store]` lines) and start it.
+    Copy {
+        /// The SQLite vault's data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        postgres: PostgresInitArgs,
     },
 }
 
@@ -219,6 +240,9 @@ pub fn main() -> ExitCode {
     let named_by_flags = match &cli.command {
         Command::Init { pkcs11, raw_key_env, postgres, .. } => {
             [pkcs11.pkcs11_pin_env.as_deref(), raw_key_env.as_deref(), postgres.postgres_password_env.as_deref()]
+        }
+        Command::Store { command: StoreCommand::Copy { postgres, .. } } => {
+            [None, None, postgres.postgres_password_env.as_deref()]
         }
         _ => [None, None, None],
     };
@@ -322,6 +346,15 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Tokenize(args) => client::run(client::Op::Tokenize, args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Backup { out, connect } => keys::backup(&out, &connect).await,
+        Command::Store { command: StoreCommand::Copy { data_dir, postgres } } => {
+            let absolute = |file: &Path| {
+                std::path::absolute(file).with_context(|| format!("{}", file.display())).or_fail(Failure::Usage)
+            };
+            let Some(settings) = postgres.settings(absolute)? else {
+                return Err(CliError { failure: Failure::Usage, error: anyhow::anyhow!("give --postgres-url") });
+            };
+            store_copy(&data_dir, &settings)
+        }
         Command::Detokenize(args) => client::run(client::Op::Detokenize, args).await,
         Command::Delete(args) => client::run(client::Op::Delete, args).await,
     }
@@ -364,6 +397,34 @@ impl PostgresInitArgs {
         let ca_file = self.postgres_ca_file.as_deref().map(absolute).transpose()?;
         Ok(Some(crate::config::PostgresSettings { url, password, ca_file, node: self.node }))
     }
+}
+
+/// `piivault store copy`: the SQLite store of the vault in `data_dir` into
+/// the database `settings` name; prints what moved and the `[store]`
+/// lines that serve from it.
+fn store_copy(data_dir: &Path, settings: &crate::config::PostgresSettings) -> Result<(), CliError> {
+    let config = load_config(&data_dir.join(crate::config::CONFIG_FILE))?;
+    let crate::config::StoreBackend::Sqlite { path } = &config.store_backend else {
+        return Err(CliError {
+            failure: Failure::Usage,
+            error: anyhow::anyhow!("this vault's store is not a SQLite file: nothing to copy"),
+        });
+    };
+    let copied = crate::store::postgres::copy_from_sqlite(path, settings)
+        .map_err(|e| CliError { failure: store_failure(&e), error: anyhow::Error::new(e).context("store copy") })?;
+    say(&format!(
+        "copied {} records, {} key versions and {} audit records into the database (audit chain {})",
+        copied.rows("records"),
+        copied.rows("keys") + copied.rows("vault_keys"),
+        copied.rows("audit"),
+        settings.node
+    ));
+    say(&format!(
+        "to serve from it, stop the vault, replace the [store] table of {} with these lines, and start it:\n[store]\n{}",
+        data_dir.join(crate::config::CONFIG_FILE).display(),
+        settings.table_lines()
+    ));
+    Ok(())
 }
 
 /// Loads a config file (exit 78 when it is wrong).

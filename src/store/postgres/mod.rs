@@ -32,6 +32,7 @@
 
 mod audit;
 mod collections;
+mod copy;
 mod keys;
 mod records;
 mod schema;
@@ -51,6 +52,7 @@ use crate::audit::AuditSink;
 use crate::config::{PostgresSettings, SecretSource};
 use crate::store::{BackupTaken, Capabilities, OpenMode, Store, StoreError, now_micros};
 
+pub use copy::{Copied, copy_from_sqlite};
 pub use schema::schema_version;
 use writer::{Job, ReadJob, WriteJob, WriteTx};
 

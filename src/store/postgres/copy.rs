@@ -1,0 +1,130 @@
+//! `piivault store copy`: a SQLite vault's whole store into an empty
+//! PostgreSQL database, as one snapshot of the file (a read transaction:
+//! the vault may serve meanwhile) and one PostgreSQL transaction (a copy
+//! that fails leaves the database empty). Every row keeps its numbers, so
+//! every token, key version and audit record is the same afterwards; the
+//! SQLite trail becomes the chain of the node the settings name.
+
+use std::path::Path;
+
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::types::{ToSql, Type};
+use rusqlite::types::ValueRef;
+
+use super::{Connector, schema};
+use crate::config::PostgresSettings;
+use crate::store::{OpenMode, StoreError, now_micros};
+
+/// What a copy moved: rows per table, in copy order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copied {
+    /// `(table, rows)`.
+    pub tables: Vec<(&'static str, u64)>,
+}
+
+impl Copied {
+    /// Rows copied into `table`.
+    pub fn rows(&self, table: &str) -> u64 {
+        self.tables.iter().find(|(t, _)| *t == table).map_or(0, |(_, n)| *n)
+    }
+}
+
+/// The tables of both schemas, parents first, with their common columns,
+/// and whether PostgreSQL keys their rows by audit chain too.
+const TABLES: [(&str, &str, bool); 9] = [
+    ("collections", "id, name, created_at, token_kind, canonical_index_from", false),
+    ("vault_keys", "purpose, version, state, wrapped, created_at", false),
+    ("keys", "collection_id, purpose, version, state, wrapped, created_at, encryptions, live, retired_at", false),
+    ("sequences", "collection_id, shape, next", false),
+    (
+        "records",
+        "collection_id, seq, token_check, token, shaped, key_version, ciphertext, created_at, deleted_at, expires_at",
+        false,
+    ),
+    ("legacy_tokens", "collection_id, canonical, token", false),
+    ("blind_index", "collection_id, version, digest, seq", false),
+    ("audit", "seq, at, caller, action, collection, outcome, record, mac", true),
+    ("audit_records", "audit_seq, collection_id, record_seq", true),
+];
+
+/// Copies the SQLite store at `source` into the empty database of
+/// `settings` (made a piivault store first).
+pub fn copy_from_sqlite(source: &Path, settings: &PostgresSettings) -> Result<Copied, StoreError> {
+    let (source, settings) = (source.to_owned(), settings.clone());
+    // The blocking client runs a runtime of its own: not on a caller's.
+    std::thread::spawn(move || copy(&source, &settings))
+        .join()
+        .map_err(|_| StoreError::Backend("the copying thread panicked".into()))?
+}
+
+fn copy(source: &Path, settings: &PostgresSettings) -> Result<Copied, StoreError> {
+    if !source.exists() {
+        return Err(StoreError::Missing);
+    }
+    let src = rusqlite::Connection::open_with_flags(source, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    src.busy_timeout(std::time::Duration::from_secs(10))?;
+    let version: i64 = src.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if usize::try_from(version).ok() != Some(crate::store::sqlite::schema_version()) {
+        return Err(StoreError::CannotOpen(format!(
+            "the SQLite store is at schema version {version}, not {}: open it once with this piivault (it migrates), then copy",
+            crate::store::sqlite::schema_version()
+        )));
+    }
+    // One snapshot for every table: a deferred read transaction sees the
+    // file as of its first read, whatever the serving vault writes after.
+    src.execute_batch("BEGIN")?;
+    let mut conn = Connector::new(settings)?.connect()?;
+    schema::migrate(&mut conn, OpenMode::Create)?;
+    let mut tx = conn.transaction()?;
+    tx.execute("INSERT INTO audit_chains (chain, created_at) VALUES ($1, $2)", &[&settings.node, &now_micros()])?;
+    let mut copied = Copied { tables: Vec::with_capacity(TABLES.len()) };
+    for (table, columns, chained) in TABLES {
+        let target = if chained { format!("{columns}, chain") } else { columns.to_owned() };
+        let types: Vec<Type> =
+            tx.prepare(&format!("SELECT {target} FROM {table}"))?.columns().iter().map(|c| c.type_().clone()).collect();
+        let sink = tx.copy_in(&format!("COPY {table} ({target}) FROM STDIN BINARY"))?;
+        let mut writer = BinaryCopyInWriter::new(sink, &types);
+        let mut statement = src.prepare(&format!("SELECT {columns} FROM {table}"))?;
+        let mut rows = statement.query([])?;
+        let mut n = 0u64;
+        while let Some(row) = rows.next()? {
+            let mut values: Vec<Box<dyn ToSql + Sync>> = Vec::with_capacity(types.len());
+            for (i, ty) in types.iter().enumerate() {
+                if chained && i + 1 == types.len() {
+                    values.push(Box::new(settings.node.clone()));
+                } else {
+                    values.push(sql_value(row.get_ref(i)?, ty)?);
+                }
+            }
+            let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(AsRef::as_ref).collect();
+            writer.write(&refs)?;
+            n += 1;
+        }
+        writer.finish()?;
+        copied.tables.push((table, n));
+    }
+    // New collections are numbered after the copied ones.
+    tx.execute(
+        "SELECT setval(pg_get_serial_sequence('collections', 'id'), COALESCE(max(id), 1), count(*) > 0) FROM collections",
+        &[],
+    )?;
+    tx.commit()?;
+    src.execute_batch("COMMIT")?;
+    Ok(copied)
+}
+
+/// A SQLite value as the PostgreSQL column of type `ty` takes it; anything
+/// else is a row this schema does not hold.
+fn sql_value(value: ValueRef<'_>, ty: &Type) -> Result<Box<dyn ToSql + Sync>, StoreError> {
+    Ok(match value {
+        ValueRef::Null if *ty == Type::INT8 => Box::new(None::<i64>),
+        ValueRef::Null if *ty == Type::TEXT => Box::new(None::<String>),
+        ValueRef::Null if *ty == Type::BYTEA => Box::new(None::<Vec<u8>>),
+        ValueRef::Integer(n) if *ty == Type::INT8 => Box::new(n),
+        ValueRef::Text(text) if *ty == Type::TEXT => {
+            Box::new(String::from_utf8(text.to_vec()).map_err(|_| StoreError::Corrupt)?)
+        }
+        ValueRef::Blob(bytes) if *ty == Type::BYTEA => Box::new(bytes.to_vec()),
+        _ => return Err(StoreError::Corrupt),
+    })
+}
