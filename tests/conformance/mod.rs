@@ -31,6 +31,7 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@each $fresh;
             records_round_trip_in_the_order_asked,
             a_taken_token_fails_alone,
+            a_record_under_a_version_out_of_use_fails_alone,
             sealed_records_are_found_by_place_and_random_half,
             shaped_records_are_found_by_place_and_whole_token,
             sequence_numbers_are_never_handed_out_twice,
@@ -432,6 +433,37 @@ pub async fn erased_tokens_are_gone_and_never_issued_again(fresh: Fresh) {
     // What the backend promises about residue is stated, either way.
     let caps = store.capabilities();
     assert!(!caps.backend.is_empty());
+}
+
+/// A record sealed under a key version that is not in use (here one never
+/// added; on a shared store, one another node retired) is a conflict, and
+/// nothing of its request is written. Requests written beside it, before
+/// or after it in one group commit, are not touched.
+pub async fn a_record_under_a_version_out_of_use_fails_alone(fresh: Fresh) {
+    let id = ready(&fresh).await;
+    let store = fresh.store.as_ref();
+    let insert = |records| store.insert_records(id, records, audit("tokenize"), render());
+    let (before, refused, after) = tokio::join!(
+        insert(vec![record("g1", 1, b"a")]),
+        insert(vec![record("b1", 1, b"b"), record("b2", 9, b"c")]),
+        insert(vec![record("g2", 1, b"d")]),
+    );
+    assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
+    assert_eq!((before.unwrap(), after.unwrap()), (vec![InsertOutcome::Inserted], vec![InsertOutcome::Inserted]));
+    // Refused last in its group.
+    let (kept, last) = tokio::join!(insert(vec![record("g3", 1, b"e")]), insert(vec![record("b3", 9, b"f")]));
+    assert_eq!(kept.unwrap(), [InsertOutcome::Inserted]);
+    assert!(matches!(last, Err(StoreError::Conflict)), "{last:?}");
+
+    assert_eq!(
+        read(store, id, &["g1", "g2", "g3", "b1", "b2", "b3"]).await,
+        [Some(b"a".to_vec()), Some(b"d".to_vec()), Some(b"e".to_vec()), None, None, None]
+    );
+    let keys = store.list_keys(id, KeyPurpose::Data).await.unwrap();
+    assert_eq!((keys.len(), keys[0].records, keys[0].encryptions), (1, 3, 3), "the refused were not counted");
+    let mut tokens: Vec<_> = chain(store).await.into_iter().flat_map(|(_, r)| r.tokens).collect();
+    tokens.sort();
+    assert_eq!(tokens, ["g1", "g2", "g3"], "only the written requests are in the trail");
 }
 
 pub async fn key_versions_follow_their_lifecycle(fresh: Fresh) {

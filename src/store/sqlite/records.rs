@@ -502,16 +502,18 @@ fn erase(tx: &mut WriteTx<'_>, collection: CollectionId, row: &Row) -> Result<bo
 }
 
 /// Records newly sealed under versions of `collection`: adds to each
-/// version's encryption counter and live-record count.
+/// version's encryption counter and live-record count. A version no longer
+/// in use (retired, being emptied, compromised) counts nothing.
 const COUNT_SEALED: &str = "UPDATE keys SET encryptions = encryptions + ?1, live = live + ?1
-     WHERE collection_id = ?2 AND purpose = 'data' AND version = ?3";
+     WHERE collection_id = ?2 AND purpose = 'data' AND version = ?3 AND state IN ('primary', 'active')";
 
 /// Records that left versions of `collection` (deleted, or re-encrypted
 /// onto another version): subtracts from each version's live count.
 const COUNT_REMOVED: &str =
     "UPDATE keys SET live = live - ?1 WHERE collection_id = ?2 AND purpose = 'data' AND version = ?3";
 
-/// Applies one of the counter updates above to each version's count.
+/// Applies one of the counter updates above to each version's count; a
+/// version that is not there to count is a conflict.
 fn count(
     conn: &Connection,
     sql: &str,
@@ -520,7 +522,9 @@ fn count(
 ) -> Result<(), StoreError> {
     let mut stmt = conn.prepare_cached(sql)?;
     for (version, n) in per_version {
-        stmt.execute(params![n, collection.0, version])?;
+        if stmt.execute(params![n, collection.0, version])? != 1 {
+            return Err(StoreError::Conflict);
+        }
     }
     Ok(())
 }
