@@ -50,33 +50,35 @@ impl WriteTx<'_, '_> {
                 error
             }
         };
-        self.tx
-            .execute(
-                "INSERT INTO audit (chain, seq, at, caller, action, collection, outcome, record, mac)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                &[
-                    &self.audit.chain,
-                    &seq_sql,
-                    &record.at_micros,
-                    &record.caller,
-                    &record.action,
-                    &record.collection,
-                    &record.outcome,
-                    &encoded,
-                    &mac.as_slice(),
-                ],
-            )
-            .map_err(audit_failed)?;
-        if !seqs.is_empty() {
-            let record_seqs = seqs.iter().map(|&s| sql_i64(s)).collect::<Result<Vec<i64>, _>>()?;
-            self.tx
-                .execute(
-                    "INSERT INTO audit_records (chain, audit_seq, collection_id, record_seq)
-                     SELECT $1, $2, $3, s FROM unnest($4::bigint[]) AS s ON CONFLICT DO NOTHING",
-                    &[&self.audit.chain, &seq_sql, &collection.0, &record_seqs],
-                )
-                .map_err(audit_failed)?;
-        }
+        let record_seqs = seqs.iter().map(|&s| sql_i64(s)).collect::<Result<Vec<i64>, _>>()?;
+        let params: [&(dyn postgres::types::ToSql + Sync); 11] = [
+            &self.audit.chain,
+            &seq_sql,
+            &record.at_micros,
+            &record.caller,
+            &record.action,
+            &record.collection,
+            &record.outcome,
+            &encoded,
+            &mac.as_slice(),
+            &collection.0,
+            &record_seqs,
+        ];
+        // The record and its index entries in one statement (one round
+        // trip); the entries' reference to the record is checked at its end.
+        let sql = if seqs.is_empty() {
+            "INSERT INTO audit (chain, seq, at, caller, action, collection, outcome, record, mac)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        } else {
+            "WITH entry AS (
+                 INSERT INTO audit (chain, seq, at, caller, action, collection, outcome, record, mac)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             )
+             INSERT INTO audit_records (chain, audit_seq, collection_id, record_seq)
+             SELECT $1, $2, $10, s FROM unnest($11::bigint[]) AS s ON CONFLICT DO NOTHING"
+        };
+        let params = if seqs.is_empty() { &params[..9] } else { &params[..] };
+        self.tx.execute(sql, params).map_err(audit_failed)?;
         self.audit.tentative = Head { seq, mac };
         if self.audit.sink.is_some() {
             self.audit.pending.push((seq, record.clone(), mac));

@@ -137,6 +137,19 @@ impl Connector {
         Ok(Self { config, tls })
     }
 
+    /// The writer's: its statements are planned once per connection. Each
+    /// finds or changes its rows by key, so the generic plan is the plan,
+    /// and planning it again at every execution (PostgreSQL's custom plans,
+    /// which it keeps choosing for array parameters) was a third of the
+    /// server's CPU per single-value tokenize. Readers keep custom plans:
+    /// their paging and audit queries depend on the values asked.
+    fn for_writer(&self) -> Self {
+        let mut writer = self.clone();
+        let options = format!("{} -c plan_cache_mode=force_generic_plan", self.config.get_options().unwrap_or(""));
+        writer.config.options(&options);
+        writer
+    }
+
     fn connect(&self) -> Result<postgres::Client, StoreError> {
         let connected = match &self.tls {
             Some(tls) => self.config.connect(tls.clone()),
@@ -240,8 +253,9 @@ impl PostgresStore {
         // The blocking client runs a runtime of its own, which cannot start
         // on a thread of the caller's: the first connection is made on a
         // thread of its own too.
+        let writer_connector = connector.for_writer();
         let conn = {
-            let connector = connector.clone();
+            let connector = writer_connector.clone();
             std::thread::spawn(move || -> Result<postgres::Client, StoreError> {
                 let mut conn = connector.connect()?;
                 schema::migrate(&mut conn, mode)?;
@@ -261,7 +275,6 @@ impl PostgresStore {
             stopping: Arc::default(),
         };
         let max_batch = options.max_group_commit.max(1);
-        let writer_connector = connector.clone();
         let sink = options.sink;
         store.threads.push(spawn("piivault-pg-writer", move || {
             writer::writer_loop(conn, &writer_connector, chain, &write_rx, max_batch, sink);

@@ -29,8 +29,9 @@ impl RecordStore for PostgresStore {
             let mut outcomes = Vec::with_capacity(records.len());
             let mut per_version: BTreeMap<u32, i64> = BTreeMap::new();
             let mut located = Vec::with_capacity(records.len());
-            // Without blind indexes, every record goes in with one
-            // statement; a deterministic collection's records go one by one.
+            // Without blind indexes, every record goes in, and is counted,
+            // with one statement; a deterministic collection's records go
+            // one by one.
             let bulk = if records.iter().all(|r| r.index.is_none()) {
                 Some(insert_all(tx, collection, &records, now)?)
             } else {
@@ -39,7 +40,6 @@ impl RecordStore for PostgresStore {
             for r in records {
                 if let Some(inserted) = &bulk {
                     if inserted.contains(&r.at.seq) {
-                        *per_version.entry(r.key_version).or_default() += 1;
                         audit.tokens.push(render(&r.at));
                         located.push(r.at.seq);
                         outcomes.push(InsertOutcome::Inserted);
@@ -396,7 +396,8 @@ impl RecordStore for PostgresStore {
 
 /// Inserts `records` (none with a blind index) in one statement, each
 /// unless its place or token text is taken, or its text is a token issued
-/// before tokens located their records; returns the places inserted.
+/// before tokens located their records, and counts them under their key
+/// versions; returns the places inserted.
 fn insert_all(
     tx: &mut WriteTx<'_, '_>,
     collection: CollectionId,
@@ -420,19 +421,44 @@ fn insert_all(
         ciphertexts.push(r.ciphertext.as_slice());
         expiries.push(r.expires_at);
     }
+    // The records go in and their versions are counted (see
+    // [`COUNT_SEALED`]) in one statement: one round trip.
     let inserted = tx.tx.query(
-        "INSERT INTO records (collection_id, seq, token_check, token, shaped, key_version, ciphertext, created_at, expires_at)
-         SELECT $1, u.seq, u.token_check, u.token, u.shaped, u.key_version, u.ciphertext, $2, u.expires_at
-         FROM unnest($3::bigint[], $4::bytea[], $5::text[], $6::text[], $7::bigint[], $8::bytea[], $9::bigint[])
-              AS u (seq, token_check, token, shaped, key_version, ciphertext, expires_at)
-         WHERE coalesce(u.token, u.shaped) IS NULL OR NOT (
-             EXISTS (SELECT 1 FROM records r WHERE r.collection_id = $1 AND r.token = coalesce(u.token, u.shaped))
-             OR EXISTS (SELECT 1 FROM legacy_tokens l WHERE l.collection_id = $1 AND l.canonical = coalesce(u.token, u.shaped)))
-         ON CONFLICT DO NOTHING
-         RETURNING seq",
+        "WITH inserted AS (
+             INSERT INTO records (collection_id, seq, token_check, token, shaped, key_version, ciphertext, created_at, expires_at)
+             SELECT $1, u.seq, u.token_check, u.token, u.shaped, u.key_version, u.ciphertext, $2, u.expires_at
+             FROM unnest($3::bigint[], $4::bytea[], $5::text[], $6::text[], $7::bigint[], $8::bytea[], $9::bigint[])
+                  AS u (seq, token_check, token, shaped, key_version, ciphertext, expires_at)
+             -- OFFSET 0: an index probe per record, never a (generic)
+             -- plan that hashes the whole collection's tokens first.
+             WHERE coalesce(u.token, u.shaped) IS NULL OR NOT (
+                 EXISTS (SELECT 1 FROM records r
+                         WHERE r.collection_id = $1 AND r.token = coalesce(u.token, u.shaped) OFFSET 0)
+                 OR EXISTS (SELECT 1 FROM legacy_tokens l
+                            WHERE l.collection_id = $1 AND l.canonical = coalesce(u.token, u.shaped) OFFSET 0))
+             ON CONFLICT DO NOTHING
+             RETURNING seq, key_version
+         ), used AS (
+             SELECT key_version, count(*) AS n FROM inserted GROUP BY key_version
+         ), counted AS (
+             UPDATE keys k SET encryptions = k.encryptions + used.n, live = k.live + used.n
+             FROM used
+             WHERE k.collection_id = $1 AND k.purpose = 'data' AND k.version = used.key_version
+               AND k.state IN ('primary', 'active')
+             RETURNING k.version
+         )
+         SELECT seq, (SELECT count(*) FROM used) = (SELECT count(*) FROM counted) FROM inserted",
         &[&collection.0, &now, &seqs, &checks, &texts, &shapeds, &versions, &ciphertexts, &expiries],
     )?;
-    inserted.iter().map(|row| stored_u64(row.try_get(0)?)).collect()
+    let mut seqs = std::collections::HashSet::with_capacity(inserted.len());
+    for row in &inserted {
+        // A version that is not there to count is a conflict.
+        if !row.try_get::<_, bool>(1)? {
+            return Err(StoreError::Conflict);
+        }
+        seqs.insert(stored_u64(row.try_get(0)?)?);
+    }
+    Ok(seqs)
 }
 
 /// The columns [`read_row`] reads, in its order (a macro, so that the

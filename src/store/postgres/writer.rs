@@ -277,7 +277,9 @@ pub(super) fn writer_loop(
 }
 
 /// One group commit: every job in its own savepoint (a batch of one runs
-/// in the transaction itself), one commit, then every answer. A job's own
+/// in the transaction itself), one commit, then every answer. A savepoint
+/// costs one round trip per job: the one that ends the previous job's also
+/// begins the next, and the commit ends the last. A job's own
 /// failure rolls back only that job. If the transaction as a whole fails,
 /// every job fails and nothing is written. Returns `false` when the
 /// connection can no longer be trusted (lost, or a commit whose outcome is
@@ -305,45 +307,32 @@ fn commit_batch(
     let alone = batch.len() == 1;
     let mut outcomes: Vec<(Box<WriteJob>, Result<(), StoreError>)> = Vec::with_capacity(batch.len());
     let mut aborted: Option<StoreError> = None;
+    // Whether the job before this one succeeded: its savepoint is ended,
+    // and this job's begun, in one round trip.
+    let mut previous: Option<bool> = None;
     for mut job in batch {
         if aborted.is_some() {
             outcomes.push((job, Err(StoreError::Closed)));
             continue;
         }
+        if !alone && let Err(e) = tx.batch_execute(next_savepoint(previous)) {
+            let error = StoreError::from(e);
+            aborted = Some(error.clone());
+            outcomes.push((job, Err(error)));
+            continue;
+        }
         let before = audit.tentative;
         let held_before = audit.held;
         let pending_before = audit.pending.len();
-        let result = if alone {
-            let result = job.apply(&mut WriteTx {
-                tx: Db { session: Session::Tx(&mut tx), statements: &mut *statements },
-                audit: &mut *audit,
-                leases: &mut *leases,
-            });
-            if let Err(error) = &result {
-                aborted = Some(error.clone());
-            }
-            result
-        } else {
-            match tx.savepoint("job") {
-                Err(e) => {
-                    let error = StoreError::from(e);
-                    aborted = Some(error.clone());
-                    Err(error)
-                }
-                Ok(mut savepoint) => {
-                    let result = job.apply(&mut WriteTx {
-                        tx: Db { session: Session::Tx(&mut savepoint), statements: &mut *statements },
-                        audit: &mut *audit,
-                        leases: &mut *leases,
-                    });
-                    let ended = if result.is_ok() { savepoint.commit() } else { savepoint.rollback() };
-                    if let Err(e) = ended {
-                        aborted = Some(e.into());
-                    }
-                    result
-                }
-            }
-        };
+        let result = job.apply(&mut WriteTx {
+            tx: Db { session: Session::Tx(&mut tx), statements: &mut *statements },
+            audit: &mut *audit,
+            leases: &mut *leases,
+        });
+        previous = Some(result.is_ok());
+        if alone && let Err(error) = &result {
+            aborted = Some(error.clone());
+        }
         if result.is_err() {
             audit.pending.truncate(pending_before);
             match audit.taken_at {
@@ -358,6 +347,15 @@ fn commit_batch(
             }
         }
         outcomes.push((job, result));
+    }
+    // The last job's savepoint ends with the commit; a failed last job is
+    // rolled back first.
+    if aborted.is_none()
+        && !alone
+        && previous == Some(false)
+        && let Err(e) = tx.batch_execute("ROLLBACK TO SAVEPOINT job")
+    {
+        aborted = Some(e.into());
     }
     let committed = match aborted {
         Some(error) => {
@@ -390,4 +388,15 @@ fn commit_batch(
         job.finish(crate::store::job::outcome(&committed, own));
     }
     trusted
+}
+
+/// What begins a job's savepoint in a group commit, ending the previous
+/// job's (released if it succeeded, rolled back if it failed) in the same
+/// round trip.
+fn next_savepoint(previous: Option<bool>) -> &'static str {
+    match previous {
+        None => "SAVEPOINT job",
+        Some(true) => "RELEASE SAVEPOINT job; SAVEPOINT job",
+        Some(false) => "ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job; SAVEPOINT job",
+    }
 }
