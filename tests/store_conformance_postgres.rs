@@ -72,3 +72,27 @@ async fn quota_use_is_summed_across_the_other_nodes() {
     longer.sort_by_key(|u| u.minute);
     assert_eq!(longer, [used("x", now - 90, 7), used("x", now, 9)]);
 }
+
+/// A reader connection the server ended while it was idle (a restart, a
+/// failover, an administrator) costs no read an error: the read that finds
+/// it lost runs again on a new connection.
+#[tokio::test]
+async fn a_read_on_a_connection_the_server_ended_runs_again() {
+    use piivault::audit::Head;
+    let database = pg::Database::new();
+    let store = open_node(&database, "a", OpenMode::Create);
+    // Reads at once, so that every reader thread has its connection.
+    let mut reads = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let store = store.clone();
+        reads.spawn(async move { store.audit_head().await.unwrap() });
+    }
+    assert_eq!(reads.join_all().await, vec![Head::GENESIS; 64]);
+    pg::admin(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
+        database.name
+    ));
+    for _ in 0..64 {
+        assert_eq!(store.audit_head().await.unwrap(), Head::GENESIS);
+    }
+}

@@ -309,17 +309,26 @@ impl PostgresStore {
 
     /// Runs `work` on a reader connection, each statement in autocommit (the
     /// reads' statements need no common snapshot: a record found is read
-    /// whole by one statement, and audit rows never change).
+    /// whole by one statement, and audit rows never change); again, on a new
+    /// connection, if the one it ran on was found lost.
     async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Db<'_, '_>) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&mut Db<'_, '_>) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let job: ReadJob = Box::new(move |client| {
+        let mut reply = Some(reply);
+        let mut work = work;
+        let job: ReadJob = Box::new(move |client, may_retry| {
             let result =
                 client.and_then(|(client, statements)| work(&mut Db { session: Session::Auto(client), statements }));
-            let _ = reply.send(result);
+            if may_retry && matches!(result, Err(StoreError::Unreachable)) {
+                return false;
+            }
+            if let Some(reply) = reply.take() {
+                let _ = reply.send(result);
+            }
+            true
         });
         self.readers.as_ref().ok_or(StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?

@@ -12,8 +12,11 @@ use crate::audit::{AuditKey, AuditRecord, AuditSink, Head};
 use crate::store::{StoreError, now_micros};
 
 /// A read request: runs on a reader connection, or is told why there is
-/// none.
-pub(super) type ReadJob = Box<dyn FnOnce(Result<(&mut postgres::Client, &mut Statements), StoreError>) + Send>;
+/// none. With `may_retry`, a read that found the connection lost answers
+/// nothing and returns `false`, to be run again on a new connection (reads
+/// change nothing); otherwise it answers and returns `true`.
+pub(super) type ReadJob =
+    Box<dyn FnMut(Result<(&mut postgres::Client, &mut Statements), StoreError>, bool) -> bool + Send>;
 
 /// This node's audit chain as the writer sees it: its name, the key, the
 /// head as committed, and the head including records written in the open
@@ -196,23 +199,40 @@ pub(super) fn listener_loop(
     }
 }
 
+/// Serves reads on a connection of its own, made when the first read comes
+/// and again after it was lost. A connection idle since the server went
+/// away (a restart, a failover) is found lost only by the read that uses
+/// it: that read runs again on a new connection, so a caller never sees
+/// the old server's end.
 pub(super) fn reader_loop(connector: &Connector, jobs: &Receiver<ReadJob>) {
+    // A reader never writes: its session refuses to.
+    let connect = || {
+        connector
+            .connect()
+            .and_then(|mut c| {
+                c.batch_execute("SET default_transaction_read_only = on")?;
+                Ok(c)
+            })
+            .ok()
+            .map(|c| (c, Statements::default()))
+    };
     let mut client: Option<(postgres::Client, Statements)> = None;
-    while let Ok(job) = jobs.recv() {
+    while let Ok(mut job) = jobs.recv() {
+        let mut fresh = false;
         if client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            // A reader never writes: its session refuses to.
-            client = connector
-                .connect()
-                .and_then(|mut c| {
-                    c.batch_execute("SET default_transaction_read_only = on")?;
-                    Ok(c)
-                })
-                .ok()
-                .map(|c| (c, Statements::default()));
+            client = connect();
+            fresh = true;
         }
-        match client.as_mut() {
-            Some((conn, statements)) => job(Ok((conn, statements))),
-            None => job(Err(StoreError::Unreachable)),
+        let answered = match client.as_mut() {
+            Some((conn, statements)) => job(Ok((conn, statements)), !fresh),
+            None => job(Err(StoreError::Unreachable), false),
+        };
+        if !answered {
+            client = connect();
+            match client.as_mut() {
+                Some((conn, statements)) => job(Ok((conn, statements)), false),
+                None => job(Err(StoreError::Unreachable), false),
+            };
         }
     }
 }
