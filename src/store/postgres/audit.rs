@@ -27,43 +27,10 @@ impl WriteTx<'_, '_> {
         collection: CollectionId,
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
-        if self.audit.key.is_none() {
-            return Err(StoreError::AuditUnavailable);
-        }
-        self.audit.hold(&mut self.tx)?;
-        let key = self.audit.key.as_ref().ok_or(StoreError::AuditUnavailable)?;
-        let seq = self.audit.tentative.seq + 1;
-        let encoded = record.encode(seq);
-        let mac = key.chain(&self.audit.tentative.mac, &encoded);
-        let seq_sql = i64::try_from(seq).map_err(|_| StoreError::AuditUnavailable)?;
-        let audit_failed = |e: postgres::Error| {
-            let error = StoreError::from(e);
-            if error.is_unavailable()
-                && !matches!(
-                    error,
-                    StoreError::Full | StoreError::ReadOnly | StoreError::Busy | StoreError::Unreachable
-                )
-            {
-                tracing::error!(error = %error, "audit insert failed");
-                StoreError::AuditUnavailable
-            } else {
-                error
-            }
-        };
+        let next = self.next_audit(record)?;
         let record_seqs = seqs.iter().map(|&s| sql_i64(s)).collect::<Result<Vec<i64>, _>>()?;
-        let params: [&(dyn postgres::types::ToSql + Sync); 11] = [
-            &self.audit.chain,
-            &seq_sql,
-            &record.at_micros,
-            &record.caller,
-            &record.action,
-            &record.collection,
-            &record.outcome,
-            &encoded,
-            &mac.as_slice(),
-            &collection.0,
-            &record_seqs,
-        ];
+        let mut params = next.params(&self.audit.chain);
+        params.extend([&collection.0 as &(dyn postgres::types::ToSql + Sync), &record_seqs]);
         // The record and its index entries in one statement (one round
         // trip); the entries' reference to the record is checked at its end.
         let sql = if seqs.is_empty() {
@@ -79,11 +46,75 @@ impl WriteTx<'_, '_> {
         };
         let params = if seqs.is_empty() { &params[..9] } else { &params[..] };
         self.tx.execute(sql, params).map_err(audit_failed)?;
-        self.audit.tentative = Head { seq, mac };
-        if self.audit.sink.is_some() {
-            self.audit.pending.push((seq, record.clone(), mac));
+        Ok(self.appended(&next))
+    }
+
+    /// The next record of this node's chain, `record` as its encoding and
+    /// MAC, not yet written: see [`WriteTx::appended`]. Without an audit
+    /// key, fails.
+    pub(super) fn next_audit<'r>(&mut self, record: &'r AuditRecord) -> Result<NextAudit<'r>, StoreError> {
+        if self.audit.key.is_none() {
+            return Err(StoreError::AuditUnavailable);
         }
-        Ok(seq)
+        self.audit.hold(&mut self.tx)?;
+        let key = self.audit.key.as_ref().ok_or(StoreError::AuditUnavailable)?;
+        let seq = self.audit.tentative.seq + 1;
+        let encoded = record.encode(seq);
+        let mac = key.chain(&self.audit.tentative.mac, &encoded);
+        let seq_sql = i64::try_from(seq).map_err(|_| StoreError::AuditUnavailable)?;
+        Ok(NextAudit { record, seq, seq_sql, encoded, mac, mac_sql: mac.to_vec() })
+    }
+
+    /// `next` went in with this transaction: it is the chain's head now.
+    pub(super) fn appended(&mut self, next: &NextAudit<'_>) -> u64 {
+        self.audit.tentative = Head { seq: next.seq, mac: next.mac };
+        if self.audit.sink.is_some() {
+            self.audit.pending.push((next.seq, next.record.clone(), next.mac));
+        }
+        next.seq
+    }
+}
+
+/// An audit record numbered, with its MAC, as the next of this node's chain.
+pub(super) struct NextAudit<'r> {
+    record: &'r AuditRecord,
+    seq: u64,
+    seq_sql: i64,
+    encoded: Vec<u8>,
+    mac: [u8; MAC_LEN],
+    mac_sql: Vec<u8>,
+}
+
+impl NextAudit<'_> {
+    /// The values of an `audit` row, in its column order (chain, seq, at,
+    /// caller, action, collection, outcome, record, mac).
+    pub(super) fn params<'p>(&'p self, chain: &'p String) -> Vec<&'p (dyn postgres::types::ToSql + Sync)> {
+        vec![
+            chain,
+            &self.seq_sql,
+            &self.record.at_micros,
+            &self.record.caller,
+            &self.record.action,
+            &self.record.collection,
+            &self.record.outcome,
+            &self.encoded,
+            &self.mac_sql,
+        ]
+    }
+}
+
+/// What a failed audit insert answers: the database's reason where it is
+/// one the caller can act on (full, read-only, busy, away), else that the
+/// audit trail is unavailable.
+pub(super) fn audit_failed(e: postgres::Error) -> StoreError {
+    let error = StoreError::from(e);
+    if error.is_unavailable()
+        && !matches!(error, StoreError::Full | StoreError::ReadOnly | StoreError::Busy | StoreError::Unreachable)
+    {
+        tracing::error!(error = %error, "audit insert failed");
+        StoreError::AuditUnavailable
+    } else {
+        error
     }
 }
 

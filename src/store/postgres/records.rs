@@ -29,11 +29,20 @@ impl RecordStore for PostgresStore {
             let mut outcomes = Vec::with_capacity(records.len());
             let mut per_version: BTreeMap<u32, i64> = BTreeMap::new();
             let mut located = Vec::with_capacity(records.len());
-            // Without blind indexes, every record goes in, and is counted,
-            // with one statement; a deterministic collection's records go
-            // one by one.
+            // Without blind indexes, every record goes in, is counted and
+            // audited with one statement; a deterministic collection's
+            // records go one by one.
             let bulk = if records.iter().all(|r| r.index.is_none()) {
-                Some(insert_all(tx, collection, &records, now)?)
+                let listed = audit.tokens.len();
+                audit.tokens.extend(records.iter().map(|r| render(&r.at)));
+                let (inserted, audited) = insert_all(tx, collection, &records, &audit, now)?;
+                if audited {
+                    return Ok(records.iter().map(|_| InsertOutcome::Inserted).collect());
+                }
+                // A place or token was taken: the audit record lists the
+                // records that went in, and goes in after them.
+                audit.tokens.truncate(listed);
+                Some(inserted)
             } else {
                 None
             };
@@ -397,13 +406,16 @@ impl RecordStore for PostgresStore {
 /// Inserts `records` (none with a blind index) in one statement, each
 /// unless its place or token text is taken, or its text is a token issued
 /// before tokens located their records, and counts them under their key
-/// versions; returns the places inserted.
+/// versions. In the same statement `audit`, which lists every record, goes
+/// in as the next of the chain if every record did. Returns the places
+/// inserted, and whether the audit record went in with them.
 fn insert_all(
     tx: &mut WriteTx<'_, '_>,
     collection: CollectionId,
     records: &[NewRecord],
+    audit: &AuditRecord,
     now: i64,
-) -> Result<std::collections::HashSet<u64>, StoreError> {
+) -> Result<(std::collections::HashSet<u64>, bool), StoreError> {
     let mut seqs = Vec::with_capacity(records.len());
     let (mut checks, mut texts, mut shapeds) = (Vec::new(), Vec::new(), Vec::new());
     let (mut versions, mut ciphertexts, mut expiries) = (Vec::new(), Vec::new(), Vec::new());
@@ -421,44 +433,73 @@ fn insert_all(
         ciphertexts.push(r.ciphertext.as_slice());
         expiries.push(r.expires_at);
     }
-    // The records go in and their versions are counted (see
-    // [`COUNT_SEALED`]) in one statement: one round trip.
-    let inserted = tx.tx.query(
-        "WITH inserted AS (
-             INSERT INTO records (collection_id, seq, token_check, token, shaped, key_version, ciphertext, created_at, expires_at)
-             SELECT $1, u.seq, u.token_check, u.token, u.shaped, u.key_version, u.ciphertext, $2, u.expires_at
-             FROM unnest($3::bigint[], $4::bytea[], $5::text[], $6::text[], $7::bigint[], $8::bytea[], $9::bigint[])
-                  AS u (seq, token_check, token, shaped, key_version, ciphertext, expires_at)
-             -- OFFSET 0: an index probe per record, never a (generic)
-             -- plan that hashes the whole collection's tokens first.
-             WHERE coalesce(u.token, u.shaped) IS NULL OR NOT (
-                 EXISTS (SELECT 1 FROM records r
-                         WHERE r.collection_id = $1 AND r.token = coalesce(u.token, u.shaped) OFFSET 0)
-                 OR EXISTS (SELECT 1 FROM legacy_tokens l
-                            WHERE l.collection_id = $1 AND l.canonical = coalesce(u.token, u.shaped) OFFSET 0))
-             ON CONFLICT DO NOTHING
-             RETURNING seq, key_version
-         ), used AS (
-             SELECT key_version, count(*) AS n FROM inserted GROUP BY key_version
-         ), counted AS (
-             UPDATE keys k SET encryptions = k.encryptions + used.n, live = k.live + used.n
-             FROM used
-             WHERE k.collection_id = $1 AND k.purpose = 'data' AND k.version = used.key_version
-               AND k.state IN ('primary', 'active')
-             RETURNING k.version
-         )
-         SELECT seq, (SELECT count(*) FROM used) = (SELECT count(*) FROM counted) FROM inserted",
-        &[&collection.0, &now, &seqs, &checks, &texts, &shapeds, &versions, &ciphertexts, &expiries],
-    )?;
-    let mut seqs = std::collections::HashSet::with_capacity(inserted.len());
-    for row in &inserted {
-        // A version that is not there to count is a conflict.
-        if !row.try_get::<_, bool>(1)? {
-            return Err(StoreError::Conflict);
-        }
-        seqs.insert(stored_u64(row.try_get(0)?)?);
+    let expected = i64::try_from(records.len()).map_err(|_| StoreError::Corrupt)?;
+    let next = tx.next_audit(audit)?;
+    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> =
+        vec![&collection.0, &now, &seqs, &checks, &texts, &shapeds, &versions, &ciphertexts, &expiries, &expected];
+    params.extend(next.params(&tx.audit.chain));
+    // The records go in, their versions are counted (see [`COUNT_SEALED`])
+    // and, if every record went in, the audit record and its record index
+    // too: one round trip. The index entries' reference to the audit record
+    // is checked at the end of the statement.
+    let row = tx
+        .tx
+        .query_one(
+            "WITH inserted AS (
+                 INSERT INTO records (collection_id, seq, token_check, token, shaped, key_version, ciphertext, created_at, expires_at)
+                 SELECT $1, u.seq, u.token_check, u.token, u.shaped, u.key_version, u.ciphertext, $2, u.expires_at
+                 FROM unnest($3::bigint[], $4::bytea[], $5::text[], $6::text[], $7::bigint[], $8::bytea[], $9::bigint[])
+                      AS u (seq, token_check, token, shaped, key_version, ciphertext, expires_at)
+                 -- OFFSET 0: an index probe per record, never a (generic)
+                 -- plan that hashes the whole collection's tokens first.
+                 WHERE coalesce(u.token, u.shaped) IS NULL OR NOT (
+                     EXISTS (SELECT 1 FROM records r
+                             WHERE r.collection_id = $1 AND r.token = coalesce(u.token, u.shaped) OFFSET 0)
+                     OR EXISTS (SELECT 1 FROM legacy_tokens l
+                                WHERE l.collection_id = $1 AND l.canonical = coalesce(u.token, u.shaped) OFFSET 0))
+                 ON CONFLICT DO NOTHING
+                 RETURNING seq, key_version
+             ), used AS (
+                 SELECT key_version, count(*) AS n FROM inserted GROUP BY key_version
+             ), counted AS (
+                 UPDATE keys k SET encryptions = k.encryptions + used.n, live = k.live + used.n
+                 FROM used
+                 WHERE k.collection_id = $1 AND k.purpose = 'data' AND k.version = used.key_version
+                   AND k.state IN ('primary', 'active')
+                 RETURNING k.version
+             ), complete AS (
+                 SELECT (SELECT count(*) FROM inserted) = $10
+                        AND (SELECT count(*) FROM used) = (SELECT count(*) FROM counted) AS ok
+             ), entry AS (
+                 INSERT INTO audit (chain, seq, at, caller, action, collection, outcome, record, mac)
+                 SELECT $11, $12, $13, $14, $15, $16, $17, $18, $19 FROM complete WHERE ok
+                 RETURNING seq
+             ), indexed AS (
+                 INSERT INTO audit_records (chain, audit_seq, collection_id, record_seq)
+                 SELECT $11, $12, $1, s FROM unnest($3::bigint[]) AS s, complete WHERE complete.ok
+                 ON CONFLICT DO NOTHING
+             )
+             SELECT (SELECT array_agg(seq) FROM inserted),
+                    (SELECT count(*) FROM used) = (SELECT count(*) FROM counted),
+                    (SELECT count(*) FROM entry) = 1",
+            &params,
+        )
+        .map_err(super::audit::audit_failed)?;
+    // A version that is not there to count is a conflict.
+    if !row.try_get::<_, bool>(1)? {
+        return Err(StoreError::Conflict);
     }
-    Ok(seqs)
+    let inserted = row
+        .try_get::<_, Option<Vec<i64>>>(0)?
+        .unwrap_or_default()
+        .into_iter()
+        .map(stored_u64)
+        .collect::<Result<std::collections::HashSet<u64>, _>>()?;
+    let audited = row.try_get::<_, bool>(2)?;
+    if audited {
+        tx.appended(&next);
+    }
+    Ok((inserted, audited))
 }
 
 /// The columns [`read_row`] reads, in its order (a macro, so that the
