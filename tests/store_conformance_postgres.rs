@@ -96,3 +96,30 @@ async fn a_read_on_a_connection_the_server_ended_runs_again() {
         assert_eq!(store.audit_head().await.unwrap(), Head::GENESIS);
     }
 }
+
+/// A store made by an earlier release (schema version 3) is migrated when
+/// a node opens it: the write path's per-row foreign keys go (migration 4),
+/// and the store keeps what it held.
+#[tokio::test]
+async fn a_version_3_store_is_migrated_at_open() {
+    let database = pg::Database::new();
+    let earlier = [
+        include_str!("../migrations/postgres/0001_init.sql"),
+        include_str!("../migrations/postgres/0002_quota_use.sql"),
+        include_str!("../migrations/postgres/0003_key_notify.sql"),
+    ];
+    database.sql(&format!(
+        "CREATE TABLE piivault_schema (application TEXT NOT NULL, version BIGINT NOT NULL);
+         INSERT INTO piivault_schema VALUES ('piivault', 3);
+         {}
+         INSERT INTO collections (name, created_at) VALUES ('kept', 1);",
+        earlier.join("\n")
+    ));
+    let keys = "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND conrelid IN ('records'::regclass, 'audit_records'::regclass)";
+    assert_eq!(database.sql(keys), [[Some("3".to_owned())]]);
+    let store = open_node(&database, "a", OpenMode::Existing);
+    assert_eq!(database.sql("SELECT version FROM piivault_schema"), [[Some("4".to_owned())]]);
+    assert_eq!(database.sql(keys), [[Some("0".to_owned())]]);
+    assert_eq!(database.sql("SELECT name FROM collections"), [[Some("kept".to_owned())]]);
+    drop(store);
+}

@@ -73,6 +73,26 @@ impl Database {
         Self { settings, name }
     }
 
+    /// Runs `sql` (statements separated by `;`) in this database as the
+    /// test user; returns the rows of the last one, each column as text.
+    pub fn sql(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        let (url, sql) = (self.settings.url.clone(), sql.to_owned());
+        std::thread::spawn(move || {
+            let mut config: postgres::Config = url.parse().unwrap();
+            config.password(password());
+            let mut client = config.connect(postgres::NoTls).unwrap();
+            let mut rows = Vec::new();
+            for message in client.simple_query(&sql).unwrap() {
+                if let postgres::SimpleQueryMessage::Row(row) = message {
+                    rows.push((0..row.len()).map(|i| row.get(i).map(str::to_owned)).collect());
+                }
+            }
+            rows
+        })
+        .join()
+        .unwrap()
+    }
+
     /// These settings for another node.
     pub fn node(&self, node: &str) -> PostgresSettings {
         PostgresSettings { node: node.into(), ..self.settings.clone() }

@@ -31,8 +31,8 @@ impl WriteTx<'_, '_> {
         let record_seqs = seqs.iter().map(|&s| sql_i64(s)).collect::<Result<Vec<i64>, _>>()?;
         let mut params = next.params(&self.audit.chain);
         params.extend([&collection.0 as &(dyn postgres::types::ToSql + Sync), &record_seqs]);
-        // The record and its index entries in one statement (one round
-        // trip); the entries' reference to the record is checked at its end.
+        // The record and its index entries in one statement: one round
+        // trip, and no entry without its record.
         let sql = if seqs.is_empty() {
             "INSERT INTO audit (chain, seq, at, caller, action, collection, outcome, record, mac)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"

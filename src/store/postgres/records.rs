@@ -405,8 +405,9 @@ impl RecordStore for PostgresStore {
 
 /// Inserts `records` (none with a blind index) in one statement, each
 /// unless its place or token text is taken, or its text is a token issued
-/// before tokens located their records, and counts them under their key
-/// versions. In the same statement `audit`, which lists every record, goes
+/// before tokens located their records, and each only under a key version
+/// in use (the batch counts them). In the same statement `audit`, which
+/// lists every record, goes
 /// in as the next of the chain if every record did. Returns the places
 /// inserted, and whether the audit record went in with them.
 fn insert_all(
@@ -438,10 +439,10 @@ fn insert_all(
     let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> =
         vec![&collection.0, &now, &seqs, &checks, &texts, &shapeds, &versions, &ciphertexts, &expiries, &expected];
     params.extend(next.params(&tx.audit.chain));
-    // The records go in, their versions are counted (see [`COUNT_SEALED`])
-    // and, if every record went in, the audit record and its record index
-    // too: one round trip. The index entries' reference to the audit record
-    // is checked at the end of the statement.
+    // The records go in, their versions are checked to be in use (the
+    // batch counts them, see `writer::count_batch`) and, if every record
+    // went in under one, the audit record and its record index too: one
+    // round trip.
     let row = tx
         .tx
         .query_one(
@@ -462,11 +463,8 @@ fn insert_all(
              ), used AS (
                  SELECT key_version, count(*) AS n FROM inserted GROUP BY key_version
              ), counted AS (
-                 UPDATE keys k SET encryptions = k.encryptions + used.n, live = k.live + used.n
-                 FROM used
-                 WHERE k.collection_id = $1 AND k.purpose = 'data' AND k.version = used.key_version
-                   AND k.state IN ('primary', 'active')
-                 RETURNING k.version
+                 SELECT k.version FROM keys k JOIN used ON k.version = used.key_version
+                 WHERE k.collection_id = $1 AND k.purpose = 'data' AND k.state IN ('primary', 'active')
              ), complete AS (
                  SELECT (SELECT count(*) FROM inserted) = $10
                         AND (SELECT count(*) FROM used) = (SELECT count(*) FROM counted) AS ok
@@ -498,6 +496,10 @@ fn insert_all(
     let audited = row.try_get::<_, bool>(2)?;
     if audited {
         tx.appended(&next);
+    }
+    // Counted by the batch, once per version, just before it commits.
+    for r in records.iter().filter(|r| inserted.contains(&r.at.seq)) {
+        *tx.sealed.entry((collection.0, r.key_version)).or_default() += 1;
     }
     Ok((inserted, audited))
 }
@@ -656,6 +658,15 @@ const COUNT_SEALED: &str = "UPDATE keys SET encryptions = encryptions + $1, live
 /// onto another version): subtracts from each version's live count.
 const COUNT_REMOVED: &str =
     "UPDATE keys SET live = live - $1 WHERE collection_id = $2 AND purpose = 'data' AND version = $3";
+
+/// Adds records newly sealed to each version's counts: see [`COUNT_SEALED`].
+pub(super) fn count_sealed(
+    conn: &mut Db<'_, '_>,
+    collection: CollectionId,
+    per_version: &BTreeMap<u32, i64>,
+) -> Result<(), StoreError> {
+    count(conn, COUNT_SEALED, collection, per_version)
+}
 
 /// Applies one of the counter updates above to each version's count; a
 /// version that is not there to count (see [`COUNT_SEALED`]) is a conflict.

@@ -55,6 +55,35 @@ impl AuditCursor {
     }
 }
 
+/// Where a job began on the audit chain: see [`AuditCursor::job_failed`].
+#[derive(Clone, Copy)]
+pub(super) struct JobStart {
+    tentative: Head,
+    held: bool,
+    pending: usize,
+}
+
+impl AuditCursor {
+    pub(super) fn before_job(&self) -> JobStart {
+        JobStart { tentative: self.tentative, held: self.held, pending: self.pending.len() }
+    }
+
+    /// Forgets the records of a job whose savepoint was rolled back.
+    pub(super) fn job_failed(&mut self, before: JobStart) {
+        self.pending.truncate(before.pending);
+        match self.taken_at {
+            // The chain was taken by this job and its head reread: that
+            // head stands. Its row in `audit_chains` may have gone with the
+            // job: it is registered again before the next record.
+            Some(head) if self.held && !before.held => {
+                self.tentative = head;
+                self.held = false;
+            }
+            _ => self.tentative = before.tentative,
+        }
+    }
+}
+
 /// The background-job leases this connection's session holds (session
 /// advisory locks: a rollback keeps them, the end of the session ends
 /// them).
@@ -90,7 +119,13 @@ pub(super) struct WriteTx<'a, 't> {
     pub(super) tx: Db<'a, 't>,
     pub(super) audit: &'a mut AuditCursor,
     pub(super) leases: &'a mut Leases,
+    /// Records this job sealed, by collection and key version, for the
+    /// batch to count once before it commits (see [`count_batch`]).
+    pub(super) sealed: Sealed,
 }
+
+/// Records sealed under each `(collection, key version)`.
+pub(super) type Sealed = std::collections::BTreeMap<(i64, u32), i64>;
 
 /// A request for the writer: see [`crate::store::job`].
 pub(super) type WriteJob = dyn for<'a, 't> crate::store::job::WriteJob<WriteTx<'a, 't>>;
@@ -330,6 +365,7 @@ fn commit_batch(
     // Whether the job before this one succeeded: its savepoint is ended,
     // and this job's begun, in one round trip.
     let mut previous: Option<bool> = None;
+    let mut sealed = Sealed::new();
     for mut job in batch {
         if aborted.is_some() {
             outcomes.push((job, Err(StoreError::Closed)));
@@ -341,30 +377,24 @@ fn commit_batch(
             outcomes.push((job, Err(error)));
             continue;
         }
-        let before = audit.tentative;
-        let held_before = audit.held;
-        let pending_before = audit.pending.len();
-        let result = job.apply(&mut WriteTx {
+        let before = audit.before_job();
+        let mut write = WriteTx {
             tx: Db { session: Session::Tx(&mut tx), statements: &mut *statements },
             audit: &mut *audit,
             leases: &mut *leases,
-        });
+            sealed: Sealed::new(),
+        };
+        let result = job.apply(&mut write);
+        if result.is_ok() {
+            for (at, n) in write.sealed {
+                *sealed.entry(at).or_default() += n;
+            }
+        } else {
+            audit.job_failed(before);
+        }
         previous = Some(result.is_ok());
         if alone && let Err(error) = &result {
             aborted = Some(error.clone());
-        }
-        if result.is_err() {
-            audit.pending.truncate(pending_before);
-            match audit.taken_at {
-                // The chain was taken by this job and its head reread: that
-                // head stands. Its row in `audit_chains` may have gone with
-                // the job: it is registered again before the next record.
-                Some(head) if audit.held && !held_before => {
-                    audit.tentative = head;
-                    audit.held = false;
-                }
-                _ => audit.tentative = before,
-            }
         }
         outcomes.push((job, result));
     }
@@ -376,6 +406,12 @@ fn commit_batch(
         && let Err(e) = tx.batch_execute("ROLLBACK TO SAVEPOINT job")
     {
         aborted = Some(e.into());
+    }
+    if aborted.is_none()
+        && let Err(error) =
+            count_batch(&mut Db { session: Session::Tx(&mut tx), statements: &mut *statements }, &sealed)
+    {
+        aborted = Some(error);
     }
     let committed = match aborted {
         Some(error) => {
@@ -408,6 +444,20 @@ fn commit_batch(
         job.finish(crate::store::job::outcome(&committed, own));
     }
     trusted
+}
+
+/// Adds what the batch's jobs sealed to their key versions' counters, one
+/// statement per version, in one order on every node (no deadlock), just
+/// before the commit: the counter row is a version's, shared by every node,
+/// and each node holds it from here to its commit only. A version that a
+/// job found in use but another node took out of use since (see
+/// `COUNT_SEALED`) fails the batch with a conflict: nothing is written.
+fn count_batch(tx: &mut Db<'_, '_>, sealed: &Sealed) -> Result<(), StoreError> {
+    for (&(collection, version), n) in sealed {
+        let per_version = std::iter::once((version, *n)).collect();
+        super::records::count_sealed(tx, crate::store::CollectionId(collection), &per_version)?;
+    }
+    Ok(())
 }
 
 /// What begins a job's savepoint in a group commit, ending the previous
