@@ -447,9 +447,10 @@ fn commit_batch(
 }
 
 /// Adds what the batch's jobs sealed to their key versions' counters, one
-/// statement per version, in one order on every node (no deadlock), just
-/// before the commit: the counter row is a version's, shared by every node,
-/// and each node holds it from here to its commit only. A version that a
+/// statement per version, by collection and version on every node (two
+/// batches' counts never wait on each other in a cycle), just before the
+/// commit: the counter row is a version's, shared by every node, and each
+/// node holds it from here to its commit only. A version that a
 /// job found in use but another node took out of use since (see
 /// `COUNT_SEALED`) fails the batch with a conflict: nothing is written.
 fn count_batch(tx: &mut Db<'_, '_>, sealed: &Sealed) -> Result<(), StoreError> {
