@@ -207,9 +207,7 @@ fn what_one_node_issues_every_node_answers() {
     // Verified from either node's directory, every chain verifies: the
     // node's own first, then the other's, each with its own records.
     for (dir, other) in [(&dirs[0], "node-b"), (&dirs[1], "main")] {
-        let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        let text = stdout(&out);
+        let text = verified(dir);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
         let records = |line: &str| -> u64 { line.split(' ').find_map(|w| w.parse().ok()).unwrap() };
@@ -265,8 +263,7 @@ fn two_processes_never_write_one_chain() {
     assert!(stderr(&out).contains("another running node writes this node's audit chain"), "{}", stderr(&out));
     // An offline reader beside the running node takes nothing.
     let token = a.ok("tokenize", "name", &["Katherine Johnson"]).remove(0);
-    let out = piivault(&["audit", "verify", "--data-dir", dirs[0].to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    verified(&dirs[0]);
     assert_eq!(a.ok("detokenize", "name", &[&token]), ["Katherine Johnson"]);
     a.stop();
 }
@@ -398,8 +395,7 @@ fn postgres_stopped_under_load_answers_unavailable_and_recovers_losing_nothing()
     });
     load.check(&node);
     node.stop();
-    let out = piivault(&["audit", "verify", "--data-dir", dirs[0].to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    verified(&dirs[0]);
 }
 
 #[test]
@@ -436,8 +432,7 @@ fn a_failover_to_a_synchronous_standby_loses_no_acknowledged_token() {
     a.stop();
     b.stop();
     for dir in &dirs {
-        let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", stderr(&out));
+        verified(dir);
     }
 }
 
@@ -466,8 +461,7 @@ fn a_node_killed_under_load_loses_no_acknowledged_token() {
     a.stop();
     b.stop();
     for dir in &dirs {
-        let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", stderr(&out));
+        verified(dir);
     }
 }
 
@@ -521,8 +515,7 @@ fn a_killed_node_s_re_encryption_is_finished_by_another_node() {
         .sum();
     assert!(moved_by_b > 0, "node B moved nothing: {}", stdout(&out));
     for dir in &dirs {
-        let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", stderr(&out));
+        verified(dir);
     }
 }
 
@@ -609,10 +602,9 @@ fn a_sqlite_vault_copied_to_postgres_keeps_every_token_key_version_and_audit_rec
     );
     assert!(text.contains("backend = \"postgres\""), "{text}");
     std::fs::write(&config, text).unwrap();
-    let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let verified: u64 = stdout(&out).strip_prefix("ok: ").unwrap().split(' ').next().unwrap().parse().unwrap();
-    assert_eq!(verified, copied_audit, "{}", stdout(&out));
+    let text = verified(&dir);
+    let records: u64 = text.strip_prefix("ok: ").unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(records, copied_audit, "{text}");
 
     let postgres = Node::start(&dir);
     // Every token answers as before, under both key versions; the deleted
@@ -627,8 +619,14 @@ fn a_sqlite_vault_copied_to_postgres_keeps_every_token_key_version_and_audit_rec
     let new = postgres.ok("tokenize", "name", &["Barbara Liskov"]);
     assert!(!names.contains(&new[0]) && new != later);
     postgres.stop();
+    verified(&dir);
+}
+
+/// What `piivault audit verify` of node `dir` printed; it must pass.
+fn verified(dir: &Path) -> String {
     let out = piivault(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
 }
 
 /// How `piivault serve` of node `dir` ended, when it must not start.
