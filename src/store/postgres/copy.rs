@@ -9,10 +9,10 @@ use std::path::Path;
 
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{ToSql, Type};
-use rusqlite::types::ValueRef;
 
 use super::{Connector, schema};
 use crate::config::PostgresSettings;
+use crate::store::sqlite::{Cell, Snapshot};
 use crate::store::{OpenMode, StoreError, now_micros};
 
 /// What a copy moved: rows per table, in copy order.
@@ -58,21 +58,8 @@ pub fn copy_from_sqlite(source: &Path, settings: &PostgresSettings) -> Result<Co
 }
 
 fn copy(source: &Path, settings: &PostgresSettings) -> Result<Copied, StoreError> {
-    if !source.exists() {
-        return Err(StoreError::Missing);
-    }
-    let src = rusqlite::Connection::open_with_flags(source, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    src.busy_timeout(std::time::Duration::from_secs(10))?;
-    let version: i64 = src.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    if usize::try_from(version).ok() != Some(crate::store::sqlite::schema_version()) {
-        return Err(StoreError::CannotOpen(format!(
-            "the SQLite store is at schema version {version}, not {}: open it once with this piivault (it migrates), then copy",
-            crate::store::sqlite::schema_version()
-        )));
-    }
-    // One snapshot for every table: a deferred read transaction sees the
-    // file as of its first read, whatever the serving vault writes after.
-    src.execute_batch("BEGIN")?;
+    // One snapshot for every table, whatever the serving vault writes after.
+    let snapshot = Snapshot::open(source)?;
     let mut conn = Connector::new(settings)?.connect()?;
     schema::migrate(&mut conn, OpenMode::Create)?;
     let mut tx = conn.transaction()?;
@@ -84,22 +71,21 @@ fn copy(source: &Path, settings: &PostgresSettings) -> Result<Copied, StoreError
             tx.prepare(&format!("SELECT {target} FROM {table}"))?.columns().iter().map(|c| c.type_().clone()).collect();
         let sink = tx.copy_in(&format!("COPY {table} ({target}) FROM STDIN BINARY"))?;
         let mut writer = BinaryCopyInWriter::new(sink, &types);
-        let mut statement = src.prepare(&format!("SELECT {columns} FROM {table}"))?;
-        let mut rows = statement.query([])?;
-        let mut n = 0u64;
-        while let Some(row) = rows.next()? {
+        let n = snapshot.rows(table, columns, |cells| {
             let mut values: Vec<Box<dyn ToSql + Sync>> = Vec::with_capacity(types.len());
-            for (i, ty) in types.iter().enumerate() {
-                if chained && i + 1 == types.len() {
-                    values.push(Box::new(settings.node.clone()));
-                } else {
-                    values.push(sql_value(row.get_ref(i)?, ty)?);
-                }
+            for (cell, ty) in cells.iter().zip(&types) {
+                values.push(sql_value(*cell, ty)?);
+            }
+            if chained {
+                values.push(Box::new(settings.node.clone()));
+            }
+            if values.len() != types.len() {
+                return Err(StoreError::Corrupt);
             }
             let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(AsRef::as_ref).collect();
             writer.write(&refs)?;
-            n += 1;
-        }
+            Ok(())
+        })?;
         writer.finish()?;
         copied.tables.push((table, n));
     }
@@ -109,22 +95,20 @@ fn copy(source: &Path, settings: &PostgresSettings) -> Result<Copied, StoreError
         &[],
     )?;
     tx.commit()?;
-    src.execute_batch("COMMIT")?;
+    snapshot.end()?;
     Ok(copied)
 }
 
-/// A SQLite value as the PostgreSQL column of type `ty` takes it; anything
+/// A stored value as the PostgreSQL column of type `ty` takes it; anything
 /// else is a row this schema does not hold.
-fn sql_value(value: ValueRef<'_>, ty: &Type) -> Result<Box<dyn ToSql + Sync>, StoreError> {
+fn sql_value(value: Cell<'_>, ty: &Type) -> Result<Box<dyn ToSql + Sync>, StoreError> {
     Ok(match value {
-        ValueRef::Null if *ty == Type::INT8 => Box::new(None::<i64>),
-        ValueRef::Null if *ty == Type::TEXT => Box::new(None::<String>),
-        ValueRef::Null if *ty == Type::BYTEA => Box::new(None::<Vec<u8>>),
-        ValueRef::Integer(n) if *ty == Type::INT8 => Box::new(n),
-        ValueRef::Text(text) if *ty == Type::TEXT => {
-            Box::new(String::from_utf8(text.to_vec()).map_err(|_| StoreError::Corrupt)?)
-        }
-        ValueRef::Blob(bytes) if *ty == Type::BYTEA => Box::new(bytes.to_vec()),
+        Cell::Null if *ty == Type::INT8 => Box::new(None::<i64>),
+        Cell::Null if *ty == Type::TEXT => Box::new(None::<String>),
+        Cell::Null if *ty == Type::BYTEA => Box::new(None::<Vec<u8>>),
+        Cell::Integer(n) if *ty == Type::INT8 => Box::new(n),
+        Cell::Text(text) if *ty == Type::TEXT => Box::new(text.to_owned()),
+        Cell::Blob(bytes) if *ty == Type::BYTEA => Box::new(bytes.to_vec()),
         _ => return Err(StoreError::Corrupt),
     })
 }

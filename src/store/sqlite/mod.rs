@@ -12,7 +12,8 @@
 //!
 //! By concern: [`records`], [`keys`], [`collections`], [`audit`] implement
 //! the interface's traits; [`writer`] is the group commit; [`schema`] opens
-//! and migrates the file; [`backup`] copies it online.
+//! and migrates the file; [`backup`] copies it online; [`snapshot`] reads it
+//! whole for a copy into another backend.
 
 mod audit;
 mod backup;
@@ -20,6 +21,7 @@ mod collections;
 mod keys;
 mod records;
 mod schema;
+mod snapshot;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +39,7 @@ use crate::store::{BackupTaken, Capabilities, KeyState, OpenMode, Store, StoreEr
 
 pub use backup::check_backup;
 pub use schema::{APPLICATION_ID, schema_version};
+pub use snapshot::{Cell, Snapshot};
 use writer::{Job, ReadJob, WriteJob, WriteTx};
 
 impl From<rusqlite::Error> for StoreError {
