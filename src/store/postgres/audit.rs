@@ -82,6 +82,7 @@ pub(super) struct NextAudit<'r> {
     seq_sql: i64,
     encoded: Vec<u8>,
     mac: [u8; MAC_LEN],
+    /// `mac` as the driver takes a bytea (it takes no arrays).
     mac_sql: Vec<u8>,
 }
 

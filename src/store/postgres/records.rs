@@ -407,9 +407,9 @@ impl RecordStore for PostgresStore {
 /// unless its place or token text is taken, or its text is a token issued
 /// before tokens located their records, and each only under a key version
 /// in use (the batch counts them). In the same statement `audit`, which
-/// lists every record, goes
-/// in as the next of the chain if every record did. Returns the places
-/// inserted, and whether the audit record went in with them.
+/// lists every record, goes in as the next of the chain if every record
+/// did. Returns the places inserted, and whether the audit record went in
+/// with them.
 fn insert_all(
     tx: &mut WriteTx<'_, '_>,
     collection: CollectionId,
@@ -498,8 +498,9 @@ fn insert_all(
         tx.appended(&next);
     }
     // Counted by the batch, once per version, just before it commits.
+    let counts = tx.sealed.entry(collection.0).or_default();
     for r in records.iter().filter(|r| inserted.contains(&r.at.seq)) {
-        *tx.sealed.entry((collection.0, r.key_version)).or_default() += 1;
+        *counts.entry(r.key_version).or_default() += 1;
     }
     Ok((inserted, audited))
 }

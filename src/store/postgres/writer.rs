@@ -119,13 +119,13 @@ pub(super) struct WriteTx<'a, 't> {
     pub(super) tx: Db<'a, 't>,
     pub(super) audit: &'a mut AuditCursor,
     pub(super) leases: &'a mut Leases,
-    /// Records this job sealed, by collection and key version, for the
-    /// batch to count once before it commits (see [`count_batch`]).
-    pub(super) sealed: Sealed,
+    /// Records this job sealed, for the batch to count once before it
+    /// commits (see [`count_batch`]).
+    pub(super) sealed: SealedCounts,
 }
 
-/// Records sealed under each `(collection, key version)`.
-pub(super) type Sealed = std::collections::BTreeMap<(i64, u32), i64>;
+/// Records sealed, by collection and key version.
+pub(super) type SealedCounts = std::collections::BTreeMap<i64, std::collections::BTreeMap<u32, i64>>;
 
 /// A request for the writer: see [`crate::store::job`].
 pub(super) type WriteJob = dyn for<'a, 't> crate::store::job::WriteJob<WriteTx<'a, 't>>;
@@ -365,7 +365,7 @@ fn commit_batch(
     // Whether the job before this one succeeded: its savepoint is ended,
     // and this job's begun, in one round trip.
     let mut previous: Option<bool> = None;
-    let mut sealed = Sealed::new();
+    let mut sealed = SealedCounts::new();
     for mut job in batch {
         if aborted.is_some() {
             outcomes.push((job, Err(StoreError::Closed)));
@@ -382,12 +382,15 @@ fn commit_batch(
             tx: Db { session: Session::Tx(&mut tx), statements: &mut *statements },
             audit: &mut *audit,
             leases: &mut *leases,
-            sealed: Sealed::new(),
+            sealed: SealedCounts::new(),
         };
         let result = job.apply(&mut write);
         if result.is_ok() {
-            for (at, n) in write.sealed {
-                *sealed.entry(at).or_default() += n;
+            for (collection, per_version) in write.sealed {
+                let counts = sealed.entry(collection).or_default();
+                for (version, n) in per_version {
+                    *counts.entry(version).or_default() += n;
+                }
             }
         } else {
             audit.job_failed(before);
@@ -453,10 +456,9 @@ fn commit_batch(
 /// node holds it from here to its commit only. A version that a
 /// job found in use but another node took out of use since (see
 /// `COUNT_SEALED`) fails the batch with a conflict: nothing is written.
-fn count_batch(tx: &mut Db<'_, '_>, sealed: &Sealed) -> Result<(), StoreError> {
-    for (&(collection, version), n) in sealed {
-        let per_version = std::iter::once((version, *n)).collect();
-        super::records::count_sealed(tx, crate::store::CollectionId(collection), &per_version)?;
+fn count_batch(tx: &mut Db<'_, '_>, sealed: &SealedCounts) -> Result<(), StoreError> {
+    for (&collection, per_version) in sealed {
+        super::records::count_sealed(tx, crate::store::CollectionId(collection), per_version)?;
     }
     Ok(())
 }
