@@ -123,3 +123,264 @@ async fn a_version_3_store_is_migrated_at_open() {
     assert_eq!(database.sql("SELECT name FROM collections"), [[Some("kept".to_owned())]]);
     drop(store);
 }
+
+/// A session of the test's own that holds every data-key row of the
+/// database (`FOR UPDATE`) until it is dropped: a batch that counts its
+/// records under a version waits for it, and the writer with it, so that
+/// the requests sent meanwhile queue up for one group commit.
+struct WriterHeld {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WriterHeld {
+    fn new(database: &pg::Database) -> Self {
+        let url = database.settings.url.clone();
+        let (locked_tx, locked) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let mut config: postgres::Config = url.parse().unwrap();
+            config.password(std::env::var(pg::PASSWORD_VAR).unwrap());
+            let mut client = config.connect(postgres::NoTls).unwrap();
+            let mut tx = client.transaction().unwrap();
+            tx.batch_execute("SELECT 1 FROM keys WHERE purpose = 'data' FOR UPDATE").unwrap();
+            locked_tx.send(()).unwrap();
+            let _ = released.recv();
+            tx.commit().unwrap();
+        });
+        locked.recv().unwrap();
+        Self { release: Some(release), thread: Some(thread) }
+    }
+
+    /// Waits until a session of `database` waits for this one's lock.
+    async fn until_waited_for(&self, database: &pg::Database) {
+        for _ in 0..500 {
+            let waiting = database.sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            );
+            if waiting == [[Some("1".to_owned())]] {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("the writer never waited for the held key rows");
+    }
+}
+
+impl Drop for WriterHeld {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+/// How many transactions wrote the audit records after `after`.
+fn audit_transactions(database: &pg::Database, after: u64) -> String {
+    let rows = database.sql(&format!("SELECT count(DISTINCT xmin::text) FROM audit WHERE seq > {after}"));
+    rows[0][0].clone().unwrap()
+}
+
+/// What a queued request answered.
+#[derive(Debug)]
+enum Answer {
+    Tokenized(Result<Vec<piivault::store::InsertOutcome>, piivault::store::StoreError>),
+    Read(Result<u64, piivault::store::StoreError>),
+}
+
+/// A request to queue: a tokenize of `(token, key version)`s, or a read of
+/// the record at a place (its audit record).
+enum Request {
+    Tokenize(Vec<(&'static str, u32)>),
+    Read(u64, &'static str),
+}
+
+/// Tells the held requests of [`queued`] apart.
+static HELD: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Sends `requests` to `store`'s writer while it waits (on [`WriterHeld`])
+/// with a tokenize of its own, so that they queue up for the group commit
+/// after that one; returns their answers in their order.
+async fn queued(
+    database: &pg::Database,
+    store: &std::sync::Arc<dyn piivault::store::Store>,
+    id: piivault::store::CollectionId,
+    requests: Vec<Request>,
+) -> Vec<Answer> {
+    let held = WriterHeld::new(database);
+    let waiting = {
+        let store = store.clone();
+        let token = format!("held-{}", HELD.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let record = conformance::record(&token, 1, b"held");
+        tokio::spawn(async move {
+            store.insert_records(id, vec![record], conformance::audit("tokenize"), conformance::render()).await
+        })
+    };
+    held.until_waited_for(database).await;
+    let mut sent = Vec::new();
+    for request in requests {
+        let store = store.clone();
+        sent.push(tokio::spawn(async move {
+            match request {
+                Request::Tokenize(records) => {
+                    let records = records.into_iter().map(|(t, v)| conformance::record(t, v, t.as_bytes())).collect();
+                    let audit = conformance::audit("tokenize");
+                    Answer::Tokenized(store.insert_records(id, records, audit, conformance::render()).await)
+                }
+                Request::Read(seq, token) => {
+                    let mut audit = conformance::audit("detokenize");
+                    audit.tokens = vec![token.to_owned()];
+                    Answer::Read(store.append_read_audit(id, vec![seq], audit).await)
+                }
+            }
+        }));
+    }
+    // Each request is on the writer's queue once its task first ran.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(held);
+    assert_eq!(waiting.await.unwrap().unwrap(), [piivault::store::InsertOutcome::Inserted]);
+    let mut answers = Vec::new();
+    for task in sent {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
+/// The (action, tokens) of the last `n` audit records, sorted (a group
+/// commit's requests are in the trail in any order).
+async fn last_listed(store: &dyn piivault::store::Store, n: usize) -> Vec<(String, Vec<String>)> {
+    let rows = conformance::chain(store).await;
+    let mut listed: Vec<_> = rows[rows.len() - n..].iter().map(|(_, r)| (r.action.clone(), r.tokens.clone())).collect();
+    listed.sort();
+    listed
+}
+
+fn listed(action: &str, tokens: &[&str]) -> (String, Vec<String>) {
+    (action.to_owned(), tokens.iter().map(|&t| t.to_owned()).collect())
+}
+
+/// A node's store on `database`, ready (see `conformance::ready`), with
+/// one record, `token`, stored: the store, the collection and the record's
+/// place.
+async fn with_a_token(
+    database: &pg::Database,
+    token: &str,
+    ciphertext: &[u8],
+) -> (std::sync::Arc<dyn piivault::store::Store>, piivault::store::CollectionId, u64) {
+    let store = open_node(database, "main", OpenMode::Create);
+    let fresh = conformance::Fresh { store: store.clone(), keep: Box::new(()) };
+    let id = conformance::ready(&fresh).await;
+    let record = conformance::record(token, 1, ciphertext);
+    let seq = record.at.seq;
+    let stored = store.insert_records(id, vec![record], conformance::audit("tokenize"), conformance::render()).await;
+    assert_eq!(stored.unwrap(), [piivault::store::InsertOutcome::Inserted]);
+    (store, id, seq)
+}
+
+/// Writes that append (tokenizes of a collection without a blind index,
+/// reads' audit records) queued together go in with one statement, in one
+/// transaction, each audit record chained in order and indexed under its
+/// records; each request answers as if it had gone alone.
+#[tokio::test]
+async fn writes_queued_together_go_in_together() {
+    use piivault::store::{AuditFilter, InsertOutcome, RecordMatch};
+    let database = pg::Database::new();
+    let (store, id, seen) = with_a_token(&database, "j0", b"j0").await;
+    let tokenized_j0 = store.audit_head().await.unwrap().seq;
+
+    let answers = queued(
+        &database,
+        &store,
+        id,
+        vec![
+            Request::Tokenize(vec![("j1", 1), ("j2", 1)]),
+            Request::Read(seen, "j0"),
+            Request::Tokenize(vec![("j3", 1)]),
+        ],
+    )
+    .await;
+    let [Answer::Tokenized(Ok(two)), Answer::Read(Ok(read_seq)), Answer::Tokenized(Ok(one))] = &answers[..] else {
+        panic!("{answers:?}");
+    };
+    assert_eq!((two, one), (&vec![InsertOutcome::Inserted, InsertOutcome::Inserted], &vec![InsertOutcome::Inserted]));
+    // The held request's audit record, then the three queued ones.
+    assert_eq!(audit_transactions(&database, tokenized_j0 + 1), "1", "the queued writes were not committed together");
+    assert_eq!(
+        last_listed(store.as_ref(), 3).await,
+        [listed("detokenize", &["j0"]), listed("tokenize", &["j1", "j2"]), listed("tokenize", &["j3"])]
+    );
+    assert_eq!(
+        conformance::read(store.as_ref(), id, &["j1", "j2", "j3"]).await,
+        [Some(b"j1".to_vec()), Some(b"j2".to_vec()), Some(b"j3".to_vec())]
+    );
+    // The read is indexed under the record it read.
+    let filter = AuditFilter { record: RecordMatch::Of(id, seen), ..AuditFilter::default() };
+    let saw: Vec<u64> = store.query_audit(filter, 10).await.unwrap().iter().map(|r| r.seq).collect();
+    assert_eq!(saw, [tokenized_j0, *read_seq]);
+    let keys = store.list_keys(id, piivault::crypto::keyring::KeyPurpose::Data).await.unwrap();
+    assert_eq!((keys[0].records, keys[0].encryptions), (5, 5), "each record counted once");
+}
+
+/// A queued write that cannot go in whole (a token taken, a key version out
+/// of use) sends its group commit back to run request by request: only it
+/// fails or reports its collision, and the others go in as they would
+/// alone.
+#[tokio::test]
+async fn a_queued_write_that_cannot_go_in_fails_alone() {
+    use piivault::store::{InsertOutcome, StoreError};
+    let database = pg::Database::new();
+    let (store, id, seen) = with_a_token(&database, "taken", b"first").await;
+
+    // Queued as the joined requests of the check above are (each request
+    // runs in a savepoint of its own then, so their rows' transaction ids
+    // differ and cannot show it). A token taken:
+    let answers = queued(
+        &database,
+        &store,
+        id,
+        vec![
+            Request::Tokenize(vec![("k1", 1)]),
+            Request::Tokenize(vec![("k2", 1), ("taken", 1), ("k3", 1)]),
+            Request::Read(seen, "taken"),
+            Request::Tokenize(vec![("k4", 1)]),
+        ],
+    )
+    .await;
+    let [Answer::Tokenized(Ok(k1)), Answer::Tokenized(Ok(collided)), Answer::Read(Ok(_)), Answer::Tokenized(Ok(k4))] =
+        &answers[..]
+    else {
+        panic!("{answers:?}");
+    };
+    assert_eq!((k1, k4), (&vec![InsertOutcome::Inserted], &vec![InsertOutcome::Inserted]));
+    assert_eq!(collided, &[InsertOutcome::Inserted, InsertOutcome::Collision, InsertOutcome::Inserted]);
+    assert_eq!(
+        last_listed(store.as_ref(), 4).await,
+        [
+            listed("detokenize", &["taken"]),
+            listed("tokenize", &["k1"]),
+            listed("tokenize", &["k2", "k3"]),
+            listed("tokenize", &["k4"])
+        ]
+    );
+    // A key version out of use:
+    let answers = queued(
+        &database,
+        &store,
+        id,
+        vec![Request::Tokenize(vec![("k5", 1), ("k6", 9)]), Request::Tokenize(vec![("k7", 1)])],
+    )
+    .await;
+    let [Answer::Tokenized(Err(StoreError::Conflict)), Answer::Tokenized(Ok(k7))] = &answers[..] else {
+        panic!("{answers:?}");
+    };
+    assert_eq!(k7, &[InsertOutcome::Inserted]);
+    assert_eq!(last_listed(store.as_ref(), 1).await, [listed("tokenize", &["k7"])]);
+    assert_eq!(
+        conformance::read(store.as_ref(), id, &["taken", "k2", "k3", "k5", "k6", "k7"]).await,
+        [Some(b"first".to_vec()), Some(b"k2".to_vec()), Some(b"k3".to_vec()), None, None, Some(b"k7".to_vec())]
+    );
+    let keys = store.list_keys(id, piivault::crypto::keyring::KeyPurpose::Data).await.unwrap();
+    // taken, two held, k1 to k4 and k7.
+    assert_eq!((keys[0].records, keys[0].encryptions), (8, 8), "the refused were not counted");
+}

@@ -61,7 +61,7 @@ macro_rules! conformance_suite {
 
 const AUDIT_KEY: [u8; 32] = [7; 32];
 
-fn audit(action: &str) -> AuditRecord {
+pub fn audit(action: &str) -> AuditRecord {
     AuditRecord {
         at_micros: 1_700_000_000_000_000,
         caller: "spiffe://conformance/writer".into(),
@@ -78,7 +78,7 @@ fn audit(action: &str) -> AuditRecord {
 static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
 
 /// A record whose token is kept as text, at a new sequence number.
-fn record(token: &str, version: u32, ciphertext: &[u8]) -> NewRecord {
+pub fn record(token: &str, version: u32, ciphertext: &[u8]) -> NewRecord {
     at(
         RecordRef { seq: NEXT_SEQ.fetch_add(1, Ordering::Relaxed), token: TokenForm::Text(token.into()) },
         version,
@@ -96,7 +96,7 @@ fn sealed(seq: u64, check: [u8; 8], ciphertext: &[u8]) -> NewRecord {
     at(RecordRef { seq, token: TokenForm::Sealed(check) }, 1, ciphertext)
 }
 
-fn lookup(token: &str) -> TokenLookup {
+pub fn lookup(token: &str) -> TokenLookup {
     TokenLookup { sealed: None, placed: Vec::new(), exact: token.into(), canonical: None }
 }
 
@@ -123,7 +123,7 @@ fn name(at: &RecordRef) -> String {
     }
 }
 
-fn render() -> RenderToken {
+pub fn render() -> RenderToken {
     Box::new(name)
 }
 
@@ -137,20 +137,20 @@ fn now() -> i64 {
 }
 
 /// A store with its audit key installed and collection `c` (data key v1).
-async fn ready(fresh: &Fresh) -> CollectionId {
+pub async fn ready(fresh: &Fresh) -> CollectionId {
     let head = fresh.store.install_audit_key(AuditKey::from_bytes(AUDIT_KEY)).await.unwrap();
     assert_eq!(head, Head::GENESIS);
     fresh.store.create_collection("c", KeyPurpose::Data, b"wrapped-v1".to_vec()).await.unwrap()
 }
 
 /// The ciphertexts `get_records` answers for `tokens`.
-async fn read(store: &dyn Store, id: CollectionId, tokens: &[&str]) -> Vec<Option<Vec<u8>>> {
+pub async fn read(store: &dyn Store, id: CollectionId, tokens: &[&str]) -> Vec<Option<Vec<u8>>> {
     let found = store.get_records(id, tokens.iter().map(|t| lookup(t)).collect()).await.unwrap();
     found.into_iter().map(|r| r.map(|r| r.ciphertext)).collect()
 }
 
 /// Every audit row, checked as one chain; returns them.
-async fn chain(store: &dyn Store) -> Vec<(u64, AuditRecord)> {
+pub async fn chain(store: &dyn Store) -> Vec<(u64, AuditRecord)> {
     let rows = store.query_audit(AuditFilter::default(), 10_000).await.unwrap();
     let head = piivault::audit::verify(
         &AuditKey::from_bytes(AUDIT_KEY),

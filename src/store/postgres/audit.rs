@@ -78,15 +78,20 @@ impl WriteTx<'_, '_> {
 /// An audit record numbered, with its MAC, as the next of this node's chain.
 pub(super) struct NextAudit<'r> {
     record: &'r AuditRecord,
-    seq: u64,
-    seq_sql: i64,
-    encoded: Vec<u8>,
+    pub(super) seq: u64,
+    pub(super) seq_sql: i64,
+    pub(super) encoded: Vec<u8>,
     mac: [u8; MAC_LEN],
     /// `mac` as the driver takes a bytea (it takes no arrays).
-    mac_sql: Vec<u8>,
+    pub(super) mac_sql: Vec<u8>,
 }
 
-impl NextAudit<'_> {
+impl<'r> NextAudit<'r> {
+    /// The record this is the encoding of.
+    pub(super) fn record(&self) -> &'r AuditRecord {
+        self.record
+    }
+
     /// The values of an `audit` row, in its column order (chain, seq, at,
     /// caller, action, collection, outcome, record, mac).
     pub(super) fn params<'p>(&'p self, chain: &'p String) -> Vec<&'p (dyn postgres::types::ToSql + Sync)> {
@@ -131,7 +136,7 @@ impl AuditStore for PostgresStore {
         seqs: Vec<u64>,
         record: AuditRecord,
     ) -> Result<u64, StoreError> {
-        self.write(move |tx| tx.append_audit_of(&record, collection, &seqs)).await
+        self.append(super::append::Append::read(collection, seqs, record)).await
     }
 
     async fn install_audit_key(&self, key: AuditKey) -> Result<Head, StoreError> {

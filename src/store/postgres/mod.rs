@@ -3,11 +3,13 @@
 //!
 //! Each node has the same shape as the embedded backend:
 //! - **one writer** thread owns the node's write connection and runs
-//!   every write request inside its own savepoint of one transaction per
-//!   batch (group commit: one commit round trip and one WAL flush for
-//!   many requests), answering only once the commit returned. The node's
-//!   audit chain is sequential, so its writes serialize on it anyway; the
-//!   batch is what makes that cheap.
+//!   one transaction per batch of write requests (group commit: one
+//!   commit round trip and one WAL flush for many requests), answering
+//!   only once the commit returned. The writes that append (tokenizes
+//!   without a blind index, reads' audit records) go in together with one
+//!   statement; every other request runs in its own savepoint (see
+//!   `append` and `writer`). The node's audit chain is sequential, so its
+//!   writes serialize on it anyway; the batch is what makes that cheap.
 //! - **readers**: a few threads, each with its own connection.
 //!
 //! Across nodes:
@@ -30,6 +32,7 @@
 //! WAL: erasure leaves residue (see SECURITY.md), and there is no online
 //! file backup (`pg_dump` and base backups are the database's own).
 
+mod append;
 mod audit;
 mod collections;
 mod copy;
@@ -54,7 +57,7 @@ use crate::store::{BackupTaken, Capabilities, OpenMode, Store, StoreError, now_m
 
 pub use copy::{Copied, copy_from_sqlite};
 pub use schema::schema_version;
-use writer::{Job, ReadJob, WriteJob, WriteTx};
+use writer::{Job, ReadJob, Work, WriteTx};
 
 impl From<postgres::Error> for StoreError {
     fn from(error: postgres::Error) -> Self {
@@ -230,7 +233,7 @@ pub struct Options {
 
 /// Handle to this node's writer and reader threads.
 pub struct PostgresStore {
-    writer: Option<Sender<Box<WriteJob>>>,
+    writer: Option<Sender<Work>>,
     readers: Option<Sender<ReadJob>>,
     threads: Vec<JoinHandle<()>>,
     chain: String,
@@ -264,7 +267,7 @@ impl PostgresStore {
             .join()
             .map_err(|_| StoreError::Backend("the store's opening thread panicked".into()))??
         };
-        let (write_tx, write_rx) = crossbeam_channel::unbounded::<Box<WriteJob>>();
+        let (write_tx, write_rx) = crossbeam_channel::unbounded::<Work>();
         let (read_tx, read_rx) = crossbeam_channel::unbounded::<ReadJob>();
         let mut store = Self {
             writer: Some(write_tx),
@@ -303,7 +306,20 @@ impl PostgresStore {
     {
         let (reply, answer) = oneshot::channel();
         let job = Box::new(Job::new(work, reply));
-        self.writer.as_ref().ok_or(StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)?;
+        self.send(Work::Job(job), answer).await
+    }
+
+    /// Hands a write that appends to the writer (see [`append`]) and answers
+    /// once its transaction committed.
+    async fn append<T>(
+        &self,
+        (append, answer): (append::Append, oneshot::Receiver<Result<T, StoreError>>),
+    ) -> Result<T, StoreError> {
+        self.send(Work::Append(Box::new(append)), answer).await
+    }
+
+    async fn send<T>(&self, work: Work, answer: oneshot::Receiver<Result<T, StoreError>>) -> Result<T, StoreError> {
+        self.writer.as_ref().ok_or(StoreError::Closed)?.send(work).map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
+use super::append::{Append, Part};
 use super::writer::WriteTx;
 use super::{Db, PostgresStore, sql_i64, stored_u32, stored_u64};
 use crate::audit::AuditRecord;
@@ -21,115 +22,15 @@ impl RecordStore for PostgresStore {
         &self,
         collection: CollectionId,
         records: Vec<NewRecord>,
-        mut audit: AuditRecord,
+        audit: AuditRecord,
         render: RenderToken,
     ) -> Result<Vec<InsertOutcome>, StoreError> {
-        self.write(move |tx| {
-            let now = now_micros();
-            let mut outcomes = Vec::with_capacity(records.len());
-            let mut per_version: BTreeMap<u32, i64> = BTreeMap::new();
-            let mut located = Vec::with_capacity(records.len());
-            // Without blind indexes, every record goes in, is counted and
-            // audited with one statement; a deterministic collection's
-            // records go one by one.
-            let bulk = if records.iter().all(|r| r.index.is_none()) {
-                let listed = audit.tokens.len();
-                audit.tokens.extend(records.iter().map(|r| render(&r.at)));
-                let (inserted, audited) = insert_all(tx, collection, &records, &audit, now)?;
-                if audited {
-                    return Ok(records.iter().map(|_| InsertOutcome::Inserted).collect());
-                }
-                // A place or token was taken: the audit record lists the
-                // records that went in, and goes in after them.
-                audit.tokens.truncate(listed);
-                Some(inserted)
-            } else {
-                None
-            };
-            for r in records {
-                if let Some(inserted) = &bulk {
-                    if inserted.contains(&r.at.seq) {
-                        audit.tokens.push(render(&r.at));
-                        located.push(r.at.seq);
-                        outcomes.push(InsertOutcome::Inserted);
-                    } else {
-                        outcomes.push(InsertOutcome::Collision);
-                    }
-                    continue;
-                }
-                if let Some(index) = &r.index
-                    && let Some(existing) = indexed_record(tx, collection, index, now)?
-                {
-                    audit.tokens.push(render(&existing));
-                    located.push(existing.seq);
-                    outcomes.push(InsertOutcome::Existing(existing));
-                    continue;
-                }
-                let (check, text, shaped) = match &r.at.token {
-                    TokenForm::Sealed(check) => (Some(check.as_slice()), None, None),
-                    TokenForm::Shaped(text) => (None, None, Some(text.as_str())),
-                    TokenForm::Text(text) => (None, Some(text.as_str()), None),
-                };
-                let seq = sql_i64(r.at.seq)?;
-                // A token issued before tokens located their records may be
-                // this text (in this or, before canonical storage, another
-                // writing): then nothing is inserted.
-                let changed = tx.tx.execute(
-                    "INSERT INTO records (collection_id, seq, token_check, token, shaped, key_version, ciphertext, created_at, expires_at)
-                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
-                     WHERE $10::text IS NULL OR NOT (
-                         EXISTS (SELECT 1 FROM records WHERE collection_id = $1 AND token = $10)
-                         OR EXISTS (SELECT 1 FROM legacy_tokens WHERE collection_id = $1 AND canonical = $10))
-                     ON CONFLICT DO NOTHING",
-                    &[
-                        &collection.0,
-                        &seq,
-                        &check,
-                        &text,
-                        &shaped,
-                        &i64::from(r.key_version),
-                        &r.ciphertext,
-                        &now,
-                        &r.expires_at,
-                        &text.or(shaped),
-                    ],
-                )?;
-                if changed != 1 {
-                    outcomes.push(InsertOutcome::Collision);
-                    continue;
-                }
-                if let Some(index) = &r.index {
-                    // Another node may have indexed the value since the
-                    // lookup above (this insert waited for its commit): its
-                    // record is the value's, and this one is taken back.
-                    let indexed = tx.tx.execute(
-                        "INSERT INTO blind_index (collection_id, version, digest, seq) VALUES ($1, $2, $3, $4)
-                         ON CONFLICT DO NOTHING",
-                        &[&collection.0, &i64::from(index.version), &index.digest.as_slice(), &seq],
-                    )?;
-                    if indexed != 1 {
-                        tx.tx.execute("DELETE FROM records WHERE collection_id = $1 AND seq = $2", &[&collection.0, &seq])?;
-                        match indexed_record(tx, collection, index, now)? {
-                            Some(existing) => {
-                                audit.tokens.push(render(&existing));
-                                located.push(existing.seq);
-                                outcomes.push(InsertOutcome::Existing(existing));
-                            }
-                            None => outcomes.push(InsertOutcome::Collision),
-                        }
-                        continue;
-                    }
-                }
-                *per_version.entry(r.key_version).or_default() += 1;
-                audit.tokens.push(render(&r.at));
-                located.push(r.at.seq);
-                outcomes.push(InsertOutcome::Inserted);
-            }
-            count(&mut tx.tx, COUNT_SEALED, collection, &per_version)?;
-            tx.append_audit_of(&audit, collection, &located)?;
-            Ok(outcomes)
-        })
-        .await
+        // Records that append (no blind index to decide on) may go in
+        // together with other requests' in one statement.
+        if records.iter().all(|r| r.index.is_none()) {
+            return self.append(Append::insert(collection, records, audit, render)).await;
+        }
+        self.write(move |tx| insert_records(tx, collection, records, audit, &render)).await
     }
 
     async fn get_records(
@@ -403,106 +304,119 @@ impl RecordStore for PostgresStore {
     }
 }
 
-/// Inserts `records` (none with a blind index) in one statement, each
-/// unless its place or token text is taken, or its text is a token issued
-/// before tokens located their records, and each only under a key version
-/// in use (the batch counts them). In the same statement `audit`, which
-/// lists every record, goes in as the next of the chain if every record
-/// did. Returns the places inserted, and whether the audit record went in
-/// with them.
-fn insert_all(
+/// [`RecordStore::insert_records`] as one job of its own, in `tx`.
+pub(super) fn insert_records(
     tx: &mut WriteTx<'_, '_>,
     collection: CollectionId,
-    records: &[NewRecord],
-    audit: &AuditRecord,
-    now: i64,
-) -> Result<(std::collections::HashSet<u64>, bool), StoreError> {
-    let mut seqs = Vec::with_capacity(records.len());
-    let (mut checks, mut texts, mut shapeds) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut versions, mut ciphertexts, mut expiries) = (Vec::new(), Vec::new(), Vec::new());
+    records: Vec<NewRecord>,
+    mut audit: AuditRecord,
+    render: &RenderToken,
+) -> Result<Vec<InsertOutcome>, StoreError> {
+    let now = now_micros();
+    let mut outcomes = Vec::with_capacity(records.len());
+    let mut per_version: BTreeMap<u32, i64> = BTreeMap::new();
+    let mut located = Vec::with_capacity(records.len());
+    // Without blind indexes, every record goes in, is counted and
+    // audited with one statement; a deterministic collection's
+    // records go one by one.
+    let bulk = if records.iter().all(|r| r.index.is_none()) {
+        let listed = audit.tokens.len();
+        audit.tokens.extend(records.iter().map(|r| render(&r.at)));
+        let part = Part { collection, records: &records, audit: &audit, read: &[] };
+        let written = super::append::write_parts(tx, &[part])?;
+        let (inserted, audited) = (written.inserted, written.audited);
+        if audited {
+            return Ok(records.iter().map(|_| InsertOutcome::Inserted).collect());
+        }
+        // A place or token was taken: the audit record lists the
+        // records that went in, and goes in after them.
+        audit.tokens.truncate(listed);
+        Some(inserted)
+    } else {
+        None
+    };
     for r in records {
-        seqs.push(sql_i64(r.at.seq)?);
+        if let Some(inserted) = &bulk {
+            if inserted.contains(&r.at.seq) {
+                audit.tokens.push(render(&r.at));
+                located.push(r.at.seq);
+                outcomes.push(InsertOutcome::Inserted);
+            } else {
+                outcomes.push(InsertOutcome::Collision);
+            }
+            continue;
+        }
+        if let Some(index) = &r.index
+            && let Some(existing) = indexed_record(tx, collection, index, now)?
+        {
+            audit.tokens.push(render(&existing));
+            located.push(existing.seq);
+            outcomes.push(InsertOutcome::Existing(existing));
+            continue;
+        }
         let (check, text, shaped) = match &r.at.token {
             TokenForm::Sealed(check) => (Some(check.as_slice()), None, None),
             TokenForm::Shaped(text) => (None, None, Some(text.as_str())),
             TokenForm::Text(text) => (None, Some(text.as_str()), None),
         };
-        checks.push(check);
-        texts.push(text);
-        shapeds.push(shaped);
-        versions.push(i64::from(r.key_version));
-        ciphertexts.push(r.ciphertext.as_slice());
-        expiries.push(r.expires_at);
+        let seq = sql_i64(r.at.seq)?;
+        // A token issued before tokens located their records may be
+        // this text (in this or, before canonical storage, another
+        // writing): then nothing is inserted.
+        let changed = tx.tx.execute(
+                "INSERT INTO records (collection_id, seq, token_check, token, shaped, key_version, ciphertext, created_at, expires_at)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+                 WHERE $10::text IS NULL OR NOT (
+                     EXISTS (SELECT 1 FROM records WHERE collection_id = $1 AND token = $10)
+                     OR EXISTS (SELECT 1 FROM legacy_tokens WHERE collection_id = $1 AND canonical = $10))
+                 ON CONFLICT DO NOTHING",
+                &[
+                    &collection.0,
+                    &seq,
+                    &check,
+                    &text,
+                    &shaped,
+                    &i64::from(r.key_version),
+                    &r.ciphertext,
+                    &now,
+                    &r.expires_at,
+                    &text.or(shaped),
+                ],
+            )?;
+        if changed != 1 {
+            outcomes.push(InsertOutcome::Collision);
+            continue;
+        }
+        if let Some(index) = &r.index {
+            // Another node may have indexed the value since the
+            // lookup above (this insert waited for its commit): its
+            // record is the value's, and this one is taken back.
+            let indexed = tx.tx.execute(
+                "INSERT INTO blind_index (collection_id, version, digest, seq) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT DO NOTHING",
+                &[&collection.0, &i64::from(index.version), &index.digest.as_slice(), &seq],
+            )?;
+            if indexed != 1 {
+                tx.tx.execute("DELETE FROM records WHERE collection_id = $1 AND seq = $2", &[&collection.0, &seq])?;
+                match indexed_record(tx, collection, index, now)? {
+                    Some(existing) => {
+                        audit.tokens.push(render(&existing));
+                        located.push(existing.seq);
+                        outcomes.push(InsertOutcome::Existing(existing));
+                    }
+                    None => outcomes.push(InsertOutcome::Collision),
+                }
+                continue;
+            }
+        }
+        *per_version.entry(r.key_version).or_default() += 1;
+        audit.tokens.push(render(&r.at));
+        located.push(r.at.seq);
+        outcomes.push(InsertOutcome::Inserted);
     }
-    let expected = i64::try_from(records.len()).map_err(|_| StoreError::Corrupt)?;
-    let next = tx.next_audit(audit)?;
-    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> =
-        vec![&collection.0, &now, &seqs, &checks, &texts, &shapeds, &versions, &ciphertexts, &expiries, &expected];
-    params.extend(next.params(&tx.audit.chain));
-    // The records go in, their versions are checked to be in use (the
-    // batch counts them, see `writer::count_batch`) and, if every record
-    // went in under one, the audit record and its record index too: one
-    // round trip.
-    let row = tx
-        .tx
-        .query_one(
-            "WITH inserted AS (
-                 INSERT INTO records (collection_id, seq, token_check, token, shaped, key_version, ciphertext, created_at, expires_at)
-                 SELECT $1, u.seq, u.token_check, u.token, u.shaped, u.key_version, u.ciphertext, $2, u.expires_at
-                 FROM unnest($3::bigint[], $4::bytea[], $5::text[], $6::text[], $7::bigint[], $8::bytea[], $9::bigint[])
-                      AS u (seq, token_check, token, shaped, key_version, ciphertext, expires_at)
-                 -- OFFSET 0: an index probe per record, never a (generic)
-                 -- plan that hashes the whole collection's tokens first.
-                 WHERE coalesce(u.token, u.shaped) IS NULL OR NOT (
-                     EXISTS (SELECT 1 FROM records r
-                             WHERE r.collection_id = $1 AND r.token = coalesce(u.token, u.shaped) OFFSET 0)
-                     OR EXISTS (SELECT 1 FROM legacy_tokens l
-                                WHERE l.collection_id = $1 AND l.canonical = coalesce(u.token, u.shaped) OFFSET 0))
-                 ON CONFLICT DO NOTHING
-                 RETURNING seq, key_version
-             ), used AS (
-                 SELECT key_version, count(*) AS n FROM inserted GROUP BY key_version
-             ), counted AS (
-                 SELECT k.version FROM keys k JOIN used ON k.version = used.key_version
-                 WHERE k.collection_id = $1 AND k.purpose = 'data' AND k.state IN ('primary', 'active')
-             ), complete AS (
-                 SELECT (SELECT count(*) FROM inserted) = $10
-                        AND (SELECT count(*) FROM used) = (SELECT count(*) FROM counted) AS ok
-             ), entry AS (
-                 INSERT INTO audit (chain, seq, at, caller, action, collection, outcome, record, mac)
-                 SELECT $11, $12, $13, $14, $15, $16, $17, $18, $19 FROM complete WHERE ok
-                 RETURNING seq
-             ), indexed AS (
-                 INSERT INTO audit_records (chain, audit_seq, collection_id, record_seq)
-                 SELECT $11, $12, $1, s FROM unnest($3::bigint[]) AS s, complete WHERE complete.ok
-                 ON CONFLICT DO NOTHING
-             )
-             SELECT (SELECT array_agg(seq) FROM inserted),
-                    (SELECT count(*) FROM used) = (SELECT count(*) FROM counted),
-                    (SELECT count(*) FROM entry) = 1",
-            &params,
-        )
-        .map_err(super::audit::audit_failed)?;
-    // A version that is not there to count is a conflict.
-    if !row.try_get::<_, bool>(1)? {
-        return Err(StoreError::Conflict);
-    }
-    let inserted = row
-        .try_get::<_, Option<Vec<i64>>>(0)?
-        .unwrap_or_default()
-        .into_iter()
-        .map(stored_u64)
-        .collect::<Result<std::collections::HashSet<u64>, _>>()?;
-    let audited = row.try_get::<_, bool>(2)?;
-    if audited {
-        tx.appended(&next);
-    }
-    // Counted by the batch, once per version, just before it commits.
-    let counts = tx.sealed.entry(collection.0).or_default();
-    for r in records.iter().filter(|r| inserted.contains(&r.at.seq)) {
-        *counts.entry(r.key_version).or_default() += 1;
-    }
-    Ok((inserted, audited))
+    count(&mut tx.tx, COUNT_SEALED, collection, &per_version)?;
+    tx.append_audit_of(&audit, collection, &located)?;
+    Ok(outcomes)
 }
 
 /// The columns [`read_row`] reads, in its order (a macro, so that the

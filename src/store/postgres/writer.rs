@@ -1,12 +1,14 @@
 //! The node's group commit: one writer connection that holds the node's
-//! audit chain, every request in its own savepoint of one transaction,
-//! one commit, then every answer; and the reader connections.
+//! audit chain, one transaction per batch (the writes that append joined
+//! into one statement, every other request in its own savepoint), one
+//! commit, then every answer; and the reader connections.
 
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use sha2::Digest as _;
 
+use super::append::Append;
 use super::{Connector, Db, Session, Statements};
 use crate::audit::{AuditKey, AuditRecord, AuditSink, Head};
 use crate::store::{StoreError, now_micros};
@@ -64,6 +66,25 @@ pub(super) struct JobStart {
 }
 
 impl AuditCursor {
+    /// The batch's transaction ended: committed (its records are the
+    /// chain's now, and go to the sink) or rolled back.
+    fn ended(&mut self, committed: bool) {
+        if committed {
+            self.committed = self.tentative;
+            if let Some(sink) = &self.sink
+                && !self.pending.is_empty()
+            {
+                sink.emit(&self.pending);
+            }
+        } else {
+            self.tentative = self.committed;
+            // A chain registered in this batch is not registered now.
+            self.held &= self.taken_at.is_none();
+        }
+        self.taken_at = None;
+        self.pending.clear();
+    }
+
     pub(super) fn before_job(&self) -> JobStart {
         JobStart { tentative: self.tentative, held: self.held, pending: self.pending.len() }
     }
@@ -130,6 +151,23 @@ pub(super) type SealedCounts = std::collections::BTreeMap<i64, std::collections:
 /// A request for the writer: see [`crate::store::job`].
 pub(super) type WriteJob = dyn for<'a, 't> crate::store::job::WriteJob<WriteTx<'a, 't>>;
 pub(super) use crate::store::job::Job;
+
+/// What the writer is sent: a job, or a write that appends, which a group
+/// commit joins with others (see [`super::append`]).
+pub(super) enum Work {
+    Job(Box<WriteJob>),
+    Append(Box<Append>),
+}
+
+impl Work {
+    /// The work as a job of its own.
+    fn into_job(self) -> Box<WriteJob> {
+        match self {
+            Self::Job(job) => job,
+            Self::Append(append) => append,
+        }
+    }
+}
 
 /// The advisory-lock key of `name` of a `kind` (an audit chain, a
 /// background job): the first 8 bytes of a hash, so that names of any
@@ -276,7 +314,7 @@ pub(super) fn writer_loop(
     conn: postgres::Client,
     connector: &Connector,
     chain: String,
-    jobs: &Receiver<Box<WriteJob>>,
+    jobs: &Receiver<Work>,
     max_batch: usize,
     sink: Option<Arc<AuditSink>>,
 ) {
@@ -314,8 +352,8 @@ pub(super) fn writer_loop(
                     statements = Statements::default();
                 }
                 Err(error) => {
-                    for job in batch {
-                        job.finish(Err(error.clone()));
+                    for work in batch {
+                        work.into_job().finish(Err(error.clone()));
                     }
                     continue;
                 }
@@ -331,41 +369,102 @@ pub(super) fn writer_loop(
     }
 }
 
-/// One group commit: every job in its own savepoint (a batch of one runs
-/// in the transaction itself), one commit, then every answer. A savepoint
-/// costs one round trip per job: the one that ends the previous job's also
-/// begins the next, and the commit ends the last. A job's own
-/// failure rolls back only that job. If the transaction as a whole fails,
-/// every job fails and nothing is written. Returns `false` when the
-/// connection can no longer be trusted (lost, or a commit whose outcome is
-/// unknown).
+/// One group commit. Two or more writes that append go in first, with one
+/// statement (see [`super::append`]); every other job runs in its own
+/// savepoint (a batch of one runs in the transaction itself); one commit,
+/// then every answer. If the joined statement is refused, the transaction
+/// is rolled back and the batch runs again job by job. Returns `false` when
+/// the connection can no longer be trusted (lost, or a commit whose outcome
+/// is unknown).
 fn commit_batch(
     conn: &mut postgres::Client,
     statements: &mut Statements,
     audit: &mut AuditCursor,
     leases: &mut Leases,
-    batch: Vec<Box<WriteJob>>,
+    batch: Vec<Work>,
 ) -> bool {
     #[allow(clippy::cast_precision_loss)] // batch sizes are small
     crate::metrics::metrics().commit_batch.observe(batch.len() as f64);
+    let joinable = batch.iter().filter(|work| matches!(work, Work::Append(_))).count();
+    let mut split = Batch { joined: Vec::with_capacity(joinable), jobs: Vec::with_capacity(batch.len() - joinable) };
+    for work in batch {
+        match work {
+            Work::Append(append) if joinable >= 2 => split.joined.push(*append),
+            work => split.jobs.push(work.into_job()),
+        }
+    }
+    match commit_jobs(conn, statements, audit, leases, split) {
+        Ok(trusted) => trusted,
+        Err(refused) => {
+            let jobs = Batch { joined: Vec::new(), jobs: refused.into_jobs().collect() };
+            commit_jobs(conn, statements, audit, leases, jobs).unwrap_or(false)
+        }
+    }
+}
+
+/// A group commit's requests: the writes joined into one statement (two
+/// or more, or none) and the jobs that run one by one.
+struct Batch {
+    joined: Vec<Append>,
+    jobs: Vec<Box<WriteJob>>,
+}
+
+impl Batch {
+    /// Every request as a job of its own.
+    fn into_jobs(self) -> impl Iterator<Item = Box<WriteJob>> {
+        self.joined.into_iter().map(|append| Box::new(append) as Box<WriteJob>).chain(self.jobs)
+    }
+}
+
+/// One group commit of `batch`: its joined writes first, in one statement,
+/// then each of its jobs in its own savepoint (one round trip per job: the
+/// one that ends the previous job's also begins the next, and the commit
+/// ends the last). A job's own failure rolls back only that job. If the
+/// transaction as a whole fails, every request fails and nothing is
+/// written. If the joined statement did not write every one of its writes,
+/// the transaction is rolled back and the batch handed back, none of it
+/// run.
+fn commit_jobs(
+    conn: &mut postgres::Client,
+    statements: &mut Statements,
+    audit: &mut AuditCursor,
+    leases: &mut Leases,
+    batch: Batch,
+) -> Result<bool, Batch> {
     let mut tx = match conn.transaction() {
         Ok(tx) => tx,
         Err(e) => {
             let error = StoreError::from(e);
             tracing::error!(error = %error, "store: cannot begin a write transaction");
-            for job in batch {
+            for job in batch.into_jobs() {
                 job.finish(Err(error.clone()));
             }
-            return !matches!(error, StoreError::Unreachable);
+            return Ok(!matches!(error, StoreError::Unreachable));
         }
     };
-    let alone = batch.len() == 1;
+    let Batch { mut joined, jobs: batch } = batch;
+    let mut sealed = SealedCounts::new();
+    if !joined.is_empty() {
+        let mut write = WriteTx {
+            tx: Db { session: Session::Tx(&mut tx), statements: &mut *statements },
+            audit: &mut *audit,
+            leases: &mut *leases,
+            sealed: SealedCounts::new(),
+        };
+        if let Err(error) = super::append::write_joined(&mut write, &mut joined) {
+            tracing::debug!(error = %error, writes = joined.len(), "store: joined writes refused; each runs alone");
+            let _ = tx.rollback();
+            audit.ended(false);
+            return Err(Batch { joined, jobs: batch });
+        }
+        sealed = write.sealed;
+    }
+    let alone = joined.is_empty() && batch.len() == 1;
     let mut outcomes: Vec<(Box<WriteJob>, Result<(), StoreError>)> = Vec::with_capacity(batch.len());
     let mut aborted: Option<StoreError> = None;
     // Whether the job before this one succeeded: its savepoint is ended,
     // and this job's begun, in one round trip.
     let mut previous: Option<bool> = None;
-    let mut sealed = SealedCounts::new();
     for mut job in batch {
         if aborted.is_some() {
             outcomes.push((job, Err(StoreError::Closed)));
@@ -386,12 +485,7 @@ fn commit_batch(
         };
         let result = job.apply(&mut write);
         if result.is_ok() {
-            for (collection, per_version) in write.sealed {
-                let counts = sealed.entry(collection).or_default();
-                for (version, n) in per_version {
-                    *counts.entry(version).or_default() += n;
-                }
-            }
+            add_counts(&mut sealed, write.sealed);
         } else {
             audit.job_failed(before);
         }
@@ -424,29 +518,19 @@ fn commit_batch(
         None => tx.commit().map_err(StoreError::from),
     };
     let trusted = !matches!(committed, Err(StoreError::Unreachable)) && !conn.is_closed();
-    if committed.is_ok() {
-        audit.committed = audit.tentative;
-        if let Some(sink) = &audit.sink
-            && !audit.pending.is_empty()
-        {
-            sink.emit(&audit.pending);
-        }
-    } else {
-        audit.tentative = audit.committed;
-        // A chain registered in this batch is not registered now.
-        audit.held &= audit.taken_at.is_none();
-    }
-    audit.taken_at = None;
-    audit.pending.clear();
+    audit.ended(committed.is_ok());
     if let Err(error) = &committed
         && !alone
     {
-        tracing::error!(error = %error, jobs = outcomes.len(), "store: write transaction failed; nothing written");
+        tracing::error!(error = %error, jobs = outcomes.len() + joined.len(), "store: write transaction failed; nothing written");
+    }
+    for append in joined {
+        crate::store::job::WriteJob::finish(Box::new(append), crate::store::job::outcome(&committed, Ok(())));
     }
     for (job, own) in outcomes {
         job.finish(crate::store::job::outcome(&committed, own));
     }
-    trusted
+    Ok(trusted)
 }
 
 /// Adds what the batch's jobs sealed to their key versions' counters, one
@@ -461,6 +545,16 @@ fn count_batch(tx: &mut Db<'_, '_>, sealed: &SealedCounts) -> Result<(), StoreEr
         super::records::count_sealed(tx, crate::store::CollectionId(collection), per_version)?;
     }
     Ok(())
+}
+
+/// Adds a job's sealed counts to its batch's.
+fn add_counts(batch: &mut SealedCounts, job: SealedCounts) {
+    for (collection, per_version) in job {
+        let counts = batch.entry(collection).or_default();
+        for (version, n) in per_version {
+            *counts.entry(version).or_default() += n;
+        }
+    }
 }
 
 /// What begins a job's savepoint in a group commit, ending the previous
