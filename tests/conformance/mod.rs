@@ -675,13 +675,17 @@ pub async fn who_saw_a_token_is_answered_across_the_index_and_its_tail(fresh: Fr
         let filter = AuditFilter { record: RecordMatch::Of(id, record), after_seq: after, ..AuditFilter::default() };
         store.query_audit(filter, limit).await.unwrap().into_iter().map(|r| r.seq).collect::<Vec<_>>()
     };
+    // A read that names a token twice is found once under it.
+    let mut twice = audit("detokenize");
+    twice.tokens = vec!["w3".into(), "w3".into()];
+    reads_of_w3.push(store.append_read_audit(id, vec![w3, w3], twice).await.unwrap());
     assert_eq!(seqs(w0, 0, 100).await, (1..=21).collect::<Vec<u64>>(), "the tokenize and every read");
     assert_eq!(seqs(w3, 0, 100).await, [vec![1], reads_of_w3.clone()].concat());
     assert_eq!(seqs(w0, 10, 3).await, [11, 12, 13], "paged");
     // The blocks hold exactly what the trail says.
     assert_eq!(store.check_token_index().await.unwrap(), None);
     let rows = chain(store).await;
-    assert_eq!(rows.len(), 21);
+    assert_eq!(rows.len(), 22);
     // The query with another filter still narrows.
     let filter =
         AuditFilter { record: RecordMatch::Of(id, w3), action: Some("tokenize".into()), ..AuditFilter::default() };

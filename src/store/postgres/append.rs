@@ -192,10 +192,12 @@ pub(super) fn write_parts(tx: &mut WriteTx<'_, '_>, parts: &[Part<'_>]) -> Resul
         }
         let next = tx.next_audit(part.audit)?;
         tx.appended(&next);
-        for &seq in part.records.iter().map(|rec| &rec.at.seq).chain(part.read) {
+        for seq in
+            super::audit::index_entries(part.records.iter().map(|rec| rec.at.seq).chain(part.read.iter().copied()))?
+        {
             entry_seqs.push(next.seq_sql);
             entry_collections.push(part.collection.0);
-            entry_records.push(sql_i64(seq)?);
+            entry_records.push(seq);
         }
         nexts.push(next);
     }
@@ -357,7 +359,6 @@ const JOINED: &str = "WITH inserted AS (
          SELECT $11, x.audit_seq, x.collection_id, x.record_seq
          FROM unnest($20::bigint[], $21::bigint[], $22::bigint[]) AS x (audit_seq, collection_id, record_seq), complete
          WHERE complete.ok
-         ON CONFLICT DO NOTHING
      )
      SELECT i.collections, i.seqs,
             (SELECT count(*) FROM used) = (SELECT count(*) FROM counted),

@@ -28,7 +28,7 @@ impl WriteTx<'_, '_> {
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
         let next = self.next_audit(record)?;
-        let record_seqs = seqs.iter().map(|&s| sql_i64(s)).collect::<Result<Vec<i64>, _>>()?;
+        let record_seqs = index_entries(seqs.iter().copied())?;
         let mut params = next.params(&self.audit.chain);
         params.extend([&collection.0 as &(dyn postgres::types::ToSql + Sync), &record_seqs]);
         // The record and its index entries in one statement: one round
@@ -42,7 +42,7 @@ impl WriteTx<'_, '_> {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              )
              INSERT INTO audit_records (chain, audit_seq, collection_id, record_seq)
-             SELECT $1, $2, $10, s FROM unnest($11::bigint[]) AS s ON CONFLICT DO NOTHING"
+             SELECT $1, $2, $10, s FROM unnest($11::bigint[]) AS s"
         };
         let params = if seqs.is_empty() { &params[..9] } else { &params[..] };
         self.tx.execute(sql, params).map_err(audit_failed)?;
@@ -73,6 +73,16 @@ impl WriteTx<'_, '_> {
         }
         next.seq
     }
+}
+
+/// The places an audit record is indexed under, each once (a request may
+/// name a token twice): the index is written without a conflict check,
+/// which cost as much as the entry itself.
+pub(super) fn index_entries(seqs: impl IntoIterator<Item = u64>) -> Result<Vec<i64>, StoreError> {
+    let mut entries = seqs.into_iter().map(sql_i64).collect::<Result<Vec<i64>, _>>()?;
+    entries.sort_unstable();
+    entries.dedup();
+    Ok(entries)
 }
 
 /// An audit record numbered, with its MAC, as the next of this node's chain.
