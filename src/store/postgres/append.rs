@@ -156,8 +156,8 @@ pub(super) struct Part<'p> {
 
 /// What [`write_parts`] wrote.
 pub(super) struct Written {
-    /// The places of the records inserted (of a single collection's parts:
-    /// the places of two collections may be equal).
+    /// The places of the records inserted: telling for the parts of one
+    /// collection (two collections' places may be equal).
     pub(super) inserted: HashSet<u64>,
     /// Whether the audit records went in: every record went in, under a
     /// key version in use.
