@@ -184,18 +184,20 @@ impl AuditStore for PostgresStore {
         Ok(None)
     }
 
+    /// Planned for the filters given (each is optional).
     async fn query_audit(&self, filter: AuditFilter, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
         let chain = filter.chain.clone().unwrap_or_else(|| self.chain.clone());
         self.read(move |tx| {
-            let after = i64::try_from(filter.after_seq).unwrap_or(i64::MAX);
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let (collection, record_seq) = match filter.record {
-                RecordMatch::Any => (None, None),
-                RecordMatch::Of(collection, seq) => (Some(collection.0), Some(sql_i64(seq)?)),
-                RecordMatch::Unissued => return Ok(Vec::new()),
-            };
-            let rows = tx.query(
-                "SELECT a.seq, a.record, a.mac, a.at, a.caller, a.action, a.collection, a.outcome
+            tx.planned_for_values(|tx| {
+                let after = i64::try_from(filter.after_seq).unwrap_or(i64::MAX);
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let (collection, record_seq) = match filter.record {
+                    RecordMatch::Any => (None, None),
+                    RecordMatch::Of(collection, seq) => (Some(collection.0), Some(sql_i64(seq)?)),
+                    RecordMatch::Unissued => return Ok(Vec::new()),
+                };
+                let rows = tx.query(
+                    "SELECT a.seq, a.record, a.mac, a.at, a.caller, a.action, a.collection, a.outcome
                  FROM audit a
                  WHERE a.chain = $1 AND a.seq > $2
                    AND ($3::bigint IS NULL OR a.seq IN (
@@ -208,46 +210,47 @@ impl AuditStore for PostgresStore {
                    AND ($9::bigint IS NULL OR a.at >= $9)
                    AND ($10::bigint IS NULL OR a.at < $10)
                  ORDER BY a.seq LIMIT $11",
-                &[
-                    &chain,
-                    &after,
-                    &collection,
-                    &record_seq,
-                    &filter.caller,
-                    &filter.action,
-                    &filter.collection,
-                    &filter.outcome,
-                    &filter.since,
-                    &filter.until,
-                    &limit,
-                ],
-            )?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in rows {
-                out.push(AuditRow {
-                    seq: stored_u64(row.try_get(0)?)?,
-                    record: row.try_get(1)?,
-                    mac: row.try_get(2)?,
-                    at: row.try_get(3)?,
-                    caller: row.try_get(4)?,
-                    action: row.try_get(5)?,
-                    collection: row.try_get(6)?,
-                    outcome: row.try_get(7)?,
-                    indexed: Vec::new(),
-                });
-            }
-            for row in &mut out {
-                let seq = sql_i64(row.seq)?;
-                for r in tx.query(
-                    "SELECT x.collection_id, r.seq, r.token_check, r.token, r.shaped FROM audit_records x
+                    &[
+                        &chain,
+                        &after,
+                        &collection,
+                        &record_seq,
+                        &filter.caller,
+                        &filter.action,
+                        &filter.collection,
+                        &filter.outcome,
+                        &filter.since,
+                        &filter.until,
+                        &limit,
+                    ],
+                )?;
+                let mut out = Vec::with_capacity(rows.len());
+                for row in rows {
+                    out.push(AuditRow {
+                        seq: stored_u64(row.try_get(0)?)?,
+                        record: row.try_get(1)?,
+                        mac: row.try_get(2)?,
+                        at: row.try_get(3)?,
+                        caller: row.try_get(4)?,
+                        action: row.try_get(5)?,
+                        collection: row.try_get(6)?,
+                        outcome: row.try_get(7)?,
+                        indexed: Vec::new(),
+                    });
+                }
+                for row in &mut out {
+                    let seq = sql_i64(row.seq)?;
+                    for r in tx.query(
+                        "SELECT x.collection_id, r.seq, r.token_check, r.token, r.shaped FROM audit_records x
                      JOIN records r ON r.collection_id = x.collection_id AND r.seq = x.record_seq
                      WHERE x.chain = $1 AND x.audit_seq = $2 ORDER BY x.collection_id, x.record_seq",
-                    &[&chain, &seq],
-                )? {
-                    row.indexed.push((CollectionId(r.try_get(0)?), record_ref(&r, 1)?));
+                        &[&chain, &seq],
+                    )? {
+                        row.indexed.push((CollectionId(r.try_get(0)?), record_ref(&r, 1)?));
+                    }
                 }
-            }
-            Ok(out)
+                Ok(out)
+            })
         })
         .await
     }

@@ -140,13 +140,15 @@ impl Connector {
         Ok(Self { config, tls })
     }
 
-    /// The writer's: its statements are planned once per connection. Each
-    /// finds or changes its rows by key, so the generic plan is the plan,
-    /// and planning it again at every execution (PostgreSQL's custom plans,
-    /// which it keeps choosing for array parameters) was a third of the
-    /// server's CPU per single-value tokenize. Readers keep custom plans:
-    /// their paging and audit queries depend on the values asked.
-    fn for_writer(&self) -> Self {
+    /// The writer's and the readers': their statements are planned once per
+    /// connection. Each finds or changes its rows by key, so the generic
+    /// plan is the plan, and planning it again at every execution
+    /// (PostgreSQL's custom plans, which it keeps choosing for array
+    /// parameters) was a third of the server's CPU per single-value
+    /// tokenize, and a quarter per single-token detokenize. The one query
+    /// whose plan depends on the values asked, the audit query with its
+    /// optional filters, is planned for them ([`Db::planned_for_values`]).
+    fn generic_plans(&self) -> Self {
         let mut writer = self.clone();
         let options = format!("{} -c plan_cache_mode=force_generic_plan", self.config.get_options().unwrap_or(""));
         writer.config.options(&options);
@@ -256,7 +258,7 @@ impl PostgresStore {
         // The blocking client runs a runtime of its own, which cannot start
         // on a thread of the caller's: the first connection is made on a
         // thread of its own too.
-        let writer_connector = connector.for_writer();
+        let writer_connector = connector.generic_plans();
         let conn = {
             let connector = writer_connector.clone();
             std::thread::spawn(move || -> Result<postgres::Client, StoreError> {
@@ -289,7 +291,7 @@ impl PostgresStore {
         })?);
         for i in 0..options.read_connections.max(1) {
             let rx = read_rx.clone();
-            let connector = connector.clone();
+            let connector = connector.generic_plans();
             store.threads.push(spawn(&format!("piivault-pg-reader-{i}"), move || {
                 writer::reader_loop(&connector, &rx);
             })?);
@@ -511,6 +513,28 @@ impl Db<'_, '_> {
         match &mut self.session {
             Session::Tx(tx) => tx.query_opt(&statement, params),
             Session::Auto(client) => client.query_opt(&statement, params),
+        }
+    }
+
+    /// Runs `work` with this session planning each statement for the
+    /// values it is given (the session's default is the generic plan, see
+    /// [`Connector::generic_plans`]), then back to its default.
+    fn planned_for_values<T>(
+        &mut self,
+        work: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.batch_execute("SET plan_cache_mode = auto")?;
+        let result = work(self);
+        let reset = self.batch_execute("RESET plan_cache_mode");
+        let value = result?;
+        reset?;
+        Ok(value)
+    }
+
+    fn batch_execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
+        match &mut self.session {
+            Session::Tx(tx) => tx.batch_execute(sql),
+            Session::Auto(client) => client.batch_execute(sql),
         }
     }
 

@@ -183,39 +183,43 @@ impl RecordStore for PostgresStore {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<StoredRecord>, StoreError> {
+        // Planned for the place it pages from: a generic plan sorts every
+        // record after it for each page.
         self.read(move |tx| {
-            let (sql, version) = match work {
-                Pending::Reencryption { primary } => (
-                    concat!(
-                        "SELECT ",
-                        row_columns!(),
-                        " FROM records
+            tx.planned_for_values(|tx| {
+                let (sql, version) = match work {
+                    Pending::Reencryption { primary } => (
+                        concat!(
+                            "SELECT ",
+                            row_columns!(),
+                            " FROM records
                          WHERE collection_id = $1 AND key_version != $2 AND ciphertext IS NOT NULL AND seq > $3
                          ORDER BY seq LIMIT $4"
+                        ),
+                        primary,
                     ),
-                    primary,
-                ),
-                Pending::Indexing { version } => (
-                    concat!(
-                        "SELECT ",
-                        row_columns!(),
-                        " FROM records r
+                    Pending::Indexing { version } => (
+                        concat!(
+                            "SELECT ",
+                            row_columns!(),
+                            " FROM records r
                          WHERE r.collection_id = $1 AND r.ciphertext IS NOT NULL AND r.seq > $3
                            AND NOT EXISTS (SELECT 1 FROM blind_index b
                                            WHERE b.collection_id = r.collection_id AND b.seq = r.seq AND b.version = $2)
                          ORDER BY r.seq LIMIT $4"
+                        ),
+                        version,
                     ),
-                    version,
-                ),
-            };
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let mut out = Vec::new();
-            for row in tx.query(sql, &[&collection.0, &i64::from(version), &sql_i64(after_seq)?, &limit])? {
-                let row = read_row(&row)?;
-                let ciphertext = row.ciphertext.ok_or(StoreError::Corrupt)?;
-                out.push(StoredRecord { at: row.at, ciphertext });
-            }
-            Ok(out)
+                };
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let mut out = Vec::new();
+                for row in tx.query(sql, &[&collection.0, &i64::from(version), &sql_i64(after_seq)?, &limit])? {
+                    let row = read_row(&row)?;
+                    let ciphertext = row.ciphertext.ok_or(StoreError::Corrupt)?;
+                    out.push(StoredRecord { at: row.at, ciphertext });
+                }
+                Ok(out)
+            })
         })
         .await
     }
