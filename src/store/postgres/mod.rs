@@ -145,9 +145,10 @@ impl Connector {
     /// plan is the plan, and planning it again at every execution
     /// (PostgreSQL's custom plans, which it keeps choosing for array
     /// parameters) was a third of the server's CPU per single-value
-    /// tokenize, and a quarter per single-token detokenize. The one query
-    /// whose plan depends on the values asked, the audit query with its
-    /// optional filters, is planned for them ([`Db::planned_for_values`]).
+    /// tokenize, and a quarter per single-token detokenize. The reads whose
+    /// best plan depends on the values asked (the audit query with its
+    /// optional filters, the paging of pending work) are planned for them
+    /// ([`Db::planned_for_values`]).
     fn generic_plans(&self) -> Self {
         let mut writer = self.clone();
         let options = format!("{} -c plan_cache_mode=force_generic_plan", self.config.get_options().unwrap_or(""));
