@@ -107,6 +107,9 @@ pub struct Metrics {
     pub delete_misses: Counter,
     /// Requests per group commit (one durable transaction).
     pub commit_batch: Histogram,
+    /// Group commits whose joined writes (PostgreSQL: tokenizes and reads'
+    /// audit records in one statement) were refused and ran one by one.
+    pub joined_writes_refused: Counter,
     /// Reloads of policy or TLS material that failed (`policy`, `tls`);
     /// the previous configuration stays in force.
     pub reload_failures: Family<Part, Counter>,
@@ -143,6 +146,7 @@ impl Metrics {
             deterministic_hits: Counter::default(),
             delete_misses: Counter::default(),
             commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            joined_writes_refused: Counter::default(),
             reload_failures: Family::default(),
             reload_failing: Family::default(),
             sealed: Gauge::default(),
@@ -176,6 +180,11 @@ impl Metrics {
             "store_commit_batch_requests",
             "requests per group commit (one durable transaction)",
             metrics.commit_batch.clone(),
+        );
+        registry.register(
+            "store_joined_writes_refused",
+            "group commits whose joined writes were refused and ran one by one",
+            metrics.joined_writes_refused.clone(),
         );
         registry.register(
             "reload_failures",

@@ -334,7 +334,9 @@ async fn a_queued_write_that_cannot_go_in_fails_alone() {
 
     // Queued as the joined requests of the check above are (each request
     // runs in a savepoint of its own then, so their rows' transaction ids
-    // differ and cannot show it). A token taken:
+    // differ and cannot show it; the count of refusals does). A token taken:
+    let refusals = || piivault::metrics::metrics().joined_writes_refused.get();
+    let before = refusals();
     let answers = queued(
         &database,
         &store,
@@ -363,6 +365,10 @@ async fn a_queued_write_that_cannot_go_in_fails_alone() {
             listed("tokenize", &["k4"])
         ]
     );
+    // (At least: under `cargo test` other checks of this process count
+    // theirs too; nextest runs each check in a process of its own.)
+    assert!(refusals() > before, "the joined writes were not refused");
+    let before = refusals();
     // A key version out of use:
     let answers = queued(
         &database,
@@ -375,6 +381,7 @@ async fn a_queued_write_that_cannot_go_in_fails_alone() {
         panic!("{answers:?}");
     };
     assert_eq!(k7, &[InsertOutcome::Inserted]);
+    assert!(refusals() > before, "the joined writes were not refused");
     assert_eq!(last_listed(store.as_ref(), 1).await, [listed("tokenize", &["k7"])]);
     assert_eq!(
         conformance::read(store.as_ref(), id, &["taken", "k2", "k3", "k5", "k6", "k7"]).await,

@@ -453,6 +453,7 @@ fn commit_jobs(
         };
         if let Err(error) = super::append::write_joined(&mut write, &mut joined) {
             tracing::debug!(error = %error, writes = joined.len(), "store: joined writes refused; each runs alone");
+            crate::metrics::metrics().joined_writes_refused.inc();
             let _ = tx.rollback();
             audit.ended(false);
             return Err(Batch { joined, jobs: batch });
