@@ -22,6 +22,7 @@
 //! The store never sees a value or a key in clear: only tokens, ciphertext
 //! and wrapped keys.
 
+mod chain;
 mod job;
 pub mod postgres;
 pub mod sqlite;

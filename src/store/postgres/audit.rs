@@ -58,19 +58,14 @@ impl WriteTx<'_, '_> {
         }
         self.audit.hold(&mut self.tx)?;
         let key = self.audit.key.as_ref().ok_or(StoreError::AuditUnavailable)?;
-        let seq = self.audit.tentative.seq + 1;
-        let encoded = record.encode(seq);
-        let mac = key.chain(&self.audit.tentative.mac, &encoded);
+        let (seq, encoded, mac) = self.audit.tail.next(key, record);
         let seq_sql = i64::try_from(seq).map_err(|_| StoreError::AuditUnavailable)?;
         Ok(NextAudit { record, seq, seq_sql, encoded, mac, mac_sql: mac.to_vec() })
     }
 
     /// `next` went in with this transaction: it is the chain's head now.
     pub(super) fn appended(&mut self, next: &NextAudit<'_>) -> u64 {
-        self.audit.tentative = Head { seq: next.seq, mac: next.mac };
-        if self.audit.sink.is_some() {
-            self.audit.pending.push((next.seq, next.record.clone(), next.mac));
-        }
+        self.audit.tail.appended(next.seq, next.record, next.mac);
         next.seq
     }
 }
@@ -153,8 +148,7 @@ impl AuditStore for PostgresStore {
         self.write(move |tx| {
             let head = last_head(&mut tx.tx, &tx.audit.chain)?;
             tx.audit.key = Some(key);
-            tx.audit.committed = head;
-            tx.audit.tentative = head;
+            tx.audit.tail.restart_at(head);
             Ok(head)
         })
         .await

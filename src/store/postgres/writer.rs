@@ -10,7 +10,8 @@ use sha2::Digest as _;
 
 use super::append::Append;
 use super::{Connector, Db, Session, Statements};
-use crate::audit::{AuditKey, AuditRecord, AuditSink, Head};
+use crate::audit::{AuditKey, AuditSink, Head};
+use crate::store::chain::{ChainTail, Mark};
 use crate::store::{StoreError, now_micros};
 
 /// A read request: runs on a reader connection, or is told why there is
@@ -26,11 +27,8 @@ pub(super) type ReadJob =
 pub(super) struct AuditCursor {
     pub(super) chain: String,
     pub(super) key: Option<AuditKey>,
-    pub(super) committed: Head,
-    pub(super) tentative: Head,
-    /// Records written in the open transaction, for the sink after commit.
-    pub(super) pending: Vec<(u64, AuditRecord, [u8; crate::audit::MAC_LEN])>,
-    pub(super) sink: Option<Arc<AuditSink>>,
+    /// The chain's heads and the records of the open transaction.
+    pub(super) tail: ChainTail,
     /// Whether this connection's session holds the chain (taken before the
     /// first record it appends: a node that only reads, such as an offline
     /// `audit verify` beside the running node, never takes it).
@@ -49,8 +47,7 @@ impl AuditCursor {
         }
         take_chain(tx, &self.chain)?;
         let head = super::audit::last_head(tx, &self.chain)?;
-        self.committed = head;
-        self.tentative = head;
+        self.tail.restart_at(head);
         self.taken_at = Some(head);
         self.held = true;
         Ok(())
@@ -60,47 +57,37 @@ impl AuditCursor {
 /// Where a job began on the audit chain: see [`AuditCursor::job_failed`].
 #[derive(Clone, Copy)]
 pub(super) struct JobStart {
-    tentative: Head,
+    mark: Mark,
     held: bool,
-    pending: usize,
 }
 
 impl AuditCursor {
-    /// The batch's transaction ended: committed (its records are the
-    /// chain's now, and go to the sink) or rolled back.
+    /// The batch's transaction ended: committed or rolled back.
     fn ended(&mut self, committed: bool) {
-        if committed {
-            self.committed = self.tentative;
-            if let Some(sink) = &self.sink
-                && !self.pending.is_empty()
-            {
-                sink.emit(&self.pending);
-            }
-        } else {
-            self.tentative = self.committed;
+        self.tail.ended(committed);
+        if !committed {
             // A chain registered in this batch is not registered now.
             self.held &= self.taken_at.is_none();
         }
         self.taken_at = None;
-        self.pending.clear();
     }
 
     pub(super) fn before_job(&self) -> JobStart {
-        JobStart { tentative: self.tentative, held: self.held, pending: self.pending.len() }
+        JobStart { mark: self.tail.mark(), held: self.held }
     }
 
     /// Forgets the records of a job whose savepoint was rolled back.
     pub(super) fn job_failed(&mut self, before: JobStart) {
-        self.pending.truncate(before.pending);
-        match self.taken_at {
-            // The chain was taken by this job and its head reread: that
-            // head stands. Its row in `audit_chains` may have gone with the
-            // job: it is registered again before the next record.
-            Some(head) if self.held && !before.held => {
-                self.tentative = head;
-                self.held = false;
-            }
-            _ => self.tentative = before.tentative,
+        self.tail.undo(before.mark);
+        // The chain was taken by this job and its head reread: that head
+        // stands. Its row in `audit_chains` may have gone with the job: it
+        // is registered again before the next record.
+        if let Some(head) = self.taken_at
+            && self.held
+            && !before.held
+        {
+            self.tail.restart_at(head);
+            self.held = false;
         }
     }
 }
@@ -318,16 +305,7 @@ pub(super) fn writer_loop(
     max_batch: usize,
     sink: Option<Arc<AuditSink>>,
 ) {
-    let mut audit = AuditCursor {
-        chain,
-        key: None,
-        committed: Head::GENESIS,
-        tentative: Head::GENESIS,
-        pending: Vec::new(),
-        sink,
-        held: false,
-        taken_at: None,
-    };
+    let mut audit = AuditCursor { chain, key: None, tail: ChainTail::new(sink), held: false, taken_at: None };
     let mut client = Some(conn);
     let mut statements = Statements::default();
     let mut leases = Leases::default();

@@ -29,9 +29,7 @@ impl WriteTx<'_> {
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
         let key = self.audit.key.as_ref().ok_or(StoreError::AuditUnavailable)?;
-        let seq = self.audit.tentative.seq + 1;
-        let encoded = record.encode(seq);
-        let mac = key.chain(&self.audit.tentative.mac, &encoded);
+        let (seq, encoded, mac) = self.audit.tail.next(key, record);
         let seq_sql = i64::try_from(seq).map_err(|_| StoreError::AuditUnavailable)?;
         let audit_failed = |e: rusqlite::Error| {
             let error = StoreError::from(e);
@@ -70,10 +68,7 @@ impl WriteTx<'_> {
             stmt.execute(params![seq_sql, collection.0, sql_seq(record_seq)?]).map_err(audit_failed)?;
         }
         self.audit.unindexed += seqs.len();
-        self.audit.tentative = Head { seq, mac };
-        if self.audit.sink.is_some() {
-            self.audit.pending.push((seq, record.clone(), mac));
-        }
+        self.audit.tail.appended(seq, record, mac);
         Ok(seq)
     }
 }
@@ -101,8 +96,7 @@ impl AuditStore for SqliteStore {
         self.write(move |tx| {
             let head = last_head(tx.conn)?;
             tx.audit.key = Some(key);
-            tx.audit.committed = head;
-            tx.audit.tentative = head;
+            tx.audit.tail.restart_at(head);
             Ok(head)
         })
         .await

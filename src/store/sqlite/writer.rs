@@ -6,8 +6,9 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use rusqlite::Connection;
 
-use crate::audit::{AuditKey, AuditRecord, AuditSink, Head, MAC_LEN};
+use crate::audit::{AuditKey, AuditSink};
 use crate::store::StoreError;
+use crate::store::chain::ChainTail;
 
 /// A read request: runs on a reader connection.
 pub(super) type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
@@ -16,11 +17,8 @@ pub(super) type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 /// and the head including records written in the open transaction.
 pub(super) struct AuditCursor {
     pub(super) key: Option<AuditKey>,
-    pub(super) committed: Head,
-    pub(super) tentative: Head,
-    /// Records written in the open transaction, for the sink after commit.
-    pub(super) pending: Vec<(u64, AuditRecord, [u8; MAC_LEN])>,
-    pub(super) sink: Option<Arc<AuditSink>>,
+    /// The chain's heads and the records of the open transaction.
+    pub(super) tail: ChainTail,
     /// Token-index entries written since the last block of the searchable
     /// index (approximate: a heuristic for when to build the next).
     pub(super) unindexed: usize,
@@ -55,10 +53,7 @@ pub(super) fn writer_loop(
 ) {
     let mut audit = AuditCursor {
         key: None,
-        committed: Head::GENESIS,
-        tentative: Head::GENESIS,
-        pending: Vec::new(),
-        sink,
+        tail: ChainTail::new(sink),
         unindexed: super::audit::unindexed_entries(conn).unwrap_or(block),
     };
     // Since when erased ciphertext may still sit in the WAL.
@@ -125,15 +120,13 @@ fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<Write
             outcomes.push((job, Err(StoreError::Closed)));
             continue;
         }
-        let before = audit.tentative;
-        let pending_before = audit.pending.len();
+        let before = audit.tail.mark();
         let result = conn
             .execute_batch("SAVEPOINT job")
             .map_err(StoreError::from)
             .and_then(|()| job.apply(&mut WriteTx { conn, audit: &mut *audit, erased: &mut erased }));
         if result.is_err() {
-            audit.tentative = before;
-            audit.pending.truncate(pending_before);
+            audit.tail.undo(before);
         }
         match result {
             Ok(()) => {
@@ -157,17 +150,7 @@ fn commit_batch(conn: &Connection, audit: &mut AuditCursor, batch: Vec<Box<Write
         Some(error) => Err(error),
         None => conn.execute_batch("COMMIT").map_err(StoreError::from),
     };
-    if committed.is_ok() {
-        audit.committed = audit.tentative;
-        if let Some(sink) = &audit.sink
-            && !audit.pending.is_empty()
-        {
-            sink.emit(&audit.pending);
-        }
-    } else {
-        audit.tentative = audit.committed;
-    }
-    audit.pending.clear();
+    audit.tail.ended(committed.is_ok());
     if let Err(error) = &committed {
         tracing::error!(error = %error, jobs = outcomes.len(), "store: write transaction failed; nothing written");
         if !conn.is_autocommit() {
