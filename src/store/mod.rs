@@ -867,6 +867,16 @@ impl TokenForm {
             _ => None,
         }
     }
+
+    /// The `token_check`, `token` and `shaped` columns of this form
+    /// ([`TokenForm::from_columns`] read back), exactly one set.
+    pub(crate) fn columns(&self) -> (Option<&[u8]>, Option<&str>, Option<&str>) {
+        match self {
+            Self::Sealed(check) => (Some(check.as_slice()), None, None),
+            Self::Text(text) => (None, Some(text.as_str()), None),
+            Self::Shaped(text) => (None, None, Some(text.as_str())),
+        }
+    }
 }
 
 /// Where a backend reads record rows from, for [`first_row`]: point reads

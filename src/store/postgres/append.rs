@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use super::writer::WriteTx;
 use super::{sql_i64, stored_u64};
 use crate::audit::AuditRecord;
-use crate::store::{CollectionId, InsertOutcome, NewRecord, RenderToken, StoreError, TokenForm, now_micros};
+use crate::store::{CollectionId, InsertOutcome, NewRecord, RenderToken, StoreError, now_micros};
 
 /// One write that appends: see the module's doc.
 pub(super) struct Append {
@@ -278,11 +278,7 @@ struct RecordColumns<'r> {
 
 impl<'r> RecordColumns<'r> {
     fn push(&mut self, collection: CollectionId, r: &'r NewRecord) -> Result<(), StoreError> {
-        let (check, text, shaped) = match &r.at.token {
-            TokenForm::Sealed(check) => (Some(check.as_slice()), None, None),
-            TokenForm::Shaped(text) => (None, None, Some(text.as_str())),
-            TokenForm::Text(text) => (None, Some(text.as_str()), None),
-        };
+        let (check, text, shaped) = r.at.token.columns();
         self.collections.push(collection.0);
         self.seqs.push(sql_i64(r.at.seq)?);
         self.checks.push(check);

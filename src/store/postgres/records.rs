@@ -358,11 +358,7 @@ pub(super) fn insert_records(
             outcomes.push(InsertOutcome::Existing(existing));
             continue;
         }
-        let (check, text, shaped) = match &r.at.token {
-            TokenForm::Sealed(check) => (Some(check.as_slice()), None, None),
-            TokenForm::Shaped(text) => (None, None, Some(text.as_str())),
-            TokenForm::Text(text) => (None, Some(text.as_str()), None),
-        };
+        let (check, text, shaped) = r.at.token.columns();
         let seq = sql_i64(r.at.seq)?;
         // A token issued before tokens located their records may be
         // this text (in this or, before canonical storage, another
