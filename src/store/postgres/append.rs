@@ -163,7 +163,7 @@ pub(super) struct Written {
     /// key version in use.
     pub(super) audited: bool,
     /// Each part's audit sequence number, if they went in.
-    audit_seqs: Vec<u64>,
+    pub(super) audit_seqs: Vec<u64>,
 }
 
 /// Inserts every part's records in one statement, each unless its place
@@ -244,13 +244,12 @@ pub(super) fn write_parts(tx: &mut WriteTx<'_, '_>, parts: &[Part<'_>]) -> Resul
     if collections.len() != seqs.len() {
         return Err(StoreError::Corrupt);
     }
-    let inserted: Vec<(i64, i64)> = collections.into_iter().zip(seqs).collect();
+    let went_in: HashSet<(i64, i64)> = collections.into_iter().zip(seqs).collect();
     let audited = row.try_get::<_, i64>(3)? == i64::try_from(parts.len()).map_err(|_| StoreError::Corrupt)?;
     if !audited {
         tx.audit.job_failed(before);
     }
     // Counted by the batch, once per version, just before it commits.
-    let went_in: HashSet<(i64, i64)> = inserted.iter().copied().collect();
     for part in parts {
         for record in part.records {
             if went_in.contains(&(part.collection.0, sql_i64(record.at.seq)?)) {
@@ -258,7 +257,7 @@ pub(super) fn write_parts(tx: &mut WriteTx<'_, '_>, parts: &[Part<'_>]) -> Resul
             }
         }
     }
-    let inserted = inserted.into_iter().map(|(_, seq)| stored_u64(seq)).collect::<Result<HashSet<u64>, _>>()?;
+    let inserted = went_in.into_iter().map(|(_, seq)| stored_u64(seq)).collect::<Result<HashSet<u64>, _>>()?;
     Ok(Written { inserted, audited, audit_seqs: if audited { audit_seqs } else { Vec::new() } })
 }
 

@@ -5,6 +5,7 @@
 
 use async_trait::async_trait;
 
+use super::append::{Part, write_parts};
 use super::records::record_ref;
 use super::writer::WriteTx;
 use super::{Db, PostgresStore, sql_i64, stored_u64};
@@ -27,26 +28,12 @@ impl WriteTx<'_, '_> {
         collection: CollectionId,
         seqs: &[u64],
     ) -> Result<u64, StoreError> {
-        let next = self.next_audit(record)?;
-        let record_seqs = index_entries(seqs.iter().copied())?;
-        let mut params = next.params(&self.audit.chain);
-        params.extend([&collection.0 as &(dyn postgres::types::ToSql + Sync), &record_seqs]);
-        // The record and its index entries in one statement: one round
-        // trip, and no entry without its record.
-        let sql = if seqs.is_empty() {
-            "INSERT INTO audit (chain, seq, at, caller, action, collection, outcome, record, mac)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-        } else {
-            "WITH entry AS (
-                 INSERT INTO audit (chain, seq, at, caller, action, collection, outcome, record, mac)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             )
-             INSERT INTO audit_records (chain, audit_seq, collection_id, record_seq)
-             SELECT $1, $2, $10, s FROM unnest($11::bigint[]) AS s"
-        };
-        let params = if seqs.is_empty() { &params[..9] } else { &params[..] };
-        self.tx.execute(sql, params).map_err(audit_failed)?;
-        Ok(self.appended(&next))
+        // The statement of the joined writes, with this record alone: one
+        // round trip, and no entry without its record.
+        let part = Part { collection, records: &[], audit: record, read: seqs };
+        let written = write_parts(self, &[part])?;
+        // With no record to insert, nothing keeps it out: it went in.
+        written.audit_seqs.first().copied().ok_or(StoreError::AuditUnavailable)
     }
 
     /// The next record of this node's chain, `record` as its encoding and
@@ -95,22 +82,6 @@ impl<'r> NextAudit<'r> {
     /// The record this is the encoding of.
     pub(super) fn record(&self) -> &'r AuditRecord {
         self.record
-    }
-
-    /// The values of an `audit` row, in its column order (chain, seq, at,
-    /// caller, action, collection, outcome, record, mac).
-    pub(super) fn params<'p>(&'p self, chain: &'p String) -> Vec<&'p (dyn postgres::types::ToSql + Sync)> {
-        vec![
-            chain,
-            &self.seq_sql,
-            &self.record.at_micros,
-            &self.record.caller,
-            &self.record.action,
-            &self.record.collection,
-            &self.record.outcome,
-            &self.encoded,
-            &self.mac_sql,
-        ]
     }
 }
 
@@ -178,19 +149,19 @@ impl AuditStore for PostgresStore {
         Ok(None)
     }
 
-    /// Planned for the filters given (each is optional).
     async fn query_audit(&self, filter: AuditFilter, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
         let chain = filter.chain.clone().unwrap_or_else(|| self.chain.clone());
         self.read(move |tx| {
-            tx.planned_for_values(|tx| {
-                let after = i64::try_from(filter.after_seq).unwrap_or(i64::MAX);
-                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-                let (collection, record_seq) = match filter.record {
-                    RecordMatch::Any => (None, None),
-                    RecordMatch::Of(collection, seq) => (Some(collection.0), Some(sql_i64(seq)?)),
-                    RecordMatch::Unissued => return Ok(Vec::new()),
-                };
-                let rows = tx.query(
+            let after = i64::try_from(filter.after_seq).unwrap_or(i64::MAX);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let (collection, record_seq) = match filter.record {
+                RecordMatch::Any => (None, None),
+                RecordMatch::Of(collection, seq) => (Some(collection.0), Some(sql_i64(seq)?)),
+                RecordMatch::Unissued => return Ok(Vec::new()),
+            };
+            // Its filters are optional: planned for the ones given.
+            let rows = tx.planned_for_values(|tx| {
+                Ok(tx.query(
                     "SELECT a.seq, a.record, a.mac, a.at, a.caller, a.action, a.collection, a.outcome
                  FROM audit a
                  WHERE a.chain = $1 AND a.seq > $2
@@ -217,34 +188,34 @@ impl AuditStore for PostgresStore {
                         &filter.until,
                         &limit,
                     ],
-                )?;
-                let mut out = Vec::with_capacity(rows.len());
-                for row in rows {
-                    out.push(AuditRow {
-                        seq: stored_u64(row.try_get(0)?)?,
-                        record: row.try_get(1)?,
-                        mac: row.try_get(2)?,
-                        at: row.try_get(3)?,
-                        caller: row.try_get(4)?,
-                        action: row.try_get(5)?,
-                        collection: row.try_get(6)?,
-                        outcome: row.try_get(7)?,
-                        indexed: Vec::new(),
-                    });
-                }
-                for row in &mut out {
-                    let seq = sql_i64(row.seq)?;
-                    for r in tx.query(
-                        "SELECT x.collection_id, r.seq, r.token_check, r.token, r.shaped FROM audit_records x
+                )?)
+            })?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                out.push(AuditRow {
+                    seq: stored_u64(row.try_get(0)?)?,
+                    record: row.try_get(1)?,
+                    mac: row.try_get(2)?,
+                    at: row.try_get(3)?,
+                    caller: row.try_get(4)?,
+                    action: row.try_get(5)?,
+                    collection: row.try_get(6)?,
+                    outcome: row.try_get(7)?,
+                    indexed: Vec::new(),
+                });
+            }
+            for row in &mut out {
+                let seq = sql_i64(row.seq)?;
+                for r in tx.query(
+                    "SELECT x.collection_id, r.seq, r.token_check, r.token, r.shaped FROM audit_records x
                      JOIN records r ON r.collection_id = x.collection_id AND r.seq = x.record_seq
                      WHERE x.chain = $1 AND x.audit_seq = $2 ORDER BY x.collection_id, x.record_seq",
-                        &[&chain, &seq],
-                    )? {
-                        row.indexed.push((CollectionId(r.try_get(0)?), record_ref(&r, 1)?));
-                    }
+                    &[&chain, &seq],
+                )? {
+                    row.indexed.push((CollectionId(r.try_get(0)?), record_ref(&r, 1)?));
                 }
-                Ok(out)
-            })
+            }
+            Ok(out)
         })
         .await
     }
