@@ -27,9 +27,7 @@ mod tamper;
 /// opens, before anything is served, not by the first write.
 #[tokio::test]
 async fn a_token_index_backlog_is_built_when_the_store_opens() {
-    use piivault::audit::{AuditKey, AuditRecord};
-    use piivault::crypto::keyring::KeyPurpose;
-    use piivault::store::{AuditFilter, NewRecord, RecordMatch, RecordRef, TokenForm};
+    use piivault::store::{AuditFilter, RecordMatch};
 
     let dir = tempfile::tempdir().unwrap();
     let backend = StoreBackend::Sqlite { path: dir.path().join("vault.db") };
@@ -37,27 +35,8 @@ async fn a_token_index_backlog_is_built_when_the_store_opens() {
         let settings = StoreSettings { audit_index_block: block, ..StoreSettings::default() };
         piivault::store::open(&backend, &settings, mode, None).unwrap()
     };
-    let record = |action: &str| AuditRecord { action: action.into(), outcome: "OK".into(), ..AuditRecord::default() };
     let store = open(1_000, OpenMode::Create);
-    store.install_audit_key(AuditKey::from_bytes([7; 32])).await.unwrap();
-    let id = store.create_collection("c", KeyPurpose::Data, b"w".to_vec()).await.unwrap();
-    let first = store.reserve_sequences(id, 0, 3).await.unwrap();
-    let records = (0..3)
-        .map(|i| NewRecord {
-            at: RecordRef { seq: first + i, token: TokenForm::Text(format!("t{i}")) },
-            key_version: 1,
-            ciphertext: b"ct".to_vec(),
-            expires_at: None,
-            index: None,
-        })
-        .collect();
-    let render: piivault::store::RenderToken = Box::new(|at| format!("t{}", at.seq));
-    store.insert_records(id, records, record("tokenize"), render).await.unwrap();
-    for _ in 0..2 {
-        let mut read = record("detokenize");
-        read.tokens = vec!["t0".into(), "t1".into()];
-        store.append_read_audit(id, vec![first, first + 1], read).await.unwrap();
-    }
+    let (id, first) = conformance::tokenized_then_read_twice(store.as_ref()).await;
     let blocks = || {
         tamper::open_read_only(&dir.path().join("vault.db"))
             .query_row("SELECT count(*) FROM audit_index_blocks", [], |r| r.get::<_, i64>(0))
@@ -68,7 +47,7 @@ async fn a_token_index_backlog_is_built_when_the_store_opens() {
     // Reopened with blocks of 2: records 1 (3 entries), 2 and 3 (2 each).
     let store = open(2, OpenMode::Existing);
     assert_eq!(blocks(), 3);
-    assert_eq!(store.check_token_index().await.unwrap(), None);
+    assert_eq!(store.check_token_index(None).await.unwrap(), None);
     let filter = AuditFilter { record: RecordMatch::Of(id, first + 1), ..AuditFilter::default() };
     let seqs: Vec<u64> = store.query_audit(filter, 10).await.unwrap().into_iter().map(|r| r.seq).collect();
     assert_eq!(seqs, [1, 2, 3]);

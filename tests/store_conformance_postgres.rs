@@ -14,7 +14,11 @@ use piivault::store::OpenMode;
 fn postgres() -> conformance::Fresh {
     let database = pg::Database::new();
     let backend = StoreBackend::Postgres(database.settings.clone());
-    let store = piivault::store::open(&backend, &StoreSettings::default(), OpenMode::Create, None).unwrap();
+    // Blocks of three token-index entries, so that the checks may cross
+    // them (built behind the writes: how many are built when a check runs
+    // varies, and every answer must be the same either way).
+    let settings = StoreSettings { audit_index_block: 3, ..StoreSettings::default() };
+    let store = piivault::store::open(&backend, &settings, OpenMode::Create, None).unwrap();
     conformance::Fresh { store, keep: Box::new(database) }
 }
 
@@ -98,30 +102,110 @@ async fn a_read_on_a_connection_the_server_ended_runs_again() {
 }
 
 /// A store made by an earlier release (schema version 3) is migrated when
-/// a node opens it: the write path's per-row foreign keys go (migration 4),
-/// and the store keeps what it held.
+/// a node opens it: the write path's per-row foreign keys go (migration
+/// 4), the audit index entries become one row per audit record and
+/// collection (migration 5), and the store keeps what it held.
 #[tokio::test]
 async fn a_version_3_store_is_migrated_at_open() {
+    use piivault::store::{AuditFilter, CollectionId, RecordMatch};
     let database = pg::Database::new();
     let earlier = [
         include_str!("../migrations/postgres/0001_init.sql"),
         include_str!("../migrations/postgres/0002_quota_use.sql"),
         include_str!("../migrations/postgres/0003_key_notify.sql"),
     ];
+    // Audit record 1 involves records 5 and 7, record 2 involves 7.
+    let mac = format!("'\\x{}'", "00".repeat(32));
     database.sql(&format!(
         "CREATE TABLE piivault_schema (application TEXT NOT NULL, version BIGINT NOT NULL);
          INSERT INTO piivault_schema VALUES ('piivault', 3);
          {}
-         INSERT INTO collections (name, created_at) VALUES ('kept', 1);",
+         INSERT INTO collections (name, created_at) VALUES ('kept', 1);
+         INSERT INTO audit_chains VALUES ('a', 1);
+         INSERT INTO audit (chain, seq, at, caller, action, collection, outcome, record, mac)
+         VALUES ('a', 1, 1, 'c', 'detokenize', 'kept', 'OK', '', {mac}),
+                ('a', 2, 1, 'c', 'detokenize', 'kept', 'OK', '', {mac});
+         INSERT INTO audit_records VALUES ('a', 1, 1, 7), ('a', 1, 1, 5), ('a', 2, 1, 7);",
         earlier.join("\n")
     ));
     let keys = "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND conrelid IN ('records'::regclass, 'audit_records'::regclass)";
     assert_eq!(database.sql(keys), [[Some("3".to_owned())]]);
     let store = open_node(&database, "a", OpenMode::Existing);
-    assert_eq!(database.sql("SELECT version FROM piivault_schema"), [[Some("4".to_owned())]]);
-    assert_eq!(database.sql(keys), [[Some("0".to_owned())]]);
+    assert_eq!(database.sql("SELECT version FROM piivault_schema"), [[Some("5".to_owned())]]);
+    assert_eq!(database.sql("SELECT to_regclass('audit_records') IS NULL"), [[Some("t".to_owned())]]);
+    assert_eq!(
+        database.sql("SELECT audit_seq, record_seqs::text FROM audit_entries ORDER BY audit_seq"),
+        [[Some("1".to_owned()), Some("{5,7}".to_owned())], [Some("2".to_owned()), Some("{7}".to_owned())]]
+    );
     assert_eq!(database.sql("SELECT name FROM collections"), [[Some("kept".to_owned())]]);
+    let saw = |record| AuditFilter { record: RecordMatch::Of(CollectionId(1), record), ..AuditFilter::default() };
+    let seqs = |rows: Vec<piivault::store::AuditRow>| rows.into_iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(store.query_audit(saw(7), 10).await.unwrap()), [1, 2]);
+    assert_eq!(seqs(store.query_audit(saw(5), 10).await.unwrap()), [1]);
+    assert_eq!(seqs(store.query_audit(saw(6), 10).await.unwrap()), Vec::<u64>::new());
     drop(store);
+}
+
+/// The token index of each chain is sorted into blocks behind the writes,
+/// by its node's indexer: queries find entries in blocks and after them,
+/// and the check finds a block that disagrees with its entries, asked
+/// through any node.
+#[tokio::test]
+async fn the_token_index_is_built_behind_the_writes_and_checked() {
+    use piivault::store::{AuditFilter, RecordMatch};
+
+    let database = pg::Database::new();
+    let open = |node: &str, block: usize, mode| {
+        let settings = StoreSettings { audit_index_block: block, ..StoreSettings::default() };
+        piivault::store::open(&StoreBackend::Postgres(database.node(node)), &settings, mode, None).unwrap()
+    };
+    let store = open("a", 2, OpenMode::Create);
+    let (id, first) = conformance::tokenized_then_read_twice(store.as_ref()).await;
+    // Blocks of 2: audit records 1 (3 entries), 2 and 3 (2 each).
+    let blocks = || database.sql("SELECT last_audit_seq, entries FROM audit_index_blocks ORDER BY block");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while blocks().len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "the indexer built {:?} in 20 s", blocks());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let n = |s: &str| Some(s.to_owned());
+    assert_eq!(blocks(), [[n("1"), n("3")], [n("2"), n("2")], [n("3"), n("2")]]);
+    // One more read, of one entry: it waits after the last block.
+    let mut read = conformance::audit("detokenize");
+    read.tokens = vec!["t0".into()];
+    assert_eq!(store.append_read_audit(id, vec![first], read).await.unwrap(), 4);
+    let seqs = |seq: u64| {
+        let store = store.clone();
+        async move {
+            let filter = AuditFilter { record: RecordMatch::Of(id, seq), ..AuditFilter::default() };
+            store.query_audit(filter, 10).await.unwrap().into_iter().map(|r| r.seq).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(seqs(first).await, [1, 2, 3, 4]);
+    assert_eq!(seqs(first + 1).await, [1, 2, 3]);
+    assert_eq!(seqs(first + 2).await, [1]);
+    assert_eq!(blocks().len(), 3, "one entry waiting is not a block of 2");
+    assert_eq!(store.check_token_index(None).await.unwrap(), None);
+
+    // A block that holds an entry its range does not is found (block 3,
+    // from audit record 3 on) ...
+    let nth_block = |n: usize| format!("(SELECT block FROM audit_index_blocks ORDER BY block OFFSET {n} LIMIT 1)");
+    database.sql(&format!(
+        "INSERT INTO audit_index SELECT block, collection_id, 1000, '{{1000}}', '{{3}}' FROM audit_index WHERE block = {}",
+        nth_block(2)
+    ));
+    assert_eq!(store.check_token_index(None).await.unwrap(), Some(3));
+    // ... and one whose chunk says it ends before its last record (block
+    // 2): a query would not look there for that record.
+    database.sql(&format!(
+        "ALTER TABLE audit_index DISABLE TRIGGER audit_index_append_only;
+         UPDATE audit_index SET last_record_seq = last_record_seq - 1 WHERE block = {};",
+        nth_block(1)
+    ));
+    assert_eq!(store.check_token_index(None).await.unwrap(), Some(2));
+    let other = open("b", 2, OpenMode::Existing);
+    assert_eq!(other.check_token_index(Some("a".into())).await.unwrap(), Some(2));
+    assert_eq!(other.check_token_index(None).await.unwrap(), None, "b's own chain has no block");
 }
 
 /// A session of the test's own that holds every data-key row of the

@@ -72,6 +72,7 @@ pub fn open(
             postgres::Options {
                 read_connections: settings.read_connections,
                 max_group_commit: settings.max_group_commit,
+                audit_index_block: settings.audit_index_block,
                 sink,
             },
         )?)),
@@ -406,10 +407,12 @@ pub trait AuditStore: Send + Sync {
     /// that only one process writes.
     async fn audit_chains(&self) -> Result<Vec<String>, StoreError>;
 
-    /// Checks the searchable token index (built behind the write path)
-    /// against the entries it was built from: the first audit record of
-    /// the first part that disagrees, if any.
-    async fn check_token_index(&self) -> Result<Option<u64>, StoreError>;
+    /// Checks chain `chain`'s part of the searchable token index (built
+    /// behind the write path) against the entries it was built from: the
+    /// first audit record of the first part that disagrees, if any.
+    /// `None`: this store's own chain (a store that one process writes
+    /// has no other).
+    async fn check_token_index(&self, chain: Option<String>) -> Result<Option<u64>, StoreError>;
 }
 
 /// Errors of the store, typed: callers match on the variant, never on a

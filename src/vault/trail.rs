@@ -107,7 +107,7 @@ impl Vault {
     /// Verifies chain `name` (`None`: this vault's own).
     async fn verify_chain(&self, name: Option<String>) -> Result<Result<Head, VerifyError>, VaultError> {
         let mut chain = audit::Chain::new();
-        let mut filter = AuditFilter { chain: name, ..AuditFilter::default() };
+        let mut filter = AuditFilter { chain: name.clone(), ..AuditFilter::default() };
         loop {
             let page = self.inner.store.query_audit(filter.clone(), VERIFY_PAGE).await?;
             let Some(last) = page.last() else { break };
@@ -124,7 +124,7 @@ impl Vault {
             }
         }
         // The searchable index, built from the entries just checked.
-        if let Some(seq) = self.inner.store.check_token_index().await? {
+        if let Some(seq) = self.inner.store.check_token_index(name).await? {
             return Ok(Err(VerifyError { seq, reason: "the token index disagrees with the trail" }));
         }
         Ok(Ok(chain.head()))

@@ -143,6 +143,25 @@ pub async fn ready(fresh: &Fresh) -> CollectionId {
     fresh.store.create_collection("c", KeyPurpose::Data, b"wrapped-v1".to_vec()).await.unwrap()
 }
 
+/// A trail of seven token-index entries in three audit records: the
+/// tokenize of records `t0`, `t1` and `t2` at three places in a row from
+/// the one returned (audit record 1), then two reads of `t0` and `t1` (2
+/// and 3). Installs the audit key and makes collection `c` first.
+pub async fn tokenized_then_read_twice(store: &dyn Store) -> (CollectionId, u64) {
+    store.install_audit_key(AuditKey::from_bytes(AUDIT_KEY)).await.unwrap();
+    let id = store.create_collection("c", KeyPurpose::Data, b"wrapped-v1".to_vec()).await.unwrap();
+    let first = store.reserve_sequences(id, 0, 3).await.unwrap();
+    let records =
+        (0..3).map(|i| at(RecordRef { seq: first + i, token: TokenForm::Text(format!("t{i}")) }, 1, b"ct")).collect();
+    store.insert_records(id, records, audit("tokenize"), render()).await.unwrap();
+    for _ in 0..2 {
+        let mut read = audit("detokenize");
+        read.tokens = vec!["t0".into(), "t1".into()];
+        store.append_read_audit(id, vec![first, first + 1], read).await.unwrap();
+    }
+    (id, first)
+}
+
 /// The ciphertexts `get_records` answers for `tokens`.
 pub async fn read(store: &dyn Store, id: CollectionId, tokens: &[&str]) -> Vec<Option<Vec<u8>>> {
     let found = store.get_records(id, tokens.iter().map(|t| lookup(t)).collect()).await.unwrap();
@@ -683,7 +702,7 @@ pub async fn who_saw_a_token_is_answered_across_the_index_and_its_tail(fresh: Fr
     assert_eq!(seqs(w3, 0, 100).await, [vec![1], reads_of_w3.clone()].concat());
     assert_eq!(seqs(w0, 10, 3).await, [11, 12, 13], "paged");
     // The blocks hold exactly what the trail says.
-    assert_eq!(store.check_token_index().await.unwrap(), None);
+    assert_eq!(store.check_token_index(None).await.unwrap(), None);
     let rows = chain(store).await;
     assert_eq!(rows.len(), 22);
     // The query with another filter still narrows.

@@ -257,6 +257,9 @@ pub(super) fn write_parts(tx: &mut WriteTx<'_, '_>, parts: &[Part<'_>]) -> Resul
             }
         }
     }
+    if audited {
+        tx.audit.entries_written(entry_seqs.len());
+    }
     let inserted = went_in.into_iter().map(|(_, seq)| stored_u64(seq)).collect::<Result<HashSet<u64>, _>>()?;
     Ok(Written { inserted, audited, audit_seqs: if audited { audit_seqs } else { Vec::new() } })
 }
@@ -350,10 +353,13 @@ const JOINED: &str = "WITH inserted AS (
          WHERE complete.ok
          RETURNING seq
      ), indexed AS (
-         INSERT INTO audit_records (chain, audit_seq, collection_id, record_seq)
-         SELECT $11, x.audit_seq, x.collection_id, x.record_seq
+         -- An audit record's records: one row per collection (in no
+         -- particular order: the blocks sort them).
+         INSERT INTO audit_entries (chain, audit_seq, collection_id, record_seqs)
+         SELECT $11, x.audit_seq, x.collection_id, array_agg(x.record_seq)
          FROM unnest($20::bigint[], $21::bigint[], $22::bigint[]) AS x (audit_seq, collection_id, record_seq), complete
          WHERE complete.ok
+         GROUP BY x.audit_seq, x.collection_id
      )
      SELECT i.collections, i.seqs,
             (SELECT count(*) FROM used) = (SELECT count(*) FROM counted),

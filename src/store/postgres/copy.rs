@@ -44,8 +44,17 @@ const TABLES: [(&str, &str, bool); 9] = [
     ("legacy_tokens", "collection_id, canonical, token", false),
     ("blind_index", "collection_id, version, digest, seq", false),
     ("audit", "seq, at, caller, action, collection, outcome, record, mac", true),
-    ("audit_records", "audit_seq, collection_id, record_seq", true),
+    // Into a temporary table of that name, then one row per audit record
+    // and collection of `audit_entries` (see `ENTRIES`).
+    ("audit_records", "audit_seq, collection_id, record_seq", false),
 ];
+
+/// The copied audit index entries, as the PostgreSQL schema keeps them.
+/// The searchable blocks are built from them by the node that opens the
+/// copy (its indexer), as they would be for entries it wrote.
+const ENTRIES: &str = "INSERT INTO audit_entries (chain, audit_seq, collection_id, record_seqs)
+     SELECT $1, audit_seq, collection_id, array_agg(DISTINCT record_seq ORDER BY record_seq)
+     FROM pg_temp.audit_records GROUP BY audit_seq, collection_id";
 
 /// Copies the SQLite store at `source` into the empty database of
 /// `settings` (made a piivault store first).
@@ -64,6 +73,9 @@ fn copy(source: &Path, settings: &PostgresSettings) -> Result<Copied, StoreError
     schema::migrate(&mut conn, OpenMode::Create)?;
     let mut tx = conn.transaction()?;
     tx.execute("INSERT INTO audit_chains (chain, created_at) VALUES ($1, $2)", &[&settings.node, &now_micros()])?;
+    tx.batch_execute(
+        "CREATE TEMPORARY TABLE audit_records (audit_seq BIGINT, collection_id BIGINT, record_seq BIGINT) ON COMMIT DROP",
+    )?;
     let mut copied = Copied { tables: Vec::with_capacity(TABLES.len()) };
     for (table, columns, chained) in TABLES {
         let target = if chained { format!("{columns}, chain") } else { columns.to_owned() };
@@ -89,6 +101,7 @@ fn copy(source: &Path, settings: &PostgresSettings) -> Result<Copied, StoreError
         writer.finish()?;
         copied.tables.push((table, n));
     }
+    tx.execute(ENTRIES, &[&settings.node])?;
     // New collections are numbered after the copied ones.
     tx.execute(
         "SELECT setval(pg_get_serial_sequence('collections', 'id'), COALESCE(max(id), 1), count(*) > 0) FROM collections",

@@ -43,6 +43,7 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -230,6 +231,9 @@ pub struct Options {
     pub read_connections: usize,
     /// Most write requests per transaction.
     pub max_group_commit: usize,
+    /// Audit token-index entries sorted into one block of the searchable
+    /// index (built off the write path, on a connection of its own).
+    pub audit_index_block: usize,
     /// Where committed audit records are also written.
     pub sink: Option<Arc<AuditSink>>,
 }
@@ -243,7 +247,7 @@ pub struct PostgresStore {
     /// Woken by the listener thread when the keys may have changed.
     key_changes: Arc<tokio::sync::Notify>,
     /// Tells the listener thread to stop.
-    stopping: Arc<std::sync::atomic::AtomicBool>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl PostgresStore {
@@ -282,8 +286,15 @@ impl PostgresStore {
         };
         let max_batch = options.max_group_commit.max(1);
         let sink = options.sink;
+        let entries = Arc::new(AtomicU64::new(0));
+        let (writer_chain, written) = (chain.clone(), entries.clone());
         store.threads.push(spawn("piivault-pg-writer", move || {
-            writer::writer_loop(conn, &writer_connector, chain, &write_rx, max_batch, sink);
+            writer::writer_loop(conn, &writer_connector, writer_chain, &write_rx, max_batch, sink, written);
+        })?);
+        let (indexer_connector, stopping, block) =
+            (connector.clone(), store.stopping.clone(), options.audit_index_block);
+        store.threads.push(spawn("piivault-pg-indexer", move || {
+            audit::indexer_loop(&indexer_connector, &chain, block, &entries, &stopping);
         })?);
         let (listener_connector, changed, stopping) =
             (connector.clone(), store.key_changes.clone(), store.stopping.clone());
@@ -358,7 +369,7 @@ impl Drop for PostgresStore {
     fn drop(&mut self) {
         self.readers = None;
         self.writer = None;
-        self.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stopping.store(true, Ordering::Relaxed);
         for thread in std::mem::take(&mut self.threads) {
             if thread.join().is_err() {
                 tracing::error!("a store thread panicked");

@@ -4,6 +4,7 @@
 //! commit, then every answer; and the reader connections.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crossbeam_channel::Receiver;
 use sha2::Digest as _;
@@ -36,6 +37,9 @@ pub(super) struct AuditCursor {
     /// The head read when the chain was taken in the open batch: the
     /// database's, whatever this node thought before.
     pub(super) taken_at: Option<Head>,
+    /// Audit index entries this node wrote (some may have been rolled
+    /// back): the indexer builds blocks when enough have come.
+    pub(super) entries: Arc<AtomicU64>,
 }
 
 impl AuditCursor {
@@ -51,6 +55,11 @@ impl AuditCursor {
         self.taken_at = Some(head);
         self.held = true;
         Ok(())
+    }
+
+    /// `n` index entries were written in the open transaction.
+    pub(super) fn entries_written(&self, n: usize) {
+        self.entries.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 }
 
@@ -159,7 +168,7 @@ impl Work {
 /// The advisory-lock key of `name` of a `kind` (an audit chain, a
 /// background job): the first 8 bytes of a hash, so that names of any
 /// length and other applications' keys do not collide.
-fn lock_key(kind: &[u8], name: &str) -> i64 {
+pub(super) fn lock_key(kind: &[u8], name: &str) -> i64 {
     let digest = sha2::Sha256::new()
         .chain_update(b"piivault ")
         .chain_update(kind)
@@ -219,14 +228,10 @@ pub(super) const KEY_CHANNEL: &str = "piivault_keys";
 /// Listens for key changes on a connection of its own and wakes `changed`
 /// for each, and after each (re)connection (a change may have come while
 /// it was away), until `stopping`.
-pub(super) fn listener_loop(
-    connector: &Connector,
-    changed: &tokio::sync::Notify,
-    stopping: &std::sync::atomic::AtomicBool,
-) {
+pub(super) fn listener_loop(connector: &Connector, changed: &tokio::sync::Notify, stopping: &AtomicBool) {
     use postgres::fallible_iterator::FallibleIterator as _;
     let mut client: Option<postgres::Client> = None;
-    while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+    while !stopping.load(Ordering::Relaxed) {
         if client.as_ref().is_none_or(postgres::Client::is_closed) {
             client = connector
                 .connect()
@@ -304,8 +309,9 @@ pub(super) fn writer_loop(
     jobs: &Receiver<Work>,
     max_batch: usize,
     sink: Option<Arc<AuditSink>>,
+    entries: Arc<AtomicU64>,
 ) {
-    let mut audit = AuditCursor { chain, key: None, tail: ChainTail::new(sink), held: false, taken_at: None };
+    let mut audit = AuditCursor { chain, key: None, tail: ChainTail::new(sink), held: false, taken_at: None, entries };
     let mut client = Some(conn);
     let mut statements = Statements::default();
     let mut leases = Leases::default();

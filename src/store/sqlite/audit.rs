@@ -110,7 +110,7 @@ impl AuditStore for SqliteStore {
         self.read(last_head).await
     }
 
-    async fn check_token_index(&self) -> Result<Option<u64>, StoreError> {
+    async fn check_token_index(&self, _chain: Option<String>) -> Result<Option<u64>, StoreError> {
         self.read(first_bad_block).await
     }
 
