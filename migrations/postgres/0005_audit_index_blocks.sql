@@ -52,6 +52,13 @@ CREATE TABLE audit_index (
     PRIMARY KEY (block, collection_id, last_record_seq)
 );
 
+-- No statistics of the arrays' elements: no plan uses them, and
+-- gathering them (ANALYZE sorts every sampled array) took autovacuum a
+-- sixteenth of the machine under a read load of 100,000 tokens a second.
+ALTER TABLE audit_entries ALTER COLUMN record_seqs SET STATISTICS 0;
+ALTER TABLE audit_index ALTER COLUMN record_seqs SET STATISTICS 0;
+ALTER TABLE audit_index ALTER COLUMN audit_seqs SET STATISTICS 0;
+
 CREATE TRIGGER audit_entries_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_entries
     FOR EACH STATEMENT EXECUTE FUNCTION piivault_append_only();
 CREATE TRIGGER audit_index_blocks_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_index_blocks
