@@ -431,16 +431,12 @@ fn chunks(sorted: &[(i64, i64, i64)]) -> impl Iterator<Item = &[(i64, i64, i64)]
     let mut rest = sorted;
     std::iter::from_fn(move || {
         let first = rest.first()?;
-        let mut end = 1;
-        while let Some(next) = rest.get(end) {
-            let (previous_collection, previous_record) = (rest[end - 1].0, rest[end - 1].1);
-            let same_record = next.0 == previous_collection && next.1 == previous_record;
-            if next.0 != first.0 || (end >= CHUNK && !same_record) {
-                break;
-            }
-            end += 1;
-        }
-        let (chunk, after) = rest.split_at(end);
+        // A cut between `pair[0]` and `pair[1]`, at `i + 1`.
+        let cut = rest.windows(2).enumerate().position(|(i, pair)| match pair {
+            [before, next] => next.0 != first.0 || (i + 1 >= CHUNK && (next.0, next.1) != (before.0, before.1)),
+            _ => false,
+        });
+        let (chunk, after) = rest.split_at(cut.map_or(rest.len(), |i| i + 1));
         rest = after;
         Some(chunk)
     })
