@@ -134,6 +134,10 @@ async fn a_version_3_store_is_migrated_at_open() {
     assert_eq!(database.sql("SELECT version FROM piivault_schema"), [[Some("5".to_owned())]]);
     assert_eq!(database.sql("SELECT to_regclass('audit_records') IS NULL"), [[Some("t".to_owned())]]);
     assert_eq!(
+        database.sql("SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND conrelid IN ('records'::regclass, 'audit_entries'::regclass)"),
+        [[Some("0".to_owned())]]
+    );
+    assert_eq!(
         database.sql("SELECT audit_seq, record_seqs::text FROM audit_entries ORDER BY audit_seq"),
         [[Some("1".to_owned()), Some("{5,7}".to_owned())], [Some("2".to_owned()), Some("{7}".to_owned())]]
     );
