@@ -479,3 +479,33 @@ async fn a_queued_write_that_cannot_go_in_fails_alone() {
     // taken, two held, k1 to k4 and k7.
     assert_eq!((keys[0].records, keys[0].encryptions), (8, 8), "the refused were not counted");
 }
+
+/// Only a process that took its chain builds the chain's blocks: one that
+/// only reads beside the node (an offline `audit verify`) writes nothing;
+/// entries left waiting by an earlier process are sorted once the chain
+/// is written again.
+#[tokio::test]
+async fn a_process_that_never_writes_its_chain_builds_no_block() {
+    let database = pg::Database::new();
+    let open = |block: usize, mode| {
+        let settings = StoreSettings { audit_index_block: block, ..StoreSettings::default() };
+        piivault::store::open(&StoreBackend::Postgres(database.node("a")), &settings, mode, None).unwrap()
+    };
+    let store = open(1_000, OpenMode::Create);
+    conformance::tokenized_then_read_twice(store.as_ref()).await;
+    drop(store);
+    let blocks = || database.sql("SELECT count(*) FROM audit_index_blocks");
+    let reader = open(2, OpenMode::Existing);
+    assert_eq!(reader.audit_chains().await.unwrap(), ["a"]);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(blocks(), [[Some("0".to_owned())]], "a process that only read built blocks");
+    // A write takes the chain: the seven entries waiting become blocks.
+    reader.install_audit_key(piivault::audit::AuditKey::from_bytes([7; 32])).await.unwrap();
+    reader.append_audit(conformance::audit("detokenize")).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while blocks() != [[Some("3".to_owned())]] {
+        assert!(std::time::Instant::now() < deadline, "built {:?} in 20 s", blocks());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(reader.check_token_index(None).await.unwrap(), None);
+}

@@ -5,14 +5,14 @@
 //! blocks built behind the write path by the chain's node, for "who saw
 //! token T").
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use super::append::{Part, write_parts};
 use super::records::record_ref;
-use super::writer::{WriteTx, lock_key};
+use super::writer::{ChainWrites, WriteTx, lock_key};
 use super::{Connector, Db, PostgresStore, Session, Statements, sql_i64, stored_u64};
 use crate::audit::{AuditKey, AuditRecord, Head, MAC_LEN};
 use crate::store::{AuditFilter, AuditRow, AuditStore, CollectionId, RecordMatch, StoreError};
@@ -300,15 +300,15 @@ const INDEX_TICK: Duration = Duration::from_millis(250);
 const INDEX_RECHECK: Duration = Duration::from_secs(30);
 
 /// Builds this node's blocks of the searchable index, on a connection of
-/// its own (off the writer's path): at start, whenever `block` more
-/// entries were written (`written` counts them), and every
-/// [`INDEX_RECHECK`]. A failure is logged and retried later: queries scan
-/// what is not in a block.
+/// its own (off the writer's path), once this process has taken its chain
+/// (see [`ChainWrites`]): then, whenever `block` more entries were
+/// written, and every [`INDEX_RECHECK`]. A failure is logged and retried
+/// later: queries scan what is not in a block.
 pub(super) fn indexer_loop(
     connector: &Connector,
     chain: &str,
     block: usize,
-    written: &AtomicU64,
+    writes: &ChainWrites,
     stopping: &AtomicBool,
 ) {
     let block = block.max(1);
@@ -317,9 +317,11 @@ pub(super) fn indexer_loop(
     // The count of entries written, and the time, when it last looked.
     let mut looked: Option<(u64, Instant)> = None;
     while !stopping.load(Ordering::Relaxed) {
-        let now_written = written.load(Ordering::Relaxed);
-        let due = looked
-            .is_none_or(|(seen, at)| now_written.saturating_sub(seen) >= due_after || at.elapsed() >= INDEX_RECHECK);
+        let now_written = writes.entries.load(Ordering::Relaxed);
+        let due = writes.taken.load(Ordering::Relaxed)
+            && looked.is_none_or(|(seen, at)| {
+                now_written.saturating_sub(seen) >= due_after || at.elapsed() >= INDEX_RECHECK
+            });
         if due {
             if client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
                 client = connector.connect().ok().map(|c| (c, Statements::default()));

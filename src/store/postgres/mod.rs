@@ -43,7 +43,7 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -286,15 +286,15 @@ impl PostgresStore {
         };
         let max_batch = options.max_group_commit.max(1);
         let sink = options.sink;
-        let entries = Arc::new(AtomicU64::new(0));
-        let (writer_chain, written) = (chain.clone(), entries.clone());
+        let writes = Arc::new(writer::ChainWrites::default());
+        let (writer_chain, written) = (chain.clone(), writes.clone());
         store.threads.push(spawn("piivault-pg-writer", move || {
             writer::writer_loop(conn, &writer_connector, writer_chain, &write_rx, max_batch, sink, written);
         })?);
         let (indexer_connector, stopping, block) =
             (connector.clone(), store.stopping.clone(), options.audit_index_block);
         store.threads.push(spawn("piivault-pg-indexer", move || {
-            audit::indexer_loop(&indexer_connector, &chain, block, &entries, &stopping);
+            audit::indexer_loop(&indexer_connector, &chain, block, &writes, &stopping);
         })?);
         let (listener_connector, changed, stopping) =
             (connector.clone(), store.key_changes.clone(), store.stopping.clone());

@@ -37,9 +37,20 @@ pub(super) struct AuditCursor {
     /// The head read when the chain was taken in the open batch: the
     /// database's, whatever this node thought before.
     pub(super) taken_at: Option<Head>,
-    /// Audit index entries this node wrote (some may have been rolled
+    /// What the indexer goes by.
+    pub(super) writes: Arc<ChainWrites>,
+}
+
+/// What the writer tells the indexer (see `audit::indexer_loop`).
+#[derive(Default)]
+pub(super) struct ChainWrites {
+    /// Audit index entries this process wrote (some may have been rolled
     /// back): the indexer builds blocks when enough have come.
-    pub(super) entries: Arc<AtomicU64>,
+    pub(super) entries: AtomicU64,
+    /// Whether this process took its chain: a process that never writes
+    /// to it (an offline `audit verify` beside the running node) builds
+    /// nothing.
+    pub(super) taken: AtomicBool,
 }
 
 impl AuditCursor {
@@ -54,12 +65,13 @@ impl AuditCursor {
         self.tail.restart_at(head);
         self.taken_at = Some(head);
         self.held = true;
+        self.writes.taken.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     /// `n` index entries were written in the open transaction.
     pub(super) fn entries_written(&self, n: usize) {
-        self.entries.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.writes.entries.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 }
 
@@ -309,9 +321,9 @@ pub(super) fn writer_loop(
     jobs: &Receiver<Work>,
     max_batch: usize,
     sink: Option<Arc<AuditSink>>,
-    entries: Arc<AtomicU64>,
+    writes: Arc<ChainWrites>,
 ) {
-    let mut audit = AuditCursor { chain, key: None, tail: ChainTail::new(sink), held: false, taken_at: None, entries };
+    let mut audit = AuditCursor { chain, key: None, tail: ChainTail::new(sink), held: false, taken_at: None, writes };
     let mut client = Some(conn);
     let mut statements = Statements::default();
     let mut leases = Leases::default();
