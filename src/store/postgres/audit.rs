@@ -330,31 +330,31 @@ pub(super) fn indexer_loop(
                 Some((conn, statements)) => build_index_blocks(conn, statements, chain, block),
                 None => Err(StoreError::Unreachable),
             };
-            looked = Some((now_written, Instant::now()));
-            if let Err(error) = built {
-                tracing::warn!(error = %error, "store: could not build a block of the audit token index; retrying later");
-                client = None;
-                // Not again before the next recheck.
-                looked = Some((u64::MAX, Instant::now()));
-            }
+            let seen = match built {
+                Ok(()) => now_written,
+                Err(error) => {
+                    tracing::warn!(error = %error, "store: could not build a block of the audit token index; retrying later");
+                    client = None;
+                    // Not again before the next recheck.
+                    u64::MAX
+                }
+            };
+            looked = Some((seen, Instant::now()));
         }
         std::thread::sleep(INDEX_TICK);
     }
 }
 
 /// Builds blocks of chain `chain` while `block` entries are waiting, each
-/// in its own transaction; returns how many it built.
+/// in its own transaction.
 fn build_index_blocks(
     conn: &mut postgres::Client,
     statements: &mut Statements,
     chain: &str,
     block: usize,
-) -> Result<usize, StoreError> {
-    let mut built = 0;
-    while build_index_block(conn, statements, chain, block)? {
-        built += 1;
-    }
-    Ok(built)
+) -> Result<(), StoreError> {
+    while build_index_block(conn, statements, chain, block)? {}
+    Ok(())
 }
 
 /// Entries per chunk of a block (each chunk ends with a record's last
