@@ -104,7 +104,8 @@ async fn a_read_on_a_connection_the_server_ended_runs_again() {
 /// A store made by an earlier release (schema version 3) is migrated when
 /// a node opens it: the write path's per-row foreign keys go (migration
 /// 4), the audit index entries become one row per audit record and
-/// collection (migration 5), and the store keeps what it held.
+/// collection (migration 5), key counts are added to per node (migration
+/// 6), and the store keeps what it held.
 #[tokio::test]
 async fn a_version_3_store_is_migrated_at_open() {
     use piivault::store::{AuditFilter, CollectionId, RecordMatch};
@@ -121,6 +122,8 @@ async fn a_version_3_store_is_migrated_at_open() {
          INSERT INTO piivault_schema VALUES ('piivault', 3);
          {}
          INSERT INTO collections (name, created_at) VALUES ('kept', 1);
+         INSERT INTO keys (collection_id, purpose, version, state, wrapped, created_at, encryptions, live)
+         VALUES (1, 'data', 1, 'primary', '\\x01', 1, 5, 4);
          INSERT INTO audit_chains VALUES ('a', 1);
          INSERT INTO audit (chain, seq, at, caller, action, collection, outcome, record, mac)
          VALUES ('a', 1, 1, 'c', 'detokenize', 'kept', 'OK', '', {mac}),
@@ -131,7 +134,7 @@ async fn a_version_3_store_is_migrated_at_open() {
     let keys = "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND conrelid IN ('records'::regclass, 'audit_records'::regclass)";
     assert_eq!(database.sql(keys), [[Some("3".to_owned())]]);
     let store = open_node(&database, "a", OpenMode::Existing);
-    assert_eq!(database.sql("SELECT version FROM piivault_schema"), [[Some("5".to_owned())]]);
+    assert_eq!(database.sql("SELECT version FROM piivault_schema"), [[Some("6".to_owned())]]);
     assert_eq!(database.sql("SELECT to_regclass('audit_records') IS NULL"), [[Some("t".to_owned())]]);
     assert_eq!(
         database.sql("SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND conrelid IN ('records'::regclass, 'audit_entries'::regclass)"),
@@ -147,6 +150,9 @@ async fn a_version_3_store_is_migrated_at_open() {
     assert_eq!(seqs(store.query_audit(saw(7), 10).await.unwrap()), [1, 2]);
     assert_eq!(seqs(store.query_audit(saw(5), 10).await.unwrap()), [1]);
     assert_eq!(seqs(store.query_audit(saw(6), 10).await.unwrap()), Vec::<u64>::new());
+    // The counts kept before are the version's counts still.
+    let keys = store.list_keys(CollectionId(1), piivault::crypto::keyring::KeyPurpose::Data).await.unwrap();
+    assert_eq!((keys[0].records, keys[0].encryptions), (4, 5));
     drop(store);
 }
 
@@ -223,6 +229,12 @@ struct WriterHeld {
 
 impl WriterHeld {
     fn new(database: &pg::Database) -> Self {
+        Self::locking(database, "FOR UPDATE", "")
+    }
+
+    /// Holds every data-key row with `lock` until dropped, and runs `last`
+    /// in the same transaction just before it commits.
+    fn locking(database: &pg::Database, lock: &'static str, last: &'static str) -> Self {
         let url = database.settings.url.clone();
         let (locked_tx, locked) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
@@ -231,9 +243,10 @@ impl WriterHeld {
             config.password(std::env::var(pg::PASSWORD_VAR).unwrap());
             let mut client = config.connect(postgres::NoTls).unwrap();
             let mut tx = client.transaction().unwrap();
-            tx.batch_execute("SELECT 1 FROM keys WHERE purpose = 'data' FOR UPDATE").unwrap();
+            tx.batch_execute(&format!("SELECT 1 FROM keys WHERE purpose = 'data' {lock}")).unwrap();
             locked_tx.send(()).unwrap();
             let _ = released.recv();
+            tx.batch_execute(last).unwrap();
             tx.commit().unwrap();
         });
         locked.recv().unwrap();
@@ -478,6 +491,102 @@ async fn a_queued_write_that_cannot_go_in_fails_alone() {
     let keys = store.list_keys(id, piivault::crypto::keyring::KeyPurpose::Data).await.unwrap();
     // taken, two held, k1 to k4 and k7.
     assert_eq!((keys[0].records, keys[0].encryptions), (8, 8), "the refused were not counted");
+}
+
+/// A data key version's counters are kept per node (migration 6): two
+/// nodes sealing under one version never wait for each other, what each
+/// counted adds up (its erasures and re-encryptions of the other's records
+/// included), and a version taken out of use while a seal waits for it
+/// refuses that seal.
+#[tokio::test]
+async fn key_versions_are_counted_per_node_and_added_up() {
+    use piivault::crypto::keyring::KeyPurpose;
+    use piivault::store::{InsertOutcome, KeyState, Pending, Reencrypted, Store, StoreError};
+    async fn seal(store: &dyn Store, id: piivault::store::CollectionId, token: &str, version: u32) {
+        let record = conformance::record(token, version, token.as_bytes());
+        let stored = store.insert_records(id, vec![record], conformance::audit("tokenize"), conformance::render());
+        let stored = tokio::time::timeout(std::time::Duration::from_secs(10), stored).await;
+        assert_eq!(stored.expect("the seal waited").unwrap(), [InsertOutcome::Inserted]);
+    }
+    let database = pg::Database::new();
+    let a = open_node(&database, "a", OpenMode::Create);
+    let id = conformance::ready(&conformance::Fresh { store: a.clone(), keep: Box::new(()) }).await;
+    let b = open_node(&database, "b", OpenMode::Existing);
+    b.install_audit_key(piivault::audit::AuditKey::from_bytes([7; 32])).await.unwrap();
+    let counts =
+        || database.sql("SELECT chain, version::text, encryptions::text, live::text FROM key_counts ORDER BY 1, 2");
+    let row = |chain: &str, version: &str, encryptions: &str, live: &str| {
+        [chain, version, encryptions, live].map(|v| Some(v.to_owned())).to_vec()
+    };
+    let listed = |keys: Vec<piivault::store::KeyInfo>| -> Vec<(u32, KeyState, u64, u64)> {
+        keys.into_iter().map(|k| (k.version, k.state, k.records, k.encryptions)).collect()
+    };
+
+    seal(a.as_ref(), id, "x1", 1).await;
+    seal(a.as_ref(), id, "x2", 1).await;
+    seal(b.as_ref(), id, "y1", 1).await;
+    // Another node's sealing transaction under version 1, open: a seal
+    // through b goes in beside it.
+    let sealing = WriterHeld::locking(&database, "FOR SHARE", "");
+    seal(b.as_ref(), id, "y2", 1).await;
+    drop(sealing);
+    assert_eq!(counts(), [row("a", "1", "2", "2"), row("b", "1", "2", "2")]);
+    for store in [&a, &b] {
+        assert_eq!(listed(store.list_keys(id, KeyPurpose::Data).await.unwrap()), [(1, KeyState::Primary, 4, 4)]);
+    }
+
+    // b erases a record a sealed; then every record moves to version 2,
+    // through b.
+    assert_eq!(
+        b.delete_records(id, vec![conformance::lookup("x1")], conformance::audit("delete")).await.unwrap(),
+        [true]
+    );
+    a.add_primary_key(id, KeyPurpose::Data, 2, b"wrapped-v2".to_vec(), None, conformance::audit("rotate"))
+        .await
+        .unwrap();
+    a.mark_retiring(id).await.unwrap();
+    let work = b.records_needing(id, Pending::Reencryption { primary: 2 }, 0, 10).await.unwrap();
+    let moved: Vec<_> = work
+        .iter()
+        .map(|r| Reencrypted { seq: r.at.seq, from_version: 1, to_version: 2, ciphertext: r.ciphertext.clone() })
+        .collect();
+    assert_eq!(b.replace_ciphertexts(id, moved, conformance::audit("reencrypt")).await.unwrap(), 3);
+    assert_eq!(counts(), [row("a", "1", "2", "2"), row("b", "1", "2", "-2"), row("b", "2", "3", "3")]);
+    assert_eq!(
+        listed(a.list_keys(id, KeyPurpose::Data).await.unwrap()),
+        [(1, KeyState::Retiring, 0, 4), (2, KeyState::Primary, 3, 3)]
+    );
+    let summary: Vec<_> = b
+        .key_summary()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.purpose == KeyPurpose::Data)
+        .map(|s| (s.state, s.live))
+        .collect();
+    assert_eq!(summary, [(KeyState::Primary, 3), (KeyState::Retiring, 0)]);
+    // Empty by the sum of both nodes' counts, not by either's.
+    assert_eq!(a.retire_key(id, 1, conformance::audit("retire")).await.unwrap(), Ok(()));
+
+    // Version 2 marked compromised by a session that held it while a seal
+    // under it waited: the seal is refused, and nothing of it is written.
+    let taking =
+        WriterHeld::locking(&database, "FOR UPDATE", "UPDATE keys SET state = 'compromised' WHERE version = 2");
+    let waiting = {
+        let a = a.clone();
+        let record = conformance::record("z1", 2, b"z1");
+        tokio::spawn(async move {
+            a.insert_records(id, vec![record], conformance::audit("tokenize"), conformance::render()).await
+        })
+    };
+    taking.until_waited_for(&database).await;
+    drop(taking);
+    assert!(matches!(waiting.await.unwrap(), Err(StoreError::Conflict)));
+    assert_eq!(conformance::read(a.as_ref(), id, &["z1", "y1"]).await, [None, Some(b"y1".to_vec())]);
+    assert_eq!(
+        listed(b.list_keys(id, KeyPurpose::Data).await.unwrap()),
+        [(1, KeyState::Retired, 0, 4), (2, KeyState::Compromised, 3, 3)]
+    );
 }
 
 /// Only a process that took its chain builds the chain's blocks: one that

@@ -10,6 +10,17 @@ use crate::store::{
     CollectionId, KeyInfo, KeyState, KeyStore, KeySummary, RetireRefused, StoreError, StoredKey, WrappedKey, now_micros,
 };
 
+/// `keys k` with each version's counts from every chain as `c`: a data key
+/// version's counts are its row's plus theirs (see
+/// `migrations/postgres/0006_key_counts.sql`).
+macro_rules! keys_counted {
+    () => {
+        "keys k LEFT JOIN LATERAL (
+             SELECT sum(n.encryptions)::bigint AS encryptions, sum(n.live)::bigint AS live FROM key_counts n
+             WHERE n.collection_id = k.collection_id AND n.purpose = k.purpose AND n.version = k.version) c ON true"
+    };
+}
+
 fn purpose_of(row: &postgres::Row, column: usize) -> Result<KeyPurpose, StoreError> {
     KeyPurpose::parse(row.try_get(column)?).ok_or(StoreError::Corrupt)
 }
@@ -24,11 +35,15 @@ impl KeyStore for PostgresStore {
         self.read(move |tx| {
             // Index keys count their entries; data keys keep a counter.
             let rows = tx.query(
-                "SELECT k.version, k.state, k.created_at, k.encryptions,
-                        CASE k.purpose WHEN 'index' THEN
-                            (SELECT count(*) FROM blind_index b WHERE b.collection_id = k.collection_id AND b.version = k.version)
-                        ELSE k.live END
-                 FROM keys k WHERE k.collection_id = $1 AND k.purpose = $2 ORDER BY k.version",
+                concat!(
+                    "SELECT k.version, k.state, k.created_at, k.encryptions + coalesce(c.encryptions, 0),
+                            CASE k.purpose WHEN 'index' THEN
+                                (SELECT count(*) FROM blind_index b WHERE b.collection_id = k.collection_id AND b.version = k.version)
+                            ELSE k.live + coalesce(c.live, 0) END
+                     FROM ",
+                    keys_counted!(),
+                    " WHERE k.collection_id = $1 AND k.purpose = $2 ORDER BY k.version"
+                ),
                 &[&collection.0, &purpose.as_str()],
             )?;
             rows.iter()
@@ -104,17 +119,28 @@ impl KeyStore for PostgresStore {
         self.write(move |tx| {
             // Locked: a record sealed under it by another node meanwhile
             // waits for this decision, or this one waits for it.
-            let row = tx.tx.query_opt(
-                "SELECT state, live FROM keys WHERE collection_id = $1 AND purpose = 'data' AND version = $2 FOR UPDATE",
+            let state = tx.tx.query_opt(
+                "SELECT state FROM keys WHERE collection_id = $1 AND purpose = 'data' AND version = $2 FOR UPDATE",
                 &[&collection.0, &i64::from(version)],
             )?;
-            let refusal = match &row {
+            let refusal = match &state {
                 None => Some(RetireRefused::NoSuchVersion),
                 Some(row) => match state_of(row, 0)? {
                     KeyState::Primary => Some(RetireRefused::Primary),
                     KeyState::Retired => Some(RetireRefused::AlreadyRetired),
                     _ => {
-                        let live = stored_u64(row.try_get(1)?)?;
+                        // A statement of its own, after the lock: its
+                        // snapshot holds every count of the transactions
+                        // that sealed under the version before it.
+                        let row = tx.tx.query_one(
+                            concat!(
+                                "SELECT k.live + coalesce(c.live, 0) FROM ",
+                                keys_counted!(),
+                                " WHERE k.collection_id = $1 AND k.purpose = 'data' AND k.version = $2"
+                            ),
+                            &[&collection.0, &i64::from(version)],
+                        )?;
+                        let live = stored_u64(row.try_get(0)?)?;
                         (live > 0).then_some(RetireRefused::InUse(live))
                     }
                 },
@@ -254,10 +280,14 @@ impl KeyStore for PostgresStore {
     async fn key_summary(&self) -> Result<Vec<KeySummary>, StoreError> {
         self.read(|tx| {
             tx.query(
-                "SELECT c.name, k.purpose, k.state, count(*),
-                        coalesce(sum(CASE k.purpose WHEN 'data' THEN k.live ELSE 0 END), 0)::bigint
-                 FROM keys k JOIN collections c ON c.id = k.collection_id
-                 GROUP BY c.name, k.purpose, k.state ORDER BY c.name, k.purpose, k.state",
+                concat!(
+                    "SELECT l.name, k.purpose, k.state, count(*),
+                            coalesce(sum(CASE k.purpose WHEN 'data' THEN k.live + coalesce(c.live, 0) ELSE 0 END), 0)::bigint
+                     FROM ",
+                    keys_counted!(),
+                    " JOIN collections l ON l.id = k.collection_id
+                     GROUP BY l.name, k.purpose, k.state ORDER BY l.name, k.purpose, k.state"
+                ),
                 &[],
             )?
             .iter()

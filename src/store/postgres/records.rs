@@ -252,8 +252,8 @@ impl RecordStore for PostgresStore {
                     *removed.entry(r.from_version).or_default() += 1;
                 }
             }
-            count(&mut tx.tx, COUNT_SEALED, collection, &sealed)?;
-            count(&mut tx.tx, COUNT_REMOVED, collection, &removed)?;
+            count(&mut tx.tx, &tx.audit.chain, COUNT_SEALED, collection, &sealed)?;
+            count(&mut tx.tx, &tx.audit.chain, COUNT_REMOVED, collection, &removed)?;
             tx.append_audit(&audit)?;
             Ok(replaced)
         })
@@ -414,7 +414,7 @@ pub(super) fn insert_records(
         located.push(r.at.seq);
         outcomes.push(InsertOutcome::Inserted);
     }
-    count(&mut tx.tx, COUNT_SEALED, collection, &per_version)?;
+    count(&mut tx.tx, &tx.audit.chain, COUNT_SEALED, collection, &per_version)?;
     tx.append_audit_of(&audit, collection, &located)?;
     Ok(outcomes)
 }
@@ -557,42 +557,55 @@ fn erase(tx: &mut WriteTx<'_, '_>, collection: CollectionId, row: &Row) -> Resul
         return Ok(false);
     }
     tx.tx.execute("DELETE FROM blind_index WHERE collection_id = $1 AND seq = $2", &[&collection.0, &seq])?;
-    count(&mut tx.tx, COUNT_REMOVED, collection, &std::iter::once((version, 1)).collect())?;
+    count(&mut tx.tx, &tx.audit.chain, COUNT_REMOVED, collection, &std::iter::once((version, 1)).collect())?;
     Ok(true)
 }
 
 /// Records newly sealed under versions of `collection`: adds to each
-/// version's encryption counter and live-record count. Only a primary or
-/// active version takes records: another node may have retired the
-/// version, marked it compromised or begun emptying it since this node
-/// loaded its keys ([`count`] refuses then, and nothing is written).
-const COUNT_SEALED: &str = "UPDATE keys SET encryptions = encryptions + $1, live = live + $1
-     WHERE collection_id = $2 AND purpose = 'data' AND version = $3 AND state IN ('primary', 'active')";
+/// version's encryption counter and live-record count, in the row of the
+/// writer's chain (`$4`; see `migrations/postgres/0006_key_counts.sql`).
+/// Only a primary or active version takes records: another node may have
+/// retired the version, marked it compromised or begun emptying it since
+/// this node loaded its keys ([`count`] refuses then, and nothing is
+/// written). The share lock on the version's row keeps it in use until
+/// this transaction ends; other nodes sealing under it take the same lock
+/// and do not wait for this one.
+const COUNT_SEALED: &str = "INSERT INTO key_counts (collection_id, purpose, version, chain, encryptions, live)
+     SELECT k.collection_id, k.purpose, k.version, $4, $1, $1 FROM keys k
+     WHERE k.collection_id = $2 AND k.purpose = 'data' AND k.version = $3 AND k.state IN ('primary', 'active')
+     FOR SHARE OF k
+     ON CONFLICT (collection_id, purpose, version, chain) DO UPDATE
+     SET encryptions = key_counts.encryptions + excluded.encryptions, live = key_counts.live + excluded.live";
 
 /// Records that left versions of `collection` (deleted, or re-encrypted
-/// onto another version): subtracts from each version's live count.
-const COUNT_REMOVED: &str =
-    "UPDATE keys SET live = live - $1 WHERE collection_id = $2 AND purpose = 'data' AND version = $3";
+/// onto another version): subtracts from each version's live count, in
+/// the row of the writer's chain.
+const COUNT_REMOVED: &str = "INSERT INTO key_counts (collection_id, purpose, version, chain, encryptions, live)
+     VALUES ($2, 'data', $3, $4, 0, -$1::bigint)
+     ON CONFLICT (collection_id, purpose, version, chain) DO UPDATE SET live = key_counts.live + excluded.live";
 
 /// Adds records newly sealed to each version's counts: see [`COUNT_SEALED`].
 pub(super) fn count_sealed(
     conn: &mut Db<'_, '_>,
+    chain: &str,
     collection: CollectionId,
     per_version: &BTreeMap<u32, i64>,
 ) -> Result<(), StoreError> {
-    count(conn, COUNT_SEALED, collection, per_version)
+    count(conn, chain, COUNT_SEALED, collection, per_version)
 }
 
-/// Applies one of the counter updates above to each version's count; a
-/// version that is not there to count (see [`COUNT_SEALED`]) is a conflict.
+/// Applies one of the counter updates above to each version's count in
+/// `chain`'s row; a version that is not there to count (see
+/// [`COUNT_SEALED`]) is a conflict.
 fn count(
     conn: &mut Db<'_, '_>,
+    chain: &str,
     sql: &'static str,
     collection: CollectionId,
     per_version: &BTreeMap<u32, i64>,
 ) -> Result<(), StoreError> {
     for (version, n) in per_version {
-        if conn.execute(sql, &[n, &collection.0, &i64::from(*version)])? != 1 {
+        if conn.execute(sql, &[n, &collection.0, &i64::from(*version), &chain])? != 1 {
             return Err(StoreError::Conflict);
         }
     }

@@ -5,12 +5,13 @@ use crate::store::{OpenMode, StoreError};
 
 /// The schema, one entry per file in `migrations/postgres/`, in order. The
 /// position of the last one is the version recorded in `piivault_schema`.
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     include_str!("../../../migrations/postgres/0001_init.sql"),
     include_str!("../../../migrations/postgres/0002_quota_use.sql"),
     include_str!("../../../migrations/postgres/0003_key_notify.sql"),
     include_str!("../../../migrations/postgres/0004_write_path_keys.sql"),
     include_str!("../../../migrations/postgres/0005_audit_index_blocks.sql"),
+    include_str!("../../../migrations/postgres/0006_key_counts.sql"),
 ];
 
 /// The transaction-level advisory lock every node takes to read and

@@ -503,7 +503,7 @@ fn commit_jobs(
     }
     if aborted.is_none()
         && let Err(error) =
-            count_batch(&mut Db { session: Session::Tx(&mut tx), statements: &mut *statements }, &sealed)
+            count_batch(&mut Db { session: Session::Tx(&mut tx), statements: &mut *statements }, &audit.chain, &sealed)
     {
         aborted = Some(error);
     }
@@ -531,15 +531,16 @@ fn commit_jobs(
 }
 
 /// Adds what the batch's jobs sealed to their key versions' counters, one
-/// statement per version, by collection and version on every node (two
-/// batches' counts never wait on each other in a cycle), just before the
-/// commit: the counter row is a version's, shared by every node, and each
-/// node holds it from here to its commit only. A version that a
+/// statement per version, by collection and version on every node, just
+/// before the commit. Each adds to this chain's own counter row and takes
+/// a share lock on the version's row in `keys`: nodes sealing under one
+/// version do not wait for each other, and a change of the version's
+/// state waits for them (from here to their commit only). A version that a
 /// job found in use but another node took out of use since (see
 /// `COUNT_SEALED`) fails the batch with a conflict: nothing is written.
-fn count_batch(tx: &mut Db<'_, '_>, sealed: &SealedCounts) -> Result<(), StoreError> {
+fn count_batch(tx: &mut Db<'_, '_>, chain: &str, sealed: &SealedCounts) -> Result<(), StoreError> {
     for (&collection, per_version) in sealed {
-        super::records::count_sealed(tx, crate::store::CollectionId(collection), per_version)?;
+        super::records::count_sealed(tx, chain, crate::store::CollectionId(collection), per_version)?;
     }
     Ok(())
 }
