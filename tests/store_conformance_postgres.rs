@@ -219,15 +219,16 @@ async fn the_token_index_is_built_behind_the_writes_and_checked() {
 }
 
 /// A session of the test's own that holds every data-key row of the
-/// database (`FOR UPDATE`) until it is dropped: a batch that counts its
+/// database (`FOR UPDATE`, or another lock: [`KeyRowsHeld::locking`])
+/// until it is dropped. Held for update: a batch that counts its
 /// records under a version waits for it, and the writer with it, so that
 /// the requests sent meanwhile queue up for one group commit.
-struct WriterHeld {
+struct KeyRowsHeld {
     release: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl WriterHeld {
+impl KeyRowsHeld {
     fn new(database: &pg::Database) -> Self {
         Self::locking(database, "FOR UPDATE", "")
     }
@@ -268,7 +269,7 @@ impl WriterHeld {
     }
 }
 
-impl Drop for WriterHeld {
+impl Drop for KeyRowsHeld {
     fn drop(&mut self) {
         drop(self.release.take());
         if let Some(thread) = self.thread.take() {
@@ -300,7 +301,7 @@ enum Request {
 /// Tells the held requests of [`queued`] apart.
 static HELD: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-/// Sends `requests` to `store`'s writer while it waits (on [`WriterHeld`])
+/// Sends `requests` to `store`'s writer while it waits (on [`KeyRowsHeld`])
 /// with a tokenize of its own, so that they queue up for the group commit
 /// after that one; returns their answers in their order.
 async fn queued(
@@ -309,7 +310,7 @@ async fn queued(
     id: piivault::store::CollectionId,
     requests: Vec<Request>,
 ) -> Vec<Answer> {
-    let held = WriterHeld::new(database);
+    let held = KeyRowsHeld::new(database);
     let waiting = {
         let store = store.clone();
         let token = format!("held-{}", HELD.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
@@ -512,7 +513,7 @@ async fn key_versions_are_counted_per_node_and_added_up() {
     let a = open_node(&database, "a", OpenMode::Create);
     let id = conformance::ready(&conformance::Fresh { store: a.clone(), keep: Box::new(()) }).await;
     let b = open_node(&database, "b", OpenMode::Existing);
-    b.install_audit_key(piivault::audit::AuditKey::from_bytes([7; 32])).await.unwrap();
+    b.install_audit_key(piivault::audit::AuditKey::from_bytes(conformance::AUDIT_KEY)).await.unwrap();
     let counts =
         || database.sql("SELECT chain, version::text, encryptions::text, live::text FROM key_counts ORDER BY 1, 2");
     let row = |chain: &str, version: &str, encryptions: &str, live: &str| {
@@ -527,7 +528,7 @@ async fn key_versions_are_counted_per_node_and_added_up() {
     seal(b.as_ref(), id, "y1", 1).await;
     // Another node's sealing transaction under version 1, open: a seal
     // through b goes in beside it.
-    let sealing = WriterHeld::locking(&database, "FOR SHARE", "");
+    let sealing = KeyRowsHeld::locking(&database, "FOR SHARE", "");
     seal(b.as_ref(), id, "y2", 1).await;
     drop(sealing);
     assert_eq!(counts(), [row("a", "1", "2", "2"), row("b", "1", "2", "2")]);
@@ -571,7 +572,7 @@ async fn key_versions_are_counted_per_node_and_added_up() {
     // Version 2 marked compromised by a session that held it while a seal
     // under it waited: the seal is refused, and nothing of it is written.
     let taking =
-        WriterHeld::locking(&database, "FOR UPDATE", "UPDATE keys SET state = 'compromised' WHERE version = 2");
+        KeyRowsHeld::locking(&database, "FOR UPDATE", "UPDATE keys SET state = 'compromised' WHERE version = 2");
     let waiting = {
         let a = a.clone();
         let record = conformance::record("z1", 2, b"z1");
@@ -609,7 +610,7 @@ async fn a_process_that_never_writes_its_chain_builds_no_block() {
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     assert_eq!(blocks(), [[Some("0".to_owned())]], "a process that only read built blocks");
     // A write takes the chain: the seven entries waiting become blocks.
-    reader.install_audit_key(piivault::audit::AuditKey::from_bytes([7; 32])).await.unwrap();
+    reader.install_audit_key(piivault::audit::AuditKey::from_bytes(conformance::AUDIT_KEY)).await.unwrap();
     reader.append_audit(conformance::audit("detokenize")).await.unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while blocks() != [[Some("3".to_owned())]] {

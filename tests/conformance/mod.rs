@@ -59,7 +59,8 @@ macro_rules! conformance_suite {
     };
 }
 
-const AUDIT_KEY: [u8; 32] = [7; 32];
+/// The audit key of every check's store.
+pub const AUDIT_KEY: [u8; 32] = [7; 32];
 
 pub fn audit(action: &str) -> AuditRecord {
     AuditRecord {

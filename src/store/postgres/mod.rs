@@ -287,9 +287,9 @@ impl PostgresStore {
         let max_batch = options.max_group_commit.max(1);
         let sink = options.sink;
         let writes = Arc::new(writer::ChainWrites::default());
-        let (writer_chain, written) = (chain.clone(), writes.clone());
+        let (writer_chain, writer_writes) = (chain.clone(), writes.clone());
         store.threads.push(spawn("piivault-pg-writer", move || {
-            writer::writer_loop(conn, &writer_connector, writer_chain, &write_rx, max_batch, sink, written);
+            writer::writer_loop(conn, &writer_connector, writer_chain, &write_rx, max_batch, sink, writer_writes);
         })?);
         let (indexer_connector, stopping, block) =
             (connector.clone(), store.stopping.clone(), options.audit_index_block);
